@@ -1,0 +1,83 @@
+"""Every failure a user can hit, each with one stable code.
+
+Callers match on ``err.code`` (a :class:`ErrorCode`, which is also a plain ``str``);
+messages are for humans and say what to do next.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """The stable error codes. Add new ones here, never reuse or rename one."""
+
+    # configuration and input
+    INVALID_CONFIG = "INVALID_CONFIG"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    UNSAFE_PATH = "UNSAFE_PATH"
+    # lifecycle
+    INVALID_STATE = "INVALID_STATE"
+    NO_CLIENT = "NO_CLIENT"
+    VM_NOT_FOUND = "VM_NOT_FOUND"
+    DUPLICATE_VM_ID = "DUPLICATE_VM_ID"
+    BOOT_FAILED = "BOOT_FAILED"
+    STOP_FAILED = "STOP_FAILED"
+    STAGING_FAILED = "STAGING_FAILED"
+    SNAPSHOT_FAILED = "SNAPSHOT_FAILED"
+    SNAPSHOT_MISMATCH = "SNAPSHOT_MISMATCH"
+    SNAPSHOT_INVALID = "SNAPSHOT_INVALID"
+    # engines
+    ENGINE_UNAVAILABLE = "ENGINE_UNAVAILABLE"
+    UNSUPPORTED_BY_ENGINE = "UNSUPPORTED_BY_ENGINE"
+    KVM_UNAVAILABLE = "KVM_UNAVAILABLE"
+    BINARY_NOT_FOUND = "BINARY_NOT_FOUND"
+    FIRECRACKER_API_ERROR = "FIRECRACKER_API_ERROR"
+    FIRECRACKER_EXITED = "FIRECRACKER_EXITED"
+    SOCKET_TIMEOUT = "SOCKET_TIMEOUT"
+    JAILER_FAILED = "JAILER_FAILED"
+    QEMU_EXITED = "QEMU_EXITED"
+    QMP_ERROR = "QMP_ERROR"
+    # images
+    VERSION_FETCH_FAILED = "VERSION_FETCH_FAILED"
+    DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
+    ROOTFS_CREATE_FAILED = "ROOTFS_CREATE_FAILED"
+    ROOTFS_CLONE_FAILED = "ROOTFS_CLONE_FAILED"
+    INVALID_BASE_IMAGE_MANIFEST = "INVALID_BASE_IMAGE_MANIFEST"
+    BASE_IMAGE_MANIFEST_FAILED = "BASE_IMAGE_MANIFEST_FAILED"
+    INVALID_BASE_IMAGE_CACHE_LIMIT = "INVALID_BASE_IMAGE_CACHE_LIMIT"
+    BASE_IMAGE_PREPARE_FAILED = "BASE_IMAGE_PREPARE_FAILED"
+    BUILD_FAILED = "BUILD_FAILED"
+    BUILD_TOOL_MISSING = "BUILD_TOOL_MISSING"
+    # guest agent
+    AGENT_TIMEOUT = "AGENT_TIMEOUT"
+    AGENT_UNAVAILABLE = "AGENT_UNAVAILABLE"
+    AGENT_PROTOCOL_ERROR = "AGENT_PROTOCOL_ERROR"
+    AGENT_ERROR = "AGENT_ERROR"
+    EXEC_TIMEOUT = "EXEC_TIMEOUT"
+    GUEST_FILE_ERROR = "GUEST_FILE_ERROR"
+    # host networking
+    NETWORK_SETUP_FAILED = "NETWORK_SETUP_FAILED"
+    ADDRESS_EXHAUSTED = "ADDRESS_EXHAUSTED"
+    NETWORK_PERMISSION_DENIED = "NETWORK_PERMISSION_DENIED"
+
+
+class SmartVMError(Exception):
+    """The one exception type smartvm raises on purpose.
+
+    ``code`` is stable and machine-readable; ``message`` tells the user what went wrong and
+    what to do about it.
+    """
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        self.code = ErrorCode(code)
+        self.message = message
+        super().__init__(f"[{self.code}] {message}")
+
+    def __reduce__(self) -> tuple[type[SmartVMError], tuple[str, str]]:
+        return (type(self), (self.code.value, self.message))
+
+
+def all_codes() -> list[str]:
+    """Every error code, for docs and for ``smartvm errors``."""
+    return [code.value for code in ErrorCode]
