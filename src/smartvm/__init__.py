@@ -15,7 +15,12 @@ from smartvm.config import (
     TokenBucket,
     Vsock,
 )
+from smartvm.engine import NetworkOverride
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.options import SmartVMOptions
+from smartvm.orchestrator import SmartVM
+from smartvm.snapshot import Snapshot
+from smartvm.vm import MicroVM, VMState
 
 __version__ = "0.1.0"
 
@@ -28,12 +33,18 @@ __all__ = [
     "Logger",
     "MachineConfig",
     "Metrics",
+    "MicroVM",
     "MicroVMConfig",
     "Mmds",
     "NetworkInterface",
+    "NetworkOverride",
     "RateLimiter",
+    "SmartVM",
     "SmartVMError",
+    "SmartVMOptions",
+    "Snapshot",
     "TokenBucket",
+    "VMState",
     "Vsock",
     "__version__",
 ]

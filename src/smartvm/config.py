@@ -188,7 +188,8 @@ class Entropy(ApiModel):
     rate_limiter: RateLimiter | None = None
 
 
-def _new_vm_id() -> str:
+def new_vm_id() -> str:
+    """A fresh VM id like ``vm-1a2b3c4d5e6f``."""
     return f"vm-{uuid.uuid4().hex[:12]}"
 
 
@@ -197,7 +198,7 @@ class MicroVMConfig(ApiModel):
 
     _local_fields: ClassVar[frozenset[str]] = frozenset({"id"})
 
-    id: str = Field(default_factory=_new_vm_id)
+    id: str = Field(default_factory=new_vm_id)
     boot_source: BootSource
     machine_config: MachineConfig = Field(default_factory=MachineConfig)
     drives: list[Drive] = Field(default_factory=list)

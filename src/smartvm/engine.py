@@ -1,0 +1,200 @@
+"""The Engine contract both hypervisor backends implement, and engine selection.
+
+`MicroVM` (vm.py) owns the lifecycle state machine, the runtime dir and the undo stack; an Engine only
+knows how to drive one hypervisor process for one VM. A feature an engine lacks raises
+``UNSUPPORTED_BY_ENGINE`` (the defaults below), never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from smartvm.config import MicroVMConfig, NetworkInterface, RateLimiter
+from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.runtime import VMRuntime
+from smartvm.options import SmartVMOptions
+from smartvm.snapshot import Snapshot, SnapshotType
+
+MemBackend = Literal["File", "Uffd"]
+
+
+@dataclass(frozen=True)
+class NetworkOverride:
+    """Attach a restored VM's interface to another host device (Firecracker's network_overrides)."""
+
+    iface_id: str
+    host_dev_name: str
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """Everything an engine needs to bring a VM back from a snapshot."""
+
+    snapshot: Snapshot
+    config: MicroVMConfig  # the config the restored VM runs with (drives already staged)
+    resume_vm: bool = True
+    enable_diff_snapshots: bool = False
+    mem_backend: MemBackend = "File"
+    uffd_socket: Path | None = None  # with mem_backend="Uffd": where the page-fault handler listens
+    network_overrides: Sequence[NetworkOverride] = ()
+
+
+class Engine(ABC):
+    """One hypervisor process for one VM.
+
+    Contract: every method that fails raises SmartVMError and leaves no process or socket behind
+    if the VM is not running afterwards. ``kill`` and ``close`` are idempotent.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, runtime: VMRuntime, options: SmartVMOptions) -> None:
+        self.runtime = runtime
+        self.options = options
+
+    # --- lifecycle -------------------------------------------------------------------------
+    @abstractmethod
+    async def boot(self, config: MicroVMConfig) -> None:
+        """Start the hypervisor, configure every device from ``config`` and start the guest."""
+
+    @abstractmethod
+    async def restore(self, request: RestoreRequest) -> None:
+        """Start the hypervisor and load ``request.snapshot`` instead of booting."""
+
+    @abstractmethod
+    async def pause(self) -> None: ...
+
+    @abstractmethod
+    async def resume(self) -> None: ...
+
+    @abstractmethod
+    async def create_snapshot(
+        self, snapshot_dir: Path, state_file: str, mem_file: str, snapshot_type: SnapshotType,
+        config: MicroVMConfig,
+    ) -> Snapshot:
+        """Write state (and memory) files and disk copies into ``snapshot_dir``; the VM is paused.
+
+        Returns the Snapshot describing them; the caller saves the manifest.
+        """
+
+    @abstractmethod
+    async def shutdown(self, timeout: float) -> None:
+        """Ask the guest to power off; after ``timeout`` seconds end the process. Always reaps."""
+
+    @abstractmethod
+    async def kill(self) -> None:
+        """End the hypervisor process at once and reap it. Idempotent."""
+
+    @abstractmethod
+    def is_alive(self) -> bool: ...
+
+    @abstractmethod
+    async def info(self) -> dict[str, Any]:
+        """Engine-level instance info (Firecracker's GET /, or the QEMU equivalent)."""
+
+    @abstractmethod
+    async def open_agent_stream(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connected byte stream to the guest agent (vsock on Firecracker, virtio-serial on QEMU)."""
+
+    # --- optional features ------------------------------------------------------------------
+    def _unsupported(self, what: str) -> SmartVMError:
+        return SmartVMError(
+            ErrorCode.UNSUPPORTED_BY_ENGINE, f"{what} is not supported by the {self.name} engine"
+        )
+
+    async def get_vm_config(self) -> dict[str, Any]:
+        raise self._unsupported("get_vm_config")
+
+    async def update_drive(self, drive_id: str, path_on_host: str) -> None:
+        raise self._unsupported("update_drive")
+
+    async def update_balloon(self, amount_mib: int) -> None:
+        raise self._unsupported("update_balloon")
+
+    async def get_balloon_stats(self) -> dict[str, Any]:
+        raise self._unsupported("get_balloon_stats")
+
+    async def put_metadata(self, data: dict[str, Any]) -> None:
+        raise self._unsupported("MMDS (put_metadata)")
+
+    async def patch_metadata(self, data: dict[str, Any]) -> None:
+        raise self._unsupported("MMDS (patch_metadata)")
+
+    async def get_metadata(self) -> Any:
+        raise self._unsupported("MMDS (get_metadata)")
+
+    async def update_network_interface(
+        self, iface_id: str, rx_rate_limiter: RateLimiter | None, tx_rate_limiter: RateLimiter | None
+    ) -> None:
+        raise self._unsupported("update_network_interface")
+
+    async def flush_metrics(self) -> None:
+        raise self._unsupported("flush_metrics")
+
+    async def close(self) -> None:
+        """Release host-side resources (clients, sockets) after the process is gone."""
+
+
+_ENGINE_CLASSES = {
+    "firecracker": ("smartvm.firecracker.engine", "FirecrackerEngine"),
+    "qemu": ("smartvm.qemu.engine", "QemuEngine"),
+}
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The Engine class for ``"firecracker"`` or ``"qemu"`` (imported on first use)."""
+    try:
+        module_name, attr = _ENGINE_CLASSES[name]
+    except KeyError as exc:
+        raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"unknown engine {name!r}: use auto, firecracker or qemu") from exc
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise SmartVMError(ErrorCode.ENGINE_UNAVAILABLE, f"the {name} engine is not available: {exc}") from exc
+    cls: type[Engine] = getattr(module, attr)
+    return cls
+
+
+def firecracker_usable(options: SmartVMOptions) -> tuple[bool, str]:
+    """Whether the Firecracker engine can run a guest here, and why not."""
+    from smartvm.firecracker.binary import find_firecracker
+    from smartvm.qemu.kvm_probe import probe_kvm
+
+    binary = find_firecracker(options)
+    if binary is None:
+        return False, "no firecracker binary found (set firecracker_binary_path or SMARTVM_FIRECRACKER_BIN)"
+    kvm = probe_kvm()
+    if not kvm.usable:
+        return False, f"KVM cannot run a guest here: {kvm.reason}"
+    return True, f"firecracker at {binary} and a usable KVM"
+
+
+def select_engine(options: SmartVMOptions) -> str:
+    """Resolve ``options.engine``: ``auto`` picks Firecracker when it can run a guest, else QEMU."""
+    if options.engine != "auto":
+        return options.engine
+    try:
+        usable, _why = firecracker_usable(options)
+    except ModuleNotFoundError:
+        usable = False
+    return "firecracker" if usable else "qemu"
+
+
+def override_interfaces(
+    interfaces: Sequence[NetworkInterface], overrides: Sequence[NetworkOverride]
+) -> list[NetworkInterface]:
+    """Apply network overrides to a config's interfaces, refusing unknown iface ids."""
+    by_id = {o.iface_id: o for o in overrides}
+    unknown = set(by_id) - {i.iface_id for i in interfaces}
+    if unknown:
+        raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"network_overrides name unknown interfaces {sorted(unknown)}")
+    return [
+        i.model_copy(update={"host_dev_name": by_id[i.iface_id].host_dev_name}) if i.iface_id in by_id else i
+        for i in interfaces
+    ]

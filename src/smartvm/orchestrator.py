@@ -1,0 +1,141 @@
+"""SmartVM: options, the registry of live VMs, binaries, and creating or restoring VMs."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from smartvm.config import MicroVMConfig, new_vm_id, parse_config
+from smartvm.engine import NetworkOverride, select_engine
+from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.options import SmartVMOptions
+from smartvm.snapshot import Snapshot
+from smartvm.vm import MicroVM, VMState
+
+
+class SmartVM:
+    """Creates and tracks microVMs on one host. Use as ``async with SmartVM() as svm:`` to stop all on exit."""
+
+    def __init__(self, options: SmartVMOptions | None = None) -> None:
+        self.options = options or SmartVMOptions()
+        self._vms: dict[str, MicroVM] = {}
+        self._engine_name: str | None = None
+
+    # --- engine and binaries --------------------------------------------------------------------
+    @property
+    def engine_name(self) -> str:
+        """The engine new VMs use (``auto`` resolved once per SmartVM)."""
+        if self._engine_name is None:
+            self._engine_name = select_engine(self.options)
+        return self._engine_name
+
+    async def ensure_binary(self) -> Path:
+        """The hypervisor binary for the selected engine, downloading Firecracker if needed."""
+        if self.engine_name == "qemu":
+            qemu = self.options.qemu_binary_path or shutil.which("qemu-system-x86_64")
+            if qemu is None:
+                raise SmartVMError(
+                    ErrorCode.BINARY_NOT_FOUND, "qemu-system-x86_64 not found: apt-get install qemu-system-x86"
+                )
+            return Path(qemu)
+        from smartvm.firecracker.binary import find_firecracker
+
+        found = find_firecracker(self.options)
+        if found is not None:
+            return found
+        from smartvm.images.releases import ImageManager
+
+        images = ImageManager(
+            self.options.data_dir,
+            arch=self.options.arch,
+            release_base_url=self.options.release_base_url,
+            ci_bucket_url=self.options.ci_bucket_url,
+        )
+        version = self.options.firecracker_version or await images.get_latest_version()
+        if not images.has_binary(version):
+            await images.download_firecracker(version)
+        return images.get_firecracker_path(version)
+
+    # --- VMs ------------------------------------------------------------------------------------
+    async def create_vm(self, config: MicroVMConfig | dict[str, Any], *, netns: str | None = None) -> MicroVM:
+        """A new, not yet started VM (call ``await vm.start()``)."""
+        cfg = config if isinstance(config, MicroVMConfig) else parse_config(config)
+        return self._register(MicroVM(cfg, self.options, self.engine_name, netns=netns, on_stopped=self._forget))
+
+    async def restore_vm(
+        self,
+        snapshot_dir: str | Path,
+        *,
+        vm_id: str | None = None,
+        resume_vm: bool = True,
+        network_overrides: Sequence[NetworkOverride] = (),
+        netns: str | None = None,
+    ) -> MicroVM:
+        """A running VM restored from a snapshot directory made by :meth:`MicroVM.create_snapshot`.
+
+        Every restored VM gets its own copy-on-write copy of the snapshot's disks, so several clones
+        of one snapshot run at once without seeing each other's writes.
+        """
+        snapshot = Snapshot.load(snapshot_dir)
+        config = snapshot.vm_config()
+        config = config.model_copy(update={"id": vm_id or new_vm_id()})
+        vm = self._register(MicroVM(config, self.options, snapshot.engine, netns=netns, on_stopped=self._forget))
+        try:
+            await vm.restore_from(snapshot, resume_vm=resume_vm, network_overrides=network_overrides)
+        except BaseException:
+            self._forget(vm)
+            raise
+        return vm
+
+    def _register(self, vm: MicroVM) -> MicroVM:
+        if vm.id in self._vms:
+            raise SmartVMError(ErrorCode.DUPLICATE_VM_ID, f"a VM with id {vm.id!r} already exists; pick another id")
+        self._vms[vm.id] = vm
+        return vm
+
+    def _forget(self, vm: MicroVM) -> None:
+        if self._vms.get(vm.id) is vm:
+            del self._vms[vm.id]
+
+    def get_vm(self, vm_id: str) -> MicroVM | None:
+        return self._vms.get(vm_id)
+
+    def list_vms(self) -> list[MicroVM]:
+        return list(self._vms.values())
+
+    @property
+    def vm_count(self) -> int:
+        return len(self._vms)
+
+    async def stop_all(self) -> None:
+        """Stop every VM (gracefully, in parallel); the first failure is raised after all were tried."""
+        vms = list(self._vms.values())
+        results = await asyncio.gather(*(vm.stop() for vm in vms), return_exceptions=True)
+        for vm in vms:
+            if vm.state is VMState.CREATED:
+                self._forget(vm)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    async def cleanup(self) -> None:
+        """Stop everything and remove the runtime root if nothing else uses it."""
+        await self.stop_all()
+        root = self.options.runtime_dir
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+
+    def get_runtime_dir(self) -> Path:
+        return self.options.runtime_dir
+
+    async def __aenter__(self) -> SmartVM:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.cleanup()

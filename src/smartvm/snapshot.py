@@ -1,0 +1,95 @@
+"""Snapshots as frozen values that save and load themselves.
+
+A snapshot directory holds the engine's state file(s), a consistent copy of every writable disk and
+``snapshot.json`` (this manifest), so :meth:`SmartVM.restore_vm` can rebuild the VM from the
+directory alone, on the engine that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from smartvm.config import MicroVMConfig
+from smartvm.errors import ErrorCode, SmartVMError
+
+MANIFEST_NAME = "snapshot.json"
+MANIFEST_VERSION = 1
+SnapshotType = Literal["Full", "Diff"]
+
+
+def _inside(directory: Path, name: str) -> Path:
+    """A path named in a manifest, refused if it would leave the snapshot directory."""
+    path = (directory / name).resolve()
+    if path.parent != directory.resolve():
+        raise SmartVMError(ErrorCode.UNSAFE_PATH, f"snapshot manifest names {name!r}, outside {directory}")
+    return path
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a snapshot directory contains. File names are relative to ``directory``."""
+
+    directory: Path
+    engine: str
+    snapshot_type: SnapshotType
+    state_file: str
+    mem_file: str | None
+    config: dict[str, Any]
+    disks: dict[str, str] = field(default_factory=dict)
+    engine_data: dict[str, Any] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def state_path(self) -> Path:
+        return _inside(self.directory, self.state_file)
+
+    @property
+    def mem_path(self) -> Path | None:
+        return _inside(self.directory, self.mem_file) if self.mem_file else None
+
+    def disk_path(self, drive_id: str) -> Path:
+        return _inside(self.directory, self.disks[drive_id])
+
+    def vm_config(self) -> MicroVMConfig:
+        return MicroVMConfig.model_validate(self.config)
+
+    def save(self) -> Path:
+        """Write ``snapshot.json`` atomically."""
+        data = asdict(self)
+        data.pop("directory")
+        data["manifest_version"] = MANIFEST_VERSION
+        target = self.directory / MANIFEST_NAME
+        tmp = target.with_suffix(".json.part")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(tmp, target)
+        return target
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> Snapshot:
+        directory = Path(directory)
+        manifest = directory / MANIFEST_NAME
+        try:
+            data = json.loads(manifest.read_text())
+        except FileNotFoundError as exc:
+            raise SmartVMError(
+                ErrorCode.SNAPSHOT_INVALID, f"{directory} is not a snapshot directory: {MANIFEST_NAME} is missing"
+            ) from exc
+        except (OSError, ValueError) as exc:
+            raise SmartVMError(ErrorCode.SNAPSHOT_INVALID, f"cannot read {manifest}: {exc}") from exc
+        if not isinstance(data, dict) or data.pop("manifest_version", None) != MANIFEST_VERSION:
+            raise SmartVMError(
+                ErrorCode.SNAPSHOT_INVALID, f"{manifest} has an unknown manifest_version (expected {MANIFEST_VERSION})"
+            )
+        try:
+            snap = cls(directory=directory, **data)
+        except TypeError as exc:
+            raise SmartVMError(ErrorCode.SNAPSHOT_INVALID, f"{manifest} is malformed: {exc}") from exc
+        for path in [snap.state_path, snap.mem_path, *(snap.disk_path(d) for d in snap.disks)]:
+            if path is not None and not path.exists():
+                raise SmartVMError(ErrorCode.SNAPSHOT_INVALID, f"snapshot file {path} is missing")
+        return snap

@@ -1,0 +1,392 @@
+"""MicroVM: the lifecycle state machine over one engine.
+
+Every step of start/restore that allocates something (runtime dir, staged drives, the hypervisor
+process) registers its undo on an AsyncExitStack, so a failure anywhere unwinds everything, and
+stop/kill run the same undo. Calls that are invalid in the current state raise INVALID_STATE before
+anything is sent to the hypervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from smartvm.config import MicroVMConfig, RateLimiter
+from smartvm.engine import Engine, MemBackend, NetworkOverride, RestoreRequest, engine_class, override_interfaces
+from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.runtime import VMRuntime
+from smartvm.options import SmartVMOptions
+from smartvm.snapshot import MANIFEST_NAME, Snapshot, SnapshotType
+
+if TYPE_CHECKING:
+    from smartvm.agent.client import AgentClient, ExecResult
+
+log = logging.getLogger(__name__)
+
+
+class VMState(StrEnum):
+    CREATED = "created"
+    CONFIGURING = "configuring"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+_LIVE = (VMState.RUNNING, VMState.PAUSED)
+
+
+class MicroVM:
+    """One microVM. Create it through :meth:`SmartVM.create_vm`, then :meth:`start` it."""
+
+    def __init__(
+        self,
+        config: MicroVMConfig,
+        options: SmartVMOptions,
+        engine_name: str,
+        *,
+        netns: str | None = None,
+        on_stopped: Callable[[MicroVM], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.options = options
+        self.engine_name = engine_name
+        self.netns = netns
+        self._state = VMState.CREATED
+        self._engine: Engine | None = None
+        self._runtime: VMRuntime | None = None
+        self._undo = AsyncExitStack()
+        self._on_stopped = on_stopped
+        self._agent: AgentClient | None = None
+        self._lock = asyncio.Lock()
+
+    # --- identity and state ------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def state(self) -> VMState:
+        """The lifecycle state; a live VM whose hypervisor died reports ``stopped``."""
+        if self._state in _LIVE and self._engine is not None and not self._engine.is_alive():
+            return VMState.STOPPED
+        return self._state
+
+    @property
+    def console_log_path(self) -> Path | None:
+        return self._runtime.console_log if self._runtime else None
+
+    def get_runtime_dir(self) -> Path | None:
+        return self._runtime.dir if self._runtime else None
+
+    def _require(self, action: str, *states: VMState) -> None:
+        current = self.state
+        if current not in states:
+            allowed = ", ".join(s.value for s in states)
+            raise SmartVMError(
+                ErrorCode.INVALID_STATE,
+                f"cannot {action} VM {self.id!r} while it is {current.value}; it must be {allowed}",
+            )
+
+    def _engine_or_raise(self) -> Engine:
+        if self._engine is None:
+            raise SmartVMError(ErrorCode.NO_CLIENT, f"VM {self.id!r} has no running hypervisor; start it first")
+        return self._engine
+
+    # --- start / restore -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Boot the VM: runtime dir, staged drives, hypervisor, guest."""
+        async with self._lock:
+            self._require("start", VMState.CREATED)
+            await self._launch(lambda engine, config: engine.boot(config), self.config)
+
+    async def load_snapshot(
+        self,
+        snapshot_path: str | Path,
+        mem_file_path: str | Path,
+        *,
+        resume_vm: bool = True,
+        enable_diff_snapshots: bool = False,
+        mem_backend: MemBackend = "File",
+        network_overrides: Sequence[NetworkOverride] | None = None,
+    ) -> None:
+        """Bring this (not yet booted) VM up from a snapshot instead of booting it.
+
+        The VM keeps its own configuration; the snapshot's disks replace its writable drives.
+        A snapshot made with a different memory size or device set fails with SNAPSHOT_MISMATCH.
+        """
+        if mem_backend not in ("File", "Uffd"):
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"mem_backend must be 'File' or 'Uffd', not {mem_backend!r}")
+        uffd = Path(mem_file_path) if mem_backend == "Uffd" else None
+        snapshot = _snapshot_for(Path(snapshot_path), None if uffd else Path(mem_file_path), self.engine_name, self.config)
+        await self.restore_from(
+            snapshot,
+            resume_vm=resume_vm,
+            enable_diff_snapshots=enable_diff_snapshots,
+            mem_backend=mem_backend,
+            uffd_socket=uffd,
+            network_overrides=network_overrides or (),
+        )
+
+    async def restore_from(
+        self,
+        snapshot: Snapshot,
+        *,
+        resume_vm: bool = True,
+        enable_diff_snapshots: bool = False,
+        mem_backend: MemBackend = "File",
+        uffd_socket: Path | None = None,
+        network_overrides: Sequence[NetworkOverride] = (),
+    ) -> None:
+        async with self._lock:
+            self._require("load a snapshot into", VMState.CREATED)
+            if snapshot.engine != self.engine_name:
+                raise SmartVMError(
+                    ErrorCode.SNAPSHOT_MISMATCH,
+                    f"snapshot in {snapshot.directory} was made by the {snapshot.engine} engine; "
+                    f"this VM uses {self.engine_name}",
+                )
+            drives = [
+                d.model_copy(update={"path_on_host": str(snapshot.disk_path(d.drive_id)), "ephemeral": True})
+                if d.drive_id in snapshot.disks
+                else d
+                for d in self.config.drives
+            ]
+            config = self.config.model_copy(
+                update={
+                    "drives": drives,
+                    "network_interfaces": override_interfaces(self.config.network_interfaces, network_overrides),
+                }
+            )
+
+            async def restore(engine: Engine, staged: MicroVMConfig) -> None:
+                await engine.restore(
+                    RestoreRequest(
+                        snapshot=snapshot,
+                        config=staged,
+                        resume_vm=resume_vm,
+                        enable_diff_snapshots=enable_diff_snapshots,
+                        mem_backend=mem_backend,
+                        uffd_socket=uffd_socket,
+                        network_overrides=tuple(network_overrides),
+                    )
+                )
+
+            await self._launch(restore, config, paused=not resume_vm)
+
+    async def _launch(
+        self,
+        run: Callable[[Engine, MicroVMConfig], Any],
+        config: MicroVMConfig,
+        *,
+        paused: bool = False,
+    ) -> None:
+        self._state = VMState.CONFIGURING
+        try:
+            async with AsyncExitStack() as stack:
+                runtime = VMRuntime.create(self.options.runtime_dir, self.id, netns=self.netns)
+                stack.callback(runtime.remove)
+                staged = runtime.stage_drives(config, ephemeral_writable=self.options.ephemeral_writable_drives)
+                engine = engine_class(self.engine_name)(runtime, self.options)
+                stack.push_async_callback(engine.close)
+                stack.push_async_callback(engine.kill)
+                await run(engine, staged)
+                self._runtime, self._engine = runtime, engine
+                self._undo = stack.pop_all()
+        except BaseException:
+            self._state = VMState.ERROR
+            raise
+        self._state = VMState.PAUSED if paused else VMState.RUNNING
+
+    # --- pause / resume / stop ------------------------------------------------------------------
+    async def pause(self) -> None:
+        async with self._lock:
+            self._require("pause", VMState.RUNNING)
+            await self._engine_or_raise().pause()
+            self._state = VMState.PAUSED
+
+    async def resume(self) -> None:
+        async with self._lock:
+            self._require("resume", VMState.PAUSED)
+            await self._engine_or_raise().resume()
+            self._state = VMState.RUNNING
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Ask the guest to power off, end the hypervisor after ``timeout``, and clean up. Idempotent."""
+        async with self._lock:
+            if self._state in _LIVE and self._engine is not None and self._engine.is_alive():
+                try:
+                    await self._engine.shutdown(self.options.stop_timeout_s if timeout is None else timeout)
+                except SmartVMError as exc:
+                    log.warning("graceful stop of %s failed, killing it: %s", self.id, exc)
+            await self._teardown()
+
+    async def kill(self) -> None:
+        """End the hypervisor at once and clean up. Idempotent."""
+        async with self._lock:
+            await self._teardown()
+
+    async def _teardown(self) -> None:
+        if self._agent is not None:
+            await self._agent.close()
+            self._agent = None
+        try:
+            await self._undo.aclose()
+        finally:
+            self._engine = None
+            if self._state is not VMState.STOPPED:
+                self._state = VMState.STOPPED
+                if self._on_stopped is not None:
+                    self._on_stopped(self)
+
+    # --- snapshots ---------------------------------------------------------------------------
+    async def create_snapshot(
+        self,
+        snapshot_path: str | Path,
+        mem_file_path: str | Path,
+        snapshot_type: SnapshotType = "Full",
+        *,
+        pause_vm: bool = False,
+    ) -> Snapshot:
+        """Snapshot a paused VM into the directory of ``snapshot_path``.
+
+        With ``pause_vm=True`` a running VM is paused for the snapshot and resumed afterwards.
+        Both files must be in the same directory (the snapshot directory).
+        """
+        snapshot_path, mem_file_path = Path(snapshot_path), Path(mem_file_path)
+        if snapshot_type not in ("Full", "Diff"):
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"snapshot_type must be 'Full' or 'Diff', not {snapshot_type!r}")
+        if snapshot_path.parent.resolve() != mem_file_path.parent.resolve():
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT,
+                "snapshot_path and mem_file_path must be in the same directory (the snapshot directory)",
+            )
+        async with self._lock:
+            states = (VMState.PAUSED, VMState.RUNNING) if pause_vm else (VMState.PAUSED,)
+            self._require("snapshot (pass pause_vm=True to pause it around the snapshot)", *states)
+            engine = self._engine_or_raise()
+            was_running = self._state is VMState.RUNNING
+            if was_running:
+                await engine.pause()
+                self._state = VMState.PAUSED
+            try:
+                snapshot_path.parent.mkdir(parents=True, exist_ok=True)
+                snapshot = await engine.create_snapshot(
+                    snapshot_path.parent, snapshot_path.name, mem_file_path.name, snapshot_type, self.config
+                )
+                snapshot.save()
+            finally:
+                if was_running and engine.is_alive():
+                    await engine.resume()
+                    self._state = VMState.RUNNING
+            return snapshot
+
+    # --- info and device updates ---------------------------------------------------------------
+    async def get_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "id": self.id,
+            "state": self.state.value,
+            "engine": self.engine_name,
+            "runtime_dir": str(self.get_runtime_dir()) if self._runtime else None,
+            "console_log": str(self.console_log_path) if self._runtime else None,
+        }
+        if self._engine is not None and self._engine.is_alive():
+            info["engine_info"] = await self._engine.info()
+        return info
+
+    async def get_vm_config(self) -> dict[str, Any]:
+        self._require("read the config of", *_LIVE)
+        return await self._engine_or_raise().get_vm_config()
+
+    async def update_drive(self, drive_id: str, path_on_host: str) -> None:
+        self._require("update a drive of", *_LIVE)
+        if drive_id not in {d.drive_id for d in self.config.drives}:
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"VM {self.id!r} has no drive {drive_id!r}")
+        await self._engine_or_raise().update_drive(drive_id, path_on_host)
+
+    async def update_balloon(self, amount_mib: int) -> None:
+        self._require("update the balloon of", *_LIVE)
+        if self.config.balloon is None:
+            raise SmartVMError(ErrorCode.INVALID_STATE, f"VM {self.id!r} was configured without a balloon")
+        await self._engine_or_raise().update_balloon(amount_mib)
+
+    async def get_balloon_stats(self) -> dict[str, Any]:
+        self._require("read balloon statistics of", *_LIVE)
+        return await self._engine_or_raise().get_balloon_stats()
+
+    async def put_metadata(self, data: dict[str, Any]) -> None:
+        self._require("set metadata of", *_LIVE)
+        await self._engine_or_raise().put_metadata(data)
+
+    async def patch_metadata(self, data: dict[str, Any]) -> None:
+        self._require("update metadata of", *_LIVE)
+        await self._engine_or_raise().patch_metadata(data)
+
+    async def get_metadata(self) -> Any:
+        self._require("read metadata of", *_LIVE)
+        return await self._engine_or_raise().get_metadata()
+
+    async def update_network_interface(
+        self,
+        iface_id: str,
+        *,
+        rx_rate_limiter: RateLimiter | None = None,
+        tx_rate_limiter: RateLimiter | None = None,
+    ) -> None:
+        self._require("update a network interface of", *_LIVE)
+        if iface_id not in {n.iface_id for n in self.config.network_interfaces}:
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"VM {self.id!r} has no network interface {iface_id!r}")
+        await self._engine_or_raise().update_network_interface(iface_id, rx_rate_limiter, tx_rate_limiter)
+
+    async def flush_metrics(self) -> None:
+        self._require("flush metrics of", *_LIVE)
+        await self._engine_or_raise().flush_metrics()
+
+    # --- context manager ---------------------------------------------------------------------
+    async def __aenter__(self) -> MicroVM:
+        if self._state is VMState.CREATED:
+            await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def __repr__(self) -> str:
+        return f"MicroVM(id={self.id!r}, engine={self.engine_name!r}, state={self.state.value!r})"
+
+
+def _snapshot_for(
+    snapshot_path: Path, mem_file_path: Path | None, engine_name: str, config: MicroVMConfig
+) -> Snapshot:
+    """The snapshot at ``snapshot_path``: its manifest when there is one, else a bare Firecracker pair
+    (``mem_file_path`` is None when the memory comes from a UFFD handler)."""
+    directory = snapshot_path.parent
+    if (directory / MANIFEST_NAME).exists():
+        return Snapshot.load(directory)
+    if engine_name != "firecracker":
+        raise SmartVMError(
+            ErrorCode.SNAPSHOT_INVALID, f"{directory} has no {MANIFEST_NAME}; create snapshots with create_snapshot()"
+        )
+    if mem_file_path is not None and mem_file_path.parent.resolve() != directory.resolve():
+        raise SmartVMError(
+            ErrorCode.INVALID_ARGUMENT, "snapshot_path and mem_file_path must be in the same directory"
+        )
+    for path in (snapshot_path, mem_file_path):
+        if path is not None and not path.is_file():
+            raise SmartVMError(ErrorCode.SNAPSHOT_INVALID, f"snapshot file {path} does not exist")
+    return Snapshot(
+        directory=directory,
+        engine="firecracker",
+        snapshot_type="Full",
+        state_file=snapshot_path.name,
+        mem_file=mem_file_path.name if mem_file_path else None,
+        config=config.model_dump(mode="json"),
+    )
