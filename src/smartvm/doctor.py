@@ -60,20 +60,31 @@ def _load_contributed_checks() -> None:
 def check_kvm_device() -> CheckResult:
     path = "/dev/kvm"
     if not os.path.exists(path):
-        return CheckResult("kvm device", False, f"{path} does not exist",
-                           "enable virtualization (nested KVM on cloud hosts) or use engine='qemu' (TCG)")
+        return CheckResult(
+            "kvm device",
+            False,
+            f"{path} does not exist",
+            "enable virtualization (nested KVM on cloud hosts) or use engine='qemu' (TCG)",
+        )
     if not os.access(path, os.R_OK | os.W_OK):
-        return CheckResult("kvm device", False, f"{path} is not readable and writable by this user",
-                           "add the user to the 'kvm' group or run as root")
-    return CheckResult("kvm device", True, f"{path} is accessible (whether a guest runs on it: see 'kvm guest')")
+        return CheckResult(
+            "kvm device",
+            False,
+            f"{path} is not readable and writable by this user",
+            "add the user to the 'kvm' group or run as root",
+        )
+    return CheckResult(
+        "kvm device", True, f"{path} is accessible (whether a guest runs on it: see 'kvm guest')"
+    )
 
 
 @register_check
 def check_qemu() -> CheckResult:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
-        return CheckResult("qemu", False, "qemu-system-x86_64 not found",
-                           "apt-get install qemu-system-x86 qemu-utils")
+        return CheckResult(
+            "qemu", False, "qemu-system-x86_64 not found", "apt-get install qemu-system-x86 qemu-utils"
+        )
     out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10).stdout
     return CheckResult("qemu", True, f"{qemu}: {out.splitlines()[0] if out else 'unknown version'}")
 
@@ -82,14 +93,22 @@ def check_qemu() -> CheckResult:
 def check_shm() -> CheckResult:
     shm = Path("/dev/shm")
     if not shm.is_dir():
-        return CheckResult("/dev/shm", False, "/dev/shm is not a directory",
-                           "runtime dirs fall back to the temp dir; mount tmpfs on /dev/shm for speed")
+        return CheckResult(
+            "/dev/shm",
+            False,
+            "/dev/shm is not a directory",
+            "runtime dirs fall back to the temp dir; mount tmpfs on /dev/shm for speed",
+        )
     try:
         with tempfile.NamedTemporaryFile(dir=shm) as f:
             f.write(b"x")
     except OSError as exc:
-        return CheckResult("/dev/shm", False, f"cannot write to /dev/shm: {exc.strerror}",
-                           "make /dev/shm writable (mode 1777)")
+        return CheckResult(
+            "/dev/shm",
+            False,
+            f"cannot write to /dev/shm: {exc.strerror}",
+            "make /dev/shm writable (mode 1777)",
+        )
     free = shutil.disk_usage(shm).free // (1 << 20)
     return CheckResult("/dev/shm", True, f"writable, {free} MiB free")
 
@@ -105,8 +124,12 @@ def check_tap() -> CheckResult:
     name = f"svdoc{uuid.uuid4().hex[:6]}"
     res = _ip("tuntap", "add", "dev", name, "mode", "tap")
     if res.returncode != 0:
-        return CheckResult("tap devices", False, f"cannot create a TAP device: {res.stderr.strip()}",
-                           "run as root or grant CAP_NET_ADMIN; check that /dev/net/tun exists")
+        return CheckResult(
+            "tap devices",
+            False,
+            f"cannot create a TAP device: {res.stderr.strip()}",
+            "run as root or grant CAP_NET_ADMIN; check that /dev/net/tun exists",
+        )
     _ip("link", "del", name)
     return CheckResult("tap devices", True, "can create and remove TAP devices")
 
@@ -114,11 +137,17 @@ def check_tap() -> CheckResult:
 @register_check
 def check_netns() -> CheckResult:
     if shutil.which("ip") is None:
-        return CheckResult("network namespaces", False, "the 'ip' command is missing", "apt-get install iproute2")
+        return CheckResult(
+            "network namespaces", False, "the 'ip' command is missing", "apt-get install iproute2"
+        )
     name = f"svdoc{uuid.uuid4().hex[:6]}"
     res = _ip("netns", "add", name)
     if res.returncode != 0:
-        return CheckResult("network namespaces", False, f"cannot create a namespace: {res.stderr.strip()}",
-                           "run as root (CAP_SYS_ADMIN) to use per-sandbox namespaces")
+        return CheckResult(
+            "network namespaces",
+            False,
+            f"cannot create a namespace: {res.stderr.strip()}",
+            "run as root (CAP_SYS_ADMIN) to use per-sandbox namespaces",
+        )
     _ip("netns", "del", name)
     return CheckResult("network namespaces", True, "can create and remove network namespaces")

@@ -75,7 +75,11 @@ class Engine(ABC):
 
     @abstractmethod
     async def create_snapshot(
-        self, snapshot_dir: Path, state_file: str, mem_file: str, snapshot_type: SnapshotType,
+        self,
+        snapshot_dir: Path,
+        state_file: str,
+        mem_file: str,
+        snapshot_type: SnapshotType,
         config: MicroVMConfig,
     ) -> Snapshot:
         """Write state (and memory) files and disk copies into ``snapshot_dir``; the VM is paused.
@@ -137,7 +141,7 @@ class Engine(ABC):
     async def flush_metrics(self) -> None:
         raise self._unsupported("flush_metrics")
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release host-side resources (clients, sockets) after the process is gone."""
 
 
@@ -152,11 +156,15 @@ def engine_class(name: str) -> type[Engine]:
     try:
         module_name, attr = _ENGINE_CLASSES[name]
     except KeyError as exc:
-        raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"unknown engine {name!r}: use auto, firecracker or qemu") from exc
+        raise SmartVMError(
+            ErrorCode.INVALID_ARGUMENT, f"unknown engine {name!r}: use auto, firecracker or qemu"
+        ) from exc
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise SmartVMError(ErrorCode.ENGINE_UNAVAILABLE, f"the {name} engine is not available: {exc}") from exc
+        raise SmartVMError(
+            ErrorCode.ENGINE_UNAVAILABLE, f"the {name} engine is not available: {exc}"
+        ) from exc
     cls: type[Engine] = getattr(module, attr)
     return cls
 
@@ -193,7 +201,9 @@ def override_interfaces(
     by_id = {o.iface_id: o for o in overrides}
     unknown = set(by_id) - {i.iface_id for i in interfaces}
     if unknown:
-        raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"network_overrides name unknown interfaces {sorted(unknown)}")
+        raise SmartVMError(
+            ErrorCode.INVALID_ARGUMENT, f"network_overrides name unknown interfaces {sorted(unknown)}"
+        )
     return [
         i.model_copy(update={"host_dev_name": by_id[i.iface_id].host_dev_name}) if i.iface_id in by_id else i
         for i in interfaces

@@ -18,7 +18,10 @@ from smartvm.vm import MicroVM, VMState
 
 
 class SmartVM:
-    """Creates and tracks microVMs on one host. Use as ``async with SmartVM() as svm:`` to stop all on exit."""
+    """Creates and tracks microVMs on one host.
+
+    Use as ``async with SmartVM() as svm:`` to stop every VM on exit.
+    """
 
     def __init__(self, options: SmartVMOptions | None = None) -> None:
         self.options = options or SmartVMOptions()
@@ -39,7 +42,8 @@ class SmartVM:
             qemu = self.options.qemu_binary_path or shutil.which("qemu-system-x86_64")
             if qemu is None:
                 raise SmartVMError(
-                    ErrorCode.BINARY_NOT_FOUND, "qemu-system-x86_64 not found: apt-get install qemu-system-x86"
+                    ErrorCode.BINARY_NOT_FOUND,
+                    "qemu-system-x86_64 not found: apt-get install qemu-system-x86",
                 )
             return Path(qemu)
         from smartvm.firecracker.binary import find_firecracker
@@ -64,7 +68,9 @@ class SmartVM:
     async def create_vm(self, config: MicroVMConfig | dict[str, Any], *, netns: str | None = None) -> MicroVM:
         """A new, not yet started VM (call ``await vm.start()``)."""
         cfg = config if isinstance(config, MicroVMConfig) else parse_config(config)
-        return self._register(MicroVM(cfg, self.options, self.engine_name, netns=netns, on_stopped=self._forget))
+        return self._register(
+            MicroVM(cfg, self.options, self.engine_name, netns=netns, on_stopped=self._forget)
+        )
 
     async def restore_vm(
         self,
@@ -83,7 +89,9 @@ class SmartVM:
         snapshot = Snapshot.load(snapshot_dir)
         config = snapshot.vm_config()
         config = config.model_copy(update={"id": vm_id or new_vm_id()})
-        vm = self._register(MicroVM(config, self.options, snapshot.engine, netns=netns, on_stopped=self._forget))
+        vm = self._register(
+            MicroVM(config, self.options, snapshot.engine, netns=netns, on_stopped=self._forget)
+        )
         try:
             await vm.restore_from(snapshot, resume_vm=resume_vm, network_overrides=network_overrides)
         except BaseException:
@@ -93,7 +101,9 @@ class SmartVM:
 
     def _register(self, vm: MicroVM) -> MicroVM:
         if vm.id in self._vms:
-            raise SmartVMError(ErrorCode.DUPLICATE_VM_ID, f"a VM with id {vm.id!r} already exists; pick another id")
+            raise SmartVMError(
+                ErrorCode.DUPLICATE_VM_ID, f"a VM with id {vm.id!r} already exists; pick another id"
+            )
         self._vms[vm.id] = vm
         return vm
 

@@ -77,13 +77,15 @@ class Snapshot:
             data = json.loads(manifest.read_text())
         except FileNotFoundError as exc:
             raise SmartVMError(
-                ErrorCode.SNAPSHOT_INVALID, f"{directory} is not a snapshot directory: {MANIFEST_NAME} is missing"
+                ErrorCode.SNAPSHOT_INVALID,
+                f"{directory} is not a snapshot directory: {MANIFEST_NAME} is missing",
             ) from exc
         except (OSError, ValueError) as exc:
             raise SmartVMError(ErrorCode.SNAPSHOT_INVALID, f"cannot read {manifest}: {exc}") from exc
         if not isinstance(data, dict) or data.pop("manifest_version", None) != MANIFEST_VERSION:
             raise SmartVMError(
-                ErrorCode.SNAPSHOT_INVALID, f"{manifest} has an unknown manifest_version (expected {MANIFEST_VERSION})"
+                ErrorCode.SNAPSHOT_INVALID,
+                f"{manifest} has an unknown manifest_version (expected {MANIFEST_VERSION})",
             )
         try:
             snap = cls(directory=directory, **data)

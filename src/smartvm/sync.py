@@ -75,20 +75,37 @@ class MicroVM:
         _Loop.run(self.aio.kill())
 
     def create_snapshot(
-        self, snapshot_path: str | Path, mem_file_path: str | Path, snapshot_type: SnapshotType = "Full",
-        *, pause_vm: bool = False,
+        self,
+        snapshot_path: str | Path,
+        mem_file_path: str | Path,
+        snapshot_type: SnapshotType = "Full",
+        *,
+        pause_vm: bool = False,
     ) -> Snapshot:
-        return _Loop.run(self.aio.create_snapshot(snapshot_path, mem_file_path, snapshot_type, pause_vm=pause_vm))
+        return _Loop.run(
+            self.aio.create_snapshot(snapshot_path, mem_file_path, snapshot_type, pause_vm=pause_vm)
+        )
 
     def load_snapshot(
-        self, snapshot_path: str | Path, mem_file_path: str | Path, *, resume_vm: bool = True,
-        enable_diff_snapshots: bool = False, mem_backend: MemBackend = "File",
+        self,
+        snapshot_path: str | Path,
+        mem_file_path: str | Path,
+        *,
+        resume_vm: bool = True,
+        enable_diff_snapshots: bool = False,
+        mem_backend: MemBackend = "File",
         network_overrides: Sequence[NetworkOverride] | None = None,
     ) -> None:
-        _Loop.run(self.aio.load_snapshot(
-            snapshot_path, mem_file_path, resume_vm=resume_vm, enable_diff_snapshots=enable_diff_snapshots,
-            mem_backend=mem_backend, network_overrides=network_overrides,
-        ))
+        _Loop.run(
+            self.aio.load_snapshot(
+                snapshot_path,
+                mem_file_path,
+                resume_vm=resume_vm,
+                enable_diff_snapshots=enable_diff_snapshots,
+                mem_backend=mem_backend,
+                network_overrides=network_overrides,
+            )
+        )
 
     def get_info(self) -> dict[str, Any]:
         return _Loop.run(self.aio.get_info())
@@ -115,11 +132,17 @@ class MicroVM:
         return _Loop.run(self.aio.get_metadata())
 
     def update_network_interface(
-        self, iface_id: str, *, rx_rate_limiter: RateLimiter | None = None, tx_rate_limiter: RateLimiter | None = None
+        self,
+        iface_id: str,
+        *,
+        rx_rate_limiter: RateLimiter | None = None,
+        tx_rate_limiter: RateLimiter | None = None,
     ) -> None:
-        _Loop.run(self.aio.update_network_interface(
-            iface_id, rx_rate_limiter=rx_rate_limiter, tx_rate_limiter=tx_rate_limiter
-        ))
+        _Loop.run(
+            self.aio.update_network_interface(
+                iface_id, rx_rate_limiter=rx_rate_limiter, tx_rate_limiter=tx_rate_limiter
+            )
+        )
 
     def flush_metrics(self) -> None:
         _Loop.run(self.aio.flush_metrics())
@@ -155,12 +178,25 @@ class SmartVM:
         return MicroVM(_Loop.run(self.aio.create_vm(config, netns=netns)))
 
     def restore_vm(
-        self, snapshot_dir: str | Path, *, vm_id: str | None = None, resume_vm: bool = True,
-        network_overrides: Sequence[NetworkOverride] = (), netns: str | None = None,
+        self,
+        snapshot_dir: str | Path,
+        *,
+        vm_id: str | None = None,
+        resume_vm: bool = True,
+        network_overrides: Sequence[NetworkOverride] = (),
+        netns: str | None = None,
     ) -> MicroVM:
-        return MicroVM(_Loop.run(self.aio.restore_vm(
-            snapshot_dir, vm_id=vm_id, resume_vm=resume_vm, network_overrides=network_overrides, netns=netns
-        )))
+        return MicroVM(
+            _Loop.run(
+                self.aio.restore_vm(
+                    snapshot_dir,
+                    vm_id=vm_id,
+                    resume_vm=resume_vm,
+                    network_overrides=network_overrides,
+                    netns=netns,
+                )
+            )
+        )
 
     def get_vm(self, vm_id: str) -> MicroVM | None:
         vm = self.aio.get_vm(vm_id)

@@ -18,14 +18,21 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from smartvm.config import MicroVMConfig, RateLimiter
-from smartvm.engine import Engine, MemBackend, NetworkOverride, RestoreRequest, engine_class, override_interfaces
+from smartvm.engine import (
+    Engine,
+    MemBackend,
+    NetworkOverride,
+    RestoreRequest,
+    engine_class,
+    override_interfaces,
+)
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.runtime import VMRuntime
 from smartvm.options import SmartVMOptions
 from smartvm.snapshot import MANIFEST_NAME, Snapshot, SnapshotType
 
 if TYPE_CHECKING:
-    from smartvm.agent.client import AgentClient, ExecResult
+    from smartvm.agent.client import AgentClient
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +103,9 @@ class MicroVM:
 
     def _engine_or_raise(self) -> Engine:
         if self._engine is None:
-            raise SmartVMError(ErrorCode.NO_CLIENT, f"VM {self.id!r} has no running hypervisor; start it first")
+            raise SmartVMError(
+                ErrorCode.NO_CLIENT, f"VM {self.id!r} has no running hypervisor; start it first"
+            )
         return self._engine
 
     # --- start / restore -------------------------------------------------------------------------
@@ -122,9 +131,13 @@ class MicroVM:
         A snapshot made with a different memory size or device set fails with SNAPSHOT_MISMATCH.
         """
         if mem_backend not in ("File", "Uffd"):
-            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"mem_backend must be 'File' or 'Uffd', not {mem_backend!r}")
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT, f"mem_backend must be 'File' or 'Uffd', not {mem_backend!r}"
+            )
         uffd = Path(mem_file_path) if mem_backend == "Uffd" else None
-        snapshot = _snapshot_for(Path(snapshot_path), None if uffd else Path(mem_file_path), self.engine_name, self.config)
+        snapshot = _snapshot_for(
+            Path(snapshot_path), None if uffd else Path(mem_file_path), self.engine_name, self.config
+        )
         await self.restore_from(
             snapshot,
             resume_vm=resume_vm,
@@ -161,7 +174,9 @@ class MicroVM:
             config = self.config.model_copy(
                 update={
                     "drives": drives,
-                    "network_interfaces": override_interfaces(self.config.network_interfaces, network_overrides),
+                    "network_interfaces": override_interfaces(
+                        self.config.network_interfaces, network_overrides
+                    ),
                 }
             )
 
@@ -192,7 +207,9 @@ class MicroVM:
             async with AsyncExitStack() as stack:
                 runtime = VMRuntime.create(self.options.runtime_dir, self.id, netns=self.netns)
                 stack.callback(runtime.remove)
-                staged = runtime.stage_drives(config, ephemeral_writable=self.options.ephemeral_writable_drives)
+                staged = runtime.stage_drives(
+                    config, ephemeral_writable=self.options.ephemeral_writable_drives
+                )
                 engine = engine_class(self.engine_name)(runtime, self.options)
                 stack.push_async_callback(engine.close)
                 stack.push_async_callback(engine.kill)
@@ -261,7 +278,9 @@ class MicroVM:
         """
         snapshot_path, mem_file_path = Path(snapshot_path), Path(mem_file_path)
         if snapshot_type not in ("Full", "Diff"):
-            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"snapshot_type must be 'Full' or 'Diff', not {snapshot_type!r}")
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT, f"snapshot_type must be 'Full' or 'Diff', not {snapshot_type!r}"
+            )
         if snapshot_path.parent.resolve() != mem_file_path.parent.resolve():
             raise SmartVMError(
                 ErrorCode.INVALID_ARGUMENT,
@@ -341,7 +360,9 @@ class MicroVM:
     ) -> None:
         self._require("update a network interface of", *_LIVE)
         if iface_id not in {n.iface_id for n in self.config.network_interfaces}:
-            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"VM {self.id!r} has no network interface {iface_id!r}")
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT, f"VM {self.id!r} has no network interface {iface_id!r}"
+            )
         await self._engine_or_raise().update_network_interface(iface_id, rx_rate_limiter, tx_rate_limiter)
 
     async def flush_metrics(self) -> None:
@@ -373,7 +394,8 @@ def _snapshot_for(
         return Snapshot.load(directory)
     if engine_name != "firecracker":
         raise SmartVMError(
-            ErrorCode.SNAPSHOT_INVALID, f"{directory} has no {MANIFEST_NAME}; create snapshots with create_snapshot()"
+            ErrorCode.SNAPSHOT_INVALID,
+            f"{directory} has no {MANIFEST_NAME}; create snapshots with create_snapshot()",
         )
     if mem_file_path is not None and mem_file_path.parent.resolve() != directory.resolve():
         raise SmartVMError(

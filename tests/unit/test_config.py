@@ -1,9 +1,18 @@
-"""Config models: bad values fail at construction naming the field; api bodies carry only Firecracker's fields."""
+"""Config models: bad values fail naming the field; api bodies carry only Firecracker's fields."""
 
 import pytest
 from pydantic import ValidationError
 
-from smartvm import BootSource, Drive, MachineConfig, MicroVMConfig, Mmds, NetworkInterface, SmartVMError, Vsock
+from smartvm import (
+    BootSource,
+    Drive,
+    MachineConfig,
+    MicroVMConfig,
+    Mmds,
+    NetworkInterface,
+    SmartVMError,
+    Vsock,
+)
 from smartvm.config import RateLimiter, TokenBucket, parse_config
 from smartvm.errors import ErrorCode
 
@@ -11,13 +20,17 @@ from smartvm.errors import ErrorCode
 def test_api_body_drops_unset_and_local_fields() -> None:
     drive = Drive(drive_id="rootfs", path_on_host="/img", is_root_device=True, ephemeral=False)
     assert drive.api_body() == {
-        "drive_id": "rootfs", "path_on_host": "/img", "is_root_device": True, "is_read_only": False,
+        "drive_id": "rootfs",
+        "path_on_host": "/img",
+        "is_root_device": True,
+        "is_read_only": False,
     }
 
 
 def test_nested_rate_limiter_body() -> None:
     iface = NetworkInterface(
-        iface_id="eth0", host_dev_name="tap0",
+        iface_id="eth0",
+        host_dev_name="tap0",
         rx_rate_limiter=RateLimiter(bandwidth=TokenBucket(size=1000, refill_time=100)),
     )
     assert iface.api_body()["rx_rate_limiter"] == {"bandwidth": {"size": 1000, "refill_time": 100}}
@@ -50,10 +63,13 @@ def test_duplicate_drive_ids_and_two_roots_rejected() -> None:
     with pytest.raises(ValidationError, match="unique"):
         MicroVMConfig(boot_source=boot, drives=[Drive(drive_id="a", path_on_host="/x")] * 2)
     with pytest.raises(ValidationError, match="at most one"):
-        MicroVMConfig(boot_source=boot, drives=[
-            Drive(drive_id="a", path_on_host="/x", is_root_device=True),
-            Drive(drive_id="b", path_on_host="/y", is_root_device=True),
-        ])
+        MicroVMConfig(
+            boot_source=boot,
+            drives=[
+                Drive(drive_id="a", path_on_host="/x", is_root_device=True),
+                Drive(drive_id="b", path_on_host="/y", is_root_device=True),
+            ],
+        )
 
 
 def test_mmds_must_name_known_interfaces_and_link_local_ip() -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from smartvm import BootSource, MicroVMConfig, Snapshot, SmartVMError
+from smartvm import BootSource, MicroVMConfig, SmartVMError, Snapshot
 from smartvm.errors import ErrorCode
 
 
@@ -14,8 +14,13 @@ def _snap(tmp_path: Path, **kw: object) -> Snapshot:
     (tmp_path / "disk-rootfs.img").write_bytes(b"d")
     cfg = MicroVMConfig(id="vm-a", boot_source=BootSource(kernel_image_path="/k"))
     args: dict[str, object] = dict(
-        directory=tmp_path, engine="qemu", snapshot_type="Full", state_file="vm.state", mem_file=None,
-        config=cfg.model_dump(mode="json"), disks={"rootfs": "disk-rootfs.img"},
+        directory=tmp_path,
+        engine="qemu",
+        snapshot_type="Full",
+        state_file="vm.state",
+        mem_file=None,
+        config=cfg.model_dump(mode="json"),
+        disks={"rootfs": "disk-rootfs.img"},
     )
     args.update(kw)
     return Snapshot(**args)  # type: ignore[arg-type]

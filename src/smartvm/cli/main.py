@@ -40,7 +40,10 @@ def _root(
 
 @app.command()
 def doctor() -> None:
-    """Check this host: KVM, engines, /dev/shm, TAP devices, namespaces. Exits 1 if something needed is missing."""
+    """Check this host: KVM, engines, /dev/shm, TAP devices, namespaces.
+
+    Exits 1 when no engine can boot a guest here (neither QEMU nor Firecracker is usable).
+    """
     from smartvm.doctor import run_checks
 
     table = Table(title="smartvm doctor")
@@ -52,6 +55,10 @@ def doctor() -> None:
     for r in results:
         table.add_row(r.name, "[green]ok[/]" if r.ok else "[red]problem[/]", r.detail, r.fix)
     Console(width=200).print(table)
+    by_name = {r.name: r for r in results}
+    engines = [by_name[n] for n in ("qemu", "firecracker binary") if n in by_name]
+    if engines and not any(r.ok for r in engines):
+        raise typer.Exit(1)
 
 
 def _register_subcommands() -> None:

@@ -44,7 +44,8 @@ class VMRuntime:
         except FileExistsError as exc:
             raise SmartVMError(
                 ErrorCode.DUPLICATE_VM_ID,
-                f"runtime dir {path} already exists: a VM with id {vm_id!r} is running or was not cleaned up; "
+                f"runtime dir {path} already exists: a VM with id {vm_id!r} is running or was not "
+                "cleaned up; "
                 "stop it or run 'smartvm network sweep' / remove the directory",
             ) from exc
         return cls(vm_id=vm_id, dir=path, netns=netns)
@@ -99,8 +100,10 @@ class VMRuntime:
         """
         drives = []
         for drive in config.drives:
-            wanted = drive.ephemeral if drive.ephemeral is not None else (
-                ephemeral_writable and not drive.is_read_only
+            wanted = (
+                drive.ephemeral
+                if drive.ephemeral is not None
+                else (ephemeral_writable and not drive.is_read_only)
             )
             if wanted:
                 drive = drive.model_copy(update={"path_on_host": str(self.stage_drive(drive))})
@@ -121,4 +124,3 @@ def list_runtime_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-

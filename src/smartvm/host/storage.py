@@ -25,7 +25,14 @@ def _try_reflink(src_fd: int, dst_fd: int) -> bool:
     try:
         fcntl.ioctl(dst_fd, FICLONE, src_fd)
     except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM):
+        if exc.errno in (
+            errno.EOPNOTSUPP,
+            errno.ENOTTY,
+            errno.EXDEV,
+            errno.EINVAL,
+            errno.ENOSYS,
+            errno.EPERM,
+        ):
             return False
         raise
     return True
@@ -70,7 +77,9 @@ def _sparse_copy(src_fd: int, dst_fd: int, size: int) -> None:
     os.ftruncate(dst_fd, size)
 
 
-def clone_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, mode: int | None = None) -> CloneMethod:
+def clone_file(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, mode: int | None = None
+) -> CloneMethod:
     """Copy ``src`` to ``dst`` without writing ``src`` and without filling holes.
 
     ``dst`` must not exist; on any failure it is removed. Returns the method used.
@@ -79,15 +88,17 @@ def clone_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, mode
     try:
         src_fd = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise SmartVMError(ErrorCode.STAGING_FAILED, f"cannot open {src_path} for copying: {exc.strerror}") from exc
+        raise SmartVMError(
+            ErrorCode.STAGING_FAILED, f"cannot open {src_path} for copying: {exc.strerror}"
+        ) from exc
     try:
         st = os.fstat(src_fd)
         try:
-            dst_fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode or (st.st_mode & 0o777))
+            dst_fd = os.open(
+                dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode or (st.st_mode & 0o777)
+            )
         except OSError as exc:
-            raise SmartVMError(
-                ErrorCode.STAGING_FAILED, f"cannot create {dst_path}: {exc.strerror}"
-            ) from exc
+            raise SmartVMError(ErrorCode.STAGING_FAILED, f"cannot create {dst_path}: {exc.strerror}") from exc
         try:
             method: CloneMethod = "reflink" if _try_reflink(src_fd, dst_fd) else "sparse-copy"
             if method == "sparse-copy":
@@ -97,7 +108,8 @@ def clone_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, mode
             dst_path.unlink(missing_ok=True)
             if isinstance(exc, OSError):
                 raise SmartVMError(
-                    ErrorCode.STAGING_FAILED, f"copying {src_path} to {dst_path} failed: {exc.strerror or exc}"
+                    ErrorCode.STAGING_FAILED,
+                    f"copying {src_path} to {dst_path} failed: {exc.strerror or exc}",
                 ) from exc
             raise
         os.close(dst_fd)
