@@ -1,0 +1,96 @@
+"""Finding the firecracker binary and its version, and the doctor check that reports both.
+
+Search order: ``options.firecracker_binary_path``, ``$SMARTVM_FIRECRACKER_BIN``, ``PATH``, then the
+downloaded releases in ``<data_dir>/bin/<version>/firecracker`` (the configured version, else the newest).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from smartvm.doctor import CheckResult, register_check
+from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.options import SmartVMOptions
+
+ENV_VAR = "SMARTVM_FIRECRACKER_BIN"
+_VERSION_DIR = re.compile(r"^v(\d+)\.(\d+)\.(\d+)$")
+_VERSION_OUT = re.compile(r"Firecracker\s+(v\d+\.\d+\.\d+\S*)")
+
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def find_firecracker(options: SmartVMOptions | None = None) -> Path | None:
+    """The firecracker binary to use, or None when there is none."""
+    options = options or SmartVMOptions()
+    if options.firecracker_binary_path is not None:
+        return options.firecracker_binary_path if _executable(options.firecracker_binary_path) else None
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env) if _executable(Path(env)) else None
+    on_path = shutil.which("firecracker")
+    if on_path:
+        return Path(on_path)
+    bin_dir = options.data_dir / "bin"
+    if options.firecracker_version is not None:
+        candidate = bin_dir / options.firecracker_version / "firecracker"
+        return candidate if _executable(candidate) else None
+    versions = []
+    if bin_dir.is_dir():
+        for entry in bin_dir.iterdir():
+            m = _VERSION_DIR.match(entry.name)
+            if m and _executable(entry / "firecracker"):
+                versions.append((tuple(int(g) for g in m.groups()), entry / "firecracker"))
+    return max(versions)[1] if versions else None
+
+
+def require_firecracker(options: SmartVMOptions) -> Path:
+    """Like :func:`find_firecracker`, but BINARY_NOT_FOUND with the fix when there is none."""
+    path = find_firecracker(options)
+    if path is None:
+        where = options.firecracker_binary_path or os.environ.get(ENV_VAR)
+        detail = f"{where} is not an executable file" if where else "no firecracker binary found"
+        raise SmartVMError(
+            ErrorCode.BINARY_NOT_FOUND,
+            f"{detail}; set firecracker_binary_path or {ENV_VAR}, put firecracker on PATH, "
+            "or download one with SmartVM.ensure_binary()",
+        )
+    return path
+
+
+def firecracker_version(path: str | Path) -> str:
+    """The version a binary reports (``v1.15.1``), from ``firecracker --version``."""
+    try:
+        result = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SmartVMError(ErrorCode.BINARY_NOT_FOUND, f"cannot run {path} --version: {exc}") from exc
+    m = _VERSION_OUT.search(result.stdout)
+    if result.returncode != 0 or m is None:
+        raise SmartVMError(
+            ErrorCode.BINARY_NOT_FOUND,
+            f"{path} --version did not report a Firecracker version (exit {result.returncode}): "
+            f"{(result.stdout + result.stderr).strip()[:200]!r}",
+        )
+    return m.group(1)
+
+
+@register_check
+def check_firecracker_binary() -> CheckResult:
+    name = "firecracker binary"
+    path = find_firecracker()
+    if path is None:
+        return CheckResult(
+            name, False, "no firecracker binary found",
+            f"set {ENV_VAR}, put firecracker on PATH or run 'smartvm ensure-binary' "
+            "(without it the QEMU engine is used)",
+        )
+    try:
+        version = firecracker_version(path)
+    except SmartVMError as exc:
+        return CheckResult(name, False, exc.message, "replace it with a release from GitHub")
+    return CheckResult(name, True, f"{path} ({version})")

@@ -1,0 +1,48 @@
+"""pytest fixtures for tests that use the fake Firecracker (``pytest_plugins = ["fc_fake.fixtures"]``)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .cli import write_fake_binary
+from .helpers import logged_requests, pid_alive
+from .server import ApiServer, FakeFirecracker
+
+FAKE_ENV = (
+    "FAKE_FC_MODE", "FAKE_FC_FAIL", "FAKE_FC_HANG", "FAKE_FC_IGNORE_CTRLALTDEL", "FAKE_FC_IGNORE_SIGTERM",
+    "FAKE_FC_VERSION",
+)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory: Unix socket paths must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="svfc-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def fake_server(short_tmp: Path) -> Iterator[ApiServer]:
+    server = ApiServer(short_tmp / "api.sock", FakeFirecracker("test-vm")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_binary(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fake ``firecracker`` executable; its requests are logged to ``<dir>/requests.jsonl``."""
+    bin_dir = short_tmp / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("FAKE_FC_REQUEST_LOG", str(short_tmp / "requests.jsonl"))
+    for var in FAKE_ENV:
+        monkeypatch.delenv(var, raising=False)
+    return write_fake_binary(bin_dir)
+
+
+__all__ = ["fake_binary", "fake_server", "logged_requests", "pid_alive", "short_tmp"]

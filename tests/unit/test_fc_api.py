@@ -1,0 +1,138 @@
+"""The Firecracker API client against the spec-validating fake server on a real Unix socket."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from fc_fake.server import ApiServer
+from fc_fake.spec import operations
+
+from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.firecracker.api import FirecrackerAPI, Resource
+
+pytest_plugins = ["fc_fake.fixtures"]
+
+
+@pytest.fixture
+async def api(fake_server: ApiServer) -> AsyncIterator[FirecrackerAPI]:
+    client = FirecrackerAPI(fake_server.socket_path)
+    yield client
+    await client.close()
+
+
+async def _boot(api: FirecrackerAPI, kernel: Path) -> None:
+    await api.boot.put(kernel_image_path=str(kernel), boot_args="console=ttyS0")
+    await api.machine_config.put(vcpu_count=2, mem_size_mib=256)
+    await api.actions.put(action_type="InstanceStart")
+
+
+async def test_put_get_round_trip_drops_unset_fields(api: FirecrackerAPI, fake_server: ApiServer) -> None:
+    await api.machine_config.put(vcpu_count=2, mem_size_mib=256, smt=None, track_dirty_pages=True)
+    assert await api.machine_config.get() == {"vcpu_count": 2, "mem_size_mib": 256, "track_dirty_pages": True}
+    sent = fake_server.fake.requests[0].body
+    assert sent == {"vcpu_count": 2, "mem_size_mib": 256, "track_dirty_pages": True}
+
+
+async def test_path_id_comes_from_the_body(
+    api: FirecrackerAPI, fake_server: ApiServer, short_tmp: Path
+) -> None:
+    image = short_tmp / "root.img"
+    image.write_bytes(b"\0" * 512)
+    await api.drives.put(drive_id="rootfs", path_on_host=str(image), is_root_device=True, is_read_only=False)
+    await api.network_interfaces.put(iface_id="eth0", host_dev_name="tap0", guest_mac=None)
+    assert [(r.method, r.path) for r in fake_server.fake.requests] == [
+        ("PUT", "/drives/rootfs"), ("PUT", "/network-interfaces/eth0"),
+    ]
+    with pytest.raises(SmartVMError) as err:
+        await api.drives.put(path_on_host=str(image), is_root_device=False)
+    assert err.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+async def test_unknown_field_is_rejected_with_fault_message(api: FirecrackerAPI) -> None:
+    with pytest.raises(SmartVMError) as err:
+        await api.machine_config.put(vcpu_count=1, mem_size_mib=128, vcpus=4)
+    assert err.value.code is ErrorCode.FIRECRACKER_API_ERROR
+    assert "PUT /machine-config" in err.value.message
+    assert "HTTP 400" in err.value.message
+    assert "vcpus" in err.value.message  # the fake's fault_message names the field
+
+
+async def test_nested_unknown_field_and_wrong_type_are_rejected(api: FirecrackerAPI) -> None:
+    with pytest.raises(SmartVMError, match="'two' is not of type 'integer'"):
+        await api.machine_config.put(vcpu_count="two", mem_size_mib=128)
+    with pytest.raises(SmartVMError, match="extra"):
+        await api.entropy.put(rate_limiter={"bandwidth": {"size": 1, "refill_time": 1, "extra": 1}})
+    with pytest.raises(SmartVMError, match="is not one of"):
+        await api.actions.put(action_type="Reboot")
+    with pytest.raises(SmartVMError, match="required"):
+        await api.boot.put(boot_args="console=ttyS0")
+
+
+async def test_patch_bodies_need_no_required_fields_and_log_level_off_is_valid(api: FirecrackerAPI) -> None:
+    await api.machine_config.put(vcpu_count=1, mem_size_mib=128)
+    await api.machine_config.patch(mem_size_mib=512)
+    assert (await api.machine_config.get())["mem_size_mib"] == 512
+    await api.logger.put(level="Off")  # YAML 1.1 would read the spec's `Off` as false
+
+
+async def test_pre_boot_only_calls_are_refused_after_start(api: FirecrackerAPI, short_tmp: Path) -> None:
+    with pytest.raises(SmartVMError, match=r"PATCH /vm .*before starting"):
+        await api.vm.patch(state="Paused")
+    with pytest.raises(SmartVMError, match="without kernel configuration"):
+        await api.actions.put(action_type="InstanceStart")
+    await _boot(api, short_tmp / "vmlinux")
+    with pytest.raises(SmartVMError, match=r"PUT /machine-config .*after starting"):
+        await api.machine_config.put(vcpu_count=1, mem_size_mib=128)
+    await api.vm.patch(state="Paused")
+    assert (await api.describe_instance.get())["state"] == "Paused"
+
+
+async def test_instance_info_version_and_vm_config_reflect_the_configuration(
+    api: FirecrackerAPI, short_tmp: Path
+) -> None:
+    assert (await api.describe_instance.get())["state"] == "Not started"
+    assert (await api.version.get())["firecracker_version"]
+    await api.vsock.put(guest_cid=3, uds_path=str(short_tmp / "v.sock"))
+    await _boot(api, short_tmp / "vmlinux")
+    info = await api.describe_instance.get()
+    assert (info["app_name"], info["id"], info["state"]) == ("Firecracker", "test-vm", "Running")
+    config = await api.vm_config.get()
+    assert config["machine-config"] == {"vcpu_count": 2, "mem_size_mib": 256}
+    assert config["boot-source"]["boot_args"] == "console=ttyS0"
+    assert config["vsock"]["guest_cid"] == 3
+
+
+async def test_mmds_takes_free_form_bodies(api: FirecrackerAPI) -> None:
+    await api.mmds.put({"latest": {"meta-data": {"ami-id": "ami-1", "gone": 1}}})
+    await api.mmds.patch({"latest": {"meta-data": {"gone": None, "new": "x"}}})
+    assert await api.mmds.get() == {"latest": {"meta-data": {"ami-id": "ami-1", "new": "x"}}}
+
+
+async def test_one_connection_is_reused(api: FirecrackerAPI, fake_server: ApiServer) -> None:
+    for _ in range(20):
+        await api.version.get()
+    assert fake_server.connections == 1
+
+
+async def test_unreachable_socket_is_no_client(short_tmp: Path) -> None:
+    async with FirecrackerAPI(short_tmp / "missing.sock") as api:
+        with pytest.raises(SmartVMError) as err:
+            await api.version.get()
+    assert err.value.code is ErrorCode.NO_CLIENT
+    assert "missing.sock" in err.value.message
+
+
+async def test_path_and_body_ids_must_match(api: FirecrackerAPI, short_tmp: Path) -> None:
+    with pytest.raises(SmartVMError, match="does not match"):
+        await api.request("PUT", "/network-interfaces/eth0", {"iface_id": "eth1", "host_dev_name": "tap0"})
+
+
+def test_every_endpoint_of_the_spec_has_a_resource(short_tmp: Path) -> None:
+    api = FirecrackerAPI(short_tmp / "x.sock")
+    paths = {r.path + ("/{" + r.id_field + "}" if r.id_field else "") for r in vars(api).values()
+             if isinstance(r, Resource)}
+    spec_paths = {op.template for op in operations()}
+    assert spec_paths - paths == set()
+    assert {"/drives/{drive_id}", "/pmem/{id}", "/network-interfaces/{iface_id}"} <= paths

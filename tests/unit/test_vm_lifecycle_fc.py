@@ -1,0 +1,176 @@
+"""The full MicroVM lifecycle through SmartVM on the fake ``firecracker``, and its failure paths.
+
+Every failure path asserts complete cleanup: no process, API socket, staged drive or runtime dir left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from fc_fake.helpers import logged_requests, processes_running
+
+from smartvm import SmartVMError
+from smartvm.config import Balloon, BootSource, Drive, MachineConfig, MicroVMConfig, Mmds, NetworkInterface
+from smartvm.errors import ErrorCode
+from smartvm.options import SmartVMOptions
+from smartvm.orchestrator import SmartVM
+from smartvm.vm import VMState
+
+pytest_plugins = ["fc_fake.fixtures"]
+
+
+@pytest.fixture
+async def svm(fake_binary: Path, short_tmp: Path) -> AsyncIterator[SmartVM]:
+    options = SmartVMOptions(
+        engine="firecracker", firecracker_binary_path=fake_binary, runtime_dir=short_tmp / "rt",
+        socket_timeout_s=2, stop_timeout_s=2,
+    )
+    async with SmartVM(options) as manager:
+        yield manager
+
+
+def _config(tmp: Path, vm_id: str = "vm1") -> MicroVMConfig:
+    images = tmp / "images"
+    images.mkdir(exist_ok=True)
+    (images / "vmlinux").write_bytes(b"\x7fELF")
+    (images / "rootfs.ext4").write_bytes(b"pristine")
+    return MicroVMConfig(
+        id=vm_id,
+        boot_source=BootSource(kernel_image_path=str(images / "vmlinux"), boot_args="console=ttyS0 reboot=k"),
+        machine_config=MachineConfig(vcpu_count=1, mem_size_mib=32, track_dirty_pages=True),
+        drives=[Drive(drive_id="rootfs", path_on_host=str(images / "rootfs.ext4"), is_root_device=True)],
+        network_interfaces=[NetworkInterface(iface_id="eth0", host_dev_name="tap-lc0")],
+        balloon=Balloon(amount_mib=0, stats_polling_interval_s=1),
+        mmds=Mmds(network_interfaces=["eth0"]),
+    )
+
+
+def assert_clean(tmp: Path, binary: Path) -> None:
+    """Nothing of any VM survived: no process, no runtime dir (sockets, staged drives, logs)."""
+    assert processes_running(binary) == []
+    runtime_root = tmp / "rt"
+    assert not runtime_root.exists() or list(runtime_root.iterdir()) == []
+    assert (tmp / "images" / "rootfs.ext4").read_bytes() == b"pristine"  # the source is never written
+
+
+def assert_all_requests_valid(tmp: Path, *expected_failures: tuple[str, str]) -> None:
+    rejected = [
+        r for r in logged_requests(tmp)
+        if r["status"] >= 300 and (r["method"], r["path"]) not in expected_failures
+    ]
+    assert rejected == []
+    assert len(logged_requests(tmp)) > 10
+
+
+async def test_full_lifecycle(svm: SmartVM, fake_binary: Path, short_tmp: Path) -> None:
+    vm = await svm.create_vm(_config(short_tmp))
+    await vm.start()
+    assert vm.state is VMState.RUNNING
+    runtime_dir = vm.get_runtime_dir()
+    assert runtime_dir is not None and (runtime_dir / "drives" / "rootfs.ext4").is_file()
+    assert vm.console_log_path is not None and "SMARTVM_INIT_READY" in vm.console_log_path.read_text()
+    info = await vm.get_info()
+    assert info["engine_info"]["state"] == "Running"
+
+    await vm.pause()
+    assert vm.state is VMState.PAUSED
+    await vm.resume()
+    snap = short_tmp / "snap"
+    full = await vm.create_snapshot(snap / "vm.state", snap / "vm.mem", pause_vm=True)
+    assert vm.state is VMState.RUNNING
+    assert (full.directory / "snapshot.json").is_file() and full.disks == {"rootfs": "disk-rootfs.ext4"}
+    await vm.pause()
+    diff = await vm.create_snapshot(short_tmp / "diff" / "vm.state", short_tmp / "diff" / "vm.mem", "Diff")
+    assert diff.snapshot_type == "Diff"
+    await vm.resume()
+
+    await vm.put_metadata({"latest": {"k": "v"}})
+    await vm.patch_metadata({"latest": {"k2": "v2"}})
+    assert await vm.get_metadata() == {"latest": {"k": "v", "k2": "v2"}}
+    await vm.update_balloon(8)
+    assert (await vm.get_balloon_stats())["target_mib"] == 8
+    assert (await vm.get_vm_config())["balloon"]["amount_mib"] == 8
+
+    await vm.stop()
+    assert vm.state is VMState.STOPPED
+    assert_clean(short_tmp, fake_binary)
+
+    clone = await svm.create_vm(_config(short_tmp, "vm2"))
+    await clone.load_snapshot(short_tmp / "snap" / "vm.state", short_tmp / "snap" / "vm.mem")
+    assert clone.state is VMState.RUNNING
+    with pytest.raises(SmartVMError, match="GET /mmds"):  # Firecracker does not save MMDS data in snapshots
+        await clone.get_metadata()
+    await clone.put_metadata({"restored": True})
+    restored = await svm.restore_vm(short_tmp / "snap", vm_id="vm3", resume_vm=False)
+    assert restored.state is VMState.PAUSED
+    await restored.resume()
+    assert svm.vm_count == 2
+    await svm.stop_all()
+    assert_clean(short_tmp, fake_binary)
+    assert_all_requests_valid(short_tmp, ("GET", "/mmds"))
+
+
+async def test_invalid_calls_are_refused_before_any_request(svm: SmartVM, short_tmp: Path) -> None:
+    vm = await svm.create_vm(_config(short_tmp))
+    with pytest.raises(SmartVMError) as err:
+        await vm.pause()
+    assert err.value.code is ErrorCode.INVALID_STATE
+    await vm.start()
+    with pytest.raises(SmartVMError) as err:
+        await vm.create_snapshot(short_tmp / "s" / "a", short_tmp / "s" / "b")  # running, no pause_vm
+    assert err.value.code is ErrorCode.INVALID_STATE
+    await vm.stop()
+
+
+async def test_binary_missing(short_tmp: Path, fake_binary: Path) -> None:
+    options = SmartVMOptions(
+        engine="firecracker", firecracker_binary_path=short_tmp / "nothing", runtime_dir=short_tmp / "rt"
+    )
+    async with SmartVM(options) as svm:
+        vm = await svm.create_vm(_config(short_tmp))
+        with pytest.raises(SmartVMError) as err:
+            await vm.start()
+        assert err.value.code is ErrorCode.BINARY_NOT_FOUND
+        assert vm.state is VMState.ERROR
+    assert_clean(short_tmp, fake_binary)
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "code"),
+    [
+        ("FAKE_FC_MODE", "exit", ErrorCode.FIRECRACKER_EXITED),
+        ("FAKE_FC_MODE", "nosocket", ErrorCode.SOCKET_TIMEOUT),
+        ("FAKE_FC_FAIL", "PUT /network-interfaces/eth0", ErrorCode.FIRECRACKER_API_ERROR),
+    ],
+)
+async def test_start_failures_leave_nothing_behind(
+    svm: SmartVM, fake_binary: Path, short_tmp: Path, monkeypatch: pytest.MonkeyPatch,
+    env: str, value: str, code: ErrorCode,
+) -> None:
+    monkeypatch.setenv(env, value)
+    vm = await svm.create_vm(_config(short_tmp))
+    with pytest.raises(SmartVMError) as err:
+        await vm.start()
+    assert err.value.code is code
+    assert vm.state is VMState.ERROR
+    assert_clean(short_tmp, fake_binary)
+
+
+async def test_stop_of_a_vm_whose_process_died(svm: SmartVM, fake_binary: Path, short_tmp: Path) -> None:
+    vm = await svm.create_vm(_config(short_tmp))
+    await vm.start()
+    [pid] = processes_running(fake_binary)
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(500):
+        if vm.state is VMState.STOPPED:
+            break
+        await asyncio.sleep(0.01)
+    assert vm.state is VMState.STOPPED
+    await vm.stop()
+    assert_clean(short_tmp, fake_binary)
+    await vm.stop()  # idempotent
