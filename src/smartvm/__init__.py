@@ -17,6 +17,11 @@ from smartvm.config import (
 )
 from smartvm.engine import NetworkOverride
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.nat import EgressPolicy
+from smartvm.host.netns import NetworkSlot, SlotPool
+from smartvm.host.network import NetworkManager, TapDevice
+from smartvm.images.base_images import BaseImageBundle, BaseImageManager
+from smartvm.images.releases import ImageManager
 from smartvm.options import SmartVMOptions
 from smartvm.orchestrator import SmartVM
 from smartvm.snapshot import Snapshot
@@ -26,10 +31,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Balloon",
+    "BaseImageBundle",
+    "BaseImageManager",
     "BootSource",
     "Drive",
+    "EgressPolicy",
     "Entropy",
     "ErrorCode",
+    "ImageManager",
     "Logger",
     "MachineConfig",
     "Metrics",
@@ -37,12 +46,16 @@ __all__ = [
     "MicroVMConfig",
     "Mmds",
     "NetworkInterface",
+    "NetworkManager",
     "NetworkOverride",
+    "NetworkSlot",
     "RateLimiter",
+    "SlotPool",
     "SmartVM",
     "SmartVMError",
     "SmartVMOptions",
     "Snapshot",
+    "TapDevice",
     "TokenBucket",
     "VMState",
     "Vsock",

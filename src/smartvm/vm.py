@@ -32,7 +32,7 @@ from smartvm.options import SmartVMOptions
 from smartvm.snapshot import MANIFEST_NAME, Snapshot, SnapshotType
 
 if TYPE_CHECKING:
-    from smartvm.agent.client import AgentClient
+    from smartvm.agent.client import AgentClient, ExecResult, Files, Processes
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class MicroVM:
         self._undo = AsyncExitStack()
         self._on_stopped = on_stopped
         self._agent: AgentClient | None = None
+        self._clock_stale = False  # set after a restore: the guest clock is as old as the snapshot
         self._lock = asyncio.Lock()
 
     # --- identity and state ------------------------------------------------------------------
@@ -194,6 +195,7 @@ class MicroVM:
                 )
 
             await self._launch(restore, config, paused=not resume_vm)
+            self._clock_stale = True
 
     async def _launch(
         self,
@@ -305,6 +307,46 @@ class MicroVM:
                     await engine.resume()
                     self._state = VMState.RUNNING
             return snapshot
+
+    # --- guest agent ---------------------------------------------------------------------------
+    @property
+    def agent(self) -> AgentClient:
+        """The client of the guest agent (one multiplexed connection, opened on first use)."""
+        if self._agent is None:
+            from smartvm.agent.client import AgentClient
+
+            self._agent = AgentClient(self._engine_or_raise().open_agent_stream)
+        return self._agent
+
+    async def _ready_agent(self, timeout: float) -> AgentClient:
+        self._require("talk to the agent of", VMState.RUNNING)
+        agent = self.agent
+        await agent.wait_ready(timeout)
+        if self._clock_stale:
+            await agent.set_time()
+            self._clock_stale = False
+        return agent
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the guest agent answers (and, after a restore, set the guest clock)."""
+        await self._ready_agent(timeout)
+
+    async def exec(self, cmd: str | Sequence[str], *, ready_timeout: float = 30.0, **kwargs: Any) -> ExecResult:
+        """Run a command in the guest; see :meth:`AgentClient.exec` for the options."""
+        agent = await self._ready_agent(ready_timeout)
+        return await agent.exec(cmd, **kwargs)
+
+    @property
+    def files(self) -> Files:
+        """Guest files: ``await vm.files.write(path, data)``, ``read``, ``list``, ``stat``, ..."""
+        self._require("use the files of", VMState.RUNNING)
+        return self.agent.files
+
+    @property
+    def processes(self) -> Processes:
+        """Background processes in the guest: ``start``, ``list``, ``send_stdin``, ``signal``, ``wait``."""
+        self._require("use the processes of", VMState.RUNNING)
+        return self.agent.processes
 
     # --- info and device updates ---------------------------------------------------------------
     async def get_info(self) -> dict[str, Any]:

@@ -1,0 +1,5 @@
+"""``python -m smartvm.cli`` runs the ``smartvm`` command."""
+
+from smartvm.cli.main import main
+
+main()

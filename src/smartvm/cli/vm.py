@@ -1,0 +1,127 @@
+"""``smartvm run``: boot a microVM, run one command in it through the guest agent, stop it.
+
+The command's stdout/stderr pass through as they come, and smartvm exits with the command's exit
+code (124 when it outlives ``--timeout``). Ctrl-C stops the VM cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import typer
+
+from smartvm.config import BootSource, Drive, MachineConfig, MicroVMConfig
+from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.options import SmartVMOptions
+from smartvm.orchestrator import SmartVM
+
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+
+ImageKind = Literal["busybox", "debian"]
+
+
+def guest_config(kind: ImageKind, *, cpus: int, memory_mib: int) -> MicroVMConfig:
+    """A VM config booting the default guest image of ``kind`` (built and cached on first use)."""
+    from smartvm.images.guest_image import ensure_default_guest
+
+    image = ensure_default_guest(kind=kind)
+    return MicroVMConfig(
+        boot_source=BootSource(kernel_image_path=str(image.kernel_path), boot_args=image.boot_args),
+        machine_config=MachineConfig(vcpu_count=cpus, mem_size_mib=memory_mib),
+        drives=[
+            Drive(
+                drive_id="rootfs",
+                path_on_host=str(image.rootfs_path),
+                is_root_device=True,
+                is_read_only=image.rootfs_type == "squashfs",
+            )
+        ],
+    )
+
+
+def _write(stream: int) -> Callable[[bytes], None]:
+    out = sys.stdout.buffer if stream == 1 else sys.stderr.buffer
+
+    def write(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    return write
+
+
+async def run_command(
+    argv: list[str],
+    *,
+    options: SmartVMOptions,
+    kind: ImageKind,
+    cpus: int,
+    memory_mib: int,
+    timeout: float | None,
+    boot_timeout: float,
+) -> int:
+    """Boot, run ``argv`` with output passed through, stop; the command's exit code."""
+    config = await asyncio.to_thread(guest_config, kind, cpus=cpus, memory_mib=memory_mib)
+    async with SmartVM(options) as svm:
+        vm = await svm.create_vm(config)
+        try:
+            await vm.start()
+            result = await vm.exec(
+                argv,
+                ready_timeout=boot_timeout,
+                timeout=timeout,
+                on_stdout=_write(1),
+                on_stderr=_write(2),
+            )
+        except SmartVMError as exc:
+            if exc.code is ErrorCode.EXEC_TIMEOUT:
+                return EXIT_TIMEOUT
+            raise
+        finally:
+            await asyncio.shield(vm.stop())
+    return EXIT_TIMEOUT if result.timed_out else result.exit_code
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def run(
+        ctx: typer.Context,
+        engine: str = typer.Option("auto", "--engine", help="auto, firecracker or qemu"),
+        image: str = typer.Option("busybox", "--image", help="guest image: busybox (default) or debian"),
+        cpus: int = typer.Option(1, "--cpus", min=1, max=32),
+        memory: int = typer.Option(256, "--memory", min=64, help="guest memory in MiB"),
+        timeout: float | None = typer.Option(None, "--timeout", min=0.1, help="seconds the command may run"),
+        boot_timeout: float = typer.Option(60.0, "--boot-timeout", help="seconds to wait for the guest agent"),
+        runtime_dir: Path | None = typer.Option(None, "--runtime-dir", help="where per-VM runtime dirs go"),
+    ) -> None:
+        """Boot a microVM, run CMD in it, stop it; exit with CMD's exit code: smartvm run -- uname -a"""
+        argv = list(ctx.args)
+        if not argv:
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, "give the command after --, e.g. smartvm run -- uname -a")
+        if engine not in ("auto", "firecracker", "qemu"):
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"--engine must be auto, firecracker or qemu, not {engine}")
+        if image not in ("busybox", "debian"):
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"--image must be busybox or debian, not {image}")
+        opts: dict[str, object] = {"engine": engine}
+        if runtime_dir is not None:
+            opts["runtime_dir"] = runtime_dir
+        options = SmartVMOptions.model_validate(opts)
+        try:
+            code = asyncio.run(
+                run_command(
+                    argv,
+                    options=options,
+                    kind=image,  # type: ignore[arg-type]
+                    cpus=cpus,
+                    memory_mib=memory,
+                    timeout=timeout,
+                    boot_timeout=boot_timeout,
+                )
+            )
+        except KeyboardInterrupt:
+            code = EXIT_INTERRUPTED
+        raise typer.Exit(code)

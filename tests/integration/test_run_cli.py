@@ -1,0 +1,61 @@
+"""The main job end to end: `smartvm run -- CMD` boots a real guest (QEMU here), runs CMD, stops."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SMARTVM = [sys.executable, "-m", "smartvm.cli"]
+
+
+def _run(runtime_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*SMARTVM, "run", "--engine", "qemu", "--runtime-dir", str(runtime_dir), *args],
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def _engine_processes(runtime_dir: Path) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(runtime_dir) in line and "qemu" in line]
+
+
+def _assert_nothing_left(runtime_dir: Path) -> None:
+    assert _engine_processes(runtime_dir) == []
+    leftovers = list(runtime_dir.iterdir()) if runtime_dir.exists() else []
+    assert leftovers == [], f"runtime dirs left behind: {leftovers}"
+
+
+def test_uname_prints_guest_kernel(guest_image: object, tmp_path: Path) -> None:
+    res = _run(tmp_path, "--", "uname", "-a")
+    assert res.returncode == 0, res.stderr.decode(errors="replace")
+    assert b"Linux" in res.stdout and b" 6.1." in res.stdout
+    assert os.uname().release.encode() not in res.stdout  # the guest's kernel, not the host's
+    _assert_nothing_left(tmp_path)
+
+
+def test_exit_code_passes_through(guest_image: object, tmp_path: Path) -> None:
+    res = _run(tmp_path, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert res.returncode == 7, res.stderr.decode(errors="replace")
+    assert res.stdout == b"out\n"
+    assert b"err\n" in res.stderr
+    _assert_nothing_left(tmp_path)
+
+
+def test_timeout_exits_124_and_leaves_nothing(guest_image: object, tmp_path: Path) -> None:
+    res = _run(tmp_path, "--timeout", "2", "--", "sleep", "60")
+    assert res.returncode == 124, res.stderr.decode(errors="replace")
+    _assert_nothing_left(tmp_path)
+
+
+def test_missing_command_is_a_clear_error(tmp_path: Path) -> None:
+    res = subprocess.run([*SMARTVM, "run", "--engine", "qemu"], capture_output=True, timeout=60)
+    assert res.returncode == 2
+    assert b"INVALID_ARGUMENT" in res.stderr and b"smartvm run -- uname -a" in res.stderr
