@@ -1,0 +1,458 @@
+"""QemuEngine: one ``qemu-system-x86_64 -M microvm`` process per VM, driven over QMP.
+
+Snapshots are QEMU migration streams written with ``exec:cat`` while the guest is paused (with the
+migration bandwidth cap lifted: the default cap makes even an idle 256 MiB guest take 3-4x longer),
+plus a copy-on-write copy of every writable disk. Guest RAM is handled one of two ways:
+
+- runtime dir on tmpfs (the default ``/dev/shm``): RAM is a shared file in the runtime dir; with
+  ``x-ignore-shared`` the stream carries only device state, and the RAM file is copied to the
+  snapshot's memory file. A restore maps that file privately (copy-on-write), so clones share its
+  unmodified pages. (A restored clone's own snapshots then carry RAM in the stream.)
+- otherwise RAM is anonymous and travels in the stream; the snapshot has no memory file.
+
+A restore starts QEMU with the same device set and ``-incoming defer``, then ``migrate-incoming``;
+if QEMU refuses the stream (other memory size, other devices) it exits and its own message becomes
+a SNAPSHOT_MISMATCH error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shlex
+import shutil
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from smartvm.config import MicroVMConfig
+from smartvm.engine import Engine, RestoreRequest
+from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.runtime import VMRuntime
+from smartvm.host.storage import clone_file
+from smartvm.options import SmartVMOptions
+from smartvm.qemu.cmdline import (
+    Accel,
+    LaunchSpec,
+    build_argv,
+    detect_disk_format,
+    device_layout,
+    on_tmpfs,
+    ordered_drives,
+)
+from smartvm.qemu.host_clock import host_tsc_khz
+from smartvm.qemu.kvm_probe import engine_accel
+from smartvm.qemu.process import QemuProcess, tail
+from smartvm.qemu.qmp import QMPClient
+from smartvm.snapshot import Snapshot, SnapshotType
+
+RAM_FILE = "guest.ram"
+MAX_BANDWIDTH = 1 << 40  # bytes/s: effectively uncapped
+_POLL_S = 0.005
+# QEMU's own words when a migration stream does not fit the restoring machine.
+_MISMATCH_HINTS = ("mismatch", "Unknown savevm section", "Missing section", "Unknown ramblock",
+                   "error while loading state for instance")
+
+
+def _check_boot_files(config: MicroVMConfig) -> Path:
+    """The kernel path, after checking that kernel (and initrd) exist: QEMU's own error is vaguer."""
+    kernel = Path(config.boot_source.kernel_image_path)
+    if not kernel.is_file():
+        raise SmartVMError(ErrorCode.BOOT_FAILED, f"kernel image {kernel} does not exist or is not a file")
+    initrd = config.boot_source.initrd_path
+    if initrd is not None and not Path(initrd).is_file():
+        raise SmartVMError(ErrorCode.BOOT_FAILED, f"initrd {initrd} does not exist or is not a file")
+    return kernel
+
+
+class QemuEngine(Engine):
+    name: ClassVar[str] = "qemu"
+
+    def __init__(self, runtime: VMRuntime, options: SmartVMOptions) -> None:
+        super().__init__(runtime, options)
+        self._process: QemuProcess | None = None
+        self._qmp: QMPClient | None = None
+        self._config: MicroVMConfig | None = None
+        self._accel: Accel = "tcg"
+        self._accel_reason = ""
+        self._formats: dict[str, str] = {}
+        self._shared_ram: Path | None = None  # the guest RAM file when it is shared (share=on)
+
+    # --- start ---------------------------------------------------------------------------------
+    def _binary(self) -> str:
+        binary = str(self.options.qemu_binary_path) if self.options.qemu_binary_path else shutil.which(
+            "qemu-system-x86_64")
+        if binary is None or not Path(binary).exists():
+            raise SmartVMError(ErrorCode.BINARY_NOT_FOUND,
+                               "qemu-system-x86_64 not found: apt-get install qemu-system-x86 "
+                               "or set qemu_binary_path")
+        return binary
+
+    async def _choose_accel(self, binary: str, kernel: Path, snapshot_accel: object = None) -> None:
+        """KVM or TCG: a restore keeps the snapshot's accelerator; else options + the (cached) probe."""
+        if snapshot_accel in ("kvm", "tcg") and self.options.qemu_accel in ("auto", snapshot_accel):
+            self._accel = "kvm" if snapshot_accel == "kvm" else "tcg"
+            self._accel_reason = "the snapshot was taken with it"
+            return
+        # the probe may run a guest for a few seconds: keep the event loop free
+        chosen, self._accel_reason = await asyncio.to_thread(
+            engine_accel, self.options.qemu_accel, binary, kernel)
+        self._accel = "kvm" if chosen == "kvm" else "tcg"
+
+    async def _launch_spec(self, config: MicroVMConfig, *, incoming: bool, snapshot_accel: object = None,
+                           ram_file: Path | None = None, ram_shared: bool = True) -> LaunchSpec:
+        """Check the files the guest needs, pick the accelerator, detect disk formats."""
+        binary = self._binary()
+        kernel = _check_boot_files(config)
+        formats = {d.drive_id: detect_disk_format(d.path_on_host) for d in config.drives}
+        self._formats = dict(formats)
+        await self._choose_accel(binary, kernel, snapshot_accel)
+        return LaunchSpec(binary=binary, accel=self._accel,
+                          tsc_khz=host_tsc_khz() if self._accel == "tcg" else None,
+                          drive_formats=formats, incoming=incoming, ram_file=ram_file, ram_shared=ram_shared)
+
+    async def _start(self, config: MicroVMConfig, spec: LaunchSpec, *, paused: bool, what: str) -> None:
+        """Spawn QEMU and connect QMP; on any failure nothing is left running."""
+        argv = build_argv(config, self.runtime, spec)
+        if paused:
+            argv.append("-S")
+        self._config = config
+        self._process = await QemuProcess.spawn(
+            argv, engine_log=self.runtime.engine_log, console_log=self.runtime.console_log,
+            netns=self.runtime.netns)
+        try:
+            self._qmp = await self._connect_qmp(what)
+        except BaseException:
+            await self.kill()
+            raise
+
+    async def _connect_qmp(self, what: str) -> QMPClient:
+        process = self._require_process()
+        connect = asyncio.ensure_future(
+            QMPClient.connect(self.runtime.qmp_socket, self.options.socket_timeout_s))
+        exited = asyncio.ensure_future(process.proc.wait())
+        try:
+            await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if connect.done() and not connect.cancelled() and connect.exception() is None:
+            return connect.result()
+        if not connect.done():
+            connect.cancel()
+            with contextlib.suppress(BaseException):
+                await connect
+            await process.wait(1.0)
+            raise process.exited_error(what, ErrorCode.BOOT_FAILED)
+        exc = connect.exception()
+        # QEMU opens the QMP socket before it loads the kernel: a QMP failure is often QEMU exiting
+        if await process.wait(2.0) is not None:
+            raise process.exited_error(what, ErrorCode.BOOT_FAILED) from exc
+        raise exc or SmartVMError(ErrorCode.QMP_ERROR, "QMP connection was cancelled")
+
+    async def boot(self, config: MicroVMConfig) -> None:
+        # Guest RAM in a shared file on tmpfs: snapshots then skip RAM in the migration stream
+        # (x-ignore-shared) and copy the file instead. Off tmpfs it would be disk-backed RAM.
+        self._shared_ram = self.runtime.dir / RAM_FILE if on_tmpfs(self.runtime.dir) else None
+        spec = await self._launch_spec(config, incoming=False, ram_file=self._shared_ram)
+        await self._start(config, spec, paused=False, what="booting the guest failed")
+        try:
+            await self._apply_balloon(config)
+        except BaseException:
+            await self.kill()
+            raise
+
+    async def _apply_balloon(self, config: MicroVMConfig) -> None:
+        balloon = config.balloon
+        if balloon is None:
+            return
+        if balloon.amount_mib:
+            await self.update_balloon(balloon.amount_mib)
+        if balloon.stats_polling_interval_s:
+            await self._execute("qom-set", {"path": "/machine/peripheral/balloon0",
+                                            "property": "guest-stats-polling-interval",
+                                            "value": balloon.stats_polling_interval_s})
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def _require_process(self) -> QemuProcess:
+        if self._process is None:
+            raise SmartVMError(ErrorCode.NO_CLIENT, "QEMU is not running for this VM")
+        return self._process
+
+    async def _execute(self, command: str, arguments: dict[str, Any] | None = None,
+                       timeout: float | None = 30.0) -> Any:
+        """A QMP command; if QEMU died, the error says so with the console tail."""
+        process = self._require_process()
+        if not process.is_alive() or self._qmp is None:
+            await process.wait(0)
+            raise process.exited_error(f"QMP {command} not possible")
+        try:
+            return await self._qmp.execute(command, arguments, timeout)
+        except SmartVMError:
+            if await process.wait(0.2) is not None:
+                raise process.exited_error(f"QMP {command} failed") from None
+            raise
+
+    async def _status(self) -> str:
+        status: dict[str, Any] = await self._execute("query-status")
+        return str(status.get("status", "unknown"))
+
+    # --- pause / resume ----------------------------------------------------------------------------
+    async def pause(self) -> None:
+        await self._execute("stop")
+
+    async def resume(self) -> None:
+        await self._execute("cont")
+
+    # --- snapshots -----------------------------------------------------------------------------------
+    async def create_snapshot(
+        self, snapshot_dir: Path, state_file: str, mem_file: str, snapshot_type: SnapshotType,
+        config: MicroVMConfig,
+    ) -> Snapshot:
+        if snapshot_type != "Full":
+            raise self._unsupported(f"{snapshot_type} snapshots")
+        running = self._config
+        if running is None:
+            raise SmartVMError(ErrorCode.NO_CLIENT, "QEMU is not running for this VM")
+        status = await self._status()
+        if status not in ("paused", "postmigrate"):
+            raise SmartVMError(ErrorCode.INVALID_STATE,
+                               f"the VM must be paused to snapshot it (it is {status})")
+        # Everything is written as *.part first and renamed at the end: a failure leaves any
+        # earlier snapshot in this directory untouched.
+        parts: dict[Path, Path] = {}
+
+        def part_for(name: str) -> Path:
+            final = snapshot_dir / name
+            parts[final] = final.with_name(f"{name}.part")
+            parts[final].unlink(missing_ok=True)
+            return parts[final]
+
+        disks: dict[str, str] = {}
+        shared_ram = self._shared_ram
+        try:
+            await self._migrate_to(part_for(state_file), ignore_shared=shared_ram is not None)
+            if shared_ram is not None:
+                clone_file(shared_ram, part_for(mem_file))
+            for drive in ordered_drives(running):
+                if drive.is_read_only:
+                    continue  # used in place by the restore, like at boot
+                disks[drive.drive_id] = f"{drive.drive_id}.disk"
+                clone_file(drive.path_on_host, part_for(disks[drive.drive_id]))
+            for final, part in parts.items():
+                part.rename(final)
+        except BaseException:
+            for part in parts.values():
+                part.unlink(missing_ok=True)
+            raise
+        return Snapshot(
+            directory=snapshot_dir,
+            engine=self.name,
+            snapshot_type="Full",
+            state_file=state_file,
+            mem_file=mem_file if shared_ram is not None else None,  # else RAM is in the stream
+            config=config.model_dump(mode="json"),
+            disks=disks,
+            engine_data={
+                "accel": self._accel,
+                "memory": "file" if shared_ram is not None else "stream",
+                "layout": device_layout(running),
+                "drive_formats": {k: v for k, v in self._formats.items() if k in disks},
+                "qemu_version": (self._qmp.greeting.get("QMP", {}).get("version", {}) if self._qmp else {}),
+            },
+        )
+
+    async def _set_ignore_shared(self, on: bool) -> None:
+        await self._execute("migrate-set-capabilities",
+                            {"capabilities": [{"capability": "x-ignore-shared", "state": on}]})
+
+    async def _migrate_to(self, part: Path, *, ignore_shared: bool) -> None:
+        """Write the migration stream of the paused guest to ``part`` (without RAM when it is shared)."""
+        await self._set_ignore_shared(ignore_shared)
+        await self._execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+        await self._execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(part))}"})
+        info = await self._wait_migration("writing the snapshot state", ErrorCode.SNAPSHOT_FAILED)
+        if info.get("status") != "completed":
+            raise SmartVMError(ErrorCode.SNAPSHOT_FAILED,
+                               f"QEMU could not write the snapshot state: {info.get('error-desc', info)}")
+
+    async def _wait_migration(self, what: str, code: ErrorCode, timeout: float = 300.0) -> dict[str, Any]:
+        """Poll ``query-migrate`` until the migration ends (completed, failed or cancelled)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info: dict[str, Any] = await self._execute("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                return info
+            if time.monotonic() > deadline:
+                raise SmartVMError(code, f"{what} did not finish within {timeout:.0f}s")
+            await asyncio.sleep(_POLL_S)
+
+    async def restore(self, request: RestoreRequest) -> None:
+        snapshot = request.snapshot
+        if snapshot.snapshot_type != "Full":
+            raise self._unsupported(f"{snapshot.snapshot_type} snapshots")
+        if request.enable_diff_snapshots:
+            raise self._unsupported("diff snapshots (enable_diff_snapshots)")
+        if request.mem_backend != "File":
+            raise self._unsupported(f"mem_backend={request.mem_backend!r}")
+        config = request.config
+        self._check_layout(snapshot, config)
+        # A memory file is mapped privately (copy-on-write): clones share its unmodified pages.
+        memory = snapshot.mem_path
+        spec = await self._launch_spec(config, incoming=True, ram_file=memory, ram_shared=False,
+                                       snapshot_accel=snapshot.engine_data.get("accel"))
+        await self._start(config, spec, paused=not request.resume_vm, what="restoring the snapshot failed")
+        try:
+            await self._migrate_from(snapshot.state_path, ignore_shared=memory is not None)
+            await self._apply_balloon_stats(config)
+            if request.resume_vm:  # the stream says "paused" (snapshots are taken paused)
+                await self._execute("cont")
+        except BaseException:
+            await self.kill()
+            raise
+
+    def _check_layout(self, snapshot: Snapshot, config: MicroVMConfig) -> None:
+        """Refuse device sets QEMU would misread; memory size is left to QEMU's own check."""
+        saved = snapshot.engine_data.get("layout")
+        if not isinstance(saved, dict):
+            raise SmartVMError(ErrorCode.SNAPSHOT_INVALID,
+                               f"{snapshot.directory} has no QEMU device layout; "
+                               "it was not made by this engine")
+        wanted = device_layout(config)
+        # With RAM in the stream QEMU checks the memory size itself (its message is the error);
+        # a memory file must be checked here, before QEMU maps it.
+        skip = {"mem_size_mib"} if snapshot.mem_file is None else set()
+        diffs = [f"{key}: snapshot has {saved.get(key)!r}, restore has {value!r}"
+                 for key, value in wanted.items() if key not in skip and saved.get(key) != value]
+        if diffs:
+            raise SmartVMError(ErrorCode.SNAPSHOT_MISMATCH,
+                               "mismatch between the snapshot and the restoring VM: " + "; ".join(diffs)
+                               + "; restore with the snapshot's memory size and devices")
+
+    async def _migrate_from(self, state_path: Path, *, ignore_shared: bool) -> None:
+        what = f"restoring {state_path}"
+        process = self._require_process()
+        try:
+            if ignore_shared:
+                await self._set_ignore_shared(True)
+            await self._execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state_path))}"})
+            info = await self._wait_migration(what, ErrorCode.SNAPSHOT_INVALID)
+        except SmartVMError as exc:
+            if process.is_alive():
+                raise
+            raise self._incoming_error(what, process) from exc
+        if info.get("status") != "completed":
+            await process.wait(2.0)
+            raise self._incoming_error(what, process, str(info.get("error-desc", "")))
+
+    @staticmethod
+    def _incoming_error(what: str, process: QemuProcess, desc: str = "") -> SmartVMError:
+        said = tail(process.engine_log, 2048) or desc or "no message"
+        mismatch = any(h in said for h in _MISMATCH_HINTS)
+        code = ErrorCode.SNAPSHOT_MISMATCH if mismatch else ErrorCode.SNAPSHOT_INVALID
+        hint = ("restore with the snapshot's memory size and devices" if code == ErrorCode.SNAPSHOT_MISMATCH
+                else "the state file may be damaged or from another QEMU version")
+        return SmartVMError(code, f"{what} failed: QEMU said: {said}\n({hint})")
+
+    async def _apply_balloon_stats(self, config: MicroVMConfig) -> None:
+        if config.balloon is not None and config.balloon.stats_polling_interval_s:
+            await self._execute("qom-set", {"path": "/machine/peripheral/balloon0",
+                                            "property": "guest-stats-polling-interval",
+                                            "value": config.balloon.stats_polling_interval_s})
+
+    # --- stop ----------------------------------------------------------------------------------------
+    async def shutdown(self, timeout: float) -> None:
+        process = self._process
+        if process is None:
+            return
+        if process.is_alive():
+            try:
+                if await self._status() == "running":
+                    await self._execute("system_powerdown")
+                    await process.wait(timeout)
+                if process.is_alive():
+                    with contextlib.suppress(SmartVMError):
+                        await self._execute("quit", timeout=2.0)
+                    await process.wait(2.0)
+            except SmartVMError:
+                pass  # QEMU is gone or not answering: the kill below settles it
+        await self.kill()
+
+    async def kill(self) -> None:
+        if self._process is not None:
+            await self._process.kill()
+        await self.close()
+
+    def is_alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    async def close(self) -> None:
+        if self._qmp is not None:
+            await self._qmp.close()
+            self._qmp = None
+
+    # --- info ------------------------------------------------------------------------------------------
+    async def info(self) -> dict[str, Any]:
+        process = self._require_process()
+        status: dict[str, Any] = await self._execute("query-status")
+        version: dict[str, Any] = await self._execute("query-version")
+        return {
+            "engine": self.name,
+            "pid": process.pid,
+            "state": status.get("status"),
+            "running": status.get("running"),
+            "accel": self._accel,
+            "accel_reason": self._accel_reason,
+            "qemu_version": version.get("qemu"),
+        }
+
+    async def get_vm_config(self) -> dict[str, Any]:
+        if self._config is None:
+            raise SmartVMError(ErrorCode.NO_CLIENT, "QEMU is not running for this VM")
+        return self._config.model_dump(mode="json")
+
+    # --- balloon ----------------------------------------------------------------------------------------
+    def _need_balloon(self) -> MicroVMConfig:
+        if self._config is None or self._config.balloon is None:
+            raise SmartVMError(ErrorCode.INVALID_STATE, "this VM was configured without a balloon")
+        return self._config
+
+    async def update_balloon(self, amount_mib: int) -> None:
+        config = self._need_balloon()
+        mem = config.machine_config.mem_size_mib
+        if not 0 <= amount_mib < mem:
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT,
+                               f"balloon amount_mib must be between 0 and {mem - 1}, not {amount_mib}")
+        await self._execute("balloon", {"value": (mem - amount_mib) << 20})
+
+    async def get_balloon_stats(self) -> dict[str, Any]:
+        config = self._need_balloon()
+        actual: dict[str, Any] = await self._execute("query-balloon")
+        stats: dict[str, Any] = await self._execute(
+            "qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"})
+        actual_mib = int(actual.get("actual", 0)) >> 20
+        return {
+            "actual_mib": actual_mib,
+            "amount_mib": config.machine_config.mem_size_mib - actual_mib,
+            "stats": stats.get("stats", {}),
+            "last_update": stats.get("last-update"),
+        }
+
+    # --- agent channel ----------------------------------------------------------------------------------
+    async def open_agent_stream(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to the virtio-serial port's host socket (QEMU listens on it; one client at a time)."""
+        process = self._require_process()
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while True:
+            if not process.is_alive():
+                await process.wait(0)
+                raise process.exited_error("the guest agent channel is gone", ErrorCode.AGENT_UNAVAILABLE)
+            try:
+                return await asyncio.open_unix_connection(str(self.runtime.agent_socket))
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                last = exc
+            if time.monotonic() >= deadline:
+                raise SmartVMError(ErrorCode.AGENT_TIMEOUT,
+                                   f"agent socket {self.runtime.agent_socket} did not accept a connection "
+                                   f"within {timeout:.1f}s ({last})")
+            await asyncio.sleep(0.02)

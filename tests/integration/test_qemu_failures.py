@@ -1,0 +1,86 @@
+"""Failures of real guests under QEMU end in clear errors and leave nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from guest_support import (
+    INIT_MARKER,
+    assert_nothing_left,
+    boot_config,
+    console_text,
+    path_gone,
+    wait_console,
+    wait_stopped,
+)
+
+from smartvm.errors import ErrorCode, SmartVMError
+
+pytestmark = pytest.mark.integration
+
+
+async def test_missing_kernel_fails_and_leaves_nothing(svm: Any, guest_image: Any, tmp_path: Path) -> None:
+    config = boot_config(guest_image).model_copy(deep=True)
+    config.boot_source.kernel_image_path = str(tmp_path / "no-such-vmlinux")
+    vm = await svm.create_vm(config)
+    with pytest.raises(SmartVMError) as err:
+        await vm.start()
+    assert err.value.code == ErrorCode.BOOT_FAILED
+    assert "no-such-vmlinux" in err.value.message
+    assert vm.state.value == "error"
+    assert_nothing_left(svm.options.runtime_dir)
+
+
+async def test_kernel_qemu_cannot_load_fails_with_qemus_message(
+    svm: Any, guest_image: Any, tmp_path: Path
+) -> None:
+    bogus = tmp_path / "vmlinux"
+    bogus.write_bytes(b"this is not a kernel\n" * 100)
+    config = boot_config(guest_image).model_copy(deep=True)
+    config.boot_source.kernel_image_path = str(bogus)
+    vm = await svm.create_vm(config)
+    with pytest.raises(SmartVMError) as err:
+        await vm.start()
+    assert err.value.code == ErrorCode.BOOT_FAILED
+    assert "QEMU exited" in err.value.message and "kernel" in err.value.message.lower()
+    assert_nothing_left(svm.options.runtime_dir)
+
+
+async def test_rootfs_that_is_not_a_filesystem_panics_with_the_console_in_the_error(
+    svm: Any, guest_image: Any, tmp_path: Path
+) -> None:
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(os.urandom(4096) * 256)
+    config = boot_config(guest_image).model_copy(deep=True)
+    config.drives[0].path_on_host = str(junk)
+    config.drives[0].is_read_only = False
+    vm = await svm.create_vm(config)
+    await vm.start()
+    engine = vm._engine  # the engine-neutral agent channel reports the death
+    await wait_stopped(vm, timeout=60)  # panic=1 + -no-reboot: QEMU ends by itself
+    assert "Kernel panic" in console_text(vm)
+    with pytest.raises(SmartVMError) as err:
+        await engine.open_agent_stream(timeout=5)
+    assert "Kernel panic" in err.value.message  # the console tail is in the error
+    await vm.stop()
+    assert_nothing_left(svm.options.runtime_dir)
+
+
+async def test_qemu_killed_from_outside_leaves_nothing(svm: Any, guest_image: Any) -> None:
+    vm = await svm.create_vm(boot_config(guest_image))
+    await vm.start()
+    await wait_console(vm, INIT_MARKER)
+    pid = (await vm.get_info())["engine_info"]["pid"]
+    runtime_dir = Path(vm.get_runtime_dir())
+    os.kill(pid, signal.SIGKILL)
+    await wait_stopped(vm, timeout=10)
+    with pytest.raises(SmartVMError) as err:
+        await vm.pause()
+    assert err.value.code == ErrorCode.INVALID_STATE
+    await vm.stop()
+    assert path_gone(runtime_dir)
+    assert_nothing_left(svm.options.runtime_dir)
