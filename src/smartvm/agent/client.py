@@ -1,0 +1,748 @@
+"""Async host client for the guest agent: exec, background processes, files, health, clock.
+
+One :class:`AgentClient` multiplexes any number of concurrent calls over one byte stream (virtio-serial
+or vsock, obtained from the engine's ``open_agent_stream``). Every failure is a
+:class:`~smartvm.errors.SmartVMError`; a dropped stream is reopened once, transparently, by the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from smartvm.agent import protocol as p
+from smartvm.errors import ErrorCode, SmartVMError
+
+OpenStream = Callable[[float], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+OutputCallback = Callable[[bytes], Any]
+
+#: ops that can be re-sent safely after the stream dropped mid-call
+_IDEMPOTENT = frozenset({"ping", "health", "proc_list", "file_read", "file_list", "file_stat", "sync"})
+_READ_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What the agent announced in its hello frame."""
+
+    protocol: int
+    agent_version: str
+    pid: int
+    started: float
+    boot_time: float | None
+    transport: str
+    kernel: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_header(cls, h: dict[str, Any]) -> AgentInfo:
+        return cls(protocol=int(h.get("protocol", 0)), agent_version=str(h.get("agent_version", "?")),
+                   pid=int(h.get("pid", 0)), started=float(h.get("started", 0.0)),
+                   boot_time=h.get("boot_time"), transport=str(h.get("transport", "?")),
+                   kernel=h.get("kernel"), raw=h)
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """The outcome of one command. ``exit_code`` is 128+N when killed by signal N, 124 on timeout."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    duration: float
+    signal: int | None = None
+    timed_out: bool = False
+    pid: int | None = None
+
+    @property
+    def stdout_text(self) -> str:
+        return self.stdout.decode("utf-8", errors="replace")
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", errors="replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    """One item of an output stream: ``started`` (pid), ``stdout``/``stderr`` (data), ``exit`` (result)."""
+
+    kind: Literal["started", "stdout", "stderr", "exit"]
+    data: bytes = b""
+    pid: int | None = None
+    result: ExecResult | None = None
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A background process as the agent tracks it."""
+
+    pid: int
+    cmd: list[str]
+    running: bool
+    exit_code: int | None
+    signal: int | None
+    started: float
+    ended: float | None
+    stdin_open: bool
+
+    @classmethod
+    def from_header(cls, h: dict[str, Any]) -> ProcessInfo:
+        return cls(pid=int(h["pid"]), cmd=list(h.get("cmd", [])), running=bool(h.get("running")),
+                   exit_code=h.get("exit_code"), signal=h.get("signal"), started=float(h.get("started", 0)),
+                   ended=h.get("ended"), stdin_open=bool(h.get("stdin_open")))
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A guest file's metadata (``type`` is file, dir, symlink or other; ``mode`` the permission bits)."""
+
+    name: str
+    path: str
+    type: str
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    mtime: float
+    target: str | None = None
+
+    @classmethod
+    def from_header(cls, h: dict[str, Any]) -> FileInfo:
+        return cls(name=str(h["name"]), path=str(h["path"]), type=str(h["type"]), size=int(h["size"]),
+                   mode=int(h["mode"]), uid=int(h["uid"]), gid=int(h["gid"]), mtime=float(h["mtime"]),
+                   target=h.get("target"))
+
+
+@dataclass(frozen=True)
+class Health:
+    """Guest health: uptime in seconds, load averages, memory in bytes (MemTotal, MemAvailable, ...)."""
+
+    uptime: float
+    load: tuple[float, float, float]
+    memory: dict[str, int]
+    time: float
+    cpus: int
+    background_processes: int
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class TimeSync:
+    """Result of :meth:`AgentClient.set_time`: the guest clock before/after and the step applied."""
+
+    applied: bool
+    method: str
+    target: float
+    before: float
+    after: float
+    delta: float
+
+
+class ExecTimeoutError(SmartVMError):
+    """EXEC_TIMEOUT with the partial result (output so far, ``timed_out=True``) attached."""
+
+    def __init__(self, code: ErrorCode | str, message: str, result: ExecResult | None = None) -> None:
+        super().__init__(code, message)
+        self.result = result
+
+
+class _ConnectionLost(SmartVMError):
+    """AGENT_UNAVAILABLE because the stream dropped (lets idempotent calls retry once)."""
+
+
+async def _maybe_await(value: Any) -> None:
+    if inspect.isawaitable(value):
+        await value
+
+
+# ------------------------------------------------------------------------------------------- connection
+class _Channel:
+    def __init__(self, conn: _Connection, cid: int, op: str) -> None:
+        self.conn = conn
+        self.id = cid
+        self.op = op
+        self.queue: asyncio.Queue[p.Frame | BaseException] = asyncio.Queue()
+        self.finished = False
+        self.answered = False  # a RESULT/ERROR (or a failure) is queued: stop sending DATA
+
+    async def get(self, deadline: float | None) -> p.Frame:
+        """Next frame for this channel; RESULT/ERROR finish it. Raises on error, drop or deadline."""
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            item = await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            raise SmartVMError(ErrorCode.AGENT_TIMEOUT,
+                               f"guest agent did not answer {self.op} in time; the guest may be overloaded "
+                               "or hung (check the console log)") from None
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.type == p.ERROR:
+            self.finished = True
+            raise p.error_from_frame(self.op, item.header)
+        if item.type == p.RESULT:
+            self.finished = True
+        return item
+
+    async def send_data(self, stream: str, data: bytes, eof: bool) -> None:
+        """Send `data` as DATA frames of at most CHUNK_SIZE bytes; the last one carries `eof`."""
+        view = memoryview(data)
+        last = max(len(view) - 1, 0) // p.CHUNK_SIZE * p.CHUNK_SIZE
+        for i in range(0, last + 1, p.CHUNK_SIZE):
+            if self.answered:  # the agent already answered (an error): stop sending
+                return
+            hdr: dict[str, Any] = {"s": stream, "eof": True} if eof and i == last else {"s": stream}
+            await self.conn.send(p.DATA, self.id, hdr, bytes(view[i:i + p.CHUNK_SIZE]))
+
+
+class _Connection:
+    """One open stream to the agent: a reader task routing frames to channels by id."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.channels: dict[int, _Channel] = {}
+        self.info: AgentInfo | None = None
+        self.ready: asyncio.Future[AgentInfo] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        # Random start: a virtio-serial reconnect can deliver frames of the previous session's channels.
+        self._next_id = random.randrange(1, 1 << 31)
+        self._task = asyncio.create_task(self._read_loop())
+
+    async def send(self, ftype: int, cid: int, header: dict[str, Any] | None = None,
+                   payload: bytes = b"") -> None:
+        if self.closed:
+            raise _ConnectionLost(ErrorCode.AGENT_UNAVAILABLE, "connection to the guest agent is closed")
+        try:
+            self.writer.write(p.encode_frame(ftype, cid, header, payload))
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self._lost(f"write failed: {exc}")
+            raise _ConnectionLost(ErrorCode.AGENT_UNAVAILABLE,
+                                  f"connection to the guest agent dropped ({exc})") from None
+        except ValueError as exc:
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT,
+                               f"request too large for one frame: {exc}") from None
+
+    def open_channel(self, op: str) -> _Channel:
+        self._next_id = self._next_id % 0xFFFFFFFE + 1
+        ch = _Channel(self, self._next_id, op)
+        self.channels[ch.id] = ch
+        return ch
+
+    async def finish_channel(self, ch: _Channel) -> None:
+        self.channels.pop(ch.id, None)
+        if not ch.finished and not self.closed:
+            with contextlib.suppress(SmartVMError):
+                await self.send(p.CANCEL, ch.id)
+
+    async def wait_hello(self, timeout: float) -> AgentInfo:
+        """Ask for a hello until one arrives (the first may have been lost in a reconnect)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.send(p.HELLO, 0)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SmartVMError(ErrorCode.AGENT_TIMEOUT, "guest agent did not say hello in time")
+            try:
+                return await asyncio.wait_for(asyncio.shield(self.ready), min(1.0, remaining))
+            except TimeoutError:
+                continue
+
+    async def _read_loop(self) -> None:
+        decoder = p.FrameDecoder()
+        reason = "guest agent closed the connection"
+        try:
+            while True:
+                data = await self.reader.read(_READ_SIZE)
+                if not data:
+                    break
+                for item in decoder.feed(data):
+                    self._dispatch(item)
+        except (ConnectionError, OSError) as exc:
+            reason = f"connection to the guest agent failed: {exc}"
+        finally:
+            self._lost(reason)
+
+    def _dispatch(self, item: p.Frame | p.FrameError) -> None:
+        if isinstance(item, p.FrameError):
+            ch = self.channels.get(item.channel) if self.ready.done() else None
+            if ch is not None:
+                ch.answered = True
+                ch.queue.put_nowait(SmartVMError(ErrorCode.AGENT_PROTOCOL_ERROR,
+                                                 f"bad frame from the guest agent: {item.message}"))
+            return
+        if item.type == p.HELLO:
+            info = AgentInfo.from_header(item.header)
+            if not self.ready.done():
+                if info.protocol != p.PROTOCOL_VERSION:
+                    self.ready.set_exception(SmartVMError(
+                        ErrorCode.AGENT_PROTOCOL_ERROR,
+                        f"guest agent speaks protocol {info.protocol}, this host {p.PROTOCOL_VERSION}; "
+                        "rebuild the guest image so its agent matches this smartvm"))
+                    return
+                self.info = info
+                self.ready.set_result(info)
+            elif self.info is not None and (info.pid, info.started) != (self.info.pid, self.info.started):
+                self.info = info  # the agent restarted: everything in flight is gone
+                self._fail_all(_ConnectionLost(ErrorCode.AGENT_UNAVAILABLE,
+                                               "guest agent restarted while the request was running"))
+            return
+        if not self.ready.done():
+            return  # stale frames from an earlier session
+        ch = self.channels.get(item.channel)
+        if ch is not None:
+            ch.answered = ch.answered or item.type in (p.RESULT, p.ERROR)
+            ch.queue.put_nowait(item)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for ch in list(self.channels.values()):
+            ch.answered = True
+            ch.queue.put_nowait(exc)
+        self.channels.clear()
+
+    def _lost(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        err = _ConnectionLost(ErrorCode.AGENT_UNAVAILABLE, f"{reason}; is the guest still running?")
+        if not self.ready.done():
+            self.ready.set_exception(err)
+            self.ready.exception()  # mark retrieved
+        self._fail_all(err)
+        self.writer.close()
+
+    async def close(self) -> None:
+        self._lost("client closed the connection")
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+# ----------------------------------------------------------------------------------------------- client
+class AgentClient:
+    """Talks to the guest agent. Safe for many concurrent calls; use as ``async with``."""
+
+    def __init__(self, open_stream: OpenStream, *, connect_timeout: float = 10.0,
+                 request_timeout: float = 60.0, exec_grace: float = 15.0) -> None:
+        self._open_stream = open_stream
+        self._connect_timeout = connect_timeout
+        self._request_timeout = request_timeout
+        self._exec_grace = exec_grace
+        self._conn: _Connection | None = None
+        self._lock = asyncio.Lock()
+        self.processes = Processes(self)
+        self.files = Files(self)
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def info(self) -> AgentInfo | None:
+        """The hello of the current connection, if connected."""
+        return self._conn.info if self._conn is not None else None
+
+    # --- connection management
+    async def _connect(self, timeout: float) -> _Connection:
+        try:
+            reader, writer = await asyncio.wait_for(self._open_stream(timeout), timeout)
+        except TimeoutError:
+            raise SmartVMError(ErrorCode.AGENT_TIMEOUT, "could not open the agent stream in time") from None
+        except OSError as exc:
+            raise SmartVMError(ErrorCode.AGENT_UNAVAILABLE, f"cannot open the agent stream: {exc}") from None
+        conn = _Connection(reader, writer)
+        try:
+            await conn.wait_hello(timeout)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def wait_ready(self, timeout: float = 60.0) -> AgentInfo:
+        """Connect (retrying while the guest boots) until the agent says hello, else AGENT_TIMEOUT."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        async with self._lock:
+            if self._conn is not None and not self._conn.closed and self._conn.info is not None:
+                return self._conn.info
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    self._conn = await self._connect(remaining)
+                    assert self._conn.info is not None
+                    return self._conn.info
+                except SmartVMError as exc:
+                    if exc.code == ErrorCode.AGENT_PROTOCOL_ERROR:
+                        raise
+                    last = exc
+                await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        raise SmartVMError(ErrorCode.AGENT_TIMEOUT,
+                           f"guest agent not ready after {timeout:.0f}s (last error: {last}); check that the "
+                           "image contains the agent and read the guest console log")
+
+    async def _ensure(self) -> _Connection:
+        async with self._lock:
+            if self._conn is not None and not self._conn.closed and not self._conn.writer.is_closing():
+                return self._conn
+            if self._conn is not None:
+                await self._conn.close()
+            self._conn = None
+            try:
+                self._conn = await self._connect(self._connect_timeout)
+            except SmartVMError as exc:
+                raise SmartVMError(ErrorCode.AGENT_UNAVAILABLE,
+                                   f"guest agent is not reachable: {exc.message}") from None
+            return self._conn
+
+    @contextlib.asynccontextmanager
+    async def _channel(self, op: str, fields: dict[str, Any],
+                       payload: bytes = b"") -> AsyncIterator[_Channel]:
+        header = {"op": op, **{k: v for k, v in fields.items() if v is not None}}
+        for attempt in range(2):
+            conn = await self._ensure()
+            ch = conn.open_channel(op)
+            try:
+                await conn.send(p.REQUEST, ch.id, header, payload)
+            except _ConnectionLost:
+                conn.channels.pop(ch.id, None)
+                if attempt:
+                    raise
+                continue  # the request never left: safe to send it again on a fresh stream
+            try:
+                yield ch
+            finally:
+                await conn.finish_channel(ch)
+            return
+
+    async def _call(self, op: str, payload: bytes = b"", timeout: float | None = None,
+                    **fields: Any) -> dict[str, Any]:
+        """One request, one RESULT (retried once on a dropped stream when the op is idempotent)."""
+        for attempt in range(2):
+            try:
+                deadline = time.monotonic() + (timeout or self._request_timeout)
+                async with self._channel(op, fields, payload) as ch:
+                    big = bytearray()
+                    while True:
+                        frame = await ch.get(deadline)
+                        if frame.type == p.DATA and frame.header.get("s") == "result":
+                            big += frame.payload
+                        elif frame.type == p.RESULT:
+                            if frame.header.get("result_in_data"):
+                                return _json_object(bytes(big), op)
+                            return frame.header
+            except _ConnectionLost:
+                if attempt or op not in _IDEMPOTENT:
+                    raise
+        raise AssertionError("unreachable")
+
+    # --- exec
+    async def exec(self, cmd: str | Sequence[str], *, env: Mapping[str, str | None] | None = None,
+                   cwd: str | None = None, user: int | str | None = None, stdin: bytes | None = None,
+                   timeout: float | None = None, on_stdout: OutputCallback | None = None,
+                   on_stderr: OutputCallback | None = None) -> ExecResult:
+        """Run `cmd` (argv list, or a string for /bin/sh -c) and collect its output.
+
+        Callbacks (sync or async) see output chunks as they arrive. On timeout the process group is killed
+        and ExecTimeoutError (EXEC_TIMEOUT) is raised with the partial result attached.
+        """
+        out, err = bytearray(), bytearray()
+        result: ExecResult | None = None
+        async for ev in self.exec_stream(cmd, env=env, cwd=cwd, user=user, stdin=stdin, timeout=timeout):
+            if ev.kind == "stdout":
+                out += ev.data
+                if on_stdout is not None:
+                    await _maybe_await(on_stdout(ev.data))
+            elif ev.kind == "stderr":
+                err += ev.data
+                if on_stderr is not None:
+                    await _maybe_await(on_stderr(ev.data))
+            elif ev.kind == "exit":
+                result = ev.result
+        assert result is not None
+        full = ExecResult(result.exit_code, bytes(out), bytes(err), result.duration, result.signal,
+                          result.timed_out, result.pid)
+        if full.timed_out:
+            raise ExecTimeoutError(ErrorCode.EXEC_TIMEOUT,
+                                   f"command timed out after {timeout}s and was killed (process group)", full)
+        return full
+
+    async def exec_stream(self, cmd: str | Sequence[str], *, env: Mapping[str, str | None] | None = None,
+                          cwd: str | None = None, user: int | str | None = None, stdin: bytes | None = None,
+                          timeout: float | None = None) -> AsyncIterator[ExecEvent]:
+        """Run `cmd`, yielding ``started``, ``stdout``/``stderr`` chunks and a final ``exit`` event.
+
+        The exit event's result has empty stdout/stderr (they were streamed) and ``timed_out`` set
+        instead of raising. Leaving the loop early cancels the command (its process group is killed).
+        """
+        fields: dict[str, Any] = {"cmd": cmd if isinstance(cmd, str) else list(cmd),
+                                  "env": dict(env) if env is not None else None,
+                                  "cwd": cwd, "user": user, "timeout": timeout,
+                                  "stdin": True if stdin is not None else None}
+        deadline = None if timeout is None else time.monotonic() + timeout + self._exec_grace
+        async with self._channel("exec", fields) as ch:
+            if stdin is not None:
+                await ch.send_data("stdin", stdin, eof=True)
+            while True:
+                frame = await ch.get(deadline)
+                if frame.type == p.DATA:
+                    stream = frame.header.get("s")
+                    if stream in ("stdout", "stderr") and frame.payload:
+                        yield ExecEvent(stream, frame.payload)
+                elif frame.type == p.EVENT and frame.header.get("event") == "started":
+                    yield ExecEvent("started", pid=frame.header.get("pid"))
+                elif frame.type == p.RESULT:
+                    yield ExecEvent("exit", result=_result(frame.header))
+                    return
+
+    # --- misc
+    async def ping(self) -> float:
+        """Round trip to the agent in seconds."""
+        t0 = time.monotonic()
+        await self._call("ping")
+        return time.monotonic() - t0
+
+    async def health(self) -> Health:
+        h = await self._call("health")
+        load = [float(x) for x in h.get("load", [0, 0, 0])] + [0.0, 0.0, 0.0]
+        return Health(uptime=float(h["uptime"]), load=(load[0], load[1], load[2]),
+                      memory={str(k): int(v) for k, v in h.get("memory", {}).items()},
+                      time=float(h["time"]), cpus=int(h.get("cpus", 1)),
+                      background_processes=int(h.get("background_processes", 0)), raw=h)
+
+    async def sync(self) -> None:
+        """Flush the guest's filesystems (before a snapshot)."""
+        await self._call("sync")
+
+    async def set_time(self, when: float | None = None) -> TimeSync:
+        """Step the guest clock to `when` (default: the host's clock now), e.g. after a snapshot restore."""
+        h = await self._call("set_time", time=time.time() if when is None else when)
+        return TimeSync(applied=bool(h["applied"]), method=str(h["method"]), target=float(h["target"]),
+                        before=float(h["before"]), after=float(h["after"]), delta=float(h["delta"]))
+
+    async def shutdown(self, action: Literal["poweroff", "reboot"] = "poweroff") -> None:
+        """Ask the guest to power off (or reboot) cleanly; returns once the agent accepted."""
+        await self._call("shutdown", action=action, timeout=10.0)
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the stream (idempotent). Background processes keep running in the guest."""
+        async with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+
+def _json_object(raw: bytes, op: str) -> dict[str, Any]:
+    """A large RESULT body the agent sent as DATA frames."""
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise SmartVMError(ErrorCode.AGENT_PROTOCOL_ERROR, f"{op}: result is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise SmartVMError(ErrorCode.AGENT_PROTOCOL_ERROR, f"{op}: result is not a JSON object")
+    return value
+
+
+def _result(h: dict[str, Any]) -> ExecResult:
+    code = h.get("exit_code")
+    return ExecResult(exit_code=int(code) if code is not None else -1, stdout=b"", stderr=b"",
+                      duration=float(h.get("duration") or 0.0), signal=h.get("signal"),
+                      timed_out=bool(h.get("timed_out")), pid=h.get("pid"))
+
+
+class Processes:
+    """Background processes: they outlive the call (and the connection) that started them."""
+
+    def __init__(self, client: AgentClient) -> None:
+        self._c = client
+
+    async def start(self, cmd: str | Sequence[str], *, env: Mapping[str, str | None] | None = None,
+                    cwd: str | None = None, user: int | str | None = None, stdin: bool = False,
+                    replay_bytes: int | None = None) -> ProcessInfo:
+        """Start `cmd` in the background; `stdin=True` keeps a pipe open for :meth:`send_stdin`."""
+        h = await self._c._call("proc_start", cmd=cmd if isinstance(cmd, str) else list(cmd),
+                                env=dict(env) if env is not None else None,
+                                cwd=cwd, user=user, stdin=stdin or None, replay_bytes=replay_bytes)
+        if h.get("pid") is None:  # the program does not exist: the agent answered like a shell would
+            raise SmartVMError(ErrorCode.AGENT_ERROR, f"cannot start {cmd!r}: exit code {h.get('exit_code')}")
+        return ProcessInfo.from_header(h)
+
+    async def list(self) -> list[ProcessInfo]:
+        h = await self._c._call("proc_list")
+        return [ProcessInfo.from_header(x) for x in h.get("processes", [])]
+
+    async def send_stdin(self, pid: int, data: bytes | str, *, eof: bool = False) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        chunks = [raw[i:i + p.CHUNK_SIZE] for i in range(0, len(raw), p.CHUNK_SIZE)] or [b""]
+        for i, chunk in enumerate(chunks):
+            await self._c._call("proc_stdin", chunk, pid=pid, eof=eof and i == len(chunks) - 1)
+
+    async def close_stdin(self, pid: int) -> None:
+        await self.send_stdin(pid, b"", eof=True)
+
+    async def signal(self, pid: int, sig: int | str = "SIGTERM", *, group: bool = True) -> ProcessInfo:
+        """Send `sig` to the process (its whole process group unless ``group=False``)."""
+        return ProcessInfo.from_header(await self._c._call("proc_signal", pid=pid, signal=sig, group=group))
+
+    async def attach(self, pid: int, *, replay: bool = True,
+                     timeout: float | None = None) -> AsyncIterator[ExecEvent]:
+        """Stream the process's output (first what was buffered, if `replay`) until it exits.
+
+        Ends with an ``exit`` event, or without one when `timeout` elapsed first (the process keeps running).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout + self._c._exec_grace
+        async with self._c._channel("proc_attach", {"pid": pid, "replay": replay, "timeout": timeout}) as ch:
+            while True:
+                frame = await ch.get(deadline)
+                if frame.type == p.DATA and frame.header.get("s") in ("stdout", "stderr") and frame.payload:
+                    yield ExecEvent(frame.header["s"], frame.payload)
+                elif frame.type == p.RESULT:
+                    if not frame.header.get("running"):
+                        info = frame.header
+                        yield ExecEvent("exit", pid=pid, result=ExecResult(
+                            exit_code=int(info.get("exit_code") or 0), stdout=b"", stderr=b"",
+                            duration=float(info.get("duration") or 0.0), signal=info.get("signal"), pid=pid))
+                    return
+
+    async def wait(self, pid: int, timeout: float | None = None) -> ExecResult:
+        """Wait for exit; the result carries the output the agent buffered. EXEC_TIMEOUT if still running."""
+        out, err = bytearray(), bytearray()
+        async for ev in self.attach(pid, replay=True, timeout=timeout):
+            if ev.kind == "stdout":
+                out += ev.data
+            elif ev.kind == "stderr":
+                err += ev.data
+            elif ev.kind == "exit" and ev.result is not None:
+                r = ev.result
+                return ExecResult(r.exit_code, bytes(out), bytes(err), r.duration, r.signal, False, pid)
+        raise ExecTimeoutError(ErrorCode.EXEC_TIMEOUT, f"process {pid} still running after {timeout}s",
+                               ExecResult(-1, bytes(out), bytes(err), timeout or 0.0, None, True, pid))
+
+
+class Files:
+    """Guest files. Large files move in CHUNK_SIZE frames, never base64; writes are atomic in the guest."""
+
+    def __init__(self, client: AgentClient) -> None:
+        self._c = client
+
+    async def write(self, path: str, data: bytes | str, *, mode: int | None = None, append: bool = False,
+                    parents: bool = True) -> int:
+        """Write `data` to `path` (replacing it atomically unless `append`); returns the size written."""
+        raw = data.encode() if isinstance(data, str) else data
+        chunks = [raw[i:i + p.CHUNK_SIZE] for i in range(0, len(raw), p.CHUNK_SIZE)]
+        return await self._write_chunks(path, chunks, mode=mode, append=append, parents=parents)
+
+    async def upload(self, local: str | os.PathLike[str], path: str, *, mode: int | None = None,
+                     parents: bool = True) -> int:
+        """Stream the host file `local` to `path` (mode defaults to the local file's permissions)."""
+        fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+
+            def chunks() -> Iterable[bytes]:
+                while chunk := os.read(fd, p.CHUNK_SIZE):
+                    yield chunk
+
+            perms = st.st_mode & 0o7777 if mode is None else mode
+            return await self._write_chunks(path, chunks(), mode=perms, append=False, parents=parents)
+        finally:
+            os.close(fd)
+
+    async def _write_chunks(self, path: str, chunks: Iterable[bytes], *, mode: int | None, append: bool,
+                            parents: bool) -> int:
+        it = iter(chunks)
+        first = next(it, b"")
+        nxt = next(it, None)
+        fields = {"path": path, "mode": mode, "append": append or None, "parents": parents,
+                  "eof": True if nxt is None else None}
+        async with self._c._channel("file_write", fields, first) as ch:
+            while nxt is not None:
+                cur, nxt = nxt, next(it, None)
+                await ch.send_data("file", cur, eof=nxt is None)
+            deadline = time.monotonic() + self._c._request_timeout
+            while True:
+                frame = await ch.get(deadline)
+                if frame.type == p.RESULT:
+                    return int(frame.header.get("size", 0))
+
+    async def _read_stream(self, path: str, offset: int, length: int | None) -> AsyncIterator[bytes]:
+        async with self._c._channel("file_read", {"path": path, "offset": offset or None,
+                                                  "length": length}) as ch:
+            while True:
+                frame = await ch.get(time.monotonic() + self._c._request_timeout)  # per-chunk inactivity
+                if frame.type == p.DATA:
+                    yield frame.payload
+                elif frame.type == p.RESULT:
+                    return
+
+    async def read(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        buf = bytearray()
+        async for chunk in self._read_stream(path, offset, length):
+            buf += chunk
+        return bytes(buf)
+
+    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return (await self.read(path)).decode(encoding)
+
+    async def download(self, path: str, local: str | os.PathLike[str]) -> int:
+        """Stream `path` into the host file `local` atomically (``*.part`` then rename)."""
+        dest = Path(local)
+        part = dest.with_name(dest.name + ".part")
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        size = 0
+        try:
+            async for chunk in self._read_stream(path, 0, None):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+                size += len(chunk)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            part.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        part.replace(dest)
+        return size
+
+    async def list(self, path: str) -> list[FileInfo]:
+        h = await self._c._call("file_list", path=path)
+        return [FileInfo.from_header(e) for e in h.get("entries", [])]
+
+    async def stat(self, path: str, *, follow: bool = True) -> FileInfo:
+        return FileInfo.from_header(await self._c._call("file_stat", path=path, follow=follow))
+
+    async def exists(self, path: str) -> bool:
+        return bool((await self._c._call("file_stat", path=path, missing_ok=True)).get("exists"))
+
+    async def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755,
+                    exist_ok: bool = True) -> FileInfo:
+        return FileInfo.from_header(await self._c._call("file_mkdir", path=path, parents=parents, mode=mode,
+                                                        exist_ok=exist_ok))
+
+    async def remove(self, path: str, *, recursive: bool = False, missing_ok: bool = False) -> bool:
+        """Remove a file, symlink or (empty, or with `recursive`) directory; returns whether it existed."""
+        h = await self._c._call("file_remove", path=path, recursive=recursive or None,
+                                missing_ok=missing_ok or None)
+        return bool(h.get("removed"))
+
+    async def rename(self, src: str, dst: str, *, overwrite: bool = True) -> None:
+        await self._c._call("file_rename", src=src, dst=dst, overwrite=overwrite)

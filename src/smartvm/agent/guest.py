@@ -1,0 +1,1233 @@
+#!/usr/bin/env python3
+"""smartvm guest agent: runs commands and moves files inside the guest for the host.
+
+This file is copied into the guest root filesystem as ``/opt/smartvm/agent.py`` and run by the guest's
+python3.11 with no arguments, so it is stdlib-only, self-contained and imports little at start (the
+guest may run under slow TCG emulation). It also owns the wire framing: the host side
+(:mod:`smartvm.agent.protocol`) imports the frame codec from here so it is defined exactly once.
+The protocol is documented in ``docs/agent-protocol.md``.
+
+Transports (picked at start): the virtio-serial port named ``smartvm.agent`` (QEMU engine), else
+AF_VSOCK port 52 (Firecracker); ``--listen-unix PATH`` and ``--stdio`` exist for host-side tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+AGENT_VERSION = "0.1.0"
+PROTOCOL_VERSION = 1
+AGENT_VSOCK_PORT = 52
+VIRTIO_PORT_NAME = "smartvm.agent"
+
+# ---------------------------------------------------------------------------------------------- framing
+# Every frame: a fixed 20-byte header, then `header_len` bytes of UTF-8 JSON (an object, may be empty),
+# then `payload_len` raw bytes. Big-endian: magic, version, type, flags, channel, header_len, payload_len.
+MAGIC = b"SVMA"
+HEADER = struct.Struct("!4sBBHIII")
+HEADER_SIZE = HEADER.size
+MAX_HEADER_JSON = 256 * 1024
+MAX_PAYLOAD = 1024 * 1024
+CHUNK_SIZE = 256 * 1024
+# Lengths beyond this are not "a frame too large" but garbage: the decoder resynchronises on MAGIC.
+INSANE_LENGTH = 64 * 1024 * 1024
+
+HELLO = 1  # agent -> host: ready/identity (channel 0); host -> agent: "send me a hello"
+REQUEST = 2  # host -> agent: open channel N with {"op": ...}
+DATA = 3  # both ways: {"s": stream, "eof": bool} + payload bytes
+EVENT = 4  # agent -> host: progress on channel N (e.g. {"event": "started", "pid": 12})
+RESULT = 5  # agent -> host: final success; closes channel N
+ERROR = 6  # agent -> host: final failure {"code", "message"}; closes channel N (channel 0: stream-level)
+CANCEL = 7  # host -> agent: abandon channel N (kills an exec's process group)
+FRAME_TYPES = {HELLO: "hello", REQUEST: "request", DATA: "data", EVENT: "event", RESULT: "result",
+               ERROR: "error", CANCEL: "cancel"}
+
+# Error codes carried in ERROR frames (stable strings, see docs/agent-protocol.md).
+E_BAD_MAGIC = "bad_magic"
+E_BAD_FRAME = "bad_frame"
+E_BAD_JSON = "bad_json"
+E_TOO_LARGE = "frame_too_large"
+E_VERSION = "unsupported_version"
+E_BAD_REQUEST = "bad_request"
+E_UNKNOWN_OP = "unknown_op"
+E_CHANNEL = "bad_channel"
+E_NO_PROCESS = "no_such_process"
+E_FILE = "file_error"
+E_NOT_FOUND = "not_found"
+E_SPAWN = "spawn_failed"
+E_CANCELLED = "cancelled"
+E_INTERNAL = "internal"
+
+
+class Frame(NamedTuple):
+    """One decoded frame."""
+
+    type: int
+    channel: int
+    header: dict[str, Any]
+    payload: bytes
+
+
+class FrameError(NamedTuple):
+    """A framing problem the decoder found; the stream stays usable (skipped or resynchronised)."""
+
+    code: str
+    message: str
+    channel: int
+
+
+def encode_frame(ftype: int, channel: int, header: dict[str, Any] | None = None,
+                 payload: bytes = b"", version: int = PROTOCOL_VERSION) -> bytes:
+    """Serialise one frame. Raises ValueError if it would exceed the frame limits."""
+    hj = json.dumps(header, separators=(",", ":")).encode() if header else b""
+    if len(hj) > MAX_HEADER_JSON or len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"frame too large: header {len(hj)} B, payload {len(payload)} B")
+    return HEADER.pack(MAGIC, version, ftype, 0, channel, len(hj), len(payload)) + hj + payload
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes, get frames and framing errors.
+
+    Oversized frames (within sane bounds) are skipped without buffering them; a bad magic or an
+    absurd header makes the decoder scan forward for the next MAGIC (one error per garbage run).
+    """
+
+    def __init__(self, max_header: int = MAX_HEADER_JSON, max_payload: int = MAX_PAYLOAD) -> None:
+        self._buf = bytearray()
+        self._skip = 0
+        self._resyncing = False
+        self._max_header = max_header
+        self._max_payload = max_payload
+
+    def feed(self, data: bytes) -> list[Frame | FrameError]:
+        buf = self._buf
+        buf += data
+        out: list[Frame | FrameError] = []
+        while True:
+            if self._skip:
+                n = min(self._skip, len(buf))
+                del buf[:n]
+                self._skip -= n
+                if self._skip:
+                    break
+            if len(buf) < HEADER_SIZE and (not self._resyncing or len(buf) < len(MAGIC)):
+                break
+            if buf[:4] != MAGIC:
+                self._garbage(out, "bytes that do not start a frame (bad magic)", E_BAD_MAGIC)
+                idx = buf.find(MAGIC, 1)
+                if idx < 0:
+                    del buf[: max(0, len(buf) - (len(MAGIC) - 1))]
+                    break
+                del buf[:idx]
+                continue
+            if len(buf) < HEADER_SIZE:
+                break
+            _, ver, ftype, _flags, channel, hlen, plen = HEADER.unpack_from(buf)
+            if hlen > INSANE_LENGTH or plen > INSANE_LENGTH or ftype == 0:
+                self._garbage(out, f"corrupt frame header (lengths {hlen}/{plen})", E_BAD_FRAME)
+                del buf[:1]
+                continue
+            self._resyncing = False
+            total = HEADER_SIZE + hlen + plen
+            if ver != PROTOCOL_VERSION:
+                out.append(FrameError(E_VERSION, f"protocol version {ver} is not supported "
+                                      f"(this side speaks {PROTOCOL_VERSION})", channel))
+                self._skip = total
+                continue
+            if hlen > self._max_header or plen > self._max_payload:
+                out.append(FrameError(E_TOO_LARGE, f"frame of {hlen} B header + {plen} B payload exceeds "
+                                      f"the limits ({self._max_header} B / {self._max_payload} B)", channel))
+                self._skip = total
+                continue
+            if len(buf) < total:
+                break
+            raw = bytes(buf[HEADER_SIZE:HEADER_SIZE + hlen])
+            payload = bytes(buf[HEADER_SIZE + hlen:total])
+            del buf[:total]
+            header: Any = {}
+            if raw:
+                try:
+                    header = json.loads(raw)
+                except ValueError as exc:
+                    out.append(FrameError(E_BAD_JSON, f"frame header is not valid JSON: {exc}", channel))
+                    continue
+            if not isinstance(header, dict):
+                out.append(FrameError(E_BAD_JSON, "frame header must be a JSON object", channel))
+                continue
+            out.append(Frame(ftype, channel, header, payload))
+        return out
+
+    def _garbage(self, out: list[Frame | FrameError], message: str, code: str) -> None:
+        if not self._resyncing:
+            out.append(FrameError(code, message + "; resynchronising", 0))
+            self._resyncing = True
+
+
+# ------------------------------------------------------------------------------------------- agent core
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+EXIT_LINGER = 2.0  # after the leader exits, how long we keep reading pipes held by its children
+REPLAY_BYTES = 1024 * 1024  # output kept per background process for attach(replay=True)
+MAX_FINISHED_PROCS = 64
+STDIN_QUEUE_LIMIT = 64 * 1024 * 1024
+
+
+def _log(msg: str) -> None:
+    try:
+        sys.stderr.write(f"smartvm-agent[{os.getpid()}]: {msg}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+class AgentError(Exception):
+    """A request failed in a way the host should hear about as an ERROR frame."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+def _os_error(exc: OSError, what: str) -> AgentError:
+    import errno
+
+    name = errno.errorcode.get(exc.errno or 0, "EIO")
+    code = E_NOT_FOUND if exc.errno == errno.ENOENT else E_FILE
+    return AgentError(code, f"{what}: {exc.strerror or exc} ({name})", errno=name)
+
+
+class Conn:
+    """One host connection: a byte stream plus the channels opened on it."""
+
+    def __init__(self, read: Callable[[int], bytes], write: Callable[[bytes], None],
+                 close: Callable[[], None], write_lock: threading.Lock, transport: str) -> None:
+        self.read = read
+        self._write = write
+        self._close = close
+        self._lock = write_lock
+        self.transport = transport
+        self.alive = True
+        self.channels: dict[int, Channel] = {}
+        self.chan_lock = threading.Lock()
+
+    def send(self, ftype: int, channel: int, header: dict[str, Any] | None = None,
+             payload: bytes = b"") -> bool:
+        frame = encode_frame(ftype, channel, header, payload)
+        with self._lock:
+            if not self.alive:
+                return False
+            try:
+                self._write(frame)
+            except OSError:
+                self.alive = False
+                return False
+        return True
+
+    def error(self, channel: int, code: str, message: str, **extra: Any) -> None:
+        self.send(ERROR, channel, {"code": code, "message": message, **extra})
+
+    def close(self) -> None:
+        self.alive = False
+        with contextlib.suppress(OSError):
+            self._close()
+
+
+class Channel:
+    """A request in flight: its inbox (DATA frames from the host) and its cancellation."""
+
+    def __init__(self, conn: Conn, cid: int) -> None:
+        self.conn = conn
+        self.id = cid
+        self.inbox: queue.SimpleQueue[tuple[dict[str, Any], bytes] | None] = queue.SimpleQueue()
+        self.inbox_bytes = 0
+        self.cancelled = threading.Event()
+        self._on_cancel: list[Callable[[], None]] = []
+        self.closed = False
+
+    def on_cancel(self, fn: Callable[[], None]) -> None:
+        self._on_cancel.append(fn)
+        if self.cancelled.is_set():
+            fn()
+
+    def cancel(self) -> None:
+        if self.cancelled.is_set():
+            return
+        self.cancelled.set()
+        self.inbox.put(None)
+        for fn in list(self._on_cancel):
+            try:
+                fn()
+            except Exception as exc:  # a cancel hook must never kill the reader
+                _log(f"cancel hook failed: {exc!r}")
+
+    def data(self, stream: str, payload: bytes, eof: bool = False) -> None:
+        last = max(len(payload) - 1, 0) // CHUNK_SIZE * CHUNK_SIZE
+        for i in range(0, last + 1, CHUNK_SIZE):
+            hdr: dict[str, Any] = {"s": stream, "eof": True} if eof and i == last else {"s": stream}
+            self.conn.send(DATA, self.id, hdr, payload[i:i + CHUNK_SIZE])
+
+    def event(self, header: dict[str, Any]) -> None:
+        self.conn.send(EVENT, self.id, header)
+
+    def result(self, header: dict[str, Any]) -> None:
+        self._finish(RESULT, header)
+
+    def fail(self, code: str, message: str, **extra: Any) -> None:
+        self._finish(ERROR, {"code": code, "message": message, **extra})
+
+    def _finish(self, ftype: int, header: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with self.conn.chan_lock:
+            if self.conn.channels.get(self.id) is self:
+                del self.conn.channels[self.id]
+        body = json.dumps(header, separators=(",", ":")).encode()
+        if len(body) > MAX_HEADER_JSON:  # e.g. a huge directory listing: ship the JSON as DATA
+            for i in range(0, len(body), CHUNK_SIZE):
+                self.conn.send(DATA, self.id, {"s": "result"}, body[i:i + CHUNK_SIZE])
+            header = {"result_in_data": True}
+        self.conn.send(ftype, self.id, header)
+
+    def next_data(self) -> tuple[dict[str, Any], bytes]:
+        """Block for the next DATA frame from the host; raise if the channel was cancelled."""
+        item = self.inbox.get()
+        if item is None:
+            self.inbox.put(None)
+            raise AgentError(E_CANCELLED, "request cancelled")
+        self.inbox_bytes -= len(item[1])
+        return item
+
+
+# ------------------------------------------------------------------------------------------- processes
+def _str_list(value: Any, field: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise AgentError(E_BAD_REQUEST, f"{field} must be a non-empty list of strings")
+    return value
+
+
+def _spawn_spec(req: dict[str, Any]) -> dict[str, Any]:
+    """Turn an exec/proc_start request into Popen keyword arguments (validating every field)."""
+    cmd = req.get("cmd")
+    argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else _str_list(cmd, "cmd")
+    kwargs: dict[str, Any] = {"args": argv}
+    home, uname = "/root", "root"
+    user = req.get("user")
+    if user is not None:
+        import pwd
+
+        try:
+            if isinstance(user, int) or (isinstance(user, str) and user.isdigit()):
+                uid = int(user)
+                try:
+                    pw = pwd.getpwuid(uid)
+                    gid, home, uname = pw.pw_gid, pw.pw_dir, pw.pw_name
+                    groups = os.getgrouplist(uname, gid)
+                except KeyError:
+                    gid, home, uname, groups = uid, "/", str(uid), []
+            elif isinstance(user, str):
+                pw = pwd.getpwnam(user)
+                uid, gid, home, uname = pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_name
+                groups = os.getgrouplist(uname, gid)
+            else:
+                raise AgentError(E_BAD_REQUEST, "user must be a uid (int) or a user name (str)")
+        except KeyError:
+            raise AgentError(E_BAD_REQUEST, f"unknown user {user!r} in the guest") from None
+        kwargs.update(user=uid, group=gid, extra_groups=groups)
+    elif os.getuid() != 0:
+        import pwd
+
+        try:
+            pw = pwd.getpwuid(os.getuid())
+            home, uname = pw.pw_dir, pw.pw_name
+        except KeyError:
+            home, uname = "/", str(os.getuid())
+    env = {"PATH": DEFAULT_PATH, "HOME": home, "USER": uname, "LOGNAME": uname, "SHELL": "/bin/sh",
+           "LANG": "C.UTF-8"}
+    extra = req.get("env") or {}
+    if not isinstance(extra, dict):
+        raise AgentError(E_BAD_REQUEST, "env must be an object of strings")
+    for key, val in extra.items():
+        if val is None:
+            env.pop(key, None)
+        elif isinstance(val, str) and "=" not in key and "\0" not in key + val:
+            env[key] = val
+        else:
+            raise AgentError(E_BAD_REQUEST, f"env entry {key!r} must map a name to a string")
+    kwargs["env"] = env
+    cwd = req.get("cwd")
+    if cwd is not None and not isinstance(cwd, str):
+        raise AgentError(E_BAD_REQUEST, "cwd must be a string")
+    kwargs["cwd"] = cwd if cwd else (home if os.path.isdir(home) else "/")
+    return kwargs
+
+
+class Proc:
+    """A child process in its own session/process group, with its output pumped to sinks.
+
+    Foreground execs attach their sink before the pump starts; background processes also keep a
+    replay buffer so a later attach sees earlier output.
+    """
+
+    def __init__(self, req: dict[str, Any], *, keep_stdin: bool, replay_bytes: int) -> None:
+        import subprocess
+
+        spec = _spawn_spec(req)
+        self.argv: list[str] = spec["args"]
+        self.started = time.time()
+        self._t0 = time.monotonic()
+        self.popen = subprocess.Popen(
+            **spec, stdin=subprocess.PIPE if keep_stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+        self.pid = self.popen.pid
+        self.exit_code: int | None = None
+        self.signal: int | None = None
+        self.ended: float | None = None
+        self.duration = 0.0
+        self.done = threading.Event()
+        self.stdin_lock = threading.Lock()
+        self._emit_lock = threading.Lock()
+        self._sinks: tuple[Callable[[str, bytes], None], ...] = ()
+        self._on_done: list[Callable[[], None]] = []
+        self._replay_limit = replay_bytes
+        self._replay: list[tuple[str, bytes]] = []
+        self._replay_size = 0
+        self.dropped = 0
+
+    def start_pump(self) -> None:
+        threading.Thread(target=self._pump, name=f"pump-{self.pid}", daemon=True).start()
+
+    def attach(self, sink: Callable[[str, bytes], None], replay: bool) -> None:
+        with self._emit_lock:
+            if replay:
+                for stream, data in self._replay:
+                    sink(stream, data)
+            self._sinks = (*self._sinks, sink)
+
+    def detach(self, sink: Callable[[str, bytes], None]) -> None:
+        self._sinks = tuple(s for s in self._sinks if s is not sink)
+
+    def on_done(self, fn: Callable[[], None]) -> None:
+        with self._emit_lock:
+            if not self.done.is_set():
+                self._on_done.append(fn)
+                return
+        fn()
+
+    def _emit(self, stream: str, data: bytes) -> None:
+        with self._emit_lock:
+            if self._replay_limit:
+                self._replay.append((stream, data))
+                self._replay_size += len(data)
+                while self._replay_size > self._replay_limit and len(self._replay) > 1:
+                    self._replay_size -= len(self._replay[0][1])
+                    self.dropped += len(self._replay.pop(0)[1])
+            for sink in self._sinks:
+                try:
+                    sink(stream, data)
+                except Exception as exc:
+                    _log(f"output sink failed: {exc!r}")
+
+    def _pump(self) -> None:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        wake_r, wake_w = os.pipe()
+        streams = {}
+        for name, pipe in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr)):
+            assert pipe is not None
+            streams[pipe.fileno()] = name
+            sel.register(pipe.fileno(), selectors.EVENT_READ)
+        sel.register(wake_r, selectors.EVENT_READ)
+
+        def waiter() -> None:
+            self.popen.wait()
+            os.write(wake_w, b"x")
+
+        waiter_thread = threading.Thread(target=waiter, name=f"wait-{self.pid}", daemon=True)
+        waiter_thread.start()
+        deadline: float | None = None
+        try:
+            while streams:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                events = sel.select(timeout)
+                if not events and deadline is not None and time.monotonic() >= deadline:
+                    break
+                for key, _ in events:
+                    fd = key.fd
+                    if fd == wake_r:
+                        sel.unregister(wake_r)
+                        deadline = time.monotonic() + EXIT_LINGER
+                        continue
+                    try:
+                        data = os.read(fd, 65536)
+                    except OSError:
+                        data = b""
+                    if data:
+                        self._emit(streams[fd], data)
+                    else:
+                        sel.unregister(fd)
+                        del streams[fd]
+        finally:
+            sel.close()
+            for pipe in (self.popen.stdout, self.popen.stderr):
+                if pipe is not None:
+                    pipe.close()
+            rc = self.popen.wait()
+            waiter_thread.join()
+            os.close(wake_r)
+            os.close(wake_w)
+            self.duration = time.monotonic() - self._t0
+            self.ended = time.time()
+            if rc < 0:
+                self.signal, self.exit_code = -rc, 128 - rc
+            else:
+                self.exit_code = rc
+            with self._emit_lock:
+                self.done.set()
+                hooks, self._on_done = self._on_done, []
+            for fn in hooks:
+                fn()
+
+    def kill_group(self, sig: int = 9) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def write_stdin(self, data: bytes, eof: bool) -> None:
+        with self.stdin_lock:
+            pipe = self.popen.stdin
+            if pipe is None or pipe.closed:
+                if data:
+                    raise AgentError(E_BAD_REQUEST, f"stdin of process {self.pid} is closed")
+                return
+            try:
+                if data:
+                    pipe.write(data)
+                    pipe.flush()
+                if eof:
+                    pipe.close()
+            except (BrokenPipeError, ValueError, OSError):
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+    def info(self) -> dict[str, Any]:
+        stdin = self.popen.stdin
+        return {"pid": self.pid, "cmd": self.argv, "running": not self.done.is_set(),
+                "exit_code": self.exit_code, "signal": self.signal, "started": self.started,
+                "ended": self.ended, "duration": self.duration if self.done.is_set() else None,
+                "stdin_open": stdin is not None and not stdin.closed, "dropped": self.dropped}
+
+
+def _spawn(req: dict[str, Any], ch: Channel, *, keep_stdin: bool, replay_bytes: int) -> Proc | None:
+    """Start a process; a missing/unrunnable program becomes exit 127/126 like a shell does."""
+    try:
+        return Proc(req, keep_stdin=keep_stdin, replay_bytes=replay_bytes)
+    except AgentError:
+        raise
+    except OSError as exc:
+        import errno
+
+        cmd = req.get("cmd")
+        prog = cmd[0] if isinstance(cmd, list) and cmd else str(cmd)
+        if exc.filename == prog and exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):
+            code = 127 if exc.errno == errno.ENOENT else 126
+            what = "command not found" if code == 127 else (exc.strerror or "cannot execute")
+            ch.data("stderr", f"smartvm-agent: {prog}: {what}\n".encode())
+            ch.result({"exit_code": code, "signal": None, "timed_out": False, "duration": 0.0,
+                       "pid": None})
+            return None
+        raise AgentError(E_SPAWN, f"cannot start {prog!r}: {exc.strerror or exc}"
+                         + (f" ({exc.filename})" if exc.filename else "")) from None
+
+
+# ------------------------------------------------------------------------------------------------ agent
+class Agent:
+    """Dispatches requests to handlers; one thread per request, background processes shared."""
+
+    def __init__(self, dry_run_system: bool = False) -> None:
+        self.dry_run_system = dry_run_system
+        self.started = time.time()
+        self.procs: dict[int, Proc] = {}
+        self.procs_lock = threading.Lock()
+        self.handlers: dict[str, Callable[[Channel, dict[str, Any], bytes], None]] = {
+            "ping": self.op_ping, "exec": self.op_exec, "proc_start": self.op_proc_start,
+            "proc_list": self.op_proc_list, "proc_stdin": self.op_proc_stdin,
+            "proc_signal": self.op_proc_signal, "proc_attach": self.op_proc_attach,
+            "file_write": self.op_file_write, "file_read": self.op_file_read,
+            "file_list": self.op_file_list, "file_stat": self.op_file_stat,
+            "file_mkdir": self.op_file_mkdir, "file_remove": self.op_file_remove,
+            "file_rename": self.op_file_rename, "health": self.op_health, "sync": self.op_sync,
+            "set_time": self.op_set_time, "shutdown": self.op_shutdown,
+        }
+
+    # --- connection loop
+    def hello(self, conn: Conn) -> dict[str, Any]:
+        info: dict[str, Any] = {"protocol": PROTOCOL_VERSION, "agent_version": AGENT_VERSION,
+                                "pid": os.getpid(), "started": self.started, "boot_time": _boot_time(),
+                                "transport": conn.transport, "max_payload": MAX_PAYLOAD,
+                                "max_header": MAX_HEADER_JSON, "ops": sorted(self.handlers)}
+        try:
+            u = os.uname()
+            info.update(kernel=u.release, hostname=u.nodename, machine=u.machine)
+        except OSError:
+            pass
+        return info
+
+    def serve(self, conn: Conn) -> int:
+        """Serve one connection until EOF; returns the number of bytes read."""
+        decoder = FrameDecoder()
+        total = 0
+        try:
+            if not conn.send(HELLO, 0, self.hello(conn)):
+                return 0
+            while True:
+                try:
+                    data = conn.read(CHUNK_SIZE)
+                except InterruptedError:
+                    continue
+                except OSError:
+                    break
+                if not data:
+                    break
+                total += len(data)
+                for item in decoder.feed(data):
+                    try:
+                        self.dispatch(conn, item)
+                    except Exception as exc:  # never let one frame kill the connection
+                        _log(f"dispatch failed: {exc!r}")
+                        conn.error(item.channel, E_INTERNAL, f"agent bug: {exc!r}")
+        finally:
+            conn.alive = False
+            with conn.chan_lock:
+                channels = list(conn.channels.values())
+                conn.channels.clear()
+            for ch in channels:
+                ch.cancel()
+        return total
+
+    def dispatch(self, conn: Conn, item: Frame | FrameError) -> None:
+        if isinstance(item, FrameError):
+            conn.error(item.channel, item.code, item.message)
+            with conn.chan_lock:
+                ch = conn.channels.get(item.channel)
+            if ch is not None:  # a broken frame in the middle of a request aborts that request
+                ch.cancel()
+                ch.fail(item.code, item.message)
+            return
+        ftype, cid, hdr, payload = item
+        if ftype == HELLO:
+            # A host HELLO starts a new session on this stream. On virtio-serial a quick reconnect can
+            # hide the disconnect from us, so whatever the previous host left running is cancelled here.
+            with conn.chan_lock:
+                stale = list(conn.channels.values())
+                conn.channels.clear()
+            for old in stale:
+                old.closed = True
+                old.cancel()
+            conn.send(HELLO, 0, self.hello(conn))
+        elif ftype == REQUEST:
+            op = hdr.get("op")
+            handler = self.handlers.get(op) if isinstance(op, str) else None
+            if cid == 0:
+                conn.error(0, E_CHANNEL, "requests need a channel id > 0")
+                return
+            if handler is None:
+                known = ", ".join(sorted(self.handlers))
+                conn.error(cid, E_UNKNOWN_OP, f"unknown op {op!r}; known ops: {known}")
+                return
+            ch = Channel(conn, cid)
+            with conn.chan_lock:
+                if cid in conn.channels:
+                    conn.error(cid, E_CHANNEL, f"channel {cid} is already in use")
+                    return
+                conn.channels[cid] = ch
+            threading.Thread(target=self._run, args=(handler, ch, hdr, payload),
+                             name=f"op-{op}-{cid}", daemon=True).start()
+        elif ftype in (DATA, CANCEL):
+            with conn.chan_lock:
+                ch = conn.channels.get(cid)
+            if ch is None:
+                if ftype == DATA:
+                    conn.error(cid, E_CHANNEL, f"no open request on channel {cid}")
+                return
+            if ftype == CANCEL:
+                ch.cancel()
+            elif ch.inbox_bytes + len(payload) > STDIN_QUEUE_LIMIT:
+                ch.cancel()
+                ch.fail(E_BAD_REQUEST, "too much data queued on this channel; send less at once")
+            else:
+                ch.inbox_bytes += len(payload)
+                ch.inbox.put((hdr, payload))
+        else:
+            conn.error(cid, E_BAD_FRAME, f"frame type {ftype} is not accepted by the agent")
+
+    def _run(self, handler: Callable[[Channel, dict[str, Any], bytes], None], ch: Channel,
+             hdr: dict[str, Any], payload: bytes) -> None:
+        try:
+            handler(ch, hdr, payload)
+        except AgentError as exc:
+            ch.fail(exc.code, exc.message, **exc.extra)
+        except OSError as exc:
+            ch.fail(*_split(_os_error(exc, str(hdr.get("path") or hdr.get("op")))))
+        except Exception as exc:
+            _log(f"op {hdr.get('op')} crashed: {exc!r}")
+            ch.fail(E_INTERNAL, f"agent error in {hdr.get('op')}: {exc!r}")
+        finally:
+            if not ch.closed:
+                ch.fail(E_INTERNAL, f"op {hdr.get('op')} ended without a result")
+
+    # --- simple ops
+    def op_ping(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        ch.result({"time": time.time()})
+
+    def op_health(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        mem: dict[str, int] = {}
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    if key in ("MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached", "SwapTotal",
+                               "SwapFree"):
+                        mem[key] = int(rest.split()[0]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            with open("/proc/uptime") as f:
+                uptime = float(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            uptime = -1.0
+        with self.procs_lock:
+            running = sum(1 for p in self.procs.values() if not p.done.is_set())
+        ch.result({"uptime": uptime, "load": list(os.getloadavg()), "memory": mem, "time": time.time(),
+                   "agent_pid": os.getpid(), "agent_uptime": time.time() - self.started,
+                   "background_processes": running, "cpus": os.cpu_count() or 1})
+
+    def op_sync(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        t0 = time.monotonic()
+        os.sync()
+        ch.result({"duration": time.monotonic() - t0})
+
+    def op_set_time(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        target = req.get("time")
+        if not isinstance(target, (int, float)) or isinstance(target, bool) or target <= 0:
+            raise AgentError(E_BAD_REQUEST, "time must be a positive number of seconds since the epoch")
+        before = time.time()
+        method = "dry-run"
+        if not self.dry_run_system:
+            try:
+                time.clock_settime_ns(time.CLOCK_REALTIME, int(target * 1e9))
+                method = "clock_settime"
+            except (OSError, AttributeError):
+                import subprocess
+
+                rc = subprocess.run(["date", "-s", f"@{int(target)}"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL).returncode
+                if rc != 0:
+                    raise AgentError(E_INTERNAL, "cannot set the guest clock (clock_settime and date -s "
+                                     "both failed)") from None
+                method = "date"
+        ch.result({"applied": method != "dry-run", "method": method, "target": target, "before": before,
+                   "after": time.time(), "delta": target - before})
+
+    def op_shutdown(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        action = req.get("action", "poweroff")
+        if action not in ("poweroff", "reboot"):
+            raise AgentError(E_BAD_REQUEST, "action must be 'poweroff' or 'reboot'")
+        ch.result({"action": action, "dry_run": self.dry_run_system})
+        if self.dry_run_system:
+            return
+
+        def later() -> None:
+            time.sleep(0.2)  # let the result reach the host first
+            os.sync()
+            import subprocess
+
+            try:
+                done = subprocess.run([action], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if done.returncode == 0:
+                    return
+            except OSError:
+                pass
+            import ctypes
+
+            cmd = 0x4321FEDC if action == "poweroff" else 0x01234567  # LINUX_REBOOT_CMD_*
+            ctypes.CDLL(None, use_errno=True).reboot(cmd)
+
+        threading.Thread(target=later, daemon=True).start()
+
+    # --- processes
+    def op_exec(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        timeout = req.get("timeout")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise AgentError(E_BAD_REQUEST, "timeout must be a positive number of seconds")
+        want_stdin = bool(req.get("stdin"))
+        proc = _spawn(req, ch, keep_stdin=want_stdin, replay_bytes=0)
+        if proc is None:
+            return
+        wake = threading.Event()
+        proc.attach(ch.data, replay=False)
+        proc.on_done(wake.set)
+        ch.on_cancel(wake.set)
+        ch.event({"event": "started", "pid": proc.pid})
+        proc.start_pump()
+        if want_stdin:
+            threading.Thread(target=self._feed_stdin, args=(ch, proc), daemon=True).start()
+        wake.wait(timeout)
+        timed_out = False
+        if not proc.done.is_set():
+            timed_out = not ch.cancelled.is_set()
+            proc.kill_group()
+            proc.done.wait()
+        res = {"exit_code": 124 if timed_out else proc.exit_code, "signal": proc.signal,
+               "timed_out": timed_out, "duration": proc.duration, "pid": proc.pid}
+        if ch.cancelled.is_set() and not timed_out:
+            res["cancelled"] = True
+        ch.result(res)
+
+    def _feed_stdin(self, ch: Channel, proc: Proc) -> None:
+        try:
+            while True:
+                hdr, data = ch.next_data()
+                proc.write_stdin(data, bool(hdr.get("eof")))
+                if hdr.get("eof"):
+                    return
+        except AgentError:
+            proc.write_stdin(b"", True)
+
+    def _proc(self, req: dict[str, Any]) -> Proc:
+        pid = req.get("pid")
+        with self.procs_lock:
+            proc = self.procs.get(pid) if isinstance(pid, int) else None
+        if proc is None:
+            raise AgentError(E_NO_PROCESS, f"no background process with pid {pid!r}")
+        return proc
+
+    def op_proc_start(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        replay = req.get("replay_bytes", REPLAY_BYTES)
+        if not isinstance(replay, int) or replay < 0:
+            raise AgentError(E_BAD_REQUEST, "replay_bytes must be a non-negative integer")
+        proc = _spawn(req, ch, keep_stdin=bool(req.get("stdin")), replay_bytes=replay)
+        if proc is None:
+            return
+        proc.start_pump()
+        with self.procs_lock:
+            self.procs[proc.pid] = proc
+            finished = [p for p in self.procs.values() if p.done.is_set()]
+            for old in finished[: max(0, len(finished) - MAX_FINISHED_PROCS)]:
+                del self.procs[old.pid]
+        ch.result(proc.info())
+
+    def op_proc_list(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        with self.procs_lock:
+            procs = list(self.procs.values())
+        ch.result({"processes": [p.info() for p in procs]})
+
+    def op_proc_stdin(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        proc = self._proc(req)
+        proc.write_stdin(payload, bool(req.get("eof")))
+        ch.result({"written": len(payload)})
+
+    def op_proc_signal(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        import signal as _signal
+
+        proc = self._proc(req)
+        sig = req.get("signal", "SIGTERM")
+        try:
+            signum = int(sig) if isinstance(sig, int) else int(_signal.Signals[str(sig).upper()])
+        except (KeyError, ValueError):
+            raise AgentError(E_BAD_REQUEST, f"unknown signal {sig!r}") from None
+        if not proc.done.is_set():
+            try:
+                if req.get("group", True):
+                    os.killpg(proc.pid, signum)
+                else:
+                    os.kill(proc.pid, signum)
+            except ProcessLookupError:
+                pass
+        ch.result(proc.info())
+
+    def op_proc_attach(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        proc = self._proc(req)
+        wake = threading.Event()
+        ch.on_cancel(wake.set)
+        proc.attach(ch.data, replay=bool(req.get("replay", True)))
+        proc.on_done(wake.set)
+        timeout = req.get("timeout")
+        wake.wait(timeout if isinstance(timeout, (int, float)) else None)
+        proc.detach(ch.data)
+        info = proc.info()
+        if ch.cancelled.is_set():
+            info["detached"] = True
+        ch.result(info)
+
+    # --- files
+    def op_file_write(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        path = _path(req)
+        mode = req.get("mode")
+        if mode is not None and (not isinstance(mode, int) or not 0 <= mode <= 0o7777):
+            raise AgentError(E_BAD_REQUEST, "mode must be an integer permission like 0o644")
+        if req.get("parents", True):
+            parent = os.path.dirname(path)
+            if parent:
+                try:
+                    os.makedirs(parent, exist_ok=True)
+                except OSError as exc:
+                    raise _os_error(exc, parent) from None
+        append = bool(req.get("append"))
+        try:
+            st: os.stat_result | None = os.stat(path)
+        except OSError:
+            st = None
+        if append:
+            target, tmp = path, None
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        else:
+            target = path
+            tmp = os.path.join(os.path.dirname(path) or ".",
+                               f".{os.path.basename(path)}.{os.getpid()}-{ch.id}.smartvm-part")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        size = 0
+        ok = False
+        try:
+            chunk, eof = payload, bool(req.get("eof"))
+            while True:
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                size += len(chunk)
+                if eof:
+                    break
+                hdr, chunk = ch.next_data()
+                eof = bool(hdr.get("eof"))
+            if mode is not None:
+                os.fchmod(fd, mode)
+            elif tmp is not None:
+                os.fchmod(fd, (st.st_mode & 0o7777) if st is not None else 0o644)
+            if st is not None and tmp is not None and os.getuid() == 0:
+                os.fchown(fd, st.st_uid, st.st_gid)
+            os.close(fd)
+            fd = -1
+            if tmp is not None:
+                os.replace(tmp, target)
+            ok = True
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if not ok and tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        ch.result({"path": path, "size": size})
+
+    def op_file_read(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        path = _path(req)
+        offset = req.get("offset", 0)
+        length = req.get("length")
+        if not isinstance(offset, int) or offset < 0 or (length is not None and (not isinstance(length, int)
+                                                                               or length < 0)):
+            raise AgentError(E_BAD_REQUEST, "offset/length must be non-negative integers")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        sent = 0
+        try:
+            st = os.fstat(fd)
+            import stat as _stat
+
+            if _stat.S_ISDIR(st.st_mode):
+                raise AgentError(E_FILE, f"{path}: is a directory (EISDIR)", errno="EISDIR")
+            ch.event({"event": "open", "size": st.st_size, "mode": st.st_mode & 0o7777})
+            if offset:
+                os.lseek(fd, offset, os.SEEK_SET)
+            remaining = length
+            while not ch.cancelled.is_set():
+                want = CHUNK_SIZE if remaining is None else min(CHUNK_SIZE, remaining)
+                data = os.read(fd, want) if want else b""
+                if not data:
+                    break
+                ch.conn.send(DATA, ch.id, {"s": "file"}, data)
+                sent += len(data)
+                if remaining is not None:
+                    remaining -= len(data)
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        finally:
+            os.close(fd)
+        ch.result({"path": path, "size": sent})
+
+    def op_file_list(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        path = _path(req)
+        entries = []
+        try:
+            with os.scandir(path) as it:
+                for entry in it:
+                    try:
+                        entries.append(_stat_info(entry.path, entry.stat(follow_symlinks=False)))
+                    except OSError:
+                        continue
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        entries.sort(key=lambda e: str(e["name"]))
+        ch.result({"path": path, "entries": entries})
+
+    def op_file_stat(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        path = _path(req)
+        try:
+            st = os.stat(path) if req.get("follow", True) else os.lstat(path)
+        except FileNotFoundError:
+            if req.get("missing_ok"):
+                ch.result({"exists": False, "path": path})
+                return
+            raise AgentError(E_NOT_FOUND, f"{path}: no such file or directory (ENOENT)",
+                             errno="ENOENT") from None
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        ch.result({"exists": True, **_stat_info(path, st)})
+
+    def op_file_mkdir(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        path = _path(req)
+        mode = req.get("mode", 0o755)
+        if not isinstance(mode, int):
+            raise AgentError(E_BAD_REQUEST, "mode must be an integer")
+        try:
+            if req.get("parents", True):
+                os.makedirs(path, mode, exist_ok=bool(req.get("exist_ok", True)))
+            else:
+                os.mkdir(path, mode)
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        ch.result(_stat_info(path, os.stat(path)))
+
+    def op_file_remove(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        path = _path(req)
+        import stat as _stat
+
+        try:
+            st = os.lstat(path)
+            if _stat.S_ISDIR(st.st_mode):
+                if req.get("recursive"):
+                    import shutil
+
+                    shutil.rmtree(path)
+                else:
+                    os.rmdir(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            if not req.get("missing_ok"):
+                raise AgentError(E_NOT_FOUND, f"{path}: no such file or directory (ENOENT)",
+                                 errno="ENOENT") from None
+            ch.result({"path": path, "removed": False})
+            return
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        ch.result({"path": path, "removed": True})
+
+    def op_file_rename(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        src, dst = _path(req, "src"), _path(req, "dst")
+        try:
+            if not req.get("overwrite", True) and os.path.lexists(dst):
+                raise AgentError(E_FILE, f"{dst}: already exists (EEXIST)", errno="EEXIST")
+            os.replace(src, dst)
+        except OSError as exc:
+            raise _os_error(exc, f"{src} -> {dst}") from None
+        ch.result({"src": src, "dst": dst})
+
+
+def _split(err: AgentError) -> tuple[str, str]:
+    return err.code, err.message
+
+
+def _path(req: dict[str, Any], field: str = "path") -> str:
+    value = req.get(field)
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise AgentError(E_BAD_REQUEST, f"{field} must be a non-empty path string")
+    return value
+
+
+def _stat_info(path: str, st: os.stat_result) -> dict[str, Any]:
+    import stat as _stat
+
+    kind = ("dir" if _stat.S_ISDIR(st.st_mode) else "file" if _stat.S_ISREG(st.st_mode)
+            else "symlink" if _stat.S_ISLNK(st.st_mode) else "other")
+    info: dict[str, Any] = {"name": os.path.basename(path.rstrip("/")) or "/", "path": path, "type": kind,
+                            "size": st.st_size, "mode": st.st_mode & 0o7777, "uid": st.st_uid,
+                            "gid": st.st_gid, "mtime": st.st_mtime}
+    if kind == "symlink":
+        with contextlib.suppress(OSError):
+            info["target"] = os.readlink(path)
+    return info
+
+
+def _boot_time() -> float | None:
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# ------------------------------------------------------------------------------------------- transports
+def _fd_writer(fd: int) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    return write
+
+
+def serve_stdio(agent: Agent) -> None:
+    conn = Conn(lambda n: os.read(0, n), _fd_writer(1), lambda: None, threading.Lock(), "stdio")
+    agent.serve(conn)
+
+
+def _serve_socket(agent: Agent, sock: Any, transport: str) -> None:
+    """Accept connections forever; each one is served on its own thread."""
+
+    def run(client: Any) -> None:
+        conn = Conn(client.recv, client.sendall, client.close, threading.Lock(), transport)
+        try:
+            agent.serve(conn)
+        finally:
+            conn.close()
+
+    while True:
+        try:
+            client, _ = sock.accept()
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            _log(f"accept failed: {exc}")
+            time.sleep(0.5)
+            continue
+        threading.Thread(target=run, args=(client,), daemon=True).start()
+
+
+def serve_unix(agent: Agent, path: str) -> None:
+    import socket
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(16)
+    _serve_socket(agent, sock, "unix")
+
+
+def open_vsock(port: int) -> Any:
+    import socket
+
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((socket.VMADDR_CID_ANY, port))
+    sock.listen(16)
+    return sock
+
+
+def find_virtio_port(name: str = VIRTIO_PORT_NAME, sysfs: str = "/sys/class/virtio-ports") -> str | None:
+    """The /dev node of the virtio-serial port called `name` (there is no udev symlink in the guest)."""
+    try:
+        ports = sorted(os.listdir(sysfs))
+    except OSError:
+        return None
+    for port in ports:
+        try:
+            with open(os.path.join(sysfs, port, "name")) as f:
+                if f.read().strip() == name:
+                    return "/dev/" + port
+        except OSError:
+            continue
+    return None
+
+
+def serve_virtio(agent: Agent, dev: str) -> None:
+    """Serve the port forever. A host disconnect reads as EOF; the next session starts clean.
+
+    While no host is connected, the guest's writes block, so the hello of a new session goes out
+    exactly when a host connects. Both sessions share one write lock so frames never interleave.
+    """
+    fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+    lock = threading.Lock()
+    backoff = 0.05
+    while True:
+        conn = Conn(lambda n: os.read(fd, n), _fd_writer(fd), lambda: None, lock, "virtio-serial")
+        t0 = time.monotonic()
+        got = agent.serve(conn)
+        if not got and time.monotonic() - t0 < 0.5:
+            time.sleep(backoff)  # host not really there: do not spin
+            backoff = min(backoff * 2, 1.0)
+        else:
+            backoff = 0.05
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    dry = os.environ.get("SMARTVM_AGENT_DRY_RUN") == "1"
+    mode, value = "auto", ""
+    while args:
+        arg = args.pop(0)
+        if arg == "--version":
+            print(f"smartvm-agent {AGENT_VERSION} protocol {PROTOCOL_VERSION}")
+            return 0
+        if arg == "--dry-run-system":
+            dry = True
+        elif arg == "--stdio":
+            mode = "stdio"
+        elif arg in ("--listen-unix", "--vsock-port", "--virtio-port") and args:
+            mode, value = arg[2:], args.pop(0)
+        else:
+            sys.stderr.write("usage: agent.py [--stdio | --listen-unix PATH | --vsock-port N | "
+                             "--virtio-port NAME] [--dry-run-system] [--version]\n")
+            return 2
+    agent = Agent(dry_run_system=dry)
+    if mode == "stdio":
+        serve_stdio(agent)
+        return 0
+    if mode == "listen-unix":
+        serve_unix(agent, value)
+        return 0
+    if mode == "vsock-port":
+        _serve_socket(agent, open_vsock(int(value)), "vsock")
+        return 0
+    name = value if mode == "virtio-port" else VIRTIO_PORT_NAME
+    warned = False
+    while True:
+        dev = find_virtio_port(name)
+        if dev is not None:
+            try:
+                serve_virtio(agent, dev)
+            except OSError as exc:
+                _log(f"virtio-serial port {dev} failed: {exc}; retrying")
+                time.sleep(0.5)
+                continue
+        if mode == "auto":
+            try:
+                sock = open_vsock(AGENT_VSOCK_PORT)
+            except (OSError, AttributeError) as exc:
+                if not warned:
+                    _log(f"no virtio-serial port {name!r} and no vsock ({exc}); waiting")
+                    warned = True
+            else:
+                _serve_socket(agent, sock, "vsock")
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
