@@ -98,6 +98,11 @@ class Engine(ABC):
     @abstractmethod
     def is_alive(self) -> bool: ...
 
+    async def wait_exited(self, poll_interval: float = 0.25) -> None:
+        """Return once the hypervisor process has exited (engines may override with a real wait)."""
+        while self.is_alive():  # noqa: ASYNC110 - a process exit has no event to wait on here
+            await asyncio.sleep(poll_interval)
+
     @abstractmethod
     async def info(self) -> dict[str, Any]:
         """Engine-level instance info (Firecracker's GET /, or the QEMU equivalent)."""

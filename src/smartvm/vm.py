@@ -72,6 +72,7 @@ class MicroVM:
         self._on_stopped = on_stopped
         self._agent: AgentClient | None = None
         self._clock_stale = False  # set after a restore: the guest clock is as old as the snapshot
+        self._watcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     # --- identity and state ------------------------------------------------------------------
@@ -222,6 +223,15 @@ class MicroVM:
             self._state = VMState.ERROR
             raise
         self._state = VMState.PAUSED if paused else VMState.RUNNING
+        self._watcher = asyncio.create_task(self._watch(engine), name=f"smartvm-watch-{self.id}")
+
+    async def _watch(self, engine: Engine) -> None:
+        """Clean up as soon as the hypervisor exits on its own (guest poweroff, panic, killed)."""
+        await engine.wait_exited()
+        async with self._lock:
+            if self._engine is engine:
+                log.info("VM %s: hypervisor exited; cleaning up", self.id)
+                await self._teardown()
 
     # --- pause / resume / stop ------------------------------------------------------------------
     async def pause(self) -> None:
@@ -252,6 +262,9 @@ class MicroVM:
             await self._teardown()
 
     async def _teardown(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
         if self._agent is not None:
             await self._agent.close()
             self._agent = None
@@ -259,6 +272,7 @@ class MicroVM:
             await self._undo.aclose()
         finally:
             self._engine = None
+            self._runtime = None
             if self._state is not VMState.STOPPED:
                 self._state = VMState.STOPPED
                 if self._on_stopped is not None:
@@ -331,7 +345,9 @@ class MicroVM:
         """Wait until the guest agent answers (and, after a restore, set the guest clock)."""
         await self._ready_agent(timeout)
 
-    async def exec(self, cmd: str | Sequence[str], *, ready_timeout: float = 30.0, **kwargs: Any) -> ExecResult:
+    async def exec(
+        self, cmd: str | Sequence[str], *, ready_timeout: float = 30.0, **kwargs: Any
+    ) -> ExecResult:
         """Run a command in the guest; see :meth:`AgentClient.exec` for the options."""
         agent = await self._ready_agent(ready_timeout)
         return await agent.exec(cmd, **kwargs)

@@ -10,7 +10,7 @@ import asyncio
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import typer
 
@@ -90,20 +90,24 @@ def register(app: typer.Typer) -> None:
     @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def run(
         ctx: typer.Context,
-        engine: str = typer.Option("auto", "--engine", help="auto, firecracker or qemu"),
-        image: str = typer.Option("busybox", "--image", help="guest image: busybox (default) or debian"),
-        cpus: int = typer.Option(1, "--cpus", min=1, max=32),
-        memory: int = typer.Option(256, "--memory", min=64, help="guest memory in MiB"),
-        timeout: float | None = typer.Option(None, "--timeout", min=0.1, help="seconds the command may run"),
-        boot_timeout: float = typer.Option(60.0, "--boot-timeout", help="seconds to wait for the guest agent"),
-        runtime_dir: Path | None = typer.Option(None, "--runtime-dir", help="where per-VM runtime dirs go"),
+        engine: Annotated[str, typer.Option(help="auto, firecracker or qemu")] = "auto",
+        image: Annotated[str, typer.Option(help="guest image: busybox (default) or debian")] = "busybox",
+        cpus: Annotated[int, typer.Option(min=1, max=32)] = 1,
+        memory: Annotated[int, typer.Option(min=64, help="guest memory in MiB")] = 256,
+        timeout: Annotated[float | None, typer.Option(min=0.1, help="seconds the command may run")] = None,
+        boot_timeout: Annotated[float, typer.Option(help="seconds to wait for the guest agent")] = 60.0,
+        runtime_dir: Annotated[Path | None, typer.Option(help="where per-VM runtime dirs go")] = None,
     ) -> None:
         """Boot a microVM, run CMD in it, stop it; exit with CMD's exit code: smartvm run -- uname -a"""
         argv = list(ctx.args)
         if not argv:
-            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, "give the command after --, e.g. smartvm run -- uname -a")
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT, "give the command after --, e.g. smartvm run -- uname -a"
+            )
         if engine not in ("auto", "firecracker", "qemu"):
-            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"--engine must be auto, firecracker or qemu, not {engine}")
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT, f"--engine must be auto, firecracker or qemu, not {engine}"
+            )
         if image not in ("busybox", "debian"):
             raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"--image must be busybox or debian, not {image}")
         opts: dict[str, object] = {"engine": engine}
