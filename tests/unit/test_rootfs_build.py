@@ -1,0 +1,219 @@
+"""Real root filesystem builds into a temporary cache, inspected with debugfs / unsquashfs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.images import rootfs_build
+from smartvm.images.rootfs_build import build_rootfs, rootfs_cache_key
+
+pytestmark = pytest.mark.skipif(
+    not (Path("/bin/busybox").exists() and shutil.which("mkfs.ext4") and shutil.which("debugfs")),
+    reason="needs busybox-static and e2fsprogs (scripts/setup installs them)",
+)
+
+AGENT = Path(rootfs_build.__file__).resolve().parent.parent / "agent" / "guest.py"
+
+
+def debugfs(image: Path, request: str) -> str:
+    out = subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def link_target(image: Path, path: str) -> str:
+    """The target of a symlink inside an ext4 image (debugfs prints fast links in `stat`)."""
+    for line in debugfs(image, f"stat {path}").splitlines():
+        if "Fast link dest:" in line:
+            return line.split(":", 1)[1].strip().strip('"')
+    raise AssertionError(f"{path} is not a symlink in {image}")
+
+
+def rootfs_entries(cache: Path) -> list[str]:
+    area = cache / "rootfs"
+    return sorted(p.name for p in area.iterdir()) if area.exists() else []
+
+
+@pytest.fixture(scope="module")
+def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("cache")
+    return build_rootfs("busybox", cache_dir=cache, progress=False)
+
+
+def test_busybox_image_has_init_python_and_agent(busybox_image: Path) -> None:
+    assert busybox_image.name == "rootfs.ext4"
+    top = debugfs(busybox_image, "ls -l /")
+    for name in ("opt", "etc", "usr", "proc", "sys", "dev", "tmp", "run"):
+        assert f" {name}" in top, f"/{name} missing from the image root:\n{top}"
+
+    inittab = debugfs(busybox_image, "cat /etc/inittab")
+    assert "::sysinit:/opt/smartvm/rcS" in inittab
+    assert "::shutdown:/opt/smartvm/rcK" in inittab
+    assert link_target(busybox_image, "/sbin") == "usr/sbin"
+    assert link_target(busybox_image, "/usr/sbin/init") == "/opt/smartvm/bin/busybox"
+    assert "SMARTVM_INIT_READY" in debugfs(busybox_image, "cat /opt/smartvm/rcS")
+    assert "poweroff" in debugfs(busybox_image, "cat /opt/smartvm/acpi/PWRF/00000080")
+
+    assert link_target(busybox_image, "/usr/bin/python3").startswith("python3")
+    python = link_target(busybox_image, "/usr/bin/python3")
+    assert "Type: regular" in debugfs(busybox_image, f"stat /usr/bin/{python}")
+    assert "os.py" in debugfs(busybox_image, f"ls /usr/lib/{python}")
+    assert "ld-linux-x86-64.so.2" in debugfs(busybox_image, "ls /usr/lib64")
+    stdlib = debugfs(busybox_image, f"ls /usr/lib/{python}")
+    assert " test " not in stdlib and "idlelib" not in stdlib  # trimmed
+
+    if AGENT.is_file():
+        assert "::respawn:/opt/smartvm/run-agent" in inittab
+        assert debugfs(busybox_image, "cat /opt/smartvm/agent.py") == AGENT.read_text()
+        runner = debugfs(busybox_image, "cat /opt/smartvm/run-agent")
+        assert "/usr/bin/python3 /opt/smartvm/agent.py" in runner
+    else:
+        assert "run-agent" not in inittab
+
+
+def test_second_call_is_a_cache_hit(busybox_image: Path) -> None:
+    cache = busybox_image.parents[2]
+    before = busybox_image.stat()
+    entries = rootfs_entries(cache)
+    again = build_rootfs("busybox", cache_dir=cache, progress=False)
+    after = again.stat()
+    assert again == busybox_image
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert rootfs_entries(cache) == entries
+
+
+def test_cache_key_follows_inputs() -> None:
+    base = rootfs_cache_key("busybox")
+    assert rootfs_cache_key("busybox") == base
+    assert rootfs_cache_key("busybox", fmt="squashfs") != base
+    assert rootfs_cache_key("busybox", with_agent=False) != base
+    assert rootfs_cache_key("busybox", size_mib=300) != base
+
+
+def test_failed_step_leaves_nothing_behind(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    (base / "data").mkdir(parents=True)
+    (base / "data" / "big").write_bytes(os.urandom(3 << 20))
+    cache = tmp_path / "cache"
+    with pytest.raises(SmartVMError) as info:
+        build_rootfs("dir", source=base, size_mib=1, cache_dir=cache, with_agent=False, progress=False)
+    err = info.value
+    assert err.code == ErrorCode.BUILD_FAILED
+    assert "mkfs.ext4" in err.message
+    log = cache / "logs" / f"rootfs-{rootfs_cache_key('dir', source=base, size_mib=1, with_agent=False)}.log"
+    assert str(log) in err.message and log.is_file()
+    assert rootfs_entries(cache) == []
+
+
+def test_dir_source_without_python_gets_init_and_keeps_its_files(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    (base / "etc").mkdir(parents=True)
+    (base / "etc" / "hostname").write_text("custom\n")
+    (base / "hello.txt").write_text("from the base image\n")
+    image = build_rootfs("dir", source=base, cache_dir=tmp_path / "cache", with_agent=False, progress=False)
+    assert debugfs(image, "cat /hello.txt") == "from the base image\n"
+    assert debugfs(image, "cat /etc/hostname") == "custom\n"
+    assert "::sysinit:/opt/smartvm/rcS" in debugfs(image, "cat /etc/inittab")
+    assert link_target(image, "/sbin/init") == "/opt/smartvm/bin/busybox"
+    assert "Type: regular" in debugfs(image, "stat /opt/smartvm/bin/busybox")
+    assert link_target(image, "/opt/smartvm/bin/mount") == "busybox"
+
+
+def test_tar_source_gets_python_when_missing(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "srv").mkdir(parents=True)
+    (tree / "srv" / "app.txt").write_text("app\n")
+    tarball = tmp_path / "export.tar"
+    with tarfile.open(tarball, "w") as tar:
+        tar.add(tree, arcname=".")
+    image = build_rootfs("tar", source=tarball, cache_dir=tmp_path / "cache", progress=False)
+    assert debugfs(image, "cat /srv/app.txt") == "app\n"
+    python = link_target(image, "/usr/bin/python3")
+    assert "Type: regular" in debugfs(image, f"stat /usr/bin/{python}")
+
+
+@pytest.mark.skipif(shutil.which("unsquashfs") is None, reason="needs squashfs-tools")
+def test_squashfs_image(tmp_path: Path) -> None:
+    image = build_rootfs("busybox", fmt="squashfs", cache_dir=tmp_path, with_agent=False, progress=False)
+    assert image.name == "rootfs.squashfs"
+    listing = subprocess.run(
+        ["unsquashfs", "-l", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+    for path in ("/etc/inittab", "/opt/smartvm/rcS", "/opt/smartvm/bin/busybox", "/usr/sbin/init"):
+        assert f"squashfs-root{path}\n" in listing
+
+
+def test_bad_arguments_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(SmartVMError) as info:
+        build_rootfs("dir", cache_dir=tmp_path, progress=False)
+    assert info.value.code == ErrorCode.INVALID_ARGUMENT
+    with pytest.raises(SmartVMError) as info:
+        build_rootfs("tar", source=tmp_path / "missing.tar", cache_dir=tmp_path, progress=False)
+    assert info.value.code == ErrorCode.INVALID_ARGUMENT
+    assert rootfs_entries(tmp_path) == []
+
+
+@pytest.mark.skipif(
+    os.environ.get("SMARTVM_TEST_DEBIAN") != "1",
+    reason="set SMARTVM_TEST_DEBIAN=1 to run it (debootstrap takes minutes)",
+)
+def test_debian_image(tmp_path: Path) -> None:
+    image = build_rootfs("debian", cache_dir=tmp_path, progress=False)
+    assert "Type: regular" in debugfs(image, "stat /usr/bin/python3.11")
+    assert "::sysinit:/opt/smartvm/rcS" in debugfs(image, "cat /etc/inittab")
+    assert link_target(image, "/usr/sbin/init") == "/opt/smartvm/bin/busybox"
+
+
+def test_leftovers_of_a_killed_build_are_swept(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    cache = tmp_path / "cache"
+    key = rootfs_cache_key("dir", source=base, with_agent=False)
+    stale = cache / "rootfs" / f".build-{key}-killed"
+    (stale / "root").mkdir(parents=True)
+    image = build_rootfs("dir", source=base, cache_dir=cache, with_agent=False, progress=False)
+    assert not stale.exists()
+    assert rootfs_entries(cache) == [key]
+    assert image == cache / "rootfs" / key / "rootfs.ext4"
+
+
+def test_hostile_symlinks_in_the_base_stay_inside_the_image(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "etc").symlink_to(outside)  # absolute: must mean /…/outside inside the image
+    (base / "opt").symlink_to("../../../../../../" + str(outside).lstrip("/"))
+    (base / "sbin").symlink_to("usr/sbin")
+    image = build_rootfs("dir", source=base, cache_dir=tmp_path / "cache", with_agent=False, progress=False)
+    assert list(outside.iterdir()) == []
+    inittab = debugfs(image, f"cat {outside}/inittab")
+    assert "::sysinit:/opt/smartvm/rcS" in inittab
+    assert link_target(image, "/usr/sbin/init") == "/opt/smartvm/bin/busybox"
+
+
+def test_cli_prints_the_image_path_last(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    cache = tmp_path / "cache"
+    args = ["images", "build-rootfs", "--kind", "dir", "--source", str(base), "--no-agent"]
+    run = subprocess.run(
+        [sys.executable, "-m", "smartvm.cli", *args, "--cache-dir", str(cache)],
+        capture_output=True, text=True, check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    path = Path(run.stdout.strip().splitlines()[-1])
+    assert path == cache / "rootfs" / rootfs_cache_key("dir", source=base, with_agent=False) / "rootfs.ext4"
+    assert path.is_file()
+    missing = subprocess.run(
+        [sys.executable, "-m", "smartvm.cli", "images", "build-rootfs", "--kind", "tar"],
+        capture_output=True, text=True, check=False,
+    )
+    assert missing.returncode != 0 and "--source" in missing.stderr
