@@ -77,7 +77,31 @@ def build_rootfs_command(
     typer.echo(str(path))
 
 
+_BUNDLE_CACHE = typer.Option(
+    Path("/tmp/.smartvm/base-images"), "--bundle-cache-dir", help="Base image bundle cache to register in."
+)
+
+
+def build_bundle_command(
+    kind: RootfsKindChoice = _KIND,
+    fmt: RootfsFormatChoice = _FORMAT,
+    cache_dir: Path | None = _CACHE,
+    bundle_cache_dir: Path = _BUNDLE_CACHE,
+) -> None:
+    """Build (or reuse) kernel + root filesystem and register them as a local bundle; print its dir last."""
+    from smartvm.images.guest_image import ensure_default_guest, register_guest_bundle
+
+    if kind in (RootfsKindChoice.dir, RootfsKindChoice.tar):
+        raise SmartVMError(
+            ErrorCode.INVALID_ARGUMENT, "build takes --kind busybox or debian; use build-rootfs"
+        )
+    image = ensure_default_guest(kind=kind.value, fmt=fmt.value, cache_dir=cache_dir)  # type: ignore[arg-type]
+    bundle = register_guest_bundle(image, kind=kind.value, bundle_cache_dir=bundle_cache_dir)
+    typer.echo(str(bundle.directory))
+
+
 def add_build_commands(images_app: typer.Typer) -> None:
-    """Register ``build-kernel`` and ``build-rootfs`` on the ``images`` command group."""
+    """Register ``build-kernel``, ``build-rootfs`` and ``build`` on the ``images`` command group."""
     images_app.command("build-kernel")(build_kernel_command)
     images_app.command("build-rootfs")(build_rootfs_command)
+    images_app.command("build")(build_bundle_command)

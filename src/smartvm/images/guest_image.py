@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from smartvm.images.base_images import BaseImageBundle, BaseImageManager
 from smartvm.images.kernel_build import build_kernel
 from smartvm.images.rootfs_build import RootfsFormat, RootfsKind, build_rootfs
 
@@ -48,3 +49,27 @@ def ensure_default_guest(
     kernel = build_kernel(cache_dir=cache_dir, progress=progress)
     rootfs = build_rootfs(kind, fmt=fmt, cache_dir=cache_dir, progress=progress)
     return GuestImage(kernel_path=kernel, rootfs_path=rootfs, rootfs_type=fmt, boot_args=boot_args_for(fmt))
+
+
+DEFAULT_BUNDLE_CACHE = Path("/tmp/.smartvm/base-images")
+
+
+def register_guest_bundle(
+    image: GuestImage, *, kind: str, bundle_cache_dir: Path = DEFAULT_BUNDLE_CACHE, max_stored: int = 2
+) -> BaseImageBundle:
+    """Enter a locally built guest into the base image cache as a ``local`` bundle.
+
+    The bundle id names the kind and the build cache keys of both artifacts, so a rebuild makes a
+    new bundle and an unchanged one is reused; downstream code then treats built and downloaded
+    images alike.
+    """
+    keys = f"{image.kernel_path.parent.name[:8]}-{image.rootfs_path.parent.name[:8]}"
+    bundle_id = f"local-{kind}-{image.rootfs_type}-{keys}"
+    manager = BaseImageManager(bundle_cache_dir, max_stored)
+    return manager.register_local_bundle(
+        bundle_id,
+        image.kernel_path,
+        image.rootfs_path,
+        "squashfs" if image.rootfs_type == "squashfs" else "ext4",
+        image.boot_args,
+    )
