@@ -10,17 +10,26 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from guest_support import wait_console
-from netns_support import Env, env_fixture, requires_netns
+from guest_support import boot_config, wait_console
+from netns_support import (
+    Env,
+    env_fixture,
+    listen_in,
+    make_side_host,
+    requires_netns,
+    serve_identity,
+    servers_fixture,
+    socket_in,
+)
 
 from smartvm import SlotPool
 from smartvm.config import MicroVMConfig
-from smartvm.host.netns import NetworkSlot
+from smartvm.host.netns import EgressPolicy, NetworkSlot
 
 pytestmark = [pytest.mark.integration, pytest.mark.network, requires_netns]
 
@@ -42,6 +51,12 @@ while true; do sleep 1000; done
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     yield from env_fixture(tmp_path)
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[list[asyncio.Server]]:
+    async for started in servers_fixture():
+        yield started
 
 
 @pytest.fixture(scope="session")
@@ -173,3 +188,52 @@ async def test_two_clones_of_one_snapshot_run_at_once_in_their_own_slots(
             assert await asyncio.to_thread(ping, slot.host_ip)
         for clone in clones:
             await clone.kill()
+
+
+async def test_real_guest_egress_policy_and_port_forward(
+    svm: Any, guest_image: Any, env: Env, servers: list[asyncio.Server]
+) -> None:
+    """The agent-equipped default guest, on a slot: egress deny blocks its connection to a test host in
+    another namespace, allow lets it through; a server in the guest is reached through a host port."""
+    test_host, client = env.netns("th"), env.netns("cl")
+    _, th_addr = make_side_host(env, test_host, 1)
+    cl_host_addr, _ = make_side_host(env, client, 5)
+    servers.append(await serve_identity(listen_in(test_host, 8000), "testhost"))
+    host_port = 20000 + os.getpid() % 10000
+    async with SlotPool(1, prefix=env.prefix, transit=env.transit, state_dir=env.state_dir) as pool:
+        slot = await pool.acquire(egress=EgressPolicy.deny_all(), port_forwards={host_port: 1234})
+        config = boot_config(
+            guest_image,
+            slot.kernel_ip_arg("egress"),
+            network_interfaces=[
+                {"iface_id": "eth0", "host_dev_name": slot.tap_name, "guest_mac": slot.guest_mac}
+            ],
+        )
+        vm = await svm.create_vm(config, netns=slot.netns_name)
+        await vm.start()
+        try:
+            await vm.wait_ready(120)
+            denied = await vm.exec(f"nc -w 2 {th_addr} 8000", timeout=20)
+            assert "testhost" not in denied.stdout_text
+            await slot.set_egress(EgressPolicy.allow_all())
+            allowed = await vm.exec(f"nc -w 5 {th_addr} 8000", timeout=20)
+            assert allowed.stdout_text.startswith("testhost "), allowed
+            await slot.set_egress(EgressPolicy.deny_only([f"{th_addr}/32"]))
+            denied_again = await vm.exec(f"nc -w 2 {th_addr} 8000", timeout=20)
+            assert "testhost" not in denied_again.stdout_text
+
+            started = await vm.exec(
+                "mkdir -p /tmp/www && echo forwarded > /tmp/www/index.html && httpd -p 1234 -h /tmp/www"
+            )
+            assert started.exit_code == 0, started
+            sock = socket_in(client)
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.sock_connect(sock, (cl_host_addr, host_port)), 10)
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(b"GET / HTTP/1.0\r\n\r\n")
+            await writer.drain()
+            response = (await asyncio.wait_for(reader.read(), 10)).decode(errors="replace")
+            writer.close()
+            assert response.split("\r\n\r\n", 1)[1].strip() == "forwarded"
+        finally:
+            await vm.kill()
