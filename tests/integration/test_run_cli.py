@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,32 @@ def test_missing_command_is_a_clear_error(tmp_path: Path) -> None:
     res = subprocess.run([*SMARTVM, "run", "--engine", "qemu"], capture_output=True, timeout=60)
     assert res.returncode == 2
     assert b"INVALID_ARGUMENT" in res.stderr and b"smartvm run -- uname -a" in res.stderr
+
+
+def test_ctrl_c_stops_the_vm_cleanly(guest_image: object, tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            *SMARTVM,
+            "run",
+            "--engine",
+            "qemu",
+            "--runtime-dir",
+            str(tmp_path),
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"started\n"  # the command runs in the guest
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _assert_nothing_left(tmp_path)
