@@ -12,6 +12,7 @@ import importlib
 import inspect
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -26,8 +27,11 @@ BENCHMARKS = ["control_plane", "staging", "network_slots", "boot", "restore", "e
 
 def _machine() -> str:
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         platform.processor(),
     )
     mem = int(Path("/proc/meminfo").read_text().split()[1]) // (1 << 20)
@@ -49,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few iterations, small inputs (what CI runs)")
     parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these benchmarks")
     args = parser.parse_args(argv)
+    # SIGTERM (a cancelled CI job) unwinds like Ctrl-C, so every benchmark's cleanup runs.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     console = Console(width=160)
     console.print(f"[bold]smartvm benchmarks[/] ({'quick' if args.quick else 'full'}): {_machine()}")
     failed = 0
@@ -64,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = module.run(args.quick)
             tables = asyncio.run(result) if inspect.iscoroutine(result) else result
+        except KeyboardInterrupt:
+            console.print(f"[red]{name}: interrupted (its VMs, processes and files were cleaned up)[/]")
+            return 130
         except BenchSkipped as exc:
             console.print(f"[yellow]{name}: skipped: {exc}[/]\n")
             continue

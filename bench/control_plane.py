@@ -31,8 +31,8 @@ THEIRS = "firecracker-python Api (requests)"
 
 
 def _load_firecracker_python() -> Any:
-    """``firecracker.api`` without the package ``__init__``, which probes /usr/local/bin/firecracker,
-    creates /var/lib/firecracker and imports docker and paramiko: none of that is the API client."""
+    """``firecracker.api`` without the package ``__init__``, which imports docker and paramiko, probes
+    /usr/local/bin/firecracker and may create /var/lib/firecracker: none of that is the API client."""
     if "firecracker.api" in sys.modules:
         return sys.modules["firecracker.api"]
     spec = importlib.util.find_spec("firecracker")
@@ -48,17 +48,26 @@ Step = tuple[str, dict[str, Any]]
 
 
 def _sequence_bodies(workdir: Path) -> list[Step]:
-    """(resource, body) of the configure + InstanceStart sequence, as the engine sends it."""
+    """(resource, body) of the configure + InstanceStart sequence that boots one VM."""
     kernel, rootfs = workdir / "vmlinux", workdir / "rootfs.ext4"
     for f in (kernel, rootfs):
         f.touch()
     return [
         ("boot", {"kernel_image_path": str(kernel), "boot_args": "console=ttyS0 reboot=k panic=1"}),
         ("machine_config", {"vcpu_count": 2, "mem_size_mib": 256}),
-        ("drives", {"drive_id": "rootfs", "path_on_host": str(rootfs), "is_root_device": True,
-                    "is_read_only": False}),
-        ("network_interfaces", {"iface_id": "eth0", "host_dev_name": "tap0",
-                                "guest_mac": "06:00:ac:10:00:02"}),
+        (
+            "drives",
+            {
+                "drive_id": "rootfs",
+                "path_on_host": str(rootfs),
+                "is_root_device": True,
+                "is_read_only": False,
+            },
+        ),
+        (
+            "network_interfaces",
+            {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"},
+        ),
         ("vsock", {"guest_cid": 3, "uds_path": str(workdir / "v.sock")}),
         ("actions", {"action_type": "InstanceStart"}),
     ]
@@ -72,8 +81,9 @@ def _check(fake: FakeFirecrackerProcess, who: str, expected: int) -> list[tuple[
     log = fake.requests()
     bad = [r for r in log if r["status"] >= 300]
     if bad or len(log) != expected:
-        raise RuntimeError(f"{who}: the fake answered {len(log)} requests (expected {expected}); "
-                           f"rejected: {bad[:3]}")
+        raise RuntimeError(
+            f"{who}: the fake answered {len(log)} requests (expected {expected}); rejected: {bad[:3]}"
+        )
     return [(r["method"], r["path"], r["body"]) for r in log]
 
 
@@ -131,19 +141,27 @@ def run_sequences(n: int, workdir: Path, fc_api: Any) -> list[BenchTable]:
     notes = ["a fresh fake Firecracker process per sequence, started outside the timing"]
     if fc_api is not None:
         same = sent[OURS] == sent[THEIRS]
-        notes.append("both clients' requests validated against the spec (all 2xx) and were "
-                     + ("identical (method, path, body)" if same else f"DIFFERENT: {sent}"))
+        notes.append(
+            "both clients' requests validated against the spec (all 2xx) and were "
+            + ("identical (method, path, body)" if same else f"DIFFERENT: {sent}")
+        )
     else:
         notes.append("firecracker-python is not installed (pip install -e '.[dev]'): no comparison")
     baseline = THEIRS if fc_api is not None else None
     what = "boot-source, machine-config, drive, network-interface, vsock, InstanceStart"
     return [
-        BenchTable(f"Control plane: {what} (client made before timing; includes connecting)", seq_only,
-                   baseline=baseline, notes=notes),
-        BenchTable("Control plane per VM: construct the client + the same sequence", per_vm,
-                   baseline=baseline,
-                   notes=["constructing httpx's transport builds a TLS context (CA bundle), "
-                          "even for a Unix socket"]),
+        BenchTable(
+            f"Control plane: {what} (client made before timing; includes connecting)",
+            seq_only,
+            baseline=baseline,
+            notes=notes,
+        ),
+        BenchTable(
+            "Control plane per VM: construct the client + the same sequence",
+            per_vm,
+            baseline=baseline,
+            notes=["our transport is built with verify=False: no TLS context for a Unix socket"],
+        ),
     ]
 
 
@@ -173,8 +191,9 @@ def run_single_calls(n: int, workdir: Path, fc_api: Any) -> list[BenchTable]:
     baseline = THEIRS if fc_api is not None else None
     note = "fake Firecracker (tests/unit/fc_fake, validates every request) in its own process, Unix socket"
     return [
-        BenchTable(f"Control plane: one {what} on a kept-alive connection", series, baseline=baseline,
-                   notes=[note])
+        BenchTable(
+            f"Control plane: one {what} on a kept-alive connection", series, baseline=baseline, notes=[note]
+        )
         for what, series in (("PUT /machine-config", puts), ("GET /", gets))
     ]
 

