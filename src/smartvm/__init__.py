@@ -22,7 +22,7 @@ from smartvm.host.netns import NetworkSlot, SlotPool
 from smartvm.host.network import NetworkManager, TapDevice
 from smartvm.images.base_images import BaseImageBundle, BaseImageManager
 from smartvm.images.releases import ImageManager
-from smartvm.options import SmartVMOptions
+from smartvm.options import JailerOptions, SmartVMOptions
 from smartvm.orchestrator import SmartVM
 from smartvm.snapshot import Snapshot
 from smartvm.vm import MicroVM, VMState
@@ -39,6 +39,7 @@ __all__ = [
     "Entropy",
     "ErrorCode",
     "ImageManager",
+    "JailerOptions",
     "Logger",
     "MachineConfig",
     "Metrics",

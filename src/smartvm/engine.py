@@ -43,6 +43,7 @@ class RestoreRequest:
     mem_backend: MemBackend = "File"
     uffd_socket: Path | None = None  # with mem_backend="Uffd": where the page-fault handler listens
     network_overrides: Sequence[NetworkOverride] = ()
+    mem_path: Path | None = None  # the memory file to load when not the snapshot's own (a merged Diff chain)
 
 
 class Engine(ABC):
@@ -53,6 +54,7 @@ class Engine(ABC):
     """
 
     name: ClassVar[str]
+    supports_diff_snapshots: ClassVar[bool] = True
 
     def __init__(self, runtime: VMRuntime, options: SmartVMOptions) -> None:
         self.runtime = runtime
@@ -148,6 +150,33 @@ class Engine(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release host-side resources (clients, sockets) after the process is gone."""
+
+    # --- detach / attach (VMs that outlive the Python process that started them) ---------------
+    async def detach(self) -> dict[str, Any]:
+        """Stop owning the running hypervisor without stopping it: close the clients, forget the process.
+
+        Returns JSON-serialisable data for :meth:`attach`: at least ``engine``, ``pid`` and
+        ``pid_start_time`` (from /proc, so a recycled pid is never mistaken for the VM). Afterwards
+        this engine is inert: ``kill``/``close`` no longer touch the process.
+        """
+        raise self._unsupported("detach")
+
+    @classmethod
+    def forget_record(cls, record: dict[str, Any]) -> None:
+        """Remove what a VM described by ``record`` left outside its runtime dir after its hypervisor
+        died while detached (e.g. a Firecracker jail). Nothing by default."""
+        return None
+
+    @classmethod
+    def attach(cls, runtime: VMRuntime, options: SmartVMOptions, record: dict[str, Any]) -> Engine:
+        """An engine driving the hypervisor described by ``record`` (what :meth:`detach` returned).
+
+        The process is not our child: ``is_alive`` checks pid + start time, ``kill`` cannot reap it
+        (it has been reparented). Raises VM_NOT_FOUND when that process is gone.
+        """
+        raise SmartVMError(
+            ErrorCode.UNSUPPORTED_BY_ENGINE, f"attach is not supported by the {cls.name} engine"
+        )
 
 
 _ENGINE_CLASSES = {

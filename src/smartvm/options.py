@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,68 @@ def default_runtime_dir() -> Path:
     return Path(tempfile.gettempdir()) / ".smartvm" / "runtime"
 
 
+_CGROUP_KEY = re.compile(r"^[a-z0-9_]+\.[a-z0-9_.]+$")
+RESOURCE_LIMITS = ("fsize", "no-file")  # the only names the jailer accepts for --resource-limit
+
+
+class JailerOptions(BaseModel):
+    """Run Firecracker under its jailer (opt-in: ``SmartVMOptions.jailer``).
+
+    The jailer chroots Firecracker into ``<chroot_base_dir>/firecracker/<vm id>/root`` and drops to
+    ``uid``/``gid``; smartvm hard-links the kernel, initrd, drives and log/metrics files into that root
+    (copies them when the jail is on another filesystem) and removes the jail when the VM ends.
+    Files Firecracker writes are handed to ``uid``/``gid`` with ``chown``: staged (ephemeral) drives
+    are private copies, but a writable drive with ``ephemeral=False`` and the logger/metrics files are
+    *your* files hard-linked into the jail, so their owner on the host changes too. Those must be on the
+    filesystem of ``chroot_base_dir`` (a copy would lose Firecracker's writes); anything else is copied
+    when it cannot be linked, so keep ``runtime_dir`` (the staged drives) on that filesystem too.
+
+    ``daemonize`` makes the jailer call ``setsid()`` and point Firecracker's stdio at /dev/null, so the
+    guest console is not captured in ``console.log`` then. With ``new_pid_ns`` the jailer forks
+    Firecracker into a new PID namespace and exits; smartvm adopts Firecracker from the pid file.
+    The jailer needs root (it chroots, mknods and changes owners).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uid: int = Field(ge=0, description="the user Firecracker runs as")
+    gid: int = Field(ge=0, description="the group Firecracker runs as")
+    chroot_base_dir: Path = Path("/srv/jailer")
+    cgroups: dict[str, str] = Field(default_factory=dict, description="e.g. {'cpu.max': '50000 100000'}")
+    cgroup_version: Literal[1, 2] | None = None
+    parent_cgroup: str | None = None
+    resource_limits: dict[str, int] = Field(default_factory=dict, description="e.g. {'no-file': 1024}")
+    daemonize: bool = False
+    new_pid_ns: bool = False
+
+    @field_validator("cgroups")
+    @classmethod
+    def _cgroup_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not _CGROUP_KEY.match(key):
+                raise ValueError(f"cgroup key {key!r} must look like 'cpu.max' (<controller>.<file>)")
+            if not value or "=" in value:
+                raise ValueError(f"cgroup {key!r} needs a non-empty value without '='")
+        return v
+
+    @field_validator("resource_limits")
+    @classmethod
+    def _limits(cls, v: dict[str, int]) -> dict[str, int]:
+        for key, limit in v.items():
+            if key not in RESOURCE_LIMITS:
+                raise ValueError(f"resource limit {key!r} is not one of {', '.join(RESOURCE_LIMITS)}")
+            if limit < 0:
+                raise ValueError(f"resource limit {key!r} must be non-negative")
+        return v
+
+    @field_validator("parent_cgroup")
+    @classmethod
+    def _relative(cls, v: str | None) -> str | None:
+        if v is not None and any(part in ("", ".", "..") for part in v.split("/")):
+            raise ValueError(f"parent_cgroup {v!r} must be a relative cgroup path without '.' or '..'")
+        return v
+
+
 class SmartVMOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -30,6 +93,7 @@ class SmartVMOptions(BaseModel):
     arch: Arch = "x86_64"
     firecracker_binary_path: Path | None = None
     jailer_binary_path: Path | None = None
+    jailer: JailerOptions | None = Field(default=None, description="None: run Firecracker without its jailer")
     bridge_name: str = Field(default="svbr0", max_length=15)
     subnet: str = "172.30.0.0/24"
     base_image_cache_dir: Path | None = None

@@ -1,4 +1,4 @@
-"""SmartVM: options, the registry of live VMs, binaries, and creating or restoring VMs."""
+"""SmartVM: options, the registry of live VMs, binaries, and creating, restoring or attaching VMs."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.options import SmartVMOptions
 from smartvm.snapshot import Snapshot
 from smartvm.vm import MicroVM, VMState
+from smartvm.vm_records import VMRecord, VMRecordStore
 
 
 class SmartVM:
@@ -94,6 +95,57 @@ class SmartVM:
         )
         try:
             await vm.restore_from(snapshot, resume_vm=resume_vm, network_overrides=network_overrides)
+        except BaseException:
+            self._forget(vm)
+            raise
+        return vm
+
+    # --- detached VMs (records under <data_dir>/vms) ---------------------------------------------
+    @property
+    def records(self) -> VMRecordStore:
+        return VMRecordStore(self.options.data_dir)
+
+    def detached_vms(self) -> list[VMRecord]:
+        """Records of detached VMs whose hypervisor still runs (see :meth:`prune_detached`)."""
+        return [r for r in self.records.records() if r.is_alive()]
+
+    def prune_detached(self) -> list[VMRecord]:
+        """Remove the records (and runtime dirs) of detached VMs whose hypervisor is gone; returns them."""
+        gone = [r for r in self.records.records() if not r.is_alive()]
+        for record in gone:
+            self.records.prune(record)
+        return gone
+
+    async def attach_vm(self, vm_id: str) -> MicroVM:
+        """Take over a VM detached earlier (by this or another process) with :meth:`MicroVM.detach`.
+
+        Stop it, or :meth:`MicroVM.detach` it again to leave it running. VM_NOT_FOUND when there is no
+        such record or its hypervisor is gone (such a record is pruned with its runtime dir).
+        """
+        record = self.records.load(vm_id)
+        if record is None:
+            raise SmartVMError(
+                ErrorCode.VM_NOT_FOUND,
+                f"no detached VM {vm_id!r} in {self.records.dir}; 'smartvm ps' lists them",
+            )
+        if not record.is_alive():
+            self.records.prune(record)
+            raise SmartVMError(
+                ErrorCode.VM_NOT_FOUND, f"VM {vm_id!r} is no longer running (pid {record.pid} is gone)"
+            )
+        vm = self._register(
+            MicroVM(
+                parse_config(record.config), self.options, record.engine,
+                netns=record.netns, on_stopped=self._forget,
+            )
+        )
+        try:
+            await vm.attach(record)
+        except SmartVMError as exc:
+            self._forget(vm)
+            if exc.code is ErrorCode.VM_NOT_FOUND:  # it exited just now
+                self.records.prune(record)
+            raise
         except BaseException:
             self._forget(vm)
             raise

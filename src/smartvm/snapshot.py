@@ -43,6 +43,7 @@ class Snapshot:
     disks: dict[str, str] = field(default_factory=dict)
     engine_data: dict[str, Any] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
+    base: str | None = None  # a Diff snapshot: the directory of the snapshot its memory is laid over
 
     @property
     def state_path(self) -> Path:
@@ -54,6 +55,39 @@ class Snapshot:
 
     def disk_path(self, drive_id: str) -> Path:
         return _inside(self.directory, self.disks[drive_id])
+
+    def chain(self) -> list[Snapshot]:
+        """The snapshots whose memory files make up this one's memory: the Full one first, this last."""
+        chain: list[Snapshot] = [self]
+        seen = {self.directory.resolve()}
+        while chain[0].snapshot_type == "Diff":
+            diff = chain[0]
+            if diff.base is None:
+                raise SmartVMError(
+                    ErrorCode.SNAPSHOT_INVALID,
+                    f"Diff snapshot {diff.directory} does not name its base snapshot; it cannot be restored "
+                    "on its own (restore it with the Full snapshot's memory laid under it)",
+                )
+            base_dir = Path(diff.base)
+            if base_dir.resolve() in seen:
+                raise SmartVMError(
+                    ErrorCode.SNAPSHOT_INVALID, f"snapshot chain of {self.directory} is a loop"
+                )
+            try:
+                base = Snapshot.load(base_dir)
+            except SmartVMError as exc:
+                raise SmartVMError(
+                    ErrorCode.SNAPSHOT_INVALID,
+                    f"Diff snapshot {diff.directory} needs its base snapshot {base_dir}: {exc.message}; "
+                    "keep every snapshot of a Diff chain until its last Diff is no longer needed",
+                ) from exc
+            if base.engine != self.engine:
+                raise SmartVMError(
+                    ErrorCode.SNAPSHOT_MISMATCH, f"base snapshot {base_dir} was made by another engine"
+                )
+            seen.add(base_dir.resolve())
+            chain.insert(0, base)
+        return chain
 
     def vm_config(self) -> MicroVMConfig:
         return MicroVMConfig.model_validate(self.config)

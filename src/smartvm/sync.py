@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from smartvm.config import MicroVMConfig, RateLimiter
 from smartvm.engine import MemBackend, NetworkOverride
@@ -17,6 +18,10 @@ from smartvm.orchestrator import SmartVM as AsyncSmartVM
 from smartvm.snapshot import Snapshot, SnapshotType
 from smartvm.vm import MicroVM as AsyncMicroVM
 from smartvm.vm import VMState
+
+if TYPE_CHECKING:
+    from smartvm.agent.client import ExecResult
+    from smartvm.vm_records import VMRecord
 
 T = TypeVar("T")
 
@@ -36,6 +41,24 @@ class _Loop:
                 cls._loop = loop
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, cls._loop)
         return future.result()
+
+
+class _Blocking:
+    """A blocking view of an async helper object (``vm.files``, ``vm.processes``): each coroutine
+    method runs on the shared loop; everything else passes through."""
+
+    def __init__(self, target: object) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return _Loop.run(attr(*args, **kwargs))
+
+        return call
 
 
 class MicroVM:
@@ -73,6 +96,25 @@ class MicroVM:
 
     def kill(self) -> None:
         _Loop.run(self.aio.kill())
+
+    def detach(self) -> VMRecord:
+        return _Loop.run(self.aio.detach())
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        _Loop.run(self.aio.wait_ready(timeout))
+
+    def exec(self, cmd: str | Sequence[str], *, ready_timeout: float = 30.0, **kwargs: Any) -> ExecResult:
+        return _Loop.run(self.aio.exec(cmd, ready_timeout=ready_timeout, **kwargs))
+
+    @property
+    def files(self) -> Any:
+        """Blocking ``files.write/read/list/stat/mkdir/remove/rename``."""
+        return _Blocking(self.aio.files)
+
+    @property
+    def processes(self) -> Any:
+        """Blocking ``processes.start/list/send_stdin/signal/wait``."""
+        return _Blocking(self.aio.processes)
 
     def create_snapshot(
         self,
@@ -197,6 +239,15 @@ class SmartVM:
                 )
             )
         )
+
+    def attach_vm(self, vm_id: str) -> MicroVM:
+        return MicroVM(_Loop.run(self.aio.attach_vm(vm_id)))
+
+    def detached_vms(self) -> list[VMRecord]:
+        return self.aio.detached_vms()
+
+    def prune_detached(self) -> list[VMRecord]:
+        return self.aio.prune_detached()
 
     def get_vm(self, vm_id: str) -> MicroVM | None:
         vm = self.aio.get_vm(vm_id)

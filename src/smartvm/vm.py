@@ -4,12 +4,19 @@ Every step of start/restore that allocates something (runtime dir, staged drives
 process) registers its undo on an AsyncExitStack, so a failure anywhere unwinds everything, and
 stop/kill run the same undo. Calls that are invalid in the current state raise INVALID_STATE before
 anything is sent to the hypervisor.
+
+A running VM can be detached (:meth:`MicroVM.detach`): the hypervisor keeps running without an owner,
+found again through its record in ``<data_dir>/vms`` (see vm_records.py), and a new MicroVM takes
+it over with :meth:`MicroVM.attach` (``SmartVM.attach_vm``); stopping it then also removes the record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from enum import StrEnum
@@ -28,11 +35,13 @@ from smartvm.engine import (
 )
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.runtime import VMRuntime
+from smartvm.host.storage import apply_sparse_diffs
 from smartvm.options import SmartVMOptions
 from smartvm.snapshot import MANIFEST_NAME, Snapshot, SnapshotType
 
 if TYPE_CHECKING:
     from smartvm.agent.client import AgentClient, ExecResult, Files, Processes
+    from smartvm.vm_records import VMRecord
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,7 @@ class VMState(StrEnum):
     PAUSED = "paused"
     STOPPED = "stopped"
     ERROR = "error"
+    DETACHED = "detached"  # still running, owned by no MicroVM: see detach()/attach()
 
 
 _LIVE = (VMState.RUNNING, VMState.PAUSED)
@@ -72,8 +82,11 @@ class MicroVM:
         self._on_stopped = on_stopped
         self._agent: AgentClient | None = None
         self._clock_stale = False  # set after a restore: the guest clock is as old as the snapshot
+        self._last_snapshot: Snapshot | None = None  # the base of the next Diff snapshot
         self._watcher: asyncio.Task[None] | None = None
+        self.exit_console: str | None = None  # console tail kept when the hypervisor exited on its own
         self._lock = asyncio.Lock()
+        self._started_at: float | None = None  # Unix time the hypervisor was launched
 
     # --- identity and state ------------------------------------------------------------------
     @property
@@ -94,9 +107,20 @@ class MicroVM:
     def get_runtime_dir(self) -> Path | None:
         return self._runtime.dir if self._runtime else None
 
+    @property
+    def started_at(self) -> float | None:
+        """Unix time the hypervisor was launched (kept across detach/attach)."""
+        return self._started_at
+
     def _require(self, action: str, *states: VMState) -> None:
         current = self.state
         if current not in states:
+            if self.exit_console is not None and current is VMState.STOPPED:
+                raise SmartVMError(
+                    ErrorCode.VM_EXITED,
+                    f"cannot {action} VM {self.id!r}: its hypervisor exited on its own (guest powered off "
+                    f"or crashed). Last console output:\n{self.exit_console}",
+                )
             allowed = ", ".join(s.value for s in states)
             raise SmartVMError(
                 ErrorCode.INVALID_STATE,
@@ -182,6 +206,8 @@ class MicroVM:
                 }
             )
 
+            chain = snapshot.chain() if mem_backend == "File" else [snapshot]
+
             async def restore(engine: Engine, staged: MicroVMConfig) -> None:
                 await engine.restore(
                     RestoreRequest(
@@ -192,11 +218,13 @@ class MicroVM:
                         mem_backend=mem_backend,
                         uffd_socket=uffd_socket,
                         network_overrides=tuple(network_overrides),
+                        mem_path=await _merged_memory(chain, engine.runtime.dir),
                     )
                 )
 
             await self._launch(restore, config, paused=not resume_vm)
             self._clock_stale = True
+            self._last_snapshot = snapshot
 
     async def _launch(
         self,
@@ -218,6 +246,7 @@ class MicroVM:
                 stack.push_async_callback(engine.kill)
                 await run(engine, staged)
                 self._runtime, self._engine = runtime, engine
+                self._started_at = time.time()
                 self._undo = stack.pop_all()
         except BaseException:
             self._state = VMState.ERROR
@@ -231,7 +260,94 @@ class MicroVM:
         async with self._lock:
             if self._engine is engine:
                 log.info("VM %s: hypervisor exited; cleaning up", self.id)
+                self.exit_console = _tail(self._runtime.console_log if self._runtime else None)
                 await self._teardown()
+
+    # --- detach / attach --------------------------------------------------------------------------
+    async def detach(self) -> VMRecord:
+        """Let the running VM outlive this object (and this process).
+
+        The engine lets go of the hypervisor without stopping it and a record is written atomically to
+        ``<data_dir>/vms/<id>.json``; :meth:`SmartVM.attach_vm` takes the VM over again. This object is
+        ``detached`` afterwards and can do nothing more.
+        """
+        from smartvm.vm_records import VMRecord, VMRecordStore
+
+        async with self._lock:
+            self._require("detach", *_LIVE)
+            engine, runtime = self._engine_or_raise(), self._runtime
+            assert runtime is not None
+            store = VMRecordStore(self.options.data_dir)
+            other = store.load(self.id)
+            if other is not None and other.runtime_dir != runtime.dir and other.is_alive():
+                raise SmartVMError(
+                    ErrorCode.DUPLICATE_VM_ID,
+                    f"a detached VM with id {self.id!r} already runs (pid {other.pid}); stop it first",
+                )
+            watcher, self._watcher = self._watcher, None
+            if watcher is not None:
+                watcher.cancel()
+            if self._agent is not None:
+                await self._agent.close()
+                self._agent = None
+            data = await engine.detach()
+            try:
+                record = VMRecord(
+                    id=self.id,
+                    engine=self.engine_name,
+                    pid=int(data["pid"]),
+                    pid_start_time=int(data["pid_start_time"]),
+                    state="paused" if self._state is VMState.PAUSED else "running",
+                    runtime_dir=runtime.dir,
+                    netns=self.netns,
+                    started_at=self._started_at or time.time(),
+                    config=self.config.model_dump(mode="json"),
+                    engine_data=data,
+                )
+                store.save(record)
+            except BaseException:
+                # without a record nobody could find the VM again: end it rather than leak it
+                adopted = engine_class(self.engine_name).attach(runtime, self.options, data)
+                await adopted.kill()
+                await adopted.close()
+                await self._teardown()
+                raise
+            self._undo.pop_all()  # the runtime dir and the process now belong to the record
+            self._engine = None
+            self._runtime = None
+            self._state = VMState.DETACHED
+            if self._on_stopped is not None:
+                self._on_stopped(self)
+            return record
+
+    async def attach(self, record: VMRecord) -> None:
+        """Take over the detached VM described by ``record`` (this MicroVM must be new).
+
+        Stopping or killing the VM afterwards, or its hypervisor exiting, removes the record and the
+        runtime dir. Raises VM_NOT_FOUND when the hypervisor of the record is gone.
+        """
+        from smartvm.vm_records import VMRecordStore
+
+        async with self._lock:
+            self._require("attach", VMState.CREATED)
+            if record.id != self.id or record.engine != self.engine_name:
+                raise SmartVMError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"record of {record.id!r} ({record.engine}) does not describe VM {self.id!r} "
+                    f"({self.engine_name})",
+                )
+            runtime = VMRuntime(vm_id=self.id, dir=record.runtime_dir, netns=record.netns)
+            engine = engine_class(record.engine).attach(runtime, self.options, record.engine_data)
+            store = VMRecordStore(self.options.data_dir)
+            undo = AsyncExitStack()
+            undo.callback(store.remove, self.id)
+            undo.callback(runtime.remove)
+            undo.push_async_callback(engine.close)
+            undo.push_async_callback(engine.kill)
+            self._runtime, self._engine, self._undo = runtime, engine, undo
+            self._started_at = record.started_at
+            self._state = VMState.PAUSED if record.state == "paused" else VMState.RUNNING
+            self._watcher = asyncio.create_task(self._watch(engine), name=f"smartvm-watch-{self.id}")
 
     # --- pause / resume / stop ------------------------------------------------------------------
     async def pause(self) -> None:
@@ -306,6 +422,7 @@ class MicroVM:
             states = (VMState.PAUSED, VMState.RUNNING) if pause_vm else (VMState.PAUSED,)
             self._require("snapshot (pass pause_vm=True to pause it around the snapshot)", *states)
             engine = self._engine_or_raise()
+            base = self._diff_base(snapshot_path.parent) if snapshot_type == "Diff" else None
             was_running = self._state is VMState.RUNNING
             if was_running:
                 await engine.pause()
@@ -315,12 +432,37 @@ class MicroVM:
                 snapshot = await engine.create_snapshot(
                     snapshot_path.parent, snapshot_path.name, mem_file_path.name, snapshot_type, self.config
                 )
+                if base is not None:
+                    snapshot = dataclasses.replace(snapshot, base=str(base.directory.resolve()))
                 snapshot.save()
+                self._last_snapshot = snapshot
             finally:
                 if was_running and engine.is_alive():
                     await engine.resume()
                     self._state = VMState.RUNNING
             return snapshot
+
+    def _diff_base(self, snapshot_dir: Path) -> Snapshot:
+        """The snapshot a Diff snapshot into ``snapshot_dir`` is laid over (checked before any request)."""
+        engine = self._engine_or_raise()
+        if not engine.supports_diff_snapshots:
+            raise SmartVMError(
+                ErrorCode.UNSUPPORTED_BY_ENGINE,
+                f"Diff snapshots are not supported by the {engine.name} engine; take a Full snapshot",
+            )
+        base = self._last_snapshot
+        if base is None:
+            raise SmartVMError(
+                ErrorCode.INVALID_STATE,
+                f"VM {self.id!r} has no earlier snapshot: a Diff snapshot holds only the memory changed "
+                "since the VM's previous snapshot (or since it was restored); take a Full snapshot first",
+            )
+        if base.directory.resolve() == snapshot_dir.resolve():
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"a Diff snapshot needs its own directory: {snapshot_dir} holds its base snapshot",
+            )
+        return base
 
     # --- guest agent ---------------------------------------------------------------------------
     @property
@@ -470,3 +612,30 @@ def _snapshot_for(
         mem_file=mem_file_path.name if mem_file_path else None,
         config=config.model_dump(mode="json"),
     )
+
+
+async def _merged_memory(chain: list[Snapshot], runtime_dir: Path) -> Path | None:
+    """For a Diff snapshot, its full memory (the chain's layers merged into the runtime dir), else None."""
+    if len(chain) < 2:
+        return None
+    layers = [s.mem_path for s in chain]
+    files = [layer for layer in layers if layer is not None]
+    if len(files) != len(layers):
+        raise SmartVMError(
+            ErrorCode.SNAPSHOT_INVALID, f"a snapshot in the chain of {chain[-1].directory} has no memory file"
+        )
+    merged = runtime_dir / "memory.merged"
+    await asyncio.to_thread(apply_sparse_diffs, files[0], files[1:], merged)
+    return merged
+
+
+def _tail(path: Path | None, limit: int = 4096) -> str:
+    """The last ``limit`` bytes of a console log, as text ("" when there is none)."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -12,7 +13,6 @@ from guest_support import (
     INIT_MARKER,
     assert_nothing_left,
     boot_config,
-    console_text,
     path_gone,
     wait_console,
     wait_stopped,
@@ -60,11 +60,15 @@ async def test_rootfs_that_is_not_a_filesystem_panics_with_the_console_in_the_er
     config.drives[0].is_read_only = False
     vm = await svm.create_vm(config)
     await vm.start()
-    engine = vm._engine  # the engine-neutral agent channel reports the death
     await wait_stopped(vm, timeout=60)  # panic=1 + -no-reboot: QEMU ends by itself
-    assert "Kernel panic" in console_text(vm)
+    for _ in range(100):  # the watcher keeps the console tail, then cleans up
+        if vm.exit_console is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert vm.exit_console is not None and "Kernel panic" in vm.exit_console
     with pytest.raises(SmartVMError) as err:
-        await engine.open_agent_stream(timeout=5)
+        await vm.exec("true")
+    assert err.value.code is ErrorCode.VM_EXITED
     assert "Kernel panic" in err.value.message  # the console tail is in the error
     await vm.stop()
     assert_nothing_left(svm.options.runtime_dir)

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from fc_fake.helpers import logged_requests, pid_alive
+from fc_fake.helpers import logged_requests, pid_alive, read_until
 
 from smartvm.config import (
     Balloon,
@@ -74,26 +74,13 @@ def _all_valid(tmp: Path) -> None:
     assert bad == []
 
 
-def _text(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
-
-
-async def _read_until(path: Path, text: str) -> str:
-    for _ in range(500):
-        content = _text(path)
-        if text in content:
-            return content
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{text!r} never appeared in {path}")
-
-
 async def test_boot_configures_every_device_in_order(fake_binary: Path, short_tmp: Path) -> None:
     engine = _engine(short_tmp, fake_binary)
     config = _staged(engine, _config(short_tmp, full=True))
     await engine.boot(config)
     try:
         assert engine.is_alive()
-        await _read_until(engine.runtime.console_log, "SMARTVM_INIT_READY")
+        await read_until(engine.runtime.console_log, "SMARTVM_INIT_READY")
         sent = [(r["method"], r["path"]) for r in logged_requests(short_tmp)]
         assert sent == [
             ("PUT", "/boot-source"), ("PUT", "/machine-config"), ("PUT", "/drives/rootfs"),
@@ -160,7 +147,8 @@ async def test_snapshot_and_restore_into_another_vm(fake_binary: Path, short_tmp
     assert snapshot.disk_path("rootfs").read_bytes() == b"written by the guest"
     assert snapshot.state_path.is_file() and snapshot.mem_path is not None and snapshot.mem_path.is_file()
     assert not list(snap_dir.glob("*.part"))
-    diff = await first.create_snapshot(snap_dir, "vm.state", "vm.mem", "Diff", config)
+    (short_tmp / "diff1").mkdir()  # a Diff's memory file holds only dirtied pages: never over its base
+    diff = await first.create_snapshot(short_tmp / "diff1", "vm.state", "vm.mem", "Diff", config)
     assert diff.snapshot_type == "Diff"
     await first.shutdown(timeout=5)
     first.runtime.remove()  # the original staged disks are gone, as after a real stop

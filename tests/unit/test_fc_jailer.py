@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.firecracker.jailer import Jail, JailerConfig
+from smartvm.firecracker.jailer import Jail, JailerConfig, mounts_under
+from smartvm.firecracker.process import FirecrackerCommand
 
 
 def _jail(base: Path, **kw: object) -> Jail:
@@ -91,3 +94,64 @@ def test_link_in_copies_across_filesystems(tmp_path: Path) -> None:
         assert copied.stat().st_blocks * 512 < 1 << 20  # holes stayed holes
         jail.cleanup()
         assert not jail.jail_dir.exists()
+
+
+def test_a_jailed_command_leaves_id_and_netns_to_the_jailer(tmp_path: Path) -> None:
+    jail = _jail(tmp_path, netns="sv-ns1")
+    command = FirecrackerCommand(
+        binary=Path("/opt/fc/firecracker"), api_socket=jail.api_socket, vm_id="vm-1", jail=jail
+    )
+    argv = command.argv()
+    assert argv[0] == "/opt/fc/jailer" and "ip" not in argv
+    assert argv[argv.index("--"):] == ["--", "--api-sock", "/run/firecracker.socket"]
+    with pytest.raises(SmartVMError) as err:  # the netns belongs in the jail's config
+        FirecrackerCommand(binary=Path("/f"), api_socket=None, vm_id="v", netns="ns", jail=jail).argv()
+    assert err.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+def test_make_dir_hands_new_directories_to_the_jail_user(tmp_path: Path) -> None:
+    jail = _jail(tmp_path)
+    jail.prepare()
+    made = jail.make_dir("/a/b")
+    assert made == jail.root / "a" / "b" and made.stat().st_uid == 1234
+    assert (jail.root / "a").stat().st_uid == 1234 and jail.root.stat().st_uid == os.getuid()
+    jail.cleanup()
+
+
+def test_a_jail_with_a_mount_inside_is_never_removed(tmp_path: Path) -> None:
+    """rmtree would descend into a bind mount and delete the mounted files: cleanup refuses then.
+
+    Runs in a private mount namespace of its own (``unshare --mount --propagation private``), so the
+    bind mount is never visible to, or left on, the host.
+    """
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep").write_text("precious")
+    script = f"""
+import subprocess
+from pathlib import Path
+from smartvm.firecracker.jailer import Jail, JailerConfig, mounts_under
+jail = Jail(JailerConfig(jailer_binary=Path("/j"), firecracker_binary=Path("/f/firecracker"), vm_id="m",
+                         uid=0, gid=0, chroot_base_dir=Path({str(tmp_path / "jails")!r})))
+jail.prepare()
+(jail.root / "usr").mkdir()
+subprocess.run(["mount", "--bind", {str(precious)!r}, str(jail.root / "usr")], check=True)
+assert mounts_under(jail.jail_dir) == [str(jail.root / "usr")]
+jail.cleanup()
+assert (jail.root / "usr" / "keep").read_text() == "precious", "rmtree went into the mount"
+subprocess.run(["umount", str(jail.root / "usr")], check=True)
+jail.cleanup()
+assert not jail.jail_dir.exists()
+"""
+    try:
+        out = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
+            capture_output=True, text=True, timeout=60,
+        )
+    except OSError as exc:
+        pytest.skip(f"no unshare: {exc}")
+    if out.returncode != 0 and "unshare failed" in out.stderr:
+        pytest.skip(f"cannot create a mount namespace: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    assert (precious / "keep").read_text() == "precious"
+    assert mounts_under(tmp_path) == []

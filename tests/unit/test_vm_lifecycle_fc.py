@@ -174,3 +174,65 @@ async def test_stop_of_a_vm_whose_process_died(svm: SmartVM, fake_binary: Path, 
     await vm.stop()
     assert_clean(short_tmp, fake_binary)
     await vm.stop()  # idempotent
+
+
+def _markers(memory: Path) -> list[bytes]:
+    """The fake's memory markers: the Full image at offset 0, then one page per Diff layer."""
+    with memory.open("rb") as f:
+        found = [f.read(18)]
+        page = 1
+        while f.seek(page * 4096) and (data := f.read(7)).startswith(b"\x01diff-"):
+            found.append(data)
+            page += 1
+    return found
+
+
+async def test_diff_snapshot_chain_restores_with_its_layers_merged(
+    svm: SmartVM, fake_binary: Path, short_tmp: Path
+) -> None:
+    vm = await svm.create_vm(_config(short_tmp))
+    await vm.start()
+    sent = len(logged_requests(short_tmp))
+    with pytest.raises(SmartVMError) as no_base:
+        await vm.create_snapshot(short_tmp / "d0" / "s", short_tmp / "d0" / "m", "Diff", pause_vm=True)
+    assert no_base.value.code is ErrorCode.INVALID_STATE and "Full snapshot first" in no_base.value.message
+    # refused before any request
+    assert len(logged_requests(short_tmp)) == sent and vm.state is VMState.RUNNING
+
+    full = await vm.create_snapshot(short_tmp / "full" / "s", short_tmp / "full" / "m", pause_vm=True)
+    d1 = await vm.create_snapshot(short_tmp / "d1" / "s", short_tmp / "d1" / "m", "Diff", pause_vm=True)
+    d2 = await vm.create_snapshot(short_tmp / "d2" / "s", short_tmp / "d2" / "m", "Diff", pause_vm=True)
+    assert (full.base, d1.base, d2.base) == (None, str(full.directory.resolve()), str(d1.directory.resolve()))
+    with pytest.raises(SmartVMError) as same_dir:
+        await vm.create_snapshot(short_tmp / "d2" / "s", short_tmp / "d2" / "m", "Diff", pause_vm=True)
+    assert same_dir.value.code is ErrorCode.INVALID_ARGUMENT
+    await vm.stop()
+    assert d2.mem_path is not None and _markers(d2.mem_path)[0] == bytes(18)  # a bare layer: a hole at 0
+
+    clone = await svm.create_vm(_config(short_tmp, "clone"))
+    await clone.load_snapshot(d2.state_path, d2.mem_path, enable_diff_snapshots=True)
+    runtime = clone.get_runtime_dir()
+    assert runtime is not None
+    merged = runtime / "memory.merged"
+    assert _markers(merged) == [b"\x00fake-guest-memory", b"\x01diff-1", b"\x01diff-2"]
+    load = [r for r in logged_requests(short_tmp) if r["path"] == "/snapshot/load"][-1]
+    assert load["body"]["mem_backend"]["backend_path"] == str(merged)
+    # the restored VM's next Diff is laid over the snapshot it came from
+    await clone.pause()
+    d3 = await clone.create_snapshot(short_tmp / "d3" / "s", short_tmp / "d3" / "m", "Diff")
+    assert d3.base == str(d2.directory.resolve())
+    await clone.stop()
+    assert not merged.exists()
+
+    again = await svm.restore_vm(d3.directory, vm_id="again")
+    runtime = again.get_runtime_dir()
+    assert runtime is not None
+    assert _markers(runtime / "memory.merged")[1:] == [b"\x01diff-1", b"\x01diff-2", b"\x01diff-3"]
+    await again.stop()
+
+    (d1.directory / "snapshot.json").unlink()  # a broken chain: nothing starts, nothing is left
+    with pytest.raises(SmartVMError) as broken:
+        await svm.restore_vm(d3.directory, vm_id="broken")
+    assert broken.value.code is ErrorCode.SNAPSHOT_INVALID and str(d1.directory) in broken.value.message
+    assert_clean(short_tmp, fake_binary)
+    assert_all_requests_valid(short_tmp)

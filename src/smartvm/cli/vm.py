@@ -1,7 +1,8 @@
 """``smartvm run``: boot a microVM, run one command in it through the guest agent, stop it.
 
 The command's stdout/stderr pass through as they come, and smartvm exits with the command's exit
-code (124 when it outlives ``--timeout``). Ctrl-C stops the VM cleanly.
+code (124 when it outlives ``--timeout``). Ctrl-C stops the VM cleanly. The commands for VMs that
+keep running (start, exec, cp, ps, stop) live in ``cli/detached.py`` and reuse the pieces here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import asyncio
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
@@ -18,6 +19,9 @@ from smartvm.config import BootSource, Drive, MachineConfig, MicroVMConfig
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.options import SmartVMOptions
 from smartvm.orchestrator import SmartVM
+
+if TYPE_CHECKING:
+    from smartvm.vm import MicroVM
 
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
@@ -54,6 +58,35 @@ def _write(stream: int) -> Callable[[bytes], None]:
     return write
 
 
+async def exec_passthrough(
+    vm: MicroVM, argv: list[str], *, timeout: float | None, ready_timeout: float
+) -> int:
+    """Run ``argv`` in ``vm`` with stdout/stderr passed through; its exit code (124 on timeout)."""
+    try:
+        result = await vm.exec(
+            argv,
+            ready_timeout=ready_timeout,
+            timeout=timeout,
+            on_stdout=_write(1),
+            on_stderr=_write(2),
+        )
+    except SmartVMError as exc:
+        if exc.code is ErrorCode.EXEC_TIMEOUT:
+            return EXIT_TIMEOUT
+        raise
+    return EXIT_TIMEOUT if result.timed_out else result.exit_code
+
+
+def check_choices(engine: str, image: str) -> None:
+    """Reject an unknown --engine or --image with the accepted values."""
+    if engine not in ("auto", "firecracker", "qemu"):
+        raise SmartVMError(
+            ErrorCode.INVALID_ARGUMENT, f"--engine must be auto, firecracker or qemu, not {engine}"
+        )
+    if image not in ("busybox", "debian"):
+        raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"--image must be busybox or debian, not {image}")
+
+
 async def run_command(
     argv: list[str],
     *,
@@ -70,20 +103,9 @@ async def run_command(
         vm = await svm.create_vm(config)
         try:
             await vm.start()
-            result = await vm.exec(
-                argv,
-                ready_timeout=boot_timeout,
-                timeout=timeout,
-                on_stdout=_write(1),
-                on_stderr=_write(2),
-            )
-        except SmartVMError as exc:
-            if exc.code is ErrorCode.EXEC_TIMEOUT:
-                return EXIT_TIMEOUT
-            raise
+            return await exec_passthrough(vm, argv, timeout=timeout, ready_timeout=boot_timeout)
         finally:
             await asyncio.shield(vm.stop())
-    return EXIT_TIMEOUT if result.timed_out else result.exit_code
 
 
 def register(app: typer.Typer) -> None:
@@ -104,12 +126,7 @@ def register(app: typer.Typer) -> None:
             raise SmartVMError(
                 ErrorCode.INVALID_ARGUMENT, "give the command after --, e.g. smartvm run -- uname -a"
             )
-        if engine not in ("auto", "firecracker", "qemu"):
-            raise SmartVMError(
-                ErrorCode.INVALID_ARGUMENT, f"--engine must be auto, firecracker or qemu, not {engine}"
-            )
-        if image not in ("busybox", "debian"):
-            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"--image must be busybox or debian, not {image}")
+        check_choices(engine, image)
         opts: dict[str, object] = {"engine": engine}
         if runtime_dir is not None:
             opts["runtime_dir"] = runtime_dir
@@ -129,3 +146,7 @@ def register(app: typer.Typer) -> None:
         except KeyboardInterrupt:
             code = EXIT_INTERRUPTED
         raise typer.Exit(code)
+
+    from smartvm.cli import detached
+
+    detached.register(app)

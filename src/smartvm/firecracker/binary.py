@@ -1,7 +1,9 @@
-"""Finding the firecracker binary and its version, and the doctor check that reports both.
+"""Finding the firecracker (and jailer) binary and its version, and the doctor check that reports both.
 
 Search order: ``options.firecracker_binary_path``, ``$SMARTVM_FIRECRACKER_BIN``, ``PATH``, then the
 downloaded releases in ``<data_dir>/bin/<version>/firecracker`` (the configured version, else the newest).
+The jailer: ``options.jailer_binary_path``, ``$SMARTVM_JAILER_BIN``, ``jailer`` next to the firecracker
+binary (releases ship both), then ``PATH``.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Literal
 
 from smartvm.doctor import CheckResult, register_check
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.options import SmartVMOptions
 
 ENV_VAR = "SMARTVM_FIRECRACKER_BIN"
+JAILER_ENV_VAR = "SMARTVM_JAILER_BIN"
 _VERSION_DIR = re.compile(r"^v(\d+)\.(\d+)\.(\d+)$")
 _VERSION_OUT = re.compile(r"Firecracker\s+(v\d+\.\d+\.\d+\S*)")
 
@@ -25,14 +29,30 @@ def _executable(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
 
 
+def _explicit(option: Path | None, env_var: str) -> Path | Literal[False] | None:
+    """The binary named by an option or else an environment variable; False when the one named is not
+    executable (no fallback then: the user asked for that file); None when neither names one."""
+    named = option or (Path(os.environ[env_var]) if os.environ.get(env_var) else None)
+    if named is None:
+        return None
+    return named if _executable(named) else False
+
+
+def _required(found: Path | None, name: str, option: Path | None, env_var: str, fix: str) -> Path:
+    """``found``, or BINARY_NOT_FOUND saying what was looked for and ``fix``."""
+    if found is not None:
+        return found
+    where = option or os.environ.get(env_var)
+    detail = f"{where} is not an executable file" if where else f"no {name} binary found"
+    raise SmartVMError(ErrorCode.BINARY_NOT_FOUND, detail + fix)
+
+
 def find_firecracker(options: SmartVMOptions | None = None) -> Path | None:
     """The firecracker binary to use, or None when there is none."""
     options = options or SmartVMOptions()
-    if options.firecracker_binary_path is not None:
-        return options.firecracker_binary_path if _executable(options.firecracker_binary_path) else None
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env) if _executable(Path(env)) else None
+    explicit = _explicit(options.firecracker_binary_path, ENV_VAR)
+    if explicit is not None:
+        return explicit or None
     on_path = shutil.which("firecracker")
     if on_path:
         return Path(on_path)
@@ -51,16 +71,32 @@ def find_firecracker(options: SmartVMOptions | None = None) -> Path | None:
 
 def require_firecracker(options: SmartVMOptions) -> Path:
     """Like :func:`find_firecracker`, but BINARY_NOT_FOUND with the fix when there is none."""
-    path = find_firecracker(options)
-    if path is None:
-        where = options.firecracker_binary_path or os.environ.get(ENV_VAR)
-        detail = f"{where} is not an executable file" if where else "no firecracker binary found"
-        raise SmartVMError(
-            ErrorCode.BINARY_NOT_FOUND,
-            f"{detail}; set firecracker_binary_path or {ENV_VAR}, put firecracker on PATH, "
-            "or download one with SmartVM.ensure_binary()",
-        )
-    return path
+    return _required(
+        find_firecracker(options), "firecracker", options.firecracker_binary_path, ENV_VAR,
+        f"; set firecracker_binary_path or {ENV_VAR}, put firecracker on PATH, "
+        "or download one with SmartVM.ensure_binary()",
+    )
+
+
+def find_jailer(options: SmartVMOptions, firecracker: Path | None = None) -> Path | None:
+    """The jailer binary to use with ``firecracker``, or None when there is none."""
+    explicit = _explicit(options.jailer_binary_path, JAILER_ENV_VAR)
+    if explicit is not None:
+        return explicit or None
+    if firecracker is not None and _executable(firecracker.parent / "jailer"):
+        return firecracker.parent / "jailer"
+    on_path = shutil.which("jailer")
+    return Path(on_path) if on_path else None
+
+
+def require_jailer(options: SmartVMOptions, firecracker: Path) -> Path:
+    """Like :func:`find_jailer`, but BINARY_NOT_FOUND with the fix when there is none."""
+    return _required(
+        find_jailer(options, firecracker), "jailer", options.jailer_binary_path, JAILER_ENV_VAR,
+        f" (options.jailer is set); set jailer_binary_path or {JAILER_ENV_VAR}, put the "
+        f"jailer next to {firecracker} or on PATH (SmartVM.ensure_binary() installs both), "
+        "or set jailer=None to run without it",
+    )
 
 
 def firecracker_version(path: str | Path) -> str:

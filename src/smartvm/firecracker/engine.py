@@ -10,6 +10,10 @@ this VM's staged copy, loads the snapshot paused, patches each drive to its real
 symlinks and only then resumes; the guest never runs on the old paths. The vsock socket moves to
 this VM's runtime dir with ``vsock_override`` (Firecracker >= 1.17); older releases re-create it at the
 recorded path. A bare state/memory pair without ``snapshot.json`` records no paths and is loaded as is.
+
+With ``options.jailer`` Firecracker runs chrooted (see :mod:`smartvm.firecracker.jailed`): it is sent a
+copy of the config with in-jail paths (``_sent``; the user's config is untouched), snapshots are written
+in the jail and moved out, and the jail directory goes when the process is gone (:meth:`close`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import contextlib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,7 @@ from smartvm.engine import Engine, RestoreRequest
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.firecracker.api import FirecrackerAPI
 from smartvm.firecracker.binary import require_firecracker
+from smartvm.firecracker.jailed import VSOCK_IN_JAIL, VMJail, open_jail, remove_recorded_jail
 from smartvm.firecracker.process import FirecrackerCommand, FirecrackerProcess, socket_accepts, tail
 from smartvm.firecracker.vsock import connect_vsock
 from smartvm.host.runtime import VMRuntime, sanitize_id
@@ -51,7 +57,9 @@ class FirecrackerEngine(Engine):
         self._process: FirecrackerProcess | None = None
         self._api: FirecrackerAPI | None = None
         self._config: MicroVMConfig | None = None
-        self._vsock_path: Path | None = None
+        self._sent: MicroVMConfig | None = None  # the config as Firecracker knows it (in-jail paths)
+        self._jail: VMJail | None = None
+        self._vsock_path: Path | None = None  # host path of the vsock socket
         self._vsock_dirs: list[Path] = []  # created for a restored vsock socket; removed on close
         self._dirty_tracking = False
 
@@ -68,21 +76,37 @@ class FirecrackerEngine(Engine):
     def process(self) -> FirecrackerProcess | None:
         return self._process
 
+    def _open_jail(self) -> None:
+        """With ``options.jailer``: create this VM's jail (before anything is linked or spawned)."""
+        if self.options.jailer is not None and self._jail is None:
+            self._jail = open_jail(self.options, self.runtime, require_firecracker(self.options))
+
     async def _spawn(self) -> FirecrackerAPI:
         if self._process is not None:
             raise SmartVMError(ErrorCode.INVALID_STATE, "this engine already started a Firecracker process")
+        jail = self._jail.jail if self._jail else None
         command = FirecrackerCommand(
             binary=require_firecracker(self.options),
-            api_socket=self.runtime.api_socket,
+            api_socket=jail.api_socket if jail else self.runtime.api_socket,
             vm_id=sanitize_id(self.runtime.vm_id),
-            netns=self.runtime.netns,
+            netns=None if jail else self.runtime.netns,
+            jail=jail,
         )
         self._process = FirecrackerProcess(
             command, console_log=self.runtime.console_log, engine_log=self.runtime.engine_log
         )
         await self._process.start(self.options.socket_timeout_s)
-        self._api = FirecrackerAPI(self.runtime.api_socket)
+        assert command.api_socket is not None
+        self._api = FirecrackerAPI(command.api_socket)
         return self._api
+
+    def _fc_path(self, host: Path) -> str:
+        """A host path as the running Firecracker sees it."""
+        return self._jail.jail.jail_path(host) if self._jail else str(host)
+
+    def _host_path(self, fc_path: str) -> Path:
+        """A path Firecracker was given, as a host path."""
+        return self._jail.host_path(fc_path) if self._jail else Path(fc_path)
 
     async def _undo_start(self) -> None:
         """After a failed boot/restore: nothing may be left behind."""
@@ -93,13 +117,15 @@ class FirecrackerEngine(Engine):
         """A request failed: if the process died meanwhile, say so with its log."""
         if exc.code not in (ErrorCode.FIRECRACKER_API_ERROR, ErrorCode.NO_CLIENT):
             return exc
-        if self._process is not None and self._process.returncode is None:
+        if self._process is not None and self._process.is_alive():
             # A broken connection usually means the process is dying: give it a moment to be reaped.
-            await self._process.wait(_DYING_GRACE_S if exc.code is ErrorCode.NO_CLIENT else 0)
-        if self._process is not None and self._process.returncode is not None:
+            await self._process.wait_exited(_DYING_GRACE_S if exc.code is ErrorCode.NO_CLIENT else 0)
+        if self._process is not None and not self._process.is_alive():
+            code = self._process.returncode
             return SmartVMError(
                 ErrorCode.FIRECRACKER_EXITED,
-                f"firecracker exited with code {self._process.returncode} ({exc.message}); last log lines:\n"
+                f"firecracker exited{'' if code is None else f' with code {code}'} ({exc.message}); "
+                "last log lines:\n"
                 f"{tail(self.runtime.engine_log) or tail(self.runtime.console_log) or '(empty log)'}",
             )
         return exc
@@ -109,8 +135,10 @@ class FirecrackerEngine(Engine):
         self._config = config
         self._dirty_tracking = bool(config.machine_config.track_dirty_pages)
         try:
+            self._open_jail()
+            sent = self._firecracker_config(config)
             api = await self._spawn()
-            await self._configure(api, config)
+            await self._configure(api, sent)
             await api.actions.put(action_type="InstanceStart")
         except SmartVMError as exc:
             err = await self._explain(exc)
@@ -125,6 +153,17 @@ class FirecrackerEngine(Engine):
     def _vsock_for(self, config: MicroVMConfig) -> Vsock:
         return config.vsock or Vsock(guest_cid=DEFAULT_GUEST_CID, uds_path=str(self.runtime.vsock_socket))
 
+    def _firecracker_config(self, config: MicroVMConfig) -> MicroVMConfig:
+        """What Firecracker is sent: always with a vsock device; jailed, every file linked into the jail."""
+        vsock = self._vsock_for(config)
+        if self._jail is None:
+            self._vsock_path = _prepare_host_files(config, Path(vsock.uds_path))
+            self._sent = config.model_copy(update={"vsock": vsock})
+        else:
+            self._sent = self._jail.boot_config(config, vsock)
+            self._vsock_path = self._jail.host_path(VSOCK_IN_JAIL)
+        return self._sent
+
     async def _configure(self, api: FirecrackerAPI, config: MicroVMConfig) -> None:
         await api.boot.put(**config.boot_source.api_body())
         await api.machine_config.put(**config.machine_config.api_body())
@@ -132,9 +171,8 @@ class FirecrackerEngine(Engine):
             await api.drives.put(**drive.api_body())
         for iface in config.network_interfaces:
             await api.network_interfaces.put(**iface.api_body())
-        vsock = self._vsock_for(config)
-        self._vsock_path = _prepare_host_files(config, Path(vsock.uds_path))
-        await api.vsock.put(**vsock.api_body())
+        if config.vsock is not None:
+            await api.vsock.put(**config.vsock.api_body())
         if config.balloon is not None:
             await api.balloon.put(**config.balloon.api_body())
         if config.mmds is not None:
@@ -154,13 +192,21 @@ class FirecrackerEngine(Engine):
         body = self._load_body(request)
         links: list[Path] = []
         made_dirs: list[Path] = []
+        recorded: dict[str, str] = snapshot.engine_data.get("drive_paths", {})
         try:
+            self._open_jail()
+            self._sent = request.config
+            if self._jail is not None:  # drives go where the snapshot says, inside the jail
+                self._sent = request.config.model_copy(
+                    update={"drives": self._jail.drives(request.config.drives, at=recorded)}
+                )
+                body = self._jail.restore_body(body)
             api = await self._spawn()
             body.update(await self._vsock_for_restore(api, snapshot))
-            links = _link_old_drive_paths(snapshot, request.config, made_dirs)
+            if self._jail is None:
+                links = _link_old_drive_paths(snapshot, request.config, made_dirs)
             await api.snapshot_load.put(**body, resume_vm=False)
-            recorded = snapshot.engine_data.get("drive_paths", {})
-            for drive in request.config.drives:
+            for drive in self._sent.drives:
                 if recorded.get(drive.drive_id) not in (None, drive.path_on_host):
                     await api.drives.patch(drive_id=drive.drive_id, path_on_host=drive.path_on_host)
             if request.resume_vm:
@@ -191,11 +237,12 @@ class FirecrackerEngine(Engine):
                 )
             backend = {"backend_type": "Uffd", "backend_path": str(request.uffd_socket)}
         else:
-            if snapshot.mem_path is None:
+            mem_path = request.mem_path or snapshot.mem_path  # a Diff chain comes merged
+            if mem_path is None:
                 raise SmartVMError(
                     ErrorCode.SNAPSHOT_INVALID, f"snapshot {snapshot.directory} has no memory file"
                 )
-            backend = {"backend_type": "File", "backend_path": str(snapshot.mem_path)}
+            backend = {"backend_type": "File", "backend_path": str(mem_path)}
         body: dict[str, Any] = {"snapshot_path": str(snapshot.state_path), "mem_backend": backend}
         if request.enable_diff_snapshots:
             body["track_dirty_pages"] = True
@@ -211,11 +258,14 @@ class FirecrackerEngine(Engine):
         recorded = snapshot.engine_data.get("vsock_uds_path")
         if not recorded:
             return {}
-        ours = self.runtime.vsock_socket
+        ours = self._jail.host_path(VSOCK_IN_JAIL) if self._jail else self.runtime.vsock_socket
         if _version_tuple(await api.version.get()) >= _VSOCK_OVERRIDE_SINCE:
             ours.unlink(missing_ok=True)
             self._vsock_path = ours
-            return {"vsock_override": {"uds_path": str(ours)}}
+            return {"vsock_override": {"uds_path": self._fc_path(ours)}}
+        if self._jail is not None:  # the recorded path, but inside this VM's own jail
+            self._vsock_path = self._jail.old_vsock_path(recorded)
+            return {}
         self._vsock_path = _prepare_old_vsock_path(Path(recorded), self._vsock_dirs)
         return {}
 
@@ -230,7 +280,7 @@ class FirecrackerEngine(Engine):
         self, snapshot_dir: Path, state_file: str, mem_file: str, snapshot_type: SnapshotType,
         config: MicroVMConfig,
     ) -> Snapshot:
-        running = self._config or config
+        sent = self._sent or self._config or config
         if snapshot_type == "Diff" and not self._dirty_tracking:
             raise SmartVMError(
                 ErrorCode.SNAPSHOT_FAILED,
@@ -239,12 +289,16 @@ class FirecrackerEngine(Engine):
                 "or take a Full snapshot",
             )
         api = self.api
+        if self._jail is None:
+            state_at, mem_at = str(snapshot_dir / state_file), str(snapshot_dir / mem_file)
+        else:  # Firecracker can only write inside its jail: the files are moved out afterwards
+            state_at, mem_at = self._jail.snapshot_targets(state_file, mem_file)
         await api.snapshot_create.put(
-            snapshot_type=snapshot_type,
-            snapshot_path=str(snapshot_dir / state_file),
-            mem_file_path=str(snapshot_dir / mem_file),
+            snapshot_type=snapshot_type, snapshot_path=state_at, mem_file_path=mem_at
         )
-        disks = _copy_writable_disks(running, snapshot_dir)
+        if self._jail is not None:
+            self._jail.collect_snapshot(snapshot_dir, (state_file, mem_file))
+        disks = _copy_writable_disks(sent, snapshot_dir, self._host_path)
         return Snapshot(
             directory=snapshot_dir,
             engine=self.name,
@@ -254,9 +308,10 @@ class FirecrackerEngine(Engine):
             config=config.model_dump(mode="json"),
             disks=disks,
             engine_data={
-                "drive_paths": {d.drive_id: d.path_on_host for d in running.drives},
-                "vsock_uds_path": str(self._vsock_path) if self._vsock_path else None,
+                "drive_paths": {d.drive_id: d.path_on_host for d in sent.drives},
+                "vsock_uds_path": self._fc_path(self._vsock_path) if self._vsock_path else None,
                 "firecracker_version": await self._version(api),
+                "jailed": self._jail is not None,
             },
         )
 
@@ -273,7 +328,7 @@ class FirecrackerEngine(Engine):
         if self.is_alive() and self._api is not None:
             with contextlib.suppress(SmartVMError):
                 await self._api.actions.put(action_type="SendCtrlAltDel")
-            await process.wait(max(0.0, deadline - asyncio.get_running_loop().time()))
+            await process.wait_exited(max(0.0, deadline - asyncio.get_running_loop().time()))
         await process.stop(timeout=max(1.0, timeout / 2))
         await self.close()
 
@@ -292,6 +347,75 @@ class FirecrackerEngine(Engine):
             self._vsock_path.unlink(missing_ok=True)
             _remove_links([], self._vsock_dirs)
             self._vsock_dirs.clear()
+        if self._jail is not None and not self.is_alive():
+            self._jail.cleanup()
+            self._jail = None
+
+    # --- detach / attach -------------------------------------------------------------------------
+    async def detach(self) -> dict[str, Any]:
+        process = self._process
+        if process is None or not process.is_alive() or process.pid is None:
+            raise SmartVMError(
+                ErrorCode.INVALID_STATE, f"VM {self.runtime.vm_id!r} has no running Firecracker to detach"
+            )
+        if self._api is not None:
+            await self._api.close()
+            self._api = None
+        pid, start_time = process.pid, process.start_time
+        process.detach()
+        self._process = None
+        data = {
+            "engine": self.name,
+            "pid": pid,
+            "pid_start_time": start_time,
+            "api_socket": str(process.command.api_socket) if process.command.api_socket else None,
+            "vsock_uds_path": str(self._vsock_path) if self._vsock_path else None,
+            "vsock_dirs": [str(d) for d in self._vsock_dirs],
+            "dirty_tracking": self._dirty_tracking,
+            "config": self._config.model_dump(mode="json") if self._config else None,
+            "firecracker_config": self._sent.model_dump(mode="json") if self._sent else None,
+            "jail": self._jail.record() if self._jail else None,
+        }
+        # they belong to the running VM, not to us now
+        self._vsock_path, self._vsock_dirs, self._jail = None, [], None
+        return data
+
+    @classmethod
+    def forget_record(cls, record: dict[str, Any]) -> None:
+        remove_recorded_jail(record)
+
+    @classmethod
+    def attach(cls, runtime: VMRuntime, options: SmartVMOptions, record: dict[str, Any]) -> FirecrackerEngine:
+        engine = cls(runtime, options)
+        api_socket = Path(record["api_socket"]) if record.get("api_socket") else runtime.api_socket
+        jail = VMJail.from_record(record["jail"], runtime.drives_dir) if record.get("jail") else None
+        command = FirecrackerCommand(
+            binary=Path(options.firecracker_binary_path or "firecracker"),
+            api_socket=api_socket,
+            vm_id=sanitize_id(runtime.vm_id),
+            netns=None if jail else runtime.netns,
+            jail=jail.jail if jail else None,
+        )
+        process = FirecrackerProcess.adopt(
+            command, int(record["pid"]), int(record["pid_start_time"]),
+            console_log=runtime.console_log, engine_log=runtime.engine_log,
+        )
+        if not process.is_alive():
+            raise SmartVMError(
+                ErrorCode.VM_NOT_FOUND,
+                f"the Firecracker process (pid {record['pid']}) of VM {runtime.vm_id!r} is gone",
+            )
+        engine._process = process
+        engine._jail = jail
+        engine._api = FirecrackerAPI(api_socket)
+        engine._vsock_path = Path(record["vsock_uds_path"]) if record.get("vsock_uds_path") else None
+        engine._vsock_dirs = [Path(d) for d in record.get("vsock_dirs") or []]
+        engine._dirty_tracking = bool(record.get("dirty_tracking"))
+        config = record.get("config")
+        engine._config = MicroVMConfig.model_validate(config) if config else None
+        sent = record.get("firecracker_config")
+        engine._sent = MicroVMConfig.model_validate(sent) if sent else engine._config
+        return engine
 
     async def info(self) -> dict[str, Any]:
         answer = await self.api.describe_instance.get()
@@ -308,7 +432,22 @@ class FirecrackerEngine(Engine):
         return dict(answer) if isinstance(answer, dict) else {}
 
     async def update_drive(self, drive_id: str, path_on_host: str) -> None:
-        await self.api.drives.patch(drive_id=drive_id, path_on_host=path_on_host)
+        api = self.api
+        drives = self._sent.drives if self._sent else []
+        drive = next((d for d in drives if d.drive_id == drive_id), None)
+        read_only = drive is not None and drive.is_read_only
+        fc_path = path_on_host
+        if self._jail is not None:  # a jailed Firecracker can only open what is linked into its jail
+            fc_path = self._jail.update_drive(drive_id, path_on_host, read_only=read_only)
+        try:
+            await api.drives.patch(drive_id=drive_id, path_on_host=fc_path)
+        except BaseException:
+            if self._jail is not None:
+                self._jail.forget(fc_path)
+            raise
+        if self._sent is not None and drive is not None:
+            updated = [d.model_copy(update={"path_on_host": fc_path}) if d is drive else d for d in drives]
+            self._sent = self._sent.model_copy(update={"drives": updated})
 
     async def update_balloon(self, amount_mib: int) -> None:
         await self.api.balloon.patch(amount_mib=amount_mib)
@@ -369,8 +508,13 @@ def _remove_stale_socket(path: Path, hint: str = "") -> None:
     path.unlink(missing_ok=True)
 
 
-def _copy_writable_disks(config: MicroVMConfig, snapshot_dir: Path) -> dict[str, str]:
-    """Consistent (the guest is paused) copy-on-write copies of every writable drive, by drive id."""
+def _copy_writable_disks(
+    config: MicroVMConfig, snapshot_dir: Path, host_path: Callable[[str], Path]
+) -> dict[str, str]:
+    """Consistent (the guest is paused) copy-on-write copies of every writable drive, by drive id.
+
+    ``config`` has Firecracker's paths; ``host_path`` maps them to the host (they differ in a jail).
+    """
     disks: dict[str, str] = {}
     for drive in config.drives:
         if drive.is_read_only:
@@ -379,7 +523,7 @@ def _copy_writable_disks(config: MicroVMConfig, snapshot_dir: Path) -> dict[str,
         target = snapshot_dir / name
         part = target.with_name(target.name + ".part")
         part.unlink(missing_ok=True)
-        clone_file(drive.path_on_host, part)
+        clone_file(host_path(drive.path_on_host), part)
         os.replace(part, target)
         disks[drive.drive_id] = name
     return disks

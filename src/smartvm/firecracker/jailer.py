@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ from pathlib import Path, PurePosixPath
 
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.storage import clone_file
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHROOT_BASE = Path("/srv/jailer")
 API_SOCKET_IN_JAIL = "/run/firecracker.socket"
@@ -126,12 +129,18 @@ class Jail:
         os.chown(self.root / "run", self.config.uid, self.config.gid)
 
     def link_in(
-        self, source: str | os.PathLike[str], name: str | None = None, *, writable: bool = False
+        self,
+        source: str | os.PathLike[str],
+        name: str | None = None,
+        *,
+        writable: bool = False,
+        allow_copy: bool = True,
     ) -> str:
         """Put ``source`` into the jail root as ``name``; returns its path inside the jail.
 
-        Hard-linked when possible (no copy), else copied copy-on-write. Writable files are handed to
-        the jail's uid/gid (for a hard link that is the source's inode too: link staged copies only).
+        Hard-linked when possible (no copy), else copied copy-on-write; ``allow_copy=False`` refuses
+        the copy (for files whose writes must reach ``source``). Writable files are handed to the
+        jail's uid/gid: for a hard link that is the source's inode, so the source changes owner too.
         """
         src = Path(source)
         target = self.host_path(name or src.name)
@@ -143,13 +152,54 @@ class Jail:
                 raise SmartVMError(
                     ErrorCode.JAILER_FAILED, f"cannot link {src} into the jail: {exc.strerror}"
                 ) from exc
+            if not allow_copy:
+                raise SmartVMError(
+                    ErrorCode.JAILER_FAILED,
+                    f"cannot hard-link {src} into the jail {self.root} ({exc.strerror}) and a copy would "
+                    "not see Firecracker's writes; put it on the filesystem of chroot_base_dir",
+                ) from exc
             clone_file(src, target)
         if writable:
             os.chown(target, self.config.uid, self.config.gid)
-        return "/" + target.relative_to(self.root).as_posix()
+        return self.jail_path(target)
+
+    def jail_path(self, host_path: Path) -> str:
+        """The path Firecracker sees for ``host_path`` (a path under the jail root)."""
+        return "/" + host_path.relative_to(self.root).as_posix()
+
+    def make_dir(self, jail_path: str) -> Path:
+        """``mkdir -p`` inside the jail; directories it creates belong to the jail's uid/gid."""
+        target = self.host_path(jail_path)
+        missing = [d for d in [target, *target.parents] if d != self.root and self.root in d.parents]
+        for directory in reversed(missing):
+            if not directory.exists():
+                directory.mkdir(mode=0o755)
+                os.chown(directory, self.config.uid, self.config.gid)
+        return target
 
     def cleanup(self) -> None:
-        """Remove the jail directory (and the per-binary directory when it is empty). Idempotent."""
+        """Remove the jail directory (and the per-binary directory when it is empty). Idempotent.
+
+        A jail with something mounted inside it (in our mount namespace) is left alone with a warning:
+        ``rmtree`` would delete the mounted files too.
+        """
+        mounted = mounts_under(self.jail_dir)
+        if mounted:
+            log.warning("not removing jail %s: still mounted there: %s", self.jail_dir, ", ".join(mounted))
+            return
         shutil.rmtree(self.jail_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             self.jail_dir.parent.rmdir()
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """Mount points at or below ``directory`` in this process's mount namespace."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f if len(line.split()) > 4]
+    except OSError:
+        return []
+    top = str(directory).rstrip("/")
+    # mountinfo escapes space, tab, newline and backslash as octal
+    decoded = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), p) for p in points]
+    return [p for p in decoded if p == top or p.startswith(top + "/")]

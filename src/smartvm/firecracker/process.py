@@ -1,7 +1,10 @@
-"""One Firecracker process: spawn it, wait for its API socket, end it, always reap it.
+"""One Firecracker process: spawn it (directly or through the jailer), wait for its API socket, end
+it, always reap it.
 
 The guest's serial console is Firecracker's stdout, so stdout goes to the VM's console log; the
 VMM's own log (``--log-path``) and stderr go to the engine log, whose tail explains early exits.
+Under a jailer with ``--new-pid-ns`` the process we spawn is only the jailer: it forks Firecracker,
+writes its pid into the jail and exits, and from then on Firecracker is adopted by pid + start time.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.firecracker.jailer import API_SOCKET_IN_JAIL, Jail
+from smartvm.host.process import HostProcess, running_start_time
 
 _POLL_S = 0.01
 LOG_TAIL_LINES = 20
@@ -24,7 +29,13 @@ LOG_TAIL_LINES = 20
 
 @dataclass(frozen=True)
 class FirecrackerCommand:
-    """The command line of one Firecracker process (Firecracker's own flag names)."""
+    """The command line of one Firecracker process (Firecracker's own flag names).
+
+    With ``jail`` the command is the jailer's: Firecracker's flags go after ``--``, ``--api-sock`` is
+    the socket inside the jail (``api_socket`` is its host path, which we wait for), ``--id`` is left
+    to the jailer (Firecracker refuses a flag given twice) and ``netns`` must be None (the jail's
+    config carries it). ``log_path``, ``metrics_path`` and ``config_file`` are then paths in the jail.
+    """
 
     binary: Path
     api_socket: Path | None
@@ -37,15 +48,16 @@ class FirecrackerCommand:
     no_api: bool = False
     netns: str | None = None
     extra_args: Sequence[str] = field(default_factory=tuple)
+    jail: Jail | None = None
 
     def argv(self) -> list[str]:
-        args = [str(self.binary), "--id", self.vm_id]
+        args = [str(self.binary)] if self.jail else [str(self.binary), "--id", self.vm_id]
         if self.no_api:
             if self.config_file is None:
                 raise SmartVMError(ErrorCode.INVALID_ARGUMENT, "--no-api needs a config file (config_file)")
             args.append("--no-api")
         elif self.api_socket is not None:
-            args += ["--api-sock", str(self.api_socket)]
+            args += ["--api-sock", API_SOCKET_IN_JAIL if self.jail else str(self.api_socket)]
         if self.config_file is not None:
             args += ["--config-file", str(self.config_file)]
         if self.log_path is not None:
@@ -57,6 +69,12 @@ class FirecrackerCommand:
         if self.boot_timer:
             args.append("--boot-timer")
         args += list(self.extra_args)
+        if self.jail is not None:
+            if self.netns:
+                raise SmartVMError(
+                    ErrorCode.INVALID_ARGUMENT, "a jailed Firecracker joins its netns through the jailer"
+                )
+            return self.jail.argv(args[1:])
         if self.netns:
             return ["ip", "netns", "exec", self.netns, *args]
         return args
@@ -77,31 +95,42 @@ def tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
 
 
 class FirecrackerProcess:
-    """A spawned Firecracker. :meth:`stop` and :meth:`kill` are idempotent and always reap."""
+    """A spawned Firecracker. :meth:`stop` and :meth:`kill` are idempotent and always reap.
+
+    The process is a :class:`HostProcess` (nothing kills it implicitly), so it can be detached and
+    adopted again by pid + start time (:meth:`adopt`); an adopted one cannot be reaped here and its
+    exit code is unknown.
+    """
 
     def __init__(self, command: FirecrackerCommand, *, console_log: Path, engine_log: Path) -> None:
         self.command = command
         self.console_log = console_log
         self.engine_log = engine_log
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: HostProcess | None = None
+
+    @classmethod
+    def adopt(
+        cls, command: FirecrackerCommand, pid: int, start_time: int, *, console_log: Path, engine_log: Path
+    ) -> FirecrackerProcess:
+        """A Firecracker started earlier (possibly by another process), found by pid + start time."""
+        process = cls(command, console_log=console_log, engine_log=engine_log)
+        process._proc = HostProcess.adopt(pid, start_time)
+        return process
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
     @property
+    def start_time(self) -> int | None:
+        return self._proc.start_time if self._proc else None
+
+    @property
     def returncode(self) -> int | None:
         return self._proc.returncode if self._proc else None
 
     def is_alive(self) -> bool:
-        if self._proc is None or self._proc.returncode is not None:
-            return False
-        # The child watcher updates returncode lazily; ask the kernel without reaping.
-        try:
-            info = os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return False
-        return info is None
+        return self._proc is not None and self._proc.is_alive()
 
     async def start(self, socket_timeout: float) -> None:
         """Spawn and, unless ``--no-api``, wait until the API socket accepts connections."""
@@ -113,35 +142,88 @@ class FirecrackerProcess:
         for log in (self.console_log, self.engine_log):
             log.touch()
         argv = self.command.argv()
+        jail = self.command.jail
         try:
             with self.console_log.open("ab") as out, self.engine_log.open("ab") as err:
-                self._proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
+                self._proc = HostProcess.spawn(
+                    argv, stdout=out.fileno(), stderr=err.fileno(),
+                    new_session=not (jail and jail.config.daemonize),  # it calls setsid() itself
                 )
         except OSError as exc:
             raise SmartVMError(
                 ErrorCode.BINARY_NOT_FOUND if isinstance(exc, FileNotFoundError | PermissionError)
                 else ErrorCode.FIRECRACKER_EXITED,
-                f"cannot run {argv[0]}: {exc.strerror or exc}; check firecracker_binary_path",
+                f"cannot run {argv[0]}: {exc.strerror or exc}; "
+                f"check {'jailer_binary_path' if jail else 'firecracker_binary_path'}",
             ) from exc
-        if api_socket is None or self.command.no_api:
-            return
+        deadline = time.monotonic() + socket_timeout
         try:
-            await self._wait_for_socket(api_socket, socket_timeout)
+            if jail is not None and jail.config.new_pid_ns:
+                await self._adopt_from_pid_file(jail, deadline, socket_timeout)
+            if api_socket is None or self.command.no_api:
+                return
+            await self._wait_for_socket(api_socket, deadline, socket_timeout)
         except BaseException:
+            self._kill_jailer_group()
             await self.kill()
             raise
 
-    async def _wait_for_socket(self, path: Path, timeout: float) -> None:
+    async def _adopt_from_pid_file(self, jail: Jail, deadline: float, timeout: float) -> None:
+        """Swap the jailer (our child, exiting) for the Firecracker it forked, named in the pid file."""
+        jailer = self._proc
+        assert jailer is not None
+        while (pid := _read_pid(jail.pid_file)) is None:
+            if not jailer.is_alive():
+                if (pid := _read_pid(jail.pid_file)) is not None:  # written just before it exited
+                    break
+                raise SmartVMError(
+                    ErrorCode.JAILER_FAILED,
+                    f"the jailer exited with code {jailer.returncode} before writing Firecracker's pid to "
+                    f"{jail.pid_file}; last log lines:\n{tail(self.engine_log) or '(empty log)'}",
+                )
+            if time.monotonic() >= deadline:
+                raise SmartVMError(
+                    ErrorCode.SOCKET_TIMEOUT,
+                    f"the jailer did not write Firecracker's pid to {jail.pid_file} within {timeout:g}s; "
+                    f"last log lines:\n{tail(self.engine_log) or '(empty log)'}",
+                )
+            await asyncio.sleep(_POLL_S)
+        start_time = running_start_time(pid)
+        if not await jailer.wait(max(0.1, deadline - time.monotonic())):
+            jailer.kill()  # its work is done once the pid file is written
+            await jailer.wait()
+        if start_time is None:
+            raise SmartVMError(
+                ErrorCode.FIRECRACKER_EXITED,
+                f"firecracker (pid {pid}, from {jail.pid_file}) exited before its API socket appeared; "
+                f"last log lines:\n{tail(self.engine_log) or '(empty log)'}",
+            )
+        self._proc = HostProcess.adopt(pid, start_time, owned=True)
+
+    def _kill_jailer_group(self) -> None:
+        """A jailer that failed half-way may have forked already: end its whole process group.
+
+        Only while the jailer is unreaped (its pid, hence its group id, cannot have been reused) and
+        only when it leads its own group (never ours).
+        """
+        proc = self._proc
+        if proc is None or not proc.is_child or not proc.is_alive() or self.command.jail is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(proc.pid) == proc.pid != os.getpgrp():
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    async def _wait_for_socket(self, path: Path, deadline: float, timeout: float) -> None:
         assert self._proc is not None
-        deadline = time.monotonic() + timeout
         while True:
-            if self._proc.returncode is not None or not self.is_alive():
-                code = await self._proc.wait()
+            if not self.is_alive():
+                await self._proc.wait()
+                code = self._proc.returncode
+                who = "the jailer (or the firecracker it started)" if self.command.jail else "firecracker"
                 raise SmartVMError(
                     ErrorCode.FIRECRACKER_EXITED,
-                    f"firecracker exited with code {code} before its API socket appeared; "
-                    f"last log lines:\n{tail(self.engine_log) or '(empty log)'}",
+                    f"{who} exited{'' if code is None else f' with code {code}'} before its API "
+                    f"socket appeared; last log lines:\n{tail(self.engine_log) or '(empty log)'}",
                 )
             if socket_accepts(path):
                 return
@@ -157,40 +239,52 @@ class FirecrackerProcess:
         """Wait for the process to exit; its exit code, or None after ``timeout``."""
         if self._proc is None:
             return None
-        try:
-            return await asyncio.wait_for(self._proc.wait(), timeout)
-        except TimeoutError:
-            return None
+        await self._proc.wait(timeout)
+        return self._proc.returncode
+
+    async def wait_exited(self, timeout: float | None = None) -> bool:
+        """Whether the process has exited within ``timeout`` (also when its exit code is unknown)."""
+        return self._proc is None or await self._proc.wait(timeout)
 
     async def stop(self, timeout: float) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; reaps. The exit code (None if never started)."""
         if self._proc is None:
             return None
-        if self._proc.returncode is None:
-            self._signal(signal.SIGTERM)
-            if await self.wait(timeout) is None:
-                self._signal(signal.SIGKILL)
-        code = await self._proc.wait()
+        if self._proc.is_alive():
+            self._proc.terminate()
+            if not await self._proc.wait(timeout):
+                self._proc.kill()
+        await self._proc.wait()
         self._cleanup_socket()
-        return code
+        return self._proc.returncode
 
     async def kill(self) -> None:
         """SIGKILL at once and reap."""
         if self._proc is None:
             return
-        if self._proc.returncode is None:
-            self._signal(signal.SIGKILL)
+        self._proc.kill()
         await self._proc.wait()
         self._cleanup_socket()
 
-    def _signal(self, sig: signal.Signals) -> None:
-        assert self._proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.send_signal(sig)
+    def detach(self) -> HostProcess | None:
+        """Forget the process without touching it; it keeps running. Returns it (None if never started)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.release()
+        return proc
 
     def _cleanup_socket(self) -> None:
         if self.command.api_socket is not None:
             self.command.api_socket.unlink(missing_ok=True)
+
+
+def _read_pid(path: Path) -> int | None:
+    """The pid in a pid file, or None while it is missing or not completely written."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
 
 
 def socket_accepts(path: Path) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -123,30 +124,34 @@ def allocated_bytes(path: str | os.PathLike[str]) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def apply_sparse_diff(
-    base: str | os.PathLike[str], diff: str | os.PathLike[str], out: str | os.PathLike[str]
+def apply_sparse_diffs(
+    base: str | os.PathLike[str], diffs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
 ) -> None:
-    """Write ``out`` = ``base`` with every data region of the sparse file ``diff`` laid over it.
+    """Write ``out`` = ``base`` with the data regions of each sparse file in ``diffs`` laid over it, in order.
 
     A Firecracker Diff snapshot's memory file holds only the pages dirtied since the previous
-    snapshot, at their offsets, with holes elsewhere; laying it over the previous snapshot's memory
-    gives the full memory at the time of the Diff. ``base`` and ``diff`` are only read.
+    snapshot, at their offsets, with holes elsewhere; laying a chain of them over the Full snapshot's
+    memory gives the full memory at the time of the last Diff. The inputs are only read; ``out`` is
+    removed again if anything fails.
     """
     clone_file(base, out)
     try:
-        with open(diff, "rb") as diff_f, open(out, "r+b") as out_f:
-            size = os.fstat(diff_f.fileno()).st_size
-            if size > os.fstat(out_f.fileno()).st_size:
-                raise SmartVMError(
-                    ErrorCode.SNAPSHOT_MISMATCH,
-                    f"diff memory file {diff} is larger than its base {base}: they are not from one VM",
-                )
-            for start, end in _data_extents(diff_f.fileno(), size):
-                pos = start
-                while pos < end:
-                    n = min(_CHUNK, end - pos)
-                    os.pwrite(out_f.fileno(), os.pread(diff_f.fileno(), n, pos), pos)
-                    pos += n
+        with open(out, "r+b") as out_f:
+            for diff in diffs:
+                with open(diff, "rb") as diff_f:
+                    size = os.fstat(diff_f.fileno()).st_size
+                    if size > os.fstat(out_f.fileno()).st_size:
+                        raise SmartVMError(
+                            ErrorCode.SNAPSHOT_MISMATCH,
+                            f"diff memory file {diff} is larger than its base {base}: "
+                            "they are not from one VM",
+                        )
+                    for start, end in _data_extents(diff_f.fileno(), size):
+                        pos = start
+                        while pos < end:
+                            n = min(_CHUNK, end - pos)
+                            os.pwrite(out_f.fileno(), os.pread(diff_f.fileno(), n, pos), pos)
+                            pos += n
     except BaseException:
         Path(out).unlink(missing_ok=True)
         raise

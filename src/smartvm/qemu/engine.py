@@ -67,6 +67,7 @@ def _check_boot_files(config: MicroVMConfig) -> Path:
 
 class QemuEngine(Engine):
     name: ClassVar[str] = "qemu"
+    supports_diff_snapshots: ClassVar[bool] = False
 
     def __init__(self, runtime: VMRuntime, options: SmartVMOptions) -> None:
         super().__init__(runtime, options)
@@ -130,7 +131,7 @@ class QemuEngine(Engine):
         process = self._require_process()
         connect = asyncio.ensure_future(
             QMPClient.connect(self.runtime.qmp_socket, self.options.socket_timeout_s))
-        exited = asyncio.ensure_future(process.proc.wait())
+        exited = asyncio.ensure_future(process.wait())
         try:
             await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -145,7 +146,7 @@ class QemuEngine(Engine):
             raise process.exited_error(what, ErrorCode.BOOT_FAILED)
         exc = connect.exception()
         # QEMU opens the QMP socket before it loads the kernel: a QMP failure is often QEMU exiting
-        if await process.wait(2.0) is not None:
+        if await process.wait(2.0):
             raise process.exited_error(what, ErrorCode.BOOT_FAILED) from exc
         raise exc or SmartVMError(ErrorCode.QMP_ERROR, "QMP connection was cancelled")
 
@@ -182,13 +183,15 @@ class QemuEngine(Engine):
                        timeout: float | None = 30.0) -> Any:
         """A QMP command; if QEMU died, the error says so with the console tail."""
         process = self._require_process()
-        if not process.is_alive() or self._qmp is None:
+        if not process.is_alive():
             await process.wait(0)
             raise process.exited_error(f"QMP {command} not possible")
         try:
+            if self._qmp is None:  # an adopted QEMU: connect on first use, so exec/cp never hold QMP
+                self._qmp = await QMPClient.connect(self.runtime.qmp_socket, self.options.socket_timeout_s)
             return await self._qmp.execute(command, arguments, timeout)
         except SmartVMError:
-            if await process.wait(0.2) is not None:
+            if await process.wait(0.2):
                 raise process.exited_error(f"QMP {command} failed") from None
             raise
 
@@ -389,6 +392,44 @@ class QemuEngine(Engine):
         if self._qmp is not None:
             await self._qmp.close()
             self._qmp = None
+
+    # --- detach / attach -------------------------------------------------------------------------------
+    async def detach(self) -> dict[str, Any]:
+        process = self._require_process()
+        if not process.is_alive():
+            raise process.exited_error("cannot detach the VM", ErrorCode.INVALID_STATE)
+        await self.close()
+        process.proc.release()
+        self._process = None
+        return {
+            "engine": self.name,
+            "pid": process.pid,
+            "pid_start_time": process.start_time,
+            "qmp_socket": str(self.runtime.qmp_socket),
+            "agent_socket": str(self.runtime.agent_socket),
+            "accel": self._accel,
+            "accel_reason": self._accel_reason,
+            "shared_ram": str(self._shared_ram) if self._shared_ram else None,
+            "drive_formats": dict(self._formats),
+            "config": self._config.model_dump(mode="json") if self._config else None,
+        }
+
+    @classmethod
+    def attach(cls, runtime: VMRuntime, options: SmartVMOptions, record: dict[str, Any]) -> QemuEngine:
+        engine = cls(runtime, options)
+        process = QemuProcess.adopt(int(record["pid"]), int(record["pid_start_time"]),
+                                    engine_log=runtime.engine_log, console_log=runtime.console_log)
+        if not process.is_alive():
+            raise SmartVMError(ErrorCode.VM_NOT_FOUND,
+                               f"the QEMU process (pid {process.pid}) of VM {runtime.vm_id!r} is gone")
+        engine._process = process
+        engine._accel = "kvm" if record.get("accel") == "kvm" else "tcg"
+        engine._accel_reason = str(record.get("accel_reason", ""))
+        engine._shared_ram = Path(record["shared_ram"]) if record.get("shared_ram") else None
+        engine._formats = {str(k): str(v) for k, v in dict(record.get("drive_formats") or {}).items()}
+        config = record.get("config")
+        engine._config = MicroVMConfig.model_validate(config) if config else None
+        return engine
 
     # --- info ------------------------------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:

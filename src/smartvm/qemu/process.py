@@ -1,4 +1,5 @@
-"""The QEMU process of one VM: spawn (inside the VM's network namespace when it has one), watch, reap.
+"""The QEMU process of one VM: spawn (inside the VM's network namespace when it has one), watch, reap,
+or adopt one started earlier.
 
 QEMU's stdout and stderr go to the engine log; errors quote its tail and the tail of the guest
 console, because that is where a failed boot or a guest panic explains itself.
@@ -6,14 +7,12 @@ console, because that is where a failed boot or a guest panic explains itself.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import signal
 from pathlib import Path
 from typing import BinaryIO
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.process import HostProcess
 
 TAIL_BYTES = 4096
 
@@ -39,9 +38,13 @@ def _open_log(path: Path) -> BinaryIO:
 
 
 class QemuProcess:
-    """One running ``qemu-system-*`` process and its logs."""
+    """One running ``qemu-system-*`` process and its logs.
 
-    def __init__(self, proc: asyncio.subprocess.Process, engine_log: Path, console_log: Path) -> None:
+    The process is a :class:`HostProcess`: nothing kills it implicitly, so a VM can be detached
+    (:meth:`detach`) and adopted again later by pid + start time (:meth:`adopt`).
+    """
+
+    def __init__(self, proc: HostProcess, engine_log: Path, console_log: Path) -> None:
         self.proc = proc
         self.engine_log = engine_log
         self.console_log = console_log
@@ -55,9 +58,7 @@ class QemuProcess:
             argv = ["ip", "netns", "exec", netns, *argv]
         with _open_log(engine_log) as log:
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                )
+                proc = HostProcess.spawn(argv, stdout=log.fileno(), stderr=log.fileno())
             except OSError as exc:
                 raise SmartVMError(
                     ErrorCode.BINARY_NOT_FOUND if isinstance(exc, FileNotFoundError)
@@ -66,37 +67,45 @@ class QemuProcess:
                 ) from exc
         return cls(proc, engine_log, console_log)
 
+    @classmethod
+    def adopt(cls, pid: int, start_time: int, *, engine_log: Path, console_log: Path) -> QemuProcess:
+        """A QEMU started earlier (possibly by another process), found by pid + start time."""
+        return cls(HostProcess.adopt(pid, start_time), engine_log, console_log)
+
     @property
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def start_time(self) -> int:
+        return self.proc.start_time
+
     def is_alive(self) -> bool:
-        return self.proc.returncode is None
+        return self.proc.is_alive()
 
     @property
     def returncode(self) -> int | None:
+        """QEMU's exit code (None while it runs, or when it is not our child)."""
         return self.proc.returncode
 
-    async def wait(self, timeout: float | None = None) -> int | None:
-        """The exit code, or None if QEMU still runs after ``timeout`` seconds."""
-        try:
-            return await asyncio.wait_for(asyncio.shield(self.proc.wait()), timeout)
-        except TimeoutError:
-            return None
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Whether QEMU has exited within ``timeout`` seconds (reaped when it is our child)."""
+        return await self.proc.wait(timeout)
 
     async def kill(self) -> None:
-        """SIGKILL and reap. Idempotent."""
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL)
+        """SIGKILL and wait until it is gone (reaped when it is our child). Idempotent."""
+        self.proc.kill()
         await self.proc.wait()
 
     def describe_exit(self, what: str) -> str:
         """A message for ``what`` failing because QEMU ended, with both logs' tails."""
         code = self.proc.returncode
-        status = "still running" if code is None else (
-            f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        )
+        if self.proc.is_alive():
+            status = "still running"
+        elif code is None:
+            status = "exited"
+        else:
+            status = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
         parts = [f"{what}: QEMU {status}"]
         engine = tail(self.engine_log, 2048)
         if engine:

@@ -9,6 +9,9 @@ Failure behaviours for tests, chosen with environment variables:
   FAKE_FC_IGNORE_SIGTERM=1            ignore SIGTERM (needs SIGKILL)
   FAKE_FC_REQUEST_LOG=path            append every request as a JSON line
   FAKE_FC_VERSION=1.16.1              the version to report (API and --version)
+
+Like Firecracker it refuses a flag given twice. Run under the fake jailer (jailer.py) it is chrooted
+and sees only the jail's paths.
 """
 
 from __future__ import annotations
@@ -87,6 +90,12 @@ def _apply_config_file(fake: FakeFirecracker, path: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    flags = [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+    repeated = next((f for f in flags if flags.count(f) > 1), None)
+    if repeated:  # like Firecracker's own argument parser (a jailer passes --id itself)
+        print(f"Arguments parsing error: The argument '{repeated[2:]}' was provided more than once.",
+              file=sys.stderr, flush=True)
+        return 1
     args = _parser().parse_args(argv)
     version = os.environ.get("FAKE_FC_VERSION", VERSION)
     if args.version:

@@ -11,6 +11,7 @@ import pytest
 
 from .cli import write_fake_binary
 from .helpers import logged_requests, pid_alive
+from .jailer import write_fake_jailer
 from .server import ApiServer, FakeFirecracker
 
 FAKE_ENV = (
@@ -45,4 +46,13 @@ def fake_binary(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return write_fake_binary(bin_dir)
 
 
-__all__ = ["fake_binary", "fake_server", "logged_requests", "pid_alive", "short_tmp"]
+@pytest.fixture
+def fake_jailer(fake_binary: Path, short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fake ``jailer`` next to the fake ``firecracker``; its argv goes to ``<dir>/jailer.jsonl``."""
+    monkeypatch.setenv("FAKE_JAILER_ARGV_LOG", str(short_tmp / "jailer.jsonl"))
+    monkeypatch.delenv("SMARTVM_JAILER_BIN", raising=False)
+    monkeypatch.delenv("FAKE_JAILER_MODE", raising=False)
+    return write_fake_jailer(fake_binary.parent)
+
+
+__all__ = ["fake_binary", "fake_jailer", "fake_server", "logged_requests", "pid_alive", "short_tmp"]

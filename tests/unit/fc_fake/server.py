@@ -20,6 +20,8 @@ from typing import Any
 from .spec import SpecError, match, validate
 
 VERSION = "1.17.0-dev"
+MEM_PAGE = 4096
+FULL_MEMORY_MARKER = b"\x00fake-guest-memory"
 PRE_BOOT_ONLY = {
     ("PUT", "/boot-source"), ("PUT", "/cpu-config"), ("PUT", "/drives/{drive_id}"), ("PUT", "/pmem/{id}"),
     ("PUT", "/machine-config"), ("PATCH", "/machine-config"), ("PUT", "/mmds/config"), ("PUT", "/entropy"),
@@ -56,6 +58,7 @@ class VmmState:
     mmds: Any = None
     started: bool = False
     paused: bool = False
+    diff_count: int = 0  # Diff snapshots since the last Full one (or the load)
     configured_boot: bool = False
 
 
@@ -281,8 +284,15 @@ class FakeFirecracker:
         Path(body["snapshot_path"]).write_text(json.dumps(state))
         mem_mib = st.config.get("machine-config", {}).get("mem_size_mib", 128)
         mem_path = Path(body["mem_file_path"])
-        with mem_path.open("r+b" if diff and mem_path.exists() else "wb") as f:
-            f.write(b"\x00fake-guest-memory" if not diff else b"\x01diff")
+        # Full: the whole memory (a marker at offset 0). Diff: a fresh sparse file holding only the
+        # pages dirtied since the previous snapshot (one marker page per Diff), like Firecracker's.
+        st.diff_count = st.diff_count + 1 if diff else 0
+        with mem_path.open("wb") as f:
+            if diff:
+                f.seek(st.diff_count * MEM_PAGE)
+                f.write(b"\x01diff-%d" % st.diff_count)
+            else:
+                f.write(FULL_MEMORY_MARKER)
             f.truncate(mem_mib << 20)  # sparse, like guest memory that was never touched
         return 204, None
 
@@ -295,6 +305,14 @@ class FakeFirecracker:
         mem = body["mem_backend"]["backend_path"] if "mem_backend" in body else body["mem_file_path"]
         if not Path(mem).exists():
             raise SpecError(400, f"Cannot open the memory file {mem}: No such file or directory")
+        if "mem_backend" not in body or body["mem_backend"]["backend_type"] == "File":
+            with open(mem, "rb") as f:
+                if f.read(len(FULL_MEMORY_MARKER)) != FULL_MEMORY_MARKER:
+                    raise SpecError(400, f"Cannot restore the guest memory from {mem}: it is not a full "
+                                         "memory image (a Diff layer without its base?)")
+                # later Diffs continue after the layers this memory already holds
+                while f.seek((st.diff_count + 1) * MEM_PAGE) and f.read(6) == b"\x01diff-":
+                    st.diff_count += 1
         try:
             state = json.loads(Path(body["snapshot_path"]).read_text())
         except (OSError, ValueError) as exc:

@@ -1,0 +1,227 @@
+"""Hypervisor processes that can outlive the Python process that started them.
+
+asyncio's subprocess transport kills its child when the transport is closed or collected, so a VM
+started that way can never be handed over. A :class:`HostProcess` is spawned with ``posix_spawn``
+in its own session, reaped with ``waitpid`` and waited on with a pidfd; nothing kills it implicitly.
+
+A process is identified by pid *and* start time (``/proc/<pid>/stat`` field 22), so a record of a
+VM whose pid was recycled by an unrelated process is never mistaken for the VM. A process adopted
+from a record is not our child: it cannot be reaped here and its exit code is unknown.
+
+Safety net: a child that was not handed over with :meth:`HostProcess.release` is killed when the
+Python process exits normally (as asyncio's transport would have done), so a forgotten ``stop()``
+never leaves an orphan hypervisor behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import signal
+from collections.abc import Sequence
+
+_POLL_S = 0.05
+# Signals Python ignores for itself that a spawned program must get back at their defaults.
+_RESET_SIGNALS = tuple(s for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None)) if s is not None)
+
+
+_OWNED: dict[int, HostProcess] = {}  # children not released yet, by pid
+_RELEASED: set[int] = set()  # released children of this process, not reaped yet
+
+
+@atexit.register
+def _kill_owned() -> None:
+    for proc in list(_OWNED.values()):
+        if proc.spawner != os.getpid():  # a forked copy of this process: not its children
+            continue
+        proc.kill()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(proc.pid, 0)
+    _OWNED.clear()
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """``(state, start_time)`` of ``pid`` from /proc, or None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = raw.rsplit(")", 1)[-1].split()  # the command name may contain spaces and parentheses
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def running_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` if it is running (not a zombie), else None."""
+    stat = proc_stat(pid)
+    if stat is None or stat[0] in ("Z", "X", "x"):
+        return None
+    return stat[1]
+
+
+class HostProcess:
+    """One hypervisor process: spawned here (our child) or adopted by pid + start time."""
+
+    def __init__(self, pid: int, start_time: int, *, child: bool) -> None:
+        self.pid = pid
+        self.start_time = start_time
+        self.is_child = child
+        self.spawner = os.getpid()
+        self.returncode: int | None = None  # known only for our own children
+        self._exited = False
+
+    @classmethod
+    def spawn(
+        cls, argv: Sequence[str], *, stdout: int, stderr: int, new_session: bool = True
+    ) -> HostProcess:
+        """Start ``argv`` (PATH is searched) in a new session, stdin from /dev/null.
+
+        ``new_session=False`` is for programs that call ``setsid()`` themselves (a daemonizing
+        jailer): that fails for a process that already leads a session.
+        Raises OSError like ``subprocess`` does (FileNotFoundError for a missing program).
+        """
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pid = os.posix_spawnp(
+                argv[0],
+                list(argv),
+                dict(os.environ),
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, null, 0),
+                    (os.POSIX_SPAWN_DUP2, stdout, 1),
+                    (os.POSIX_SPAWN_DUP2, stderr, 2),
+                ],
+                setsid=new_session,
+                setsigdef=_RESET_SIGNALS,
+            )
+        finally:
+            os.close(null)
+        stat = proc_stat(pid)
+        proc = cls(pid, stat[1] if stat else 0, child=True)
+        _OWNED[pid] = proc
+        return proc
+
+    def release(self) -> None:
+        """Hand the process over (detach): it is no longer killed when this Python process exits."""
+        if _OWNED.pop(self.pid, None) is not None:
+            _RELEASED.add(self.pid)
+
+    @classmethod
+    def adopt(cls, pid: int, start_time: int, *, owned: bool = False) -> HostProcess:
+        """The process ``pid`` started at ``start_time`` (it may have exited already: see is_alive).
+
+        ``owned=True``: this Python process is responsible for it (e.g. Firecracker forked by a jailer
+        we spawned), so the exit safety net kills it unless it is released (:meth:`release`).
+        """
+        proc = cls(pid, start_time, child=False)
+        if owned:
+            _OWNED[pid] = proc
+        return proc
+
+    # --- state ---------------------------------------------------------------------------------
+    def _check(self) -> bool:
+        """Whether the process has exited; reaps it when it is our child (or our detached child)."""
+        if self._exited:
+            return True
+        if self.is_child:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: gone, code unknown
+                self._exited = True
+                _OWNED.pop(self.pid, None)
+                return True
+            if pid == 0:
+                return False
+            self.returncode = os.waitstatus_to_exitcode(status)
+            self._exited = True
+            _OWNED.pop(self.pid, None)
+            return True
+        stat = proc_stat(self.pid)
+        if stat is None or stat[1] != self.start_time:
+            self._exited = True
+            if _OWNED.get(self.pid) is self:
+                del _OWNED[self.pid]
+        elif stat[0] in ("Z", "X", "x"):
+            self._exited = True
+            if _OWNED.get(self.pid) is self:
+                del _OWNED[self.pid]
+            if self.pid in _RELEASED:  # detached by this very process: still our child, reap it
+                _RELEASED.discard(self.pid)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.pid, os.WNOHANG)
+        return self._exited
+
+    def is_alive(self) -> bool:
+        return not self._check()
+
+    # --- signals -----------------------------------------------------------------------------------
+    def send_signal(self, sig: int) -> None:
+        """Signal the process; a no-op once it has exited (a recycled pid is never signalled)."""
+        if self._check():
+            return
+        if self.is_child:  # not reaped yet, so the pid cannot have been reused
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+            return
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self._exited = True
+            return
+        except OSError:  # no pidfds: check the identity right before the signal
+            if not self._check():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, sig)
+            return
+        try:
+            if not self._check():  # the pidfd now pins the process we identified
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(fd, sig)
+        finally:
+            os.close(fd)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    # --- waiting -----------------------------------------------------------------------------------
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the process exits; True if it did, False if it still runs after ``timeout``."""
+        if self._check():
+            return True
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return self._check() or True
+        except OSError:
+            return await self._poll(timeout)
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        loop.add_reader(fd, readable.set)
+        try:
+            if not self._check():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(readable.wait(), timeout)
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        return self._check()
+
+    async def _poll(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        while not self._check():
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(_POLL_S)
+        return True
+
+    def __repr__(self) -> str:
+        kind = "child" if self.is_child else "adopted"
+        return f"HostProcess(pid={self.pid}, {kind}, alive={self.is_alive()})"

@@ -1,0 +1,76 @@
+"""HostProcess: spawned children are reaped with their exit code, adopted processes are known by pid +
+start time, and only released (detached) children outlive the Python process that spawned them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smartvm.host.process import HostProcess, proc_stat, running_start_time
+
+
+async def test_child_exit_code_and_signal(tmp_path: Path) -> None:
+    log = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        done = HostProcess.spawn(["sh", "-c", "echo out; exit 7"], stdout=log, stderr=log)
+        sleeper = HostProcess.spawn(["sleep", "60"], stdout=log, stderr=log)
+    finally:
+        os.close(log)
+    assert await done.wait(10) and done.returncode == 7 and not done.is_alive()
+    assert (tmp_path / "log").read_text() == "out\n"
+    assert sleeper.is_alive() and not await sleeper.wait(0.05)
+    assert os.getsid(sleeper.pid) == sleeper.pid  # its own session: Ctrl-C in a terminal does not reach it
+    sleeper.kill()
+    assert await sleeper.wait(10) and sleeper.returncode == -signal.SIGKILL
+    sleeper.kill()  # a no-op once it is gone
+
+
+async def test_adopted_process_is_identified_by_start_time() -> None:
+    proc = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        start = running_start_time(proc.pid)
+        assert start is not None
+        assert not HostProcess.adopt(proc.pid, start + 1).is_alive()  # same pid, other process
+        adopted = HostProcess.adopt(proc.pid, start)
+        assert adopted.is_alive() and adopted.returncode is None
+        adopted.terminate()
+        assert await adopted.wait(10)
+        assert await proc.wait() == -signal.SIGTERM
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_missing_program_raises() -> None:
+    with pytest.raises(FileNotFoundError):
+        HostProcess.spawn(["/nonexistent/qemu"], stdout=1, stderr=2)
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_only_released_children_outlive_the_python_process(release: bool) -> None:
+    script = (
+        "import os\n"
+        "from smartvm.host.process import HostProcess\n"
+        "null = os.open(os.devnull, os.O_WRONLY)\n"
+        "p = HostProcess.spawn(['sleep', '60'], stdout=null, stderr=null)\n"
+        f"{'p.release()' if release else ''}\n"
+        "print(p.pid, p.start_time, flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    pid, start = (int(x) for x in out.stdout.split())
+    adopted = HostProcess.adopt(pid, start)
+    try:
+        assert adopted.is_alive() is release
+    finally:
+        adopted.kill()
+        asyncio.run(adopted.wait(10))
+    stat = proc_stat(pid)
+    assert stat is None or stat[1] != start or stat[0] == "Z"
