@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,16 +130,12 @@ class FirecrackerEngine(Engine):
             )
         return exc
 
-    # --- boot ----------------------------------------------------------------------------------
-    async def boot(self, config: MicroVMConfig) -> None:
-        self._config = config
-        self._dirty_tracking = bool(config.machine_config.track_dirty_pages)
+    @contextlib.asynccontextmanager
+    async def _starting(self) -> AsyncIterator[None]:
+        """Around a boot or restore: a failure leaves nothing behind, and a request that failed
+        because Firecracker died is reported as its exit, with its log."""
         try:
-            self._open_jail()
-            sent = self._firecracker_config(config)
-            api = await self._spawn()
-            await self._configure(api, sent)
-            await api.actions.put(action_type="InstanceStart")
+            yield
         except SmartVMError as exc:
             err = await self._explain(exc)
             await self._undo_start()
@@ -149,6 +145,17 @@ class FirecrackerEngine(Engine):
         except BaseException:
             await self._undo_start()
             raise
+
+    # --- boot ----------------------------------------------------------------------------------
+    async def boot(self, config: MicroVMConfig) -> None:
+        self._config = config
+        self._dirty_tracking = bool(config.machine_config.track_dirty_pages)
+        async with self._starting():
+            self._open_jail()
+            sent = self._firecracker_config(config)
+            api = await self._spawn()
+            await self._configure(api, sent)
+            await api.actions.put(action_type="InstanceStart")
 
     def _vsock_for(self, config: MicroVMConfig) -> Vsock:
         return config.vsock or Vsock(guest_cid=DEFAULT_GUEST_CID, uds_path=str(self.runtime.vsock_socket))
@@ -186,42 +193,41 @@ class FirecrackerEngine(Engine):
 
     # --- restore --------------------------------------------------------------------------------
     async def restore(self, request: RestoreRequest) -> None:
-        snapshot = request.snapshot
         self._config = request.config
         self._dirty_tracking = request.enable_diff_snapshots
         body = self._load_body(request)
         links: list[Path] = []
         made_dirs: list[Path] = []
-        recorded: dict[str, str] = snapshot.engine_data.get("drive_paths", {})
         try:
-            self._open_jail()
-            self._sent = request.config
-            if self._jail is not None:  # drives go where the snapshot says, inside the jail
-                self._sent = request.config.model_copy(
-                    update={"drives": self._jail.drives(request.config.drives, at=recorded)}
-                )
-                body = self._jail.restore_body(body)
-            api = await self._spawn()
-            body.update(await self._vsock_for_restore(api, snapshot))
-            if self._jail is None:
-                links = _link_old_drive_paths(snapshot, request.config, made_dirs)
-            await api.snapshot_load.put(**body, resume_vm=False)
-            for drive in self._sent.drives:
-                if recorded.get(drive.drive_id) not in (None, drive.path_on_host):
-                    await api.drives.patch(drive_id=drive.drive_id, path_on_host=drive.path_on_host)
-            if request.resume_vm:
-                await api.vm.patch(state="Resumed")
-        except SmartVMError as exc:
-            err = await self._explain(exc)
-            await self._undo_start()
-            if err is exc:
-                raise
-            raise err from exc
-        except BaseException:
-            await self._undo_start()
-            raise
+            async with self._starting():
+                await self._load(request, body, links, made_dirs)
         finally:
             _remove_links(links, made_dirs)
+
+    async def _load(
+        self, request: RestoreRequest, body: dict[str, Any], links: list[Path], made_dirs: list[Path]
+    ) -> None:
+        """Spawn, load the snapshot paused, re-point the drives, resume; symlinks made for
+        Firecracker to find the recorded drive paths go into ``links`` (removed by the caller)."""
+        snapshot = request.snapshot
+        recorded: dict[str, str] = snapshot.engine_data.get("drive_paths", {})
+        self._open_jail()
+        self._sent = request.config
+        if self._jail is not None:  # drives go where the snapshot says, inside the jail
+            self._sent = request.config.model_copy(
+                update={"drives": self._jail.drives(request.config.drives, at=recorded)}
+            )
+            body = self._jail.restore_body(body)
+        api = await self._spawn()
+        body.update(await self._vsock_for_restore(api, snapshot))
+        if self._jail is None:
+            links.extend(_link_old_drive_paths(snapshot, request.config, made_dirs))
+        await api.snapshot_load.put(**body, resume_vm=False)
+        for drive in self._sent.drives:
+            if recorded.get(drive.drive_id) not in (None, drive.path_on_host):
+                await api.drives.patch(drive_id=drive.drive_id, path_on_host=drive.path_on_host)
+        if request.resume_vm:
+            await api.vm.patch(state="Resumed")
 
     def _load_body(self, request: RestoreRequest) -> dict[str, Any]:
         snapshot = request.snapshot
