@@ -46,6 +46,7 @@ def boot_config(
         "boot_source": {"kernel_image_path": str(guest.kernel_path), "boot_args": " ".join(args)},
         "machine_config": {"vcpu_count": vcpu_count, "mem_size_mib": mem_size_mib},
         "drives": [root, *(extra_drives or [])],
+        "entropy": {},  # virtio-rng: the agent's Python would wait for entropy at start-up without it
         **fields,
     }
     if vm_id is not None:

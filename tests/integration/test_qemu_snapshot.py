@@ -145,5 +145,5 @@ async def test_restore_with_other_memory_size_fails_clearly(
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     with pytest.raises(SmartVMError) as err:
         await asyncio.wait_for(svm.restore_vm(snapdir), 60)
-    assert err.value.code == ErrorCode.SNAPSHOT_INVALID
+    assert err.value.code == ErrorCode.SNAPSHOT_INVALID, err.value.message
     assert "QEMU said" in err.value.message

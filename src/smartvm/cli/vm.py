@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from smartvm.config import BootSource, Drive, MachineConfig, MicroVMConfig
+from smartvm.config import BootSource, Drive, Entropy, MachineConfig, MicroVMConfig
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.options import SmartVMOptions
 from smartvm.orchestrator import SmartVM
@@ -37,6 +37,9 @@ def guest_config(kind: ImageKind, *, cpus: int, memory_mib: int) -> MicroVMConfi
     return MicroVMConfig(
         boot_source=BootSource(kernel_image_path=str(image.kernel_path), boot_args=image.boot_args),
         machine_config=MachineConfig(vcpu_count=cpus, mem_size_mib=memory_mib),
+        # virtio-rng: without it the guest's entropy pool starts empty and the agent's Python blocks
+        # in getrandom() at start-up (measured under TCG: agent ready after 3.4 s without, 2.0 s with)
+        entropy=Entropy(),
         drives=[
             Drive(
                 drive_id="rootfs",

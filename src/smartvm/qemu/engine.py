@@ -52,6 +52,7 @@ _POLL_S = 0.005
 # QEMU's own words when a migration stream does not fit the restoring machine.
 _MISMATCH_HINTS = ("mismatch", "Unknown savevm section", "Missing section", "Unknown ramblock",
                    "error while loading state for instance")
+_TRUNCATED_HINT = "load of migration failed: Input/output error"
 
 
 def _check_boot_files(config: MicroVMConfig) -> Path:
@@ -350,7 +351,10 @@ class QemuEngine(Engine):
     @staticmethod
     def _incoming_error(what: str, process: QemuProcess, desc: str = "") -> SmartVMError:
         said = tail(process.engine_log, 2048) or desc or "no message"
-        mismatch = any(h in said for h in _MISMATCH_HINTS)
+        # A stream that ends early fails in whatever section it was cut in, with an I/O error: damage,
+        # not a mismatch (a section that does not fit the machine fails with "Invalid argument").
+        truncated = _TRUNCATED_HINT in said
+        mismatch = not truncated and any(h in said for h in _MISMATCH_HINTS)
         code = ErrorCode.SNAPSHOT_MISMATCH if mismatch else ErrorCode.SNAPSHOT_INVALID
         hint = ("restore with the snapshot's memory size and devices" if code == ErrorCode.SNAPSHOT_MISMATCH
                 else "the state file may be damaged or from another QEMU version")
