@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,25 @@ def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_rootfs("busybox", cache_dir=cache, progress=False)
 
 
-def test_busybox_image_has_init_python_and_agent(busybox_image: Path) -> None:
+def assert_agent_bytecode_matches(image: Path, tmp_path: Path) -> None:
+    """The agent ships as hash-checked bytecode of exactly the shipped source (PEP 552 header)."""
+    ls = debugfs(image, "ls /opt/smartvm/__pycache__")
+    [name] = re.findall(r"agent\.cpython-\d+\.pyc", ls)
+    pyc = tmp_path / name
+    debugfs(image, f"dump /opt/smartvm/__pycache__/{name} {pyc}")
+    header = pyc.read_bytes()[:16]
+    flags = int.from_bytes(header[4:8], "little")
+    assert flags == 0b11  # hash-based, checked against the source at import
+    guest_python = subprocess.run(
+        ["/usr/bin/python3", "-c",
+         "import importlib.util, sys; src = open(sys.argv[1], 'rb').read(); "
+         "print(importlib.util.MAGIC_NUMBER.hex(), importlib.util.source_hash(src).hex())", str(AGENT)],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    assert [header[:4].hex(), header[8:16].hex()] == guest_python
+
+
+def test_busybox_image_has_init_python_and_agent(busybox_image: Path, tmp_path: Path) -> None:
     assert busybox_image.name == "rootfs.ext4"
     top = debugfs(busybox_image, "ls -l /")
     for name in ("opt", "etc", "usr", "proc", "sys", "dev", "tmp", "run"):
@@ -73,7 +92,8 @@ def test_busybox_image_has_init_python_and_agent(busybox_image: Path) -> None:
         assert "::respawn:/opt/smartvm/run-agent" in inittab
         assert debugfs(busybox_image, "cat /opt/smartvm/agent.py") == AGENT.read_text()
         runner = debugfs(busybox_image, "cat /opt/smartvm/run-agent")
-        assert "/usr/bin/python3 /opt/smartvm/agent.py" in runner
+        assert "/usr/bin/python3 -c" in runner and "import agent" in runner
+        assert_agent_bytecode_matches(busybox_image, tmp_path)
     else:
         assert "run-agent" not in inittab
 

@@ -47,7 +47,7 @@ from smartvm.images.cache_paths import cache_root
 RootfsKind = Literal["busybox", "debian", "dir", "tar"]
 RootfsFormat = Literal["ext4", "squashfs"]
 
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"  # 3: the agent ships precompiled
 BUSYBOX = Path("/bin/busybox")
 HOST_PYTHON = Path("/usr/bin/python3")
 GUEST_PYTHON = "/usr/bin/python3"
@@ -331,7 +331,7 @@ def _install_guest_pieces(staging: Path, *, with_agent: bool, busybox_base: bool
     inittab = _guest_file("inittab").read_text()
     agent = _agent_source()
     if with_agent and agent is not None:
-        _put(staging, AGENT_IN_GUEST, agent.read_bytes())
+        _compile_agent(_put(staging, AGENT_IN_GUEST, agent.read_bytes()))
         inittab += _guest_file("inittab-agent").read_text()
     _put(staging, "etc/inittab", inittab.encode())
     _put(staging, "sbin/init", symlink="/opt/smartvm/bin/busybox")
@@ -383,6 +383,23 @@ def _in_root(staging: Path, rel: str) -> Path:
         parts = list(target.parts) + parts
     current.mkdir(parents=True, exist_ok=True)
     return current / name
+
+
+def _compile_agent(source: Path) -> None:
+    """Ship the agent's bytecode next to it (``__pycache__``, hash-checked against the source):
+    compiling it at every start costs about 0.2 s of a TCG guest's boot. Compiled by the host's
+    python3, which the busybox image carries; a guest Python of another version ignores the file."""
+    if not HOST_PYTHON.is_file():
+        return
+    code = (
+        "import py_compile, sys; py_compile.compile(sys.argv[1], doraise=True, "
+        "invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)"
+    )
+    argv = [str(HOST_PYTHON), "-c", code, str(source)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        said = (out.stderr or out.stdout).strip()[-500:]
+        raise SmartVMError(ErrorCode.BUILD_FAILED, f"compiling the guest agent with {HOST_PYTHON}: {said}")
 
 
 def _put(
