@@ -156,10 +156,13 @@ async def run(quick: bool, count: int | None = None) -> list[BenchTable]:
             teardown_one.samples.append(time.perf_counter() - t0)
             made.clear()
 
-        for label, policy in (("pool acquire (allow all)", None),
-                              ("pool acquire + deny-all egress policy", EgressPolicy.deny_all())):
-            pool = SlotPool(count, prefix=prefix, transit=str(transit), state_dir=tmp,
-                            enable_ip_forward=False)
+        for label, policy in (
+            ("pool acquire (allow all)", None),
+            ("pool acquire + deny-all egress policy", EgressPolicy.deny_all()),
+        ):
+            pool = SlotPool(
+                count, prefix=prefix, transit=str(transit), state_dir=tmp, enable_ip_forward=False
+            )
             try:
                 await pool.start()
                 acquire = Series(label)
@@ -172,17 +175,27 @@ async def run(quick: bool, count: int | None = None) -> list[BenchTable]:
                 await pool.close()
     nat.delete_host_table_if_unused_sync()
     return [
-        BenchTable(title, series, baseline=PER_STEP, notes=[
-            "per-step: every ip/nft/sysctl step its own process (the original's way); batched: one ip -batch "
-            "on the host and one ip -n NS -batch per namespace; nftables through libnftables in-process",
-            "pool acquire takes a pre-created slot; a policy other than allow-all costs one nftables "
-            "transaction in the namespace",
-        ]),
-        BenchTable(f"network slot teardown, per slot ({count} slots)",
-                   [per_step_down, teardown_one, teardown_many], baseline=PER_STEP_DOWN, notes=[
-            "per-step: ip link del, ip netns del, nft delete element; smartvm: one netns del batch (the "
-            "kernel destroys the devices), wait until the host veths are gone, one nft transaction",
-        ]),
+        BenchTable(
+            title,
+            series,
+            baseline=PER_STEP,
+            notes=[
+                "per-step: every ip/nft/sysctl step its own process (the original's way); batched: one "
+                "ip -batch on the host and one ip -n NS -batch per namespace; nftables through libnftables "
+                "in-process",
+                "pool acquire takes a pre-created slot; a policy other than allow-all costs one nftables "
+                "transaction in the namespace",
+            ],
+        ),
+        BenchTable(
+            f"network slot teardown, per slot ({count} slots)",
+            [per_step_down, teardown_one, teardown_many],
+            baseline=PER_STEP_DOWN,
+            notes=[
+                "per-step: ip link del, ip netns del, nft delete element; smartvm: one netns del batch (the "
+                "kernel destroys the devices), wait until the host veths are gone, one nft transaction",
+            ],
+        ),
     ]
 
 

@@ -135,8 +135,11 @@ class SmartVM:
             )
         vm = self._register(
             MicroVM(
-                parse_config(record.config), self.options, record.engine,
-                netns=record.netns, on_stopped=self._forget,
+                parse_config(record.config),
+                self.options,
+                record.engine,
+                netns=record.netns,
+                on_stopped=self._forget,
             )
         )
         try:

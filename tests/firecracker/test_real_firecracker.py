@@ -66,15 +66,21 @@ def _config(guest: Any, vm_id: str) -> MicroVMConfig:
     for needed in ("console=ttyS0", "reboot=k", "panic=1"):
         if needed.split("=")[0] + "=" not in args:
             args += f" {needed}"
-    return MicroVMConfig.model_validate({
-        "id": vm_id,
-        "boot_source": {"kernel_image_path": str(guest.kernel_path), "boot_args": args},
-        "machine_config": {"vcpu_count": 1, "mem_size_mib": 256},
-        "drives": [{
-            "drive_id": "rootfs", "path_on_host": str(guest.rootfs_path), "is_root_device": True,
-            "is_read_only": guest.rootfs_type == "squashfs",
-        }],
-    })
+    return MicroVMConfig.model_validate(
+        {
+            "id": vm_id,
+            "boot_source": {"kernel_image_path": str(guest.kernel_path), "boot_args": args},
+            "machine_config": {"vcpu_count": 1, "mem_size_mib": 256},
+            "drives": [
+                {
+                    "drive_id": "rootfs",
+                    "path_on_host": str(guest.rootfs_path),
+                    "is_root_device": True,
+                    "is_read_only": guest.rootfs_type == "squashfs",
+                }
+            ],
+        }
+    )
 
 
 def _console(path: Path) -> str:
@@ -113,8 +119,12 @@ async def test_lifecycle_on_real_firecracker(
     from smartvm.orchestrator import SmartVM
     from smartvm.vm import VMState
 
-    options = SmartVMOptions(engine="firecracker", firecracker_binary_path=firecracker_bin,
-                             runtime_dir=runtime_root, data_dir=tmp_path / "data")
+    options = SmartVMOptions(
+        engine="firecracker",
+        firecracker_binary_path=firecracker_bin,
+        runtime_dir=runtime_root,
+        data_dir=tmp_path / "data",
+    )
     async with SmartVM(options) as svm:
         vm = await svm.create_vm(_config(guest, "fc-real-1"))
         await vm.start()

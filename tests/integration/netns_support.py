@@ -123,12 +123,25 @@ def make_fake_guest(slot: NetworkSlot, guest_ns: str) -> None:
     """Stand in for a VM: replace the slot's TAP by a veth of the same name whose other end, in
     ``guest_ns``, has exactly what a guest booted with ``slot.kernel_ip_arg`` would have."""
     ip("netns", "add", guest_ns)
-    ip_batch([f"link del {TAP_NAME}",
-              f"link add {TAP_NAME} type veth peer name eth0 netns {guest_ns}",
-              f"addr add {GATEWAY_IP}/30 dev {TAP_NAME}",
-              f"link set {TAP_NAME} up"], netns=slot.netns_name)
-    ip_batch(["link set lo up", f"link set eth0 address {GUEST_MAC}", f"addr add {GUEST_IP}/30 dev eth0",
-              "link set eth0 up", f"route add default via {GATEWAY_IP}"], netns=guest_ns)
+    ip_batch(
+        [
+            f"link del {TAP_NAME}",
+            f"link add {TAP_NAME} type veth peer name eth0 netns {guest_ns}",
+            f"addr add {GATEWAY_IP}/30 dev {TAP_NAME}",
+            f"link set {TAP_NAME} up",
+        ],
+        netns=slot.netns_name,
+    )
+    ip_batch(
+        [
+            "link set lo up",
+            f"link set eth0 address {GUEST_MAC}",
+            f"addr add {GUEST_IP}/30 dev eth0",
+            "link set eth0 up",
+            f"route add default via {GATEWAY_IP}",
+        ],
+        netns=guest_ns,
+    )
 
 
 def make_side_host(env: Env, name: str, host_octet: int) -> tuple[str, str]:
@@ -137,15 +150,28 @@ def make_side_host(env: Env, name: str, host_octet: int) -> tuple[str, str]:
     link = f"{env.prefix}s{host_octet}"
     env.links.append(link)
     ip("netns", "add", name)
-    ip_batch([f"link add {link} type veth peer name eth0 netns {name}",
-              f"addr add {host_addr}/30 dev {link}", f"link set {link} up"])
-    ip_batch(["link set lo up", f"addr add {ns_addr}/30 dev eth0", "link set eth0 up",
-              f"route add default via {host_addr}"], netns=name)
+    ip_batch(
+        [
+            f"link add {link} type veth peer name eth0 netns {name}",
+            f"addr add {host_addr}/30 dev {link}",
+            f"link set {link} up",
+        ]
+    )
+    ip_batch(
+        [
+            "link set lo up",
+            f"addr add {ns_addr}/30 dev eth0",
+            "link set eth0 up",
+            f"route add default via {host_addr}",
+        ],
+        netns=name,
+    )
     return host_addr, ns_addr
 
 
 def listen_in(netns: str, port: int = 0) -> socket.socket:
     """A listening TCP socket that lives in ``netns``."""
+
     def make() -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -168,6 +194,7 @@ def socket_in(netns: str) -> socket.socket:
 
 async def serve_identity(sock: socket.socket, name: str) -> asyncio.Server:
     """Answer every connection with ``<name> <peer address>`` and close."""
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")[0]
         writer.write(f"{name} {peer}\n".encode())

@@ -37,8 +37,9 @@ async def test_agent_over_virtio_serial(svm: Any, guest_image: Any) -> None:
 
     # streaming: the second line is only printed after the host saw the first
     seen: list[ExecEvent] = []
-    async for ev in agent.exec_stream("echo first; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo second",
-                                      timeout=60):
+    async for ev in agent.exec_stream(
+        "echo first; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo second", timeout=60
+    ):
         seen.append(ev)
         if ev.data == b"first\n":
             await agent.files.write("/tmp/go", b"")

@@ -91,12 +91,14 @@ def guest_config(guest: tuple[Path, Path], slot: NetworkSlot, hostname: str) -> 
     kernel, image = guest
     boot_args = f"console=ttyS0 reboot=k panic=1 init=/init {slot.kernel_ip_arg(hostname)}"
     nic = {"iface_id": "eth0", "host_dev_name": slot.tap_name, "guest_mac": slot.guest_mac}
-    return MicroVMConfig.model_validate({
-        "boot_source": {"kernel_image_path": str(kernel), "boot_args": boot_args},
-        "machine_config": {"vcpu_count": 1, "mem_size_mib": 128},
-        "drives": [{"drive_id": "rootfs", "path_on_host": str(image), "is_root_device": True}],
-        "network_interfaces": [nic],
-    })
+    return MicroVMConfig.model_validate(
+        {
+            "boot_source": {"kernel_image_path": str(kernel), "boot_args": boot_args},
+            "machine_config": {"vcpu_count": 1, "mem_size_mib": 128},
+            "drives": [{"drive_id": "rootfs", "path_on_host": str(image), "is_root_device": True}],
+            "network_interfaces": [nic],
+        }
+    )
 
 
 def _checksum(data: bytes) -> int:
@@ -124,7 +126,7 @@ def ping(address: str, timeout: float = 10.0) -> bool:
             try:
                 while True:
                     data, (src, _) = s.recvfrom(1500)
-                    icmp = data[(data[0] & 0x0F) * 4:]
+                    icmp = data[(data[0] & 0x0F) * 4 :]
                     kind, _, _, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
                     if src == address and kind == 0 and rid == ident and rseq == seq:
                         return True

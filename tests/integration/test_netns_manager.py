@@ -32,8 +32,9 @@ def _master(link: str) -> str | None:
 
 
 def _manager(env: Env) -> NetworkManager:
-    return NetworkManager(f"{env.prefix}br", f"198.19.{env.side_net}.0/28", state_dir=env.state_dir,
-                          name_prefix=env.prefix)
+    return NetworkManager(
+        f"{env.prefix}br", f"198.19.{env.side_net}.0/28", state_dir=env.state_dir, name_prefix=env.prefix
+    )
 
 
 def _addresses(link: str) -> str:
@@ -74,8 +75,9 @@ async def test_taps_get_leased_addresses_on_the_bridge_and_survive_a_restart(env
 
 
 async def test_exhaustion_and_rollback(env: Env) -> None:
-    mgr = NetworkManager(f"{env.prefix}br", f"198.19.{env.side_net}.0/29", state_dir=env.state_dir,
-                         name_prefix=env.prefix)
+    mgr = NetworkManager(
+        f"{env.prefix}br", f"198.19.{env.side_net}.0/29", state_dir=env.state_dir, name_prefix=env.prefix
+    )
     for i in range(5):  # a /29 has .2 - .6 for guests
         await mgr.create_tap(f"vm{i}")
     with pytest.raises(SmartVMError) as info:

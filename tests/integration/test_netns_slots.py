@@ -47,6 +47,7 @@ async def servers() -> AsyncIterator[list[asyncio.Server]]:
     async for started in servers_fixture():
         yield started
 
+
 GUEST_PORT = 7000
 
 
@@ -56,9 +57,14 @@ def _netns_exists(name: str) -> bool:
 
 def _spoof_drops(slot: netns.NetworkSlot) -> int:
     """Packets the namespace dropped for carrying a source other than the guest's address."""
+
     def read() -> int:
-        out = subprocess.run(["nft", "-j", "list", "chain", "inet", "smartvm", "forward"],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["nft", "-j", "list", "chain", "inet", "smartvm", "forward"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         for item in json.loads(out)["nftables"]:
             for expr in item.get("rule", {}).get("expr", []):
                 if "counter" in expr:
@@ -174,8 +180,9 @@ async def test_fifty_cycles_leave_nothing_behind(env: Env) -> None:
     pool = _pool(env, 2)
     await pool.start()
     for i in range(50):
-        slot = await pool.acquire(egress=EgressPolicy.deny_only(["10.0.0.0/8"]),
-                                  port_forwards={base_port + i: 80})
+        slot = await pool.acquire(
+            egress=EgressPolicy.deny_only(["10.0.0.0/8"]), port_forwards={base_port + i: 80}
+        )
         await pool.release(slot)
     await pool.close()
     assert leftovers(env.prefix, env.state_dir) == []
@@ -220,7 +227,6 @@ async def test_failure_halfway_unwinds_everything(
         assert "nosuchdevice" in info.value.message
     assert leftovers(env.prefix, env.state_dir) == []
     await pool.close()
-
 
 
 async def test_names_in_use_are_refused_and_left_alone(env: Env) -> None:

@@ -27,9 +27,11 @@ def netns_with_tap() -> Iterator[tuple[str, str]]:
     tap = "tap0"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        for cmd in (["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
-                    ["ip", "addr", "add", f"{HOST_IP}/24", "dev", tap],
-                    ["ip", "link", "set", tap, "up"]):
+        for cmd in (
+            ["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
+            ["ip", "addr", "add", f"{HOST_IP}/24", "dev", tap],
+            ["ip", "link", "set", tap, "up"],
+        ):
             subprocess.run(["ip", "netns", "exec", name, *cmd], check=True, capture_output=True)
         yield name, tap
     finally:
@@ -37,12 +39,17 @@ def netns_with_tap() -> Iterator[tuple[str, str]]:
 
 
 def neighbours(netns: str, dev: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", netns, "ip", "neigh", "show", "dev", dev],
-                          capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, "ip", "neigh", "show", "dev", dev],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
-async def test_guest_in_a_namespace_reaches_its_tap(svm: Any, guest_image: Any,
-                                                    netns_with_tap: tuple[str, str]) -> None:
+async def test_guest_in_a_namespace_reaches_its_tap(
+    svm: Any, guest_image: Any, netns_with_tap: tuple[str, str]
+) -> None:
     netns, tap = netns_with_tap
     config = boot_config(
         guest_image,

@@ -86,7 +86,8 @@ async def snapshot_counter_vm(svm: Any, guest: Any, tmp_path: Path, *, at_tick: 
     memory = ["vm.mem"] if on_tmpfs(svm.options.runtime_dir) else []
     assert snapshot.mem_file == (memory[0] if memory else None)
     assert sorted(p.name for p in snapdir.iterdir()) == sorted(
-        ["vm.state", "snapshot.json", *memory, *snapshot.disks.values()])  # and no *.part left
+        ["vm.state", "snapshot.json", *memory, *snapshot.disks.values()]
+    )  # and no *.part left
     with pytest.raises(SmartVMError) as diff:
         await vm.create_snapshot(tmp_path / "diff" / "vm.state", tmp_path / "diff" / "vm.mem", "Diff")
     assert diff.value.code == ErrorCode.UNSUPPORTED_BY_ENGINE
@@ -131,8 +132,12 @@ async def test_restore_with_other_memory_size_fails_clearly(
     svm: Any, guest_image: Any, tmp_path: Path
 ) -> None:
     snapdir, _ = await snapshot_counter_vm(svm, guest_image, tmp_path, at_tick=1)
-    config = boot_config(guest_image, exec_script=COUNTER_WITH_DISK, mem_size_mib=384,
-                         extra_drives=[make_data_disk(tmp_path / "other.img")])
+    config = boot_config(
+        guest_image,
+        exec_script=COUNTER_WITH_DISK,
+        mem_size_mib=384,
+        extra_drives=[make_data_disk(tmp_path / "other.img")],
+    )
     vm = await svm.create_vm(config)
     with pytest.raises(SmartVMError) as err:
         await asyncio.wait_for(vm.load_snapshot(snapdir / "vm.state", snapdir / "vm.mem"), 60)

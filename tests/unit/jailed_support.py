@@ -54,8 +54,17 @@ def jail_root(options: SmartVMOptions, vm_id: str = "vm1") -> Path:
 
 def fc_paths(tmp: Path) -> list[str]:
     """Every path-like value the fake Firecracker was sent."""
-    keys = ("path_on_host", "kernel_image_path", "initrd_path", "log_path", "metrics_path", "uds_path",
-            "snapshot_path", "mem_file_path", "backend_path")
+    keys = (
+        "path_on_host",
+        "kernel_image_path",
+        "initrd_path",
+        "log_path",
+        "metrics_path",
+        "uds_path",
+        "snapshot_path",
+        "mem_file_path",
+        "backend_path",
+    )
     found: list[str] = []
 
     def walk(value: Any) -> None:

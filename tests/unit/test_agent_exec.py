@@ -96,8 +96,12 @@ async def test_callbacks_get_chunks_as_they_arrive(agent: AgentClient, tmp_path:
         flag.touch()
 
     errs: list[bytes] = []
-    r = await agent.exec(f"echo one; echo e >&2; while [ ! -e {flag} ]; do sleep 0.02; done; echo two",
-                         on_stdout=on_out, on_stderr=errs.append, timeout=60)
+    r = await agent.exec(
+        f"echo one; echo e >&2; while [ ! -e {flag} ]; do sleep 0.02; done; echo two",
+        on_stdout=on_out,
+        on_stderr=errs.append,
+        timeout=60,
+    )
     assert b"".join(got) == b"one\ntwo\n" == r.stdout and errs == [b"e\n"]
 
 

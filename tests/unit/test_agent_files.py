@@ -91,10 +91,14 @@ async def test_list_stat_mkdir_rename_remove(agent: AgentClient, tmp_path: Path)
 
 
 async def test_file_errors_have_stable_codes(agent: AgentClient, tmp_path: Path) -> None:
-    for call in (agent.files.read(str(tmp_path / "missing")), agent.files.stat(str(tmp_path / "missing")),
-                 agent.files.list(str(tmp_path / "missing")), agent.files.read(str(tmp_path)),
-                 agent.files.remove(str(tmp_path / "missing")),
-                 agent.files.write(str(tmp_path / "f" / "x"), b"1", parents=False)):
+    for call in (
+        agent.files.read(str(tmp_path / "missing")),
+        agent.files.stat(str(tmp_path / "missing")),
+        agent.files.list(str(tmp_path / "missing")),
+        agent.files.read(str(tmp_path)),
+        agent.files.remove(str(tmp_path / "missing")),
+        agent.files.write(str(tmp_path / "f" / "x"), b"1", parents=False),
+    ):
         with pytest.raises(SmartVMError) as exc:
             await call
         assert exc.value.code == ErrorCode.GUEST_FILE_ERROR, exc.value

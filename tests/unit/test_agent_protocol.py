@@ -39,8 +39,11 @@ from smartvm.errors import ErrorCode, SmartVMError
 
 # ---------------------------------------------------------------------------------------------- codec
 def test_roundtrip_fed_one_byte_at_a_time() -> None:
-    expected = [Frame(REQUEST, 7, {"op": "ping", "x": "é"}, b""), Frame(DATA, 7, {"s": "f"}, b"\0\xff" * 9),
-                Frame(HELLO, 0, {}, b"")]
+    expected = [
+        Frame(REQUEST, 7, {"op": "ping", "x": "é"}, b""),
+        Frame(DATA, 7, {"s": "f"}, b"\0\xff" * 9),
+        Frame(HELLO, 0, {}, b""),
+    ]
     frames = [encode_frame(f.type, f.channel, f.header, f.payload) for f in expected]
     dec = FrameDecoder()
     out: list[Frame | FrameError] = []
@@ -78,8 +81,12 @@ def test_bad_json_and_wrong_version_are_errors_for_their_channel() -> None:
     not_object = protocol.HEADER.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, REQUEST, 0, 10, 2, 0) + b"[]"
     future = encode_frame(REQUEST, 11, {"op": "ping"}, version=9)
     out = dec.feed(bad_json + not_object + future + encode_frame(HELLO, 0))
-    assert [(type(x).__name__, x.channel) for x in out] == [("FrameError", 9), ("FrameError", 10),
-                                                           ("FrameError", 11), ("Frame", 0)]
+    assert [(type(x).__name__, x.channel) for x in out] == [
+        ("FrameError", 9),
+        ("FrameError", 10),
+        ("FrameError", 11),
+        ("Frame", 0),
+    ]
     codes = [x.code for x in out[:3] if isinstance(x, FrameError)]
     assert codes == [protocol.E_BAD_JSON, protocol.E_BAD_JSON, protocol.E_VERSION]
 
@@ -210,8 +217,14 @@ async def test_client_maps_agent_errors_to_stable_codes(agent: AgentClient) -> N
 
 
 async def test_stdio_transport() -> None:
-    proc = await asyncio.create_subprocess_exec(PYTHON, str(GUEST_PY), "--stdio", "--dry-run-system",
-                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON,
+        str(GUEST_PY),
+        "--stdio",
+        "--dry-run-system",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
     assert proc.stdin is not None and proc.stdout is not None
     opened = 0
 
@@ -260,8 +273,14 @@ async def test_unreachable_agent_raises_timeout() -> None:
 
 async def test_stale_bytes_before_hello_are_ignored(tmp_path: Path) -> None:
     """A virtio-serial reconnect can deliver the tail of an old frame first: the client resyncs."""
-    hello = {"protocol": protocol.PROTOCOL_VERSION, "agent_version": "x", "pid": 1, "started": 1.0,
-             "boot_time": 1.0, "transport": "fake"}
+    hello = {
+        "protocol": protocol.PROTOCOL_VERSION,
+        "agent_version": "x",
+        "pid": 1,
+        "started": 1.0,
+        "boot_time": 1.0,
+        "transport": "fake",
+    }
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"old payload tail" + encode_frame(RESULT, 77, {"stale": True})[:10])

@@ -43,7 +43,8 @@ async def test_path_id_comes_from_the_body(
     await api.drives.put(drive_id="rootfs", path_on_host=str(image), is_root_device=True, is_read_only=False)
     await api.network_interfaces.put(iface_id="eth0", host_dev_name="tap0", guest_mac=None)
     assert [(r.method, r.path) for r in fake_server.fake.requests] == [
-        ("PUT", "/drives/rootfs"), ("PUT", "/network-interfaces/eth0"),
+        ("PUT", "/drives/rootfs"),
+        ("PUT", "/network-interfaces/eth0"),
     ]
     with pytest.raises(SmartVMError) as err:
         await api.drives.put(path_on_host=str(image), is_root_device=False)
@@ -131,8 +132,11 @@ async def test_path_and_body_ids_must_match(api: FirecrackerAPI, short_tmp: Path
 
 def test_every_endpoint_of_the_spec_has_a_resource(short_tmp: Path) -> None:
     api = FirecrackerAPI(short_tmp / "x.sock")
-    paths = {r.path + ("/{" + r.id_field + "}" if r.id_field else "") for r in vars(api).values()
-             if isinstance(r, Resource)}
+    paths = {
+        r.path + ("/{" + r.id_field + "}" if r.id_field else "")
+        for r in vars(api).values()
+        if isinstance(r, Resource)
+    }
     spec_paths = {op.template for op in operations()}
     assert spec_paths - paths == set()
     assert {"/drives/{drive_id}", "/pmem/{id}", "/network-interfaces/{iface_id}"} <= paths

@@ -83,10 +83,18 @@ async def test_boot_configures_every_device_in_order(fake_binary: Path, short_tm
         await read_until(engine.runtime.console_log, "SMARTVM_INIT_READY")
         sent = [(r["method"], r["path"]) for r in logged_requests(short_tmp)]
         assert sent == [
-            ("PUT", "/boot-source"), ("PUT", "/machine-config"), ("PUT", "/drives/rootfs"),
-            ("PUT", "/drives/data"), ("PUT", "/network-interfaces/eth0"), ("PUT", "/vsock"),
-            ("PUT", "/balloon"), ("PUT", "/mmds/config"), ("PUT", "/logger"), ("PUT", "/metrics"),
-            ("PUT", "/entropy"), ("PUT", "/actions"),
+            ("PUT", "/boot-source"),
+            ("PUT", "/machine-config"),
+            ("PUT", "/drives/rootfs"),
+            ("PUT", "/drives/data"),
+            ("PUT", "/network-interfaces/eth0"),
+            ("PUT", "/vsock"),
+            ("PUT", "/balloon"),
+            ("PUT", "/mmds/config"),
+            ("PUT", "/logger"),
+            ("PUT", "/metrics"),
+            ("PUT", "/entropy"),
+            ("PUT", "/actions"),
         ]
         _all_valid(short_tmp)
         vm_config = await engine.get_vm_config()
@@ -157,7 +165,8 @@ async def test_snapshot_and_restore_into_another_vm(fake_binary: Path, short_tmp
     second = _engine(short_tmp, fake_binary, "second")
     drives = [
         d.model_copy(update={"path_on_host": str(snapshot.disk_path(d.drive_id))})
-        if d.drive_id in snapshot.disks else d
+        if d.drive_id in snapshot.disks
+        else d
         for d in config.drives
     ]
     restored = config.model_copy(update={"drives": drives})
@@ -192,7 +201,9 @@ async def test_restore_can_stay_paused_and_override_networks(fake_binary: Path, 
     await first.close()
     second = _engine(short_tmp, fake_binary, "second")
     request = RestoreRequest(
-        snapshot=snapshot, config=_staged(second, config), resume_vm=False,
+        snapshot=snapshot,
+        config=_staged(second, config),
+        resume_vm=False,
         network_overrides=(NetworkOverride("eth0", "tap-new"),),
     )
     await second.restore(request)

@@ -41,7 +41,8 @@ async def test_snapshot_in_one_jail_restores_in_another(
     # Firecracker wrote in its jail; the files were moved out to the snapshot dir and are ours again
     create = next(r for r in logged_requests(short_tmp) if r["path"] == "/snapshot/create")
     assert (create["body"]["snapshot_path"], create["body"]["mem_file_path"]) == (
-        "/snapshot/vm.state", "/snapshot/vm.mem"
+        "/snapshot/vm.state",
+        "/snapshot/vm.mem",
     )
     for name in ("vm.state", "vm.mem", "disk-rootfs.ext4", "snapshot.json"):
         assert (snap / name).is_file() and (snap / name).stat().st_uid == os.geteuid(), name

@@ -62,8 +62,13 @@ def test_jailer_options_are_validated_and_exported() -> None:
     assert SmartVMOptions().jailer is None  # opt-in
     assert JailerOptions(uid=1, gid=2).chroot_base_dir == Path("/srv/jailer")
     for bad in (
-        {"uid": -1}, {"cgroups": {"cpu max": "1"}}, {"cgroups": {"cpu.max": ""}}, {"cgroup_version": 3},
-        {"resource_limits": {"nproc": 1}}, {"parent_cgroup": "../escape"}, {"parent_cgroup": "/abs"},
+        {"uid": -1},
+        {"cgroups": {"cpu max": "1"}},
+        {"cgroups": {"cpu.max": ""}},
+        {"cgroup_version": 3},
+        {"resource_limits": {"nproc": 1}},
+        {"parent_cgroup": "../escape"},
+        {"parent_cgroup": "/abs"},
     ):
         with pytest.raises(ValidationError):
             JailerOptions.model_validate({"uid": 1, "gid": 1, **bad})
@@ -73,10 +78,17 @@ async def test_boot_runs_firecracker_chrooted_as_the_jail_user(
     svm: SmartVM, fake_binary: Path, short_tmp: Path
 ) -> None:
     options = svm.options.model_copy(
-        update={"jailer": JailerOptions(
-            uid=UID, gid=GID, chroot_base_dir=short_tmp / "jail", cgroups={"cpu.max": "50000 100000"},
-            cgroup_version=2, parent_cgroup="smartvm", resource_limits={"no-file": 1024},
-        )}
+        update={
+            "jailer": JailerOptions(
+                uid=UID,
+                gid=GID,
+                chroot_base_dir=short_tmp / "jail",
+                cgroups={"cpu.max": "50000 100000"},
+                cgroup_version=2,
+                parent_cgroup="smartvm",
+                resource_limits={"no-file": 1024},
+            )
+        }
     )
     async with SmartVM(options) as manager:
         config = vm_config(short_tmp, logs=True)
@@ -90,8 +102,14 @@ async def test_boot_runs_firecracker_chrooted_as_the_jail_user(
         # Firecracker saw only in-jail paths, and found every file there (the fake checks drives)
         sent = fc_paths(short_tmp)
         assert sent and not [p for p in sent if p.startswith(str(short_tmp))]
-        assert {"/boot/vmlinux", "/drives/rootfs.ext4", "/drives/data.img", "/logs/fc.log",
-                "/metrics/metrics.json", "/run/vsock.sock"} <= set(sent)
+        assert {
+            "/boot/vmlinux",
+            "/drives/rootfs.ext4",
+            "/drives/data.img",
+            "/logs/fc.log",
+            "/metrics/metrics.json",
+            "/run/vsock.sock",
+        } <= set(sent)
         assert [r for r in logged_requests(short_tmp) if r["status"] >= 300] == []
         assert vm.config == config  # the user's config is untouched
 
@@ -109,11 +127,26 @@ async def test_boot_runs_firecracker_chrooted_as_the_jail_user(
         [call] = jailer_invocations(short_tmp)
         argv = call["argv"]
         assert argv[: argv.index("--")] == [
-            "--id", "vm1", "--exec-file", str(fake_binary), "--uid", str(UID), "--gid", str(GID),
-            "--chroot-base-dir", str(short_tmp / "jail"), "--cgroup-version", "2", "--parent-cgroup",
-            "smartvm", "--cgroup", "cpu.max=50000 100000", "--resource-limit", "no-file=1024",
+            "--id",
+            "vm1",
+            "--exec-file",
+            str(fake_binary),
+            "--uid",
+            str(UID),
+            "--gid",
+            str(GID),
+            "--chroot-base-dir",
+            str(short_tmp / "jail"),
+            "--cgroup-version",
+            "2",
+            "--parent-cgroup",
+            "smartvm",
+            "--cgroup",
+            "cpu.max=50000 100000",
+            "--resource-limit",
+            "no-file=1024",
         ]
-        assert argv[argv.index("--") + 1:] == ["--api-sock", "/run/firecracker.socket"]
+        assert argv[argv.index("--") + 1 :] == ["--api-sock", "/run/firecracker.socket"]
         assert text(f"/proc/{pid}/limits").count("1024") >= 2  # Max open files 1024 1024
 
         # console (the jailer child's stdout), vsock, metrics and update_drive all work through the jail
@@ -242,7 +275,7 @@ async def test_the_netns_goes_to_the_jailer(
     assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/var/run/netns/{netns}").st_ino
     [call] = jailer_invocations(short_tmp)
     assert call["argv"][call["argv"].index("--netns") + 1] == f"/var/run/netns/{netns}"
-    assert "netns" not in " ".join(call["argv"][call["argv"].index("--"):])  # not `ip netns exec`
+    assert "netns" not in " ".join(call["argv"][call["argv"].index("--") :])  # not `ip netns exec`
     await vm.stop()
     assert_no_jail_left(svm.options, fake_binary)
 

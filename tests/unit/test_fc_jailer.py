@@ -17,24 +17,58 @@ from smartvm.firecracker.process import FirecrackerCommand
 
 def _jail(base: Path, **kw: object) -> Jail:
     config = JailerConfig(
-        jailer_binary=Path("/opt/fc/jailer"), firecracker_binary=Path("/opt/fc/firecracker"),
-        vm_id="vm-1", uid=1234, gid=1235, chroot_base_dir=base, **kw,  # type: ignore[arg-type]
+        jailer_binary=Path("/opt/fc/jailer"),
+        firecracker_binary=Path("/opt/fc/firecracker"),
+        vm_id="vm-1",
+        uid=1234,
+        gid=1235,
+        chroot_base_dir=base,
+        **kw,  # type: ignore[arg-type]
     )
     return Jail(config)
 
 
 def test_argv_layout_and_firecracker_args_after_double_dash(tmp_path: Path) -> None:
     jail = _jail(
-        tmp_path, netns="sv-ns1", cgroups={"cpu.max": "50000 100000"}, cgroup_version=2,
-        parent_cgroup="smartvm", resource_limits={"no-file": 1024}, daemonize=True, new_pid_ns=True,
+        tmp_path,
+        netns="sv-ns1",
+        cgroups={"cpu.max": "50000 100000"},
+        cgroup_version=2,
+        parent_cgroup="smartvm",
+        resource_limits={"no-file": 1024},
+        daemonize=True,
+        new_pid_ns=True,
     )
     argv = jail.argv(["--api-sock", "/run/firecracker.socket", "--id", "vm-1"])
     assert argv == [
-        "/opt/fc/jailer", "--id", "vm-1", "--exec-file", "/opt/fc/firecracker",
-        "--uid", "1234", "--gid", "1235", "--chroot-base-dir", str(tmp_path),
-        "--netns", "/var/run/netns/sv-ns1", "--cgroup-version", "2",
-        "--parent-cgroup", "smartvm", "--cgroup", "cpu.max=50000 100000", "--resource-limit", "no-file=1024",
-        "--daemonize", "--new-pid-ns", "--", "--api-sock", "/run/firecracker.socket", "--id", "vm-1",
+        "/opt/fc/jailer",
+        "--id",
+        "vm-1",
+        "--exec-file",
+        "/opt/fc/firecracker",
+        "--uid",
+        "1234",
+        "--gid",
+        "1235",
+        "--chroot-base-dir",
+        str(tmp_path),
+        "--netns",
+        "/var/run/netns/sv-ns1",
+        "--cgroup-version",
+        "2",
+        "--parent-cgroup",
+        "smartvm",
+        "--cgroup",
+        "cpu.max=50000 100000",
+        "--resource-limit",
+        "no-file=1024",
+        "--daemonize",
+        "--new-pid-ns",
+        "--",
+        "--api-sock",
+        "/run/firecracker.socket",
+        "--id",
+        "vm-1",
     ]
     assert jail.root == tmp_path / "firecracker" / "vm-1" / "root"
     assert jail.api_socket == jail.root / "run" / "firecracker.socket"
@@ -103,7 +137,7 @@ def test_a_jailed_command_leaves_id_and_netns_to_the_jailer(tmp_path: Path) -> N
     )
     argv = command.argv()
     assert argv[0] == "/opt/fc/jailer" and "ip" not in argv
-    assert argv[argv.index("--"):] == ["--", "--api-sock", "/run/firecracker.socket"]
+    assert argv[argv.index("--") :] == ["--", "--api-sock", "/run/firecracker.socket"]
     with pytest.raises(SmartVMError) as err:  # the netns belongs in the jail's config
         FirecrackerCommand(binary=Path("/f"), api_socket=None, vm_id="v", netns="ns", jail=jail).argv()
     assert err.value.code is ErrorCode.INVALID_ARGUMENT
@@ -146,7 +180,9 @@ assert not jail.jail_dir.exists()
     try:
         out = subprocess.run(
             ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except OSError as exc:
         pytest.skip(f"no unshare: {exc}")

@@ -28,12 +28,32 @@ def _process(binary: Path, tmp: Path, **kw: object) -> FirecrackerProcess:
 
 def test_argv_uses_firecrackers_flags() -> None:
     cmd = FirecrackerCommand(
-        binary=Path("/bin/fc"), api_socket=Path("/r/fc.sock"), vm_id="vm1", log_path=Path("/r/fc.log"),
-        level="Debug", metrics_path=Path("/r/m.json"), boot_timer=True, netns="ns1",
+        binary=Path("/bin/fc"),
+        api_socket=Path("/r/fc.sock"),
+        vm_id="vm1",
+        log_path=Path("/r/fc.log"),
+        level="Debug",
+        metrics_path=Path("/r/m.json"),
+        boot_timer=True,
+        netns="ns1",
     )
     assert cmd.argv() == [
-        "ip", "netns", "exec", "ns1", "/bin/fc", "--id", "vm1", "--api-sock", "/r/fc.sock",
-        "--log-path", "/r/fc.log", "--level", "Debug", "--metrics-path", "/r/m.json", "--boot-timer",
+        "ip",
+        "netns",
+        "exec",
+        "ns1",
+        "/bin/fc",
+        "--id",
+        "vm1",
+        "--api-sock",
+        "/r/fc.sock",
+        "--log-path",
+        "/r/fc.log",
+        "--level",
+        "Debug",
+        "--metrics-path",
+        "/r/m.json",
+        "--boot-timer",
     ]
     no_api = FirecrackerCommand(
         binary=Path("/bin/fc"), api_socket=None, vm_id="v", config_file=Path("/c.json"), no_api=True
@@ -62,8 +82,9 @@ async def test_start_serves_the_api_and_stop_reaps(fake_binary: Path, short_tmp:
     assert await proc.stop(timeout=1) == code  # idempotent
 
 
-async def test_early_exit_reports_code_and_log_tail(fake_binary: Path, short_tmp: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_early_exit_reports_code_and_log_tail(
+    fake_binary: Path, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FAKE_FC_MODE", "exit")
     proc = _process(fake_binary, short_tmp)
     with pytest.raises(SmartVMError) as err:
@@ -74,8 +95,9 @@ async def test_early_exit_reports_code_and_log_tail(fake_binary: Path, short_tmp
     assert proc.returncode == 1
 
 
-async def test_socket_that_never_appears_times_out_and_kills(fake_binary: Path, short_tmp: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_socket_that_never_appears_times_out_and_kills(
+    fake_binary: Path, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FAKE_FC_MODE", "nosocket")
     proc = _process(fake_binary, short_tmp)
     with pytest.raises(SmartVMError) as err:
@@ -109,10 +131,14 @@ async def test_no_api_boots_from_a_config_file_and_console_goes_to_the_log(
     fake_binary: Path, short_tmp: Path
 ) -> None:
     config = short_tmp / "vm.json"
-    config.write_text(json.dumps({
-        "boot-source": {"kernel_image_path": "/vmlinux", "boot_args": "console=ttyS0 reboot=k"},
-        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "boot-source": {"kernel_image_path": "/vmlinux", "boot_args": "console=ttyS0 reboot=k"},
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+            }
+        )
+    )
     proc = _process(fake_binary, short_tmp, config_file=config, no_api=True)
     await proc.start(socket_timeout=5)
     for _ in range(500):
@@ -133,7 +159,6 @@ async def test_bad_config_file_is_an_early_exit(fake_binary: Path, short_tmp: Pa
         await proc.start(socket_timeout=10)
     assert err.value.code is ErrorCode.FIRECRACKER_EXITED
     assert "bogus" in err.value.message
-
 
 
 @pytest.fixture

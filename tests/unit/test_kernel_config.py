@@ -20,7 +20,7 @@ from smartvm.images.kernel_build import (
 
 
 def test_parse_config_reads_set_and_unset_options() -> None:
-    text = "# comment\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=\"x y\"\nCONFIG_D=12\n"
+    text = '# comment\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C="x y"\nCONFIG_D=12\n'
     assert parse_config(text) == {"CONFIG_A": "y", "CONFIG_B": "n", "CONFIG_C": '"x y"', "CONFIG_D": "12"}
 
 
@@ -36,11 +36,28 @@ def test_dropped_options_lists_what_did_not_survive() -> None:
 def test_fragment_covers_the_guest_contract() -> None:
     options = parse_config(fragment_text())
     for name in (
-        "CONFIG_VIRTIO_MMIO", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES", "CONFIG_ACPI", "CONFIG_ACPI_BUTTON",
-        "CONFIG_VIRTIO_BLK", "CONFIG_VIRTIO_NET", "CONFIG_VIRTIO_CONSOLE", "CONFIG_VIRTIO_VSOCKETS",
-        "CONFIG_VIRTIO_BALLOON", "CONFIG_HW_RANDOM_VIRTIO", "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_EXT4_FS",
-        "CONFIG_SQUASHFS", "CONFIG_DEVTMPFS_MOUNT", "CONFIG_TMPFS", "CONFIG_IP_PNP", "CONFIG_UNIX",
-        "CONFIG_INET", "CONFIG_INPUT_EVDEV", "CONFIG_KEYBOARD_ATKBD", "CONFIG_SERIO_I8042", "CONFIG_PVH",
+        "CONFIG_VIRTIO_MMIO",
+        "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES",
+        "CONFIG_ACPI",
+        "CONFIG_ACPI_BUTTON",
+        "CONFIG_VIRTIO_BLK",
+        "CONFIG_VIRTIO_NET",
+        "CONFIG_VIRTIO_CONSOLE",
+        "CONFIG_VIRTIO_VSOCKETS",
+        "CONFIG_VIRTIO_BALLOON",
+        "CONFIG_HW_RANDOM_VIRTIO",
+        "CONFIG_SERIAL_8250_CONSOLE",
+        "CONFIG_EXT4_FS",
+        "CONFIG_SQUASHFS",
+        "CONFIG_DEVTMPFS_MOUNT",
+        "CONFIG_TMPFS",
+        "CONFIG_IP_PNP",
+        "CONFIG_UNIX",
+        "CONFIG_INET",
+        "CONFIG_INPUT_EVDEV",
+        "CONFIG_KEYBOARD_ATKBD",
+        "CONFIG_SERIO_I8042",
+        "CONFIG_PVH",
     ):
         assert options.get(name) == "y", name
     assert options["CONFIG_MODULES"] == "n"

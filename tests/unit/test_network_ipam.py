@@ -74,8 +74,10 @@ def test_concurrent_allocation_across_processes_never_shares_an_index(tmp_path: 
         got = [store.allocate(f"{{sys.argv[1]}}-{{i}}").index for i in range(25)]
         print(" ".join(map(str, got)))
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", worker, f"p{n}"], stdout=subprocess.PIPE, text=True)
-             for n in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", worker, f"p{n}"], stdout=subprocess.PIPE, text=True)
+        for n in range(4)
+    ]
     go.touch()
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)

@@ -107,23 +107,30 @@ def test_egress_script_orders_deny_allow_default() -> None:
 
 def test_host_scripts_use_elements_not_rules() -> None:
     add = nat.host_add_script(["svv1"], {8080: ("10.200.0.2", 80)})
-    assert add == ('add element inet smartvm ifaces { "svv1" }\n'
-                   "create element inet smartvm portfwd { 8080 : 10.200.0.2 . 80 }\n")
+    assert add == (
+        'add element inet smartvm ifaces { "svv1" }\n'
+        "create element inet smartvm portfwd { 8080 : 10.200.0.2 . 80 }\n"
+    )
     remove = nat.host_remove_script(["svv1"], [8080])
-    assert remove.splitlines() == ['delete element inet smartvm ifaces { "svv1" }',
-                                   "delete element inet smartvm portfwd { 8080 }"]
+    assert remove.splitlines() == [
+        'delete element inet smartvm ifaces { "svv1" }',
+        "delete element inet smartvm portfwd { 8080 }",
+    ]
     table = nat.host_table_script()
     assert table.count("flush chain") == 4  # re-running never duplicates rules
 
 
 def test_netns_table_translates_the_host_address() -> None:
-    script = nat.netns_table_script(uplink="veth0", tap="tap0", host_ip="10.200.0.6",
-                                    guest_ip="172.16.0.2", guest_net="172.16.0.0/30")
+    script = nat.netns_table_script(
+        uplink="veth0", tap="tap0", host_ip="10.200.0.6", guest_ip="172.16.0.2", guest_net="172.16.0.0/30"
+    )
     assert 'iifname "veth0" ip daddr 10.200.0.6 dnat ip to 172.16.0.2' in script
     assert 'oifname "veth0" ip saddr 172.16.0.0/30 snat ip to 10.200.0.6' in script
     forward = [line for line in script.splitlines() if line.startswith("add rule inet smartvm forward")]
-    assert forward[:2] == ['add rule inet smartvm forward iifname "tap0" ip saddr != 172.16.0.2 counter drop',
-                           'add rule inet smartvm forward iifname "tap0" meta nfproto ipv6 drop']
+    assert forward[:2] == [
+        'add rule inet smartvm forward iifname "tap0" ip saddr != 172.16.0.2 counter drop',
+        'add rule inet smartvm forward iifname "tap0" meta nfproto ipv6 drop',
+    ]
     assert forward[-1] == 'add rule inet smartvm forward iifname "tap0" jump egress'
 
 

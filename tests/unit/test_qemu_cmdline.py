@@ -19,8 +19,10 @@ KVM = LaunchSpec(binary="/usr/bin/qemu-system-x86_64", accel="kvm")
 
 
 def config(**fields: Any) -> MicroVMConfig:
-    data: dict[str, Any] = {"id": "vm1", "boot_source": {"kernel_image_path": "/k/vmlinux",
-                                                       "boot_args": "console=ttyS0"}}
+    data: dict[str, Any] = {
+        "id": "vm1",
+        "boot_source": {"kernel_image_path": "/k/vmlinux", "boot_args": "console=ttyS0"},
+    }
     data.update(fields)
     return MicroVMConfig.model_validate(data)
 
@@ -83,53 +85,86 @@ def test_default_boot_args_when_none_are_given() -> None:
 
 
 def test_root_drive_comes_first_and_sets_root() -> None:
-    cfg = config(drives=[
-        {"drive_id": "data", "path_on_host": "/img/data,1.raw", "is_read_only": True},
-        {"drive_id": "rootfs", "path_on_host": "/img/root.qcow2", "is_root_device": True},
-    ])
+    cfg = config(
+        drives=[
+            {"drive_id": "data", "path_on_host": "/img/data,1.raw", "is_read_only": True},
+            {"drive_id": "rootfs", "path_on_host": "/img/root.qcow2", "is_root_device": True},
+        ]
+    )
     spec = LaunchSpec(binary="q", accel="tcg", drive_formats={"rootfs": "qcow2", "data": "raw"})
     argv = build_argv(cfg, RUNTIME, spec)
     drives = option_values(argv, "-drive")
     assert drives[0].startswith("id=drive-rootfs,file=/img/root.qcow2,format=qcow2,if=none,readonly=off")
     assert drives[1].startswith("id=drive-data,file=/img/data,,1.raw,format=raw,if=none,readonly=on")
     blk = [d for d in option_values(argv, "-device") if d.startswith("virtio-blk-device")]
-    assert blk == ["virtio-blk-device,drive=drive-rootfs,id=blk-rootfs",
-                   "virtio-blk-device,drive=drive-data,id=blk-data"]
+    assert blk == [
+        "virtio-blk-device,drive=drive-rootfs,id=blk-rootfs",
+        "virtio-blk-device,drive=drive-data,id=blk-data",
+    ]
     args = kernel_cmdline(cfg, spec).split()
     assert "root=/dev/vda" in args and "rw" in args
 
 
 def test_read_only_root_and_partuuid() -> None:
-    cfg = config(drives=[{"drive_id": "r", "path_on_host": "/r", "is_root_device": True,
-                          "is_read_only": True, "partuuid": "abcd-01"}])
+    cfg = config(
+        drives=[
+            {
+                "drive_id": "r",
+                "path_on_host": "/r",
+                "is_root_device": True,
+                "is_read_only": True,
+                "partuuid": "abcd-01",
+            }
+        ]
+    )
     args = kernel_cmdline(cfg, KVM).split()
     assert "root=PARTUUID=abcd-01" in args and "ro" in args
 
 
 def test_drive_rate_limit_and_cache() -> None:
-    cfg = config(drives=[{"drive_id": "d", "path_on_host": "/d", "cache_type": "Unsafe", "rate_limiter": {
-        "bandwidth": {"size": 1_000_000, "refill_time": 100}, "ops": {"size": 50, "refill_time": 1000}}}])
+    cfg = config(
+        drives=[
+            {
+                "drive_id": "d",
+                "path_on_host": "/d",
+                "cache_type": "Unsafe",
+                "rate_limiter": {
+                    "bandwidth": {"size": 1_000_000, "refill_time": 100},
+                    "ops": {"size": 50, "refill_time": 1000},
+                },
+            }
+        ]
+    )
     drive = option_values(build_argv(cfg, RUNTIME, KVM), "-drive")[0]
     assert "cache=unsafe" in drive
     assert "throttling.bps-total=10000000" in drive and "throttling.iops-total=50" in drive
 
 
 def test_network_interface_on_a_tap() -> None:
-    cfg = config(network_interfaces=[{"iface_id": "eth0", "host_dev_name": "tap0",
-                                      "guest_mac": "06:00:ac:10:00:02", "mtu": 1400}])
+    cfg = config(
+        network_interfaces=[
+            {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02", "mtu": 1400}
+        ]
+    )
     argv = build_argv(cfg, RUNTIME, KVM)
     assert option_values(argv, "-netdev") == ["tap,id=net-eth0,ifname=tap0,script=no,downscript=no"]
-    assert ("virtio-net-device,netdev=net-eth0,id=nic-eth0,mac=06:00:ac:10:00:02,host-mtu=1400"
-            in option_values(argv, "-device"))
+    assert (
+        "virtio-net-device,netdev=net-eth0,id=nic-eth0,mac=06:00:ac:10:00:02,host-mtu=1400"
+        in option_values(argv, "-device")
+    )
 
 
 def test_balloon_and_entropy() -> None:
-    cfg = config(balloon={"amount_mib": 0, "deflate_on_oom": True, "free_page_reporting": True},
-                 entropy={"rate_limiter": {"bandwidth": {"size": 4096, "refill_time": 1000}}})
+    cfg = config(
+        balloon={"amount_mib": 0, "deflate_on_oom": True, "free_page_reporting": True},
+        entropy={"rate_limiter": {"bandwidth": {"size": 4096, "refill_time": 1000}}},
+    )
     argv = build_argv(cfg, RUNTIME, KVM)
     devices = option_values(argv, "-device")
-    assert ("virtio-balloon-device,id=balloon0,deflate-on-oom=on,free-page-reporting=on,free-page-hint=off"
-            in devices)
+    assert (
+        "virtio-balloon-device,id=balloon0,deflate-on-oom=on,free-page-reporting=on,free-page-hint=off"
+        in devices
+    )
     assert "virtio-rng-device,rng=rng0,max-bytes=4096,period=1000" in devices
     assert "rng-random,id=rng0,filename=/dev/urandom" in option_values(argv, "-object")
 
@@ -137,16 +172,22 @@ def test_balloon_and_entropy() -> None:
 def test_guest_ram_in_a_file_shared_or_private() -> None:
     shared = LaunchSpec(binary="q", accel="tcg", ram_file=Path("/dev/shm/vm1/guest.ram"))
     assert option_values(build_argv(config(), RUNTIME, shared), "-object")[0] == (
-        "memory-backend-file,id=ram,size=256M,mem-path=/dev/shm/vm1/guest.ram,share=on")
+        "memory-backend-file,id=ram,size=256M,mem-path=/dev/shm/vm1/guest.ram,share=on"
+    )
     private = LaunchSpec(binary="q", accel="tcg", ram_file=Path("/snap/a,b.mem"), ram_shared=False)
     assert option_values(build_argv(config(), RUNTIME, private), "-object")[0] == (
-        "memory-backend-file,id=ram,size=256M,mem-path=/snap/a,,b.mem,share=off")
+        "memory-backend-file,id=ram,size=256M,mem-path=/snap/a,,b.mem,share=off"
+    )
 
 
 def test_on_tmpfs() -> None:
-    assert on_tmpfs(Path("/dev/shm/some/where")) == (Path("/dev/shm").is_dir() and any(
-        line.split()[1] == "/dev/shm" and line.split()[2] == "tmpfs"
-        for line in Path("/proc/self/mounts").read_text().splitlines()))
+    assert on_tmpfs(Path("/dev/shm/some/where")) == (
+        Path("/dev/shm").is_dir()
+        and any(
+            line.split()[1] == "/dev/shm" and line.split()[2] == "tmpfs"
+            for line in Path("/proc/self/mounts").read_text().splitlines()
+        )
+    )
     assert not on_tmpfs(Path("/proc/self"))
 
 
@@ -155,15 +196,24 @@ def test_incoming_for_restore() -> None:
     assert option_values(argv, "-incoming") == ["defer"]
 
 
-@pytest.mark.parametrize("fields", [
-    {"vsock": {"guest_cid": 3, "uds_path": "/v.sock"}},
-    {"network_interfaces": [{"iface_id": "e", "host_dev_name": "t",
-                             "rx_rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}],
-     },
-    {"machine_config": {"cpu_template": "T2"}},
-    {"drives": [{"drive_id": "d", "path_on_host": "/d", "io_engine": "Async"}]},
-    {"metrics": {"metrics_path": "/m"}},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"vsock": {"guest_cid": 3, "uds_path": "/v.sock"}},
+        {
+            "network_interfaces": [
+                {
+                    "iface_id": "e",
+                    "host_dev_name": "t",
+                    "rx_rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}},
+                }
+            ],
+        },
+        {"machine_config": {"cpu_template": "T2"}},
+        {"drives": [{"drive_id": "d", "path_on_host": "/d", "io_engine": "Async"}]},
+        {"metrics": {"metrics_path": "/m"}},
+    ],
+)
 def test_what_qemu_cannot_honour_is_refused(fields: dict[str, Any]) -> None:
     with pytest.raises(SmartVMError) as err:
         build_argv(config(**fields), RUNTIME, TCG)

@@ -30,9 +30,21 @@ def sock_dir() -> Iterator[Path]:
 def qemu(sock_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     sock = sock_dir / "qmp.sock"
     assert QEMU is not None
-    proc = subprocess.Popen([QEMU, "-machine", "none", "-nodefaults", "-display", "none",
-                             "-qmp", f"unix:{sock},server=on,wait=off"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            QEMU,
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            f"unix:{sock},server=on,wait=off",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     yield proc, sock
     proc.kill()
     proc.wait()

@@ -58,10 +58,16 @@ def assert_agent_bytecode_matches(image: Path, tmp_path: Path) -> None:
     flags = int.from_bytes(header[4:8], "little")
     assert flags == 0b11  # hash-based, checked against the source at import
     guest_python = subprocess.run(
-        ["/usr/bin/python3", "-c",
-         "import importlib.util, sys; src = open(sys.argv[1], 'rb').read(); "
-         "print(importlib.util.MAGIC_NUMBER.hex(), importlib.util.source_hash(src).hex())", str(AGENT)],
-        capture_output=True, text=True, check=True,
+        [
+            "/usr/bin/python3",
+            "-c",
+            "import importlib.util, sys; src = open(sys.argv[1], 'rb').read(); "
+            "print(importlib.util.MAGIC_NUMBER.hex(), importlib.util.source_hash(src).hex())",
+            str(AGENT),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert [header[:4].hex(), header[8:16].hex()] == guest_python
 
@@ -226,7 +232,9 @@ def test_cli_prints_the_image_path_last(tmp_path: Path) -> None:
     args = ["images", "build-rootfs", "--kind", "dir", "--source", str(base), "--no-agent"]
     run = subprocess.run(
         [sys.executable, "-m", "smartvm.cli", *args, "--cache-dir", str(cache)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert run.returncode == 0, run.stderr
     path = Path(run.stdout.strip().splitlines()[-1])
@@ -234,6 +242,8 @@ def test_cli_prints_the_image_path_last(tmp_path: Path) -> None:
     assert path.is_file()
     missing = subprocess.run(
         [sys.executable, "-m", "smartvm.cli", "images", "build-rootfs", "--kind", "tar"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert missing.returncode != 0 and "--source" in missing.stderr

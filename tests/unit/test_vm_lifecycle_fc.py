@@ -27,8 +27,11 @@ pytest_plugins = ["fc_fake.fixtures"]
 @pytest.fixture
 async def svm(fake_binary: Path, short_tmp: Path) -> AsyncIterator[SmartVM]:
     options = SmartVMOptions(
-        engine="firecracker", firecracker_binary_path=fake_binary, runtime_dir=short_tmp / "rt",
-        socket_timeout_s=2, stop_timeout_s=2,
+        engine="firecracker",
+        firecracker_binary_path=fake_binary,
+        runtime_dir=short_tmp / "rt",
+        socket_timeout_s=2,
+        stop_timeout_s=2,
     )
     async with SmartVM(options) as manager:
         yield manager
@@ -60,7 +63,8 @@ def assert_clean(tmp: Path, binary: Path) -> None:
 
 def assert_all_requests_valid(tmp: Path, *expected_failures: tuple[str, str]) -> None:
     rejected = [
-        r for r in logged_requests(tmp)
+        r
+        for r in logged_requests(tmp)
         if r["status"] >= 300 and (r["method"], r["path"]) not in expected_failures
     ]
     assert rejected == []
@@ -149,8 +153,13 @@ async def test_binary_missing(short_tmp: Path, fake_binary: Path) -> None:
     ],
 )
 async def test_start_failures_leave_nothing_behind(
-    svm: SmartVM, fake_binary: Path, short_tmp: Path, monkeypatch: pytest.MonkeyPatch,
-    env: str, value: str, code: ErrorCode,
+    svm: SmartVM,
+    fake_binary: Path,
+    short_tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    env: str,
+    value: str,
+    code: ErrorCode,
 ) -> None:
     monkeypatch.setenv(env, value)
     vm = await svm.create_vm(_config(short_tmp))

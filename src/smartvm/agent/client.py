@@ -45,10 +45,16 @@ class AgentInfo:
 
     @classmethod
     def from_header(cls, h: dict[str, Any]) -> AgentInfo:
-        return cls(protocol=int(h.get("protocol", 0)), agent_version=str(h.get("agent_version", "?")),
-                   pid=int(h.get("pid", 0)), started=float(h.get("started", 0.0)),
-                   boot_time=h.get("boot_time"), transport=str(h.get("transport", "?")),
-                   kernel=h.get("kernel"), raw=h)
+        return cls(
+            protocol=int(h.get("protocol", 0)),
+            agent_version=str(h.get("agent_version", "?")),
+            pid=int(h.get("pid", 0)),
+            started=float(h.get("started", 0.0)),
+            boot_time=h.get("boot_time"),
+            transport=str(h.get("transport", "?")),
+            kernel=h.get("kernel"),
+            raw=h,
+        )
 
 
 @dataclass(frozen=True)
@@ -101,9 +107,16 @@ class ProcessInfo:
 
     @classmethod
     def from_header(cls, h: dict[str, Any]) -> ProcessInfo:
-        return cls(pid=int(h["pid"]), cmd=list(h.get("cmd", [])), running=bool(h.get("running")),
-                   exit_code=h.get("exit_code"), signal=h.get("signal"), started=float(h.get("started", 0)),
-                   ended=h.get("ended"), stdin_open=bool(h.get("stdin_open")))
+        return cls(
+            pid=int(h["pid"]),
+            cmd=list(h.get("cmd", [])),
+            running=bool(h.get("running")),
+            exit_code=h.get("exit_code"),
+            signal=h.get("signal"),
+            started=float(h.get("started", 0)),
+            ended=h.get("ended"),
+            stdin_open=bool(h.get("stdin_open")),
+        )
 
 
 @dataclass(frozen=True)
@@ -122,9 +135,17 @@ class FileInfo:
 
     @classmethod
     def from_header(cls, h: dict[str, Any]) -> FileInfo:
-        return cls(name=str(h["name"]), path=str(h["path"]), type=str(h["type"]), size=int(h["size"]),
-                   mode=int(h["mode"]), uid=int(h["uid"]), gid=int(h["gid"]), mtime=float(h["mtime"]),
-                   target=h.get("target"))
+        return cls(
+            name=str(h["name"]),
+            path=str(h["path"]),
+            type=str(h["type"]),
+            size=int(h["size"]),
+            mode=int(h["mode"]),
+            uid=int(h["uid"]),
+            gid=int(h["gid"]),
+            mtime=float(h["mtime"]),
+            target=h.get("target"),
+        )
 
 
 @dataclass(frozen=True)
@@ -185,9 +206,11 @@ class _Channel:
         try:
             item = await asyncio.wait_for(self.queue.get(), timeout)
         except TimeoutError:
-            raise SmartVMError(ErrorCode.AGENT_TIMEOUT,
-                               f"guest agent did not answer {self.op} in time; the guest may be overloaded "
-                               "or hung (check the console log)") from None
+            raise SmartVMError(
+                ErrorCode.AGENT_TIMEOUT,
+                f"guest agent did not answer {self.op} in time; the guest may be overloaded "
+                "or hung (check the console log)",
+            ) from None
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -206,7 +229,7 @@ class _Channel:
             if self.answered:  # the agent already answered (an error): stop sending
                 return
             hdr: dict[str, Any] = {"s": stream, "eof": True} if eof and i == last else {"s": stream}
-            await self.conn.send(p.DATA, self.id, hdr, bytes(view[i:i + p.CHUNK_SIZE]))
+            await self.conn.send(p.DATA, self.id, hdr, bytes(view[i : i + p.CHUNK_SIZE]))
 
 
 class _Connection:
@@ -223,8 +246,9 @@ class _Connection:
         self._next_id = random.randrange(1, 1 << 31)
         self._task = asyncio.create_task(self._read_loop())
 
-    async def send(self, ftype: int, cid: int, header: dict[str, Any] | None = None,
-                   payload: bytes = b"") -> None:
+    async def send(
+        self, ftype: int, cid: int, header: dict[str, Any] | None = None, payload: bytes = b""
+    ) -> None:
         if self.closed:
             raise _ConnectionLost(ErrorCode.AGENT_UNAVAILABLE, "connection to the guest agent is closed")
         try:
@@ -232,11 +256,13 @@ class _Connection:
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:
             self._lost(f"write failed: {exc}")
-            raise _ConnectionLost(ErrorCode.AGENT_UNAVAILABLE,
-                                  f"connection to the guest agent dropped ({exc})") from None
+            raise _ConnectionLost(
+                ErrorCode.AGENT_UNAVAILABLE, f"connection to the guest agent dropped ({exc})"
+            ) from None
         except ValueError as exc:
-            raise SmartVMError(ErrorCode.INVALID_ARGUMENT,
-                               f"request too large for one frame: {exc}") from None
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT, f"request too large for one frame: {exc}"
+            ) from None
 
     def open_channel(self, op: str) -> _Channel:
         self._next_id = self._next_id % 0xFFFFFFFE + 1
@@ -283,24 +309,33 @@ class _Connection:
             ch = self.channels.get(item.channel) if self.ready.done() else None
             if ch is not None:
                 ch.answered = True
-                ch.queue.put_nowait(SmartVMError(ErrorCode.AGENT_PROTOCOL_ERROR,
-                                                 f"bad frame from the guest agent: {item.message}"))
+                ch.queue.put_nowait(
+                    SmartVMError(
+                        ErrorCode.AGENT_PROTOCOL_ERROR, f"bad frame from the guest agent: {item.message}"
+                    )
+                )
             return
         if item.type == p.HELLO:
             info = AgentInfo.from_header(item.header)
             if not self.ready.done():
                 if info.protocol != p.PROTOCOL_VERSION:
-                    self.ready.set_exception(SmartVMError(
-                        ErrorCode.AGENT_PROTOCOL_ERROR,
-                        f"guest agent speaks protocol {info.protocol}, this host {p.PROTOCOL_VERSION}; "
-                        "rebuild the guest image so its agent matches this smartvm"))
+                    self.ready.set_exception(
+                        SmartVMError(
+                            ErrorCode.AGENT_PROTOCOL_ERROR,
+                            f"guest agent speaks protocol {info.protocol}, this host {p.PROTOCOL_VERSION}; "
+                            "rebuild the guest image so its agent matches this smartvm",
+                        )
+                    )
                     return
                 self.info = info
                 self.ready.set_result(info)
             elif self.info is not None and (info.pid, info.started) != (self.info.pid, self.info.started):
                 self.info = info  # the agent restarted: everything in flight is gone
-                self._fail_all(_ConnectionLost(ErrorCode.AGENT_UNAVAILABLE,
-                                               "guest agent restarted while the request was running"))
+                self._fail_all(
+                    _ConnectionLost(
+                        ErrorCode.AGENT_UNAVAILABLE, "guest agent restarted while the request was running"
+                    )
+                )
             return
         if not self.ready.done():
             return  # stale frames from an earlier session
@@ -339,8 +374,14 @@ class _Connection:
 class AgentClient:
     """Talks to the guest agent. Safe for many concurrent calls; use as ``async with``."""
 
-    def __init__(self, open_stream: OpenStream, *, connect_timeout: float = 10.0,
-                 request_timeout: float = 60.0, exec_grace: float = 15.0) -> None:
+    def __init__(
+        self,
+        open_stream: OpenStream,
+        *,
+        connect_timeout: float = 10.0,
+        request_timeout: float = 60.0,
+        exec_grace: float = 15.0,
+    ) -> None:
         self._open_stream = open_stream
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
@@ -394,9 +435,11 @@ class AgentClient:
                         raise
                     last = exc
                 await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-        raise SmartVMError(ErrorCode.AGENT_TIMEOUT,
-                           f"guest agent not ready after {timeout:.0f}s (last error: {last}); check that the "
-                           "image contains the agent and read the guest console log")
+        raise SmartVMError(
+            ErrorCode.AGENT_TIMEOUT,
+            f"guest agent not ready after {timeout:.0f}s (last error: {last}); check that the "
+            "image contains the agent and read the guest console log",
+        )
 
     async def _ensure(self) -> _Connection:
         async with self._lock:
@@ -408,13 +451,15 @@ class AgentClient:
             try:
                 self._conn = await self._connect(self._connect_timeout)
             except SmartVMError as exc:
-                raise SmartVMError(ErrorCode.AGENT_UNAVAILABLE,
-                                   f"guest agent is not reachable: {exc.message}") from None
+                raise SmartVMError(
+                    ErrorCode.AGENT_UNAVAILABLE, f"guest agent is not reachable: {exc.message}"
+                ) from None
             return self._conn
 
     @contextlib.asynccontextmanager
-    async def _channel(self, op: str, fields: dict[str, Any],
-                       payload: bytes = b"") -> AsyncIterator[_Channel]:
+    async def _channel(
+        self, op: str, fields: dict[str, Any], payload: bytes = b""
+    ) -> AsyncIterator[_Channel]:
         header = {"op": op, **{k: v for k, v in fields.items() if v is not None}}
         for attempt in range(2):
             conn = await self._ensure()
@@ -432,8 +477,9 @@ class AgentClient:
                 await conn.finish_channel(ch)
             return
 
-    async def _call(self, op: str, payload: bytes = b"", timeout: float | None = None,
-                    **fields: Any) -> dict[str, Any]:
+    async def _call(
+        self, op: str, payload: bytes = b"", timeout: float | None = None, **fields: Any
+    ) -> dict[str, Any]:
         """One request, one RESULT (retried once on a dropped stream when the op is idempotent)."""
         for attempt in range(2):
             try:
@@ -454,10 +500,18 @@ class AgentClient:
         raise AssertionError("unreachable")
 
     # --- exec
-    async def exec(self, cmd: str | Sequence[str], *, env: Mapping[str, str | None] | None = None,
-                   cwd: str | None = None, user: int | str | None = None, stdin: bytes | None = None,
-                   timeout: float | None = None, on_stdout: OutputCallback | None = None,
-                   on_stderr: OutputCallback | None = None) -> ExecResult:
+    async def exec(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | None = None,
+        user: int | str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
         """Run `cmd` (argv list, or a string for /bin/sh -c) and collect its output.
 
         Callbacks (sync or async) see output chunks as they arrive. On timeout the process group is killed
@@ -477,25 +531,46 @@ class AgentClient:
             elif ev.kind == "exit":
                 result = ev.result
         assert result is not None
-        full = ExecResult(result.exit_code, bytes(out), bytes(err), result.duration, result.signal,
-                          result.timed_out, result.pid)
+        full = ExecResult(
+            result.exit_code,
+            bytes(out),
+            bytes(err),
+            result.duration,
+            result.signal,
+            result.timed_out,
+            result.pid,
+        )
         if full.timed_out:
-            raise ExecTimeoutError(ErrorCode.EXEC_TIMEOUT,
-                                   f"command timed out after {timeout}s and was killed (process group)", full)
+            raise ExecTimeoutError(
+                ErrorCode.EXEC_TIMEOUT,
+                f"command timed out after {timeout}s and was killed (process group)",
+                full,
+            )
         return full
 
-    async def exec_stream(self, cmd: str | Sequence[str], *, env: Mapping[str, str | None] | None = None,
-                          cwd: str | None = None, user: int | str | None = None, stdin: bytes | None = None,
-                          timeout: float | None = None) -> AsyncIterator[ExecEvent]:
+    async def exec_stream(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | None = None,
+        user: int | str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ExecEvent]:
         """Run `cmd`, yielding ``started``, ``stdout``/``stderr`` chunks and a final ``exit`` event.
 
         The exit event's result has empty stdout/stderr (they were streamed) and ``timed_out`` set
         instead of raising. Leaving the loop early cancels the command (its process group is killed).
         """
-        fields: dict[str, Any] = {"cmd": cmd if isinstance(cmd, str) else list(cmd),
-                                  "env": dict(env) if env is not None else None,
-                                  "cwd": cwd, "user": user, "timeout": timeout,
-                                  "stdin": True if stdin is not None else None}
+        fields: dict[str, Any] = {
+            "cmd": cmd if isinstance(cmd, str) else list(cmd),
+            "env": dict(env) if env is not None else None,
+            "cwd": cwd,
+            "user": user,
+            "timeout": timeout,
+            "stdin": True if stdin is not None else None,
+        }
         deadline = None if timeout is None else time.monotonic() + timeout + self._exec_grace
         async with self._channel("exec", fields) as ch:
             if stdin is not None:
@@ -522,10 +597,15 @@ class AgentClient:
     async def health(self) -> Health:
         h = await self._call("health")
         load = [float(x) for x in h.get("load", [0, 0, 0])] + [0.0, 0.0, 0.0]
-        return Health(uptime=float(h["uptime"]), load=(load[0], load[1], load[2]),
-                      memory={str(k): int(v) for k, v in h.get("memory", {}).items()},
-                      time=float(h["time"]), cpus=int(h.get("cpus", 1)),
-                      background_processes=int(h.get("background_processes", 0)), raw=h)
+        return Health(
+            uptime=float(h["uptime"]),
+            load=(load[0], load[1], load[2]),
+            memory={str(k): int(v) for k, v in h.get("memory", {}).items()},
+            time=float(h["time"]),
+            cpus=int(h.get("cpus", 1)),
+            background_processes=int(h.get("background_processes", 0)),
+            raw=h,
+        )
 
     async def sync(self) -> None:
         """Flush the guest's filesystems (before a snapshot)."""
@@ -534,8 +614,14 @@ class AgentClient:
     async def set_time(self, when: float | None = None) -> TimeSync:
         """Step the guest clock to `when` (default: the host's clock now), e.g. after a snapshot restore."""
         h = await self._call("set_time", time=time.time() if when is None else when)
-        return TimeSync(applied=bool(h["applied"]), method=str(h["method"]), target=float(h["target"]),
-                        before=float(h["before"]), after=float(h["after"]), delta=float(h["delta"]))
+        return TimeSync(
+            applied=bool(h["applied"]),
+            method=str(h["method"]),
+            target=float(h["target"]),
+            before=float(h["before"]),
+            after=float(h["after"]),
+            delta=float(h["delta"]),
+        )
 
     async def shutdown(self, action: Literal["poweroff", "reboot"] = "poweroff") -> None:
         """Ask the guest to power off (or reboot) cleanly; returns once the agent accepted."""
@@ -563,9 +649,15 @@ def _json_object(raw: bytes, op: str) -> dict[str, Any]:
 
 def _result(h: dict[str, Any]) -> ExecResult:
     code = h.get("exit_code")
-    return ExecResult(exit_code=int(code) if code is not None else -1, stdout=b"", stderr=b"",
-                      duration=float(h.get("duration") or 0.0), signal=h.get("signal"),
-                      timed_out=bool(h.get("timed_out")), pid=h.get("pid"))
+    return ExecResult(
+        exit_code=int(code) if code is not None else -1,
+        stdout=b"",
+        stderr=b"",
+        duration=float(h.get("duration") or 0.0),
+        signal=h.get("signal"),
+        timed_out=bool(h.get("timed_out")),
+        pid=h.get("pid"),
+    )
 
 
 class Processes:
@@ -574,13 +666,26 @@ class Processes:
     def __init__(self, client: AgentClient) -> None:
         self._c = client
 
-    async def start(self, cmd: str | Sequence[str], *, env: Mapping[str, str | None] | None = None,
-                    cwd: str | None = None, user: int | str | None = None, stdin: bool = False,
-                    replay_bytes: int | None = None) -> ProcessInfo:
+    async def start(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | None = None,
+        user: int | str | None = None,
+        stdin: bool = False,
+        replay_bytes: int | None = None,
+    ) -> ProcessInfo:
         """Start `cmd` in the background; `stdin=True` keeps a pipe open for :meth:`send_stdin`."""
-        h = await self._c._call("proc_start", cmd=cmd if isinstance(cmd, str) else list(cmd),
-                                env=dict(env) if env is not None else None,
-                                cwd=cwd, user=user, stdin=stdin or None, replay_bytes=replay_bytes)
+        h = await self._c._call(
+            "proc_start",
+            cmd=cmd if isinstance(cmd, str) else list(cmd),
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            user=user,
+            stdin=stdin or None,
+            replay_bytes=replay_bytes,
+        )
         if h.get("pid") is None:  # the program does not exist: the agent answered like a shell would
             raise SmartVMError(ErrorCode.AGENT_ERROR, f"cannot start {cmd!r}: exit code {h.get('exit_code')}")
         return ProcessInfo.from_header(h)
@@ -591,7 +696,7 @@ class Processes:
 
     async def send_stdin(self, pid: int, data: bytes | str, *, eof: bool = False) -> None:
         raw = data.encode() if isinstance(data, str) else data
-        chunks = [raw[i:i + p.CHUNK_SIZE] for i in range(0, len(raw), p.CHUNK_SIZE)] or [b""]
+        chunks = [raw[i : i + p.CHUNK_SIZE] for i in range(0, len(raw), p.CHUNK_SIZE)] or [b""]
         for i, chunk in enumerate(chunks):
             await self._c._call("proc_stdin", chunk, pid=pid, eof=eof and i == len(chunks) - 1)
 
@@ -602,8 +707,9 @@ class Processes:
         """Send `sig` to the process (its whole process group unless ``group=False``)."""
         return ProcessInfo.from_header(await self._c._call("proc_signal", pid=pid, signal=sig, group=group))
 
-    async def attach(self, pid: int, *, replay: bool = True,
-                     timeout: float | None = None) -> AsyncIterator[ExecEvent]:
+    async def attach(
+        self, pid: int, *, replay: bool = True, timeout: float | None = None
+    ) -> AsyncIterator[ExecEvent]:
         """Stream the process's output (first what was buffered, if `replay`) until it exits.
 
         Ends with an ``exit`` event, or without one when `timeout` elapsed first (the process keeps running).
@@ -617,9 +723,18 @@ class Processes:
                 elif frame.type == p.RESULT:
                     if not frame.header.get("running"):
                         info = frame.header
-                        yield ExecEvent("exit", pid=pid, result=ExecResult(
-                            exit_code=int(info.get("exit_code") or 0), stdout=b"", stderr=b"",
-                            duration=float(info.get("duration") or 0.0), signal=info.get("signal"), pid=pid))
+                        yield ExecEvent(
+                            "exit",
+                            pid=pid,
+                            result=ExecResult(
+                                exit_code=int(info.get("exit_code") or 0),
+                                stdout=b"",
+                                stderr=b"",
+                                duration=float(info.get("duration") or 0.0),
+                                signal=info.get("signal"),
+                                pid=pid,
+                            ),
+                        )
                     return
 
     async def wait(self, pid: int, timeout: float | None = None) -> ExecResult:
@@ -633,8 +748,11 @@ class Processes:
             elif ev.kind == "exit" and ev.result is not None:
                 r = ev.result
                 return ExecResult(r.exit_code, bytes(out), bytes(err), r.duration, r.signal, False, pid)
-        raise ExecTimeoutError(ErrorCode.EXEC_TIMEOUT, f"process {pid} still running after {timeout}s",
-                               ExecResult(-1, bytes(out), bytes(err), timeout or 0.0, None, True, pid))
+        raise ExecTimeoutError(
+            ErrorCode.EXEC_TIMEOUT,
+            f"process {pid} still running after {timeout}s",
+            ExecResult(-1, bytes(out), bytes(err), timeout or 0.0, None, True, pid),
+        )
 
 
 class Files:
@@ -643,15 +761,23 @@ class Files:
     def __init__(self, client: AgentClient) -> None:
         self._c = client
 
-    async def write(self, path: str, data: bytes | str, *, mode: int | None = None, append: bool = False,
-                    parents: bool = True) -> int:
+    async def write(
+        self,
+        path: str,
+        data: bytes | str,
+        *,
+        mode: int | None = None,
+        append: bool = False,
+        parents: bool = True,
+    ) -> int:
         """Write `data` to `path` (replacing it atomically unless `append`); returns the size written."""
         raw = data.encode() if isinstance(data, str) else data
-        chunks = [raw[i:i + p.CHUNK_SIZE] for i in range(0, len(raw), p.CHUNK_SIZE)]
+        chunks = [raw[i : i + p.CHUNK_SIZE] for i in range(0, len(raw), p.CHUNK_SIZE)]
         return await self._write_chunks(path, chunks, mode=mode, append=append, parents=parents)
 
-    async def upload(self, local: str | os.PathLike[str], path: str, *, mode: int | None = None,
-                     parents: bool = True) -> int:
+    async def upload(
+        self, local: str | os.PathLike[str], path: str, *, mode: int | None = None, parents: bool = True
+    ) -> int:
         """Stream the host file `local` to `path` (mode defaults to the local file's permissions)."""
         fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -666,13 +792,19 @@ class Files:
         finally:
             os.close(fd)
 
-    async def _write_chunks(self, path: str, chunks: Iterable[bytes], *, mode: int | None, append: bool,
-                            parents: bool) -> int:
+    async def _write_chunks(
+        self, path: str, chunks: Iterable[bytes], *, mode: int | None, append: bool, parents: bool
+    ) -> int:
         it = iter(chunks)
         first = next(it, b"")
         nxt = next(it, None)
-        fields = {"path": path, "mode": mode, "append": append or None, "parents": parents,
-                  "eof": True if nxt is None else None}
+        fields = {
+            "path": path,
+            "mode": mode,
+            "append": append or None,
+            "parents": parents,
+            "eof": True if nxt is None else None,
+        }
         async with self._c._channel("file_write", fields, first) as ch:
             while nxt is not None:
                 cur, nxt = nxt, next(it, None)
@@ -684,8 +816,9 @@ class Files:
                     return int(frame.header.get("size", 0))
 
     async def _read_stream(self, path: str, offset: int, length: int | None) -> AsyncIterator[bytes]:
-        async with self._c._channel("file_read", {"path": path, "offset": offset or None,
-                                                  "length": length}) as ch:
+        async with self._c._channel(
+            "file_read", {"path": path, "offset": offset or None, "length": length}
+        ) as ch:
             while True:
                 frame = await ch.get(time.monotonic() + self._c._request_timeout)  # per-chunk inactivity
                 if frame.type == p.DATA:
@@ -712,7 +845,7 @@ class Files:
             async for chunk in self._read_stream(path, 0, None):
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 size += len(chunk)
             os.fsync(fd)
         except BaseException:
@@ -733,15 +866,18 @@ class Files:
     async def exists(self, path: str) -> bool:
         return bool((await self._c._call("file_stat", path=path, missing_ok=True)).get("exists"))
 
-    async def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755,
-                    exist_ok: bool = True) -> FileInfo:
-        return FileInfo.from_header(await self._c._call("file_mkdir", path=path, parents=parents, mode=mode,
-                                                        exist_ok=exist_ok))
+    async def mkdir(
+        self, path: str, *, parents: bool = True, mode: int = 0o755, exist_ok: bool = True
+    ) -> FileInfo:
+        return FileInfo.from_header(
+            await self._c._call("file_mkdir", path=path, parents=parents, mode=mode, exist_ok=exist_ok)
+        )
 
     async def remove(self, path: str, *, recursive: bool = False, missing_ok: bool = False) -> bool:
         """Remove a file, symlink or (empty, or with `recursive`) directory; returns whether it existed."""
-        h = await self._c._call("file_remove", path=path, recursive=recursive or None,
-                                missing_ok=missing_ok or None)
+        h = await self._c._call(
+            "file_remove", path=path, recursive=recursive or None, missing_ok=missing_ok or None
+        )
         return bool(h.get("removed"))
 
     async def rename(self, src: str, dst: str, *, overwrite: bool = True) -> None:

@@ -48,8 +48,15 @@ EVENT = 4  # agent -> host: progress on channel N (e.g. {"event": "started", "pi
 RESULT = 5  # agent -> host: final success; closes channel N
 ERROR = 6  # agent -> host: final failure {"code", "message"}; closes channel N (channel 0: stream-level)
 CANCEL = 7  # host -> agent: abandon channel N (kills an exec's process group)
-FRAME_TYPES = {HELLO: "hello", REQUEST: "request", DATA: "data", EVENT: "event", RESULT: "result",
-               ERROR: "error", CANCEL: "cancel"}
+FRAME_TYPES = {
+    HELLO: "hello",
+    REQUEST: "request",
+    DATA: "data",
+    EVENT: "event",
+    RESULT: "result",
+    ERROR: "error",
+    CANCEL: "cancel",
+}
 
 # Error codes carried in ERROR frames (stable strings, see docs/agent-protocol.md).
 E_BAD_MAGIC = "bad_magic"
@@ -85,8 +92,13 @@ class FrameError(NamedTuple):
     channel: int
 
 
-def encode_frame(ftype: int, channel: int, header: dict[str, Any] | None = None,
-                 payload: bytes = b"", version: int = PROTOCOL_VERSION) -> bytes:
+def encode_frame(
+    ftype: int,
+    channel: int,
+    header: dict[str, Any] | None = None,
+    payload: bytes = b"",
+    version: int = PROTOCOL_VERSION,
+) -> bytes:
     """Serialise one frame. Raises ValueError if it would exceed the frame limits."""
     hj = json.dumps(header, separators=(",", ":")).encode() if header else b""
     if len(hj) > MAX_HEADER_JSON or len(payload) > MAX_PAYLOAD:
@@ -139,19 +151,30 @@ class FrameDecoder:
             self._resyncing = False
             total = HEADER_SIZE + hlen + plen
             if ver != PROTOCOL_VERSION:
-                out.append(FrameError(E_VERSION, f"protocol version {ver} is not supported "
-                                      f"(this side speaks {PROTOCOL_VERSION})", channel))
+                out.append(
+                    FrameError(
+                        E_VERSION,
+                        f"protocol version {ver} is not supported (this side speaks {PROTOCOL_VERSION})",
+                        channel,
+                    )
+                )
                 self._skip = total
                 continue
             if hlen > self._max_header or plen > self._max_payload:
-                out.append(FrameError(E_TOO_LARGE, f"frame of {hlen} B header + {plen} B payload exceeds "
-                                      f"the limits ({self._max_header} B / {self._max_payload} B)", channel))
+                out.append(
+                    FrameError(
+                        E_TOO_LARGE,
+                        f"frame of {hlen} B header + {plen} B payload exceeds "
+                        f"the limits ({self._max_header} B / {self._max_payload} B)",
+                        channel,
+                    )
+                )
                 self._skip = total
                 continue
             if len(buf) < total:
                 break
-            raw = bytes(buf[HEADER_SIZE:HEADER_SIZE + hlen])
-            payload = bytes(buf[HEADER_SIZE + hlen:total])
+            raw = bytes(buf[HEADER_SIZE : HEADER_SIZE + hlen])
+            payload = bytes(buf[HEADER_SIZE + hlen : total])
             del buf[:total]
             header: Any = {}
             if raw:
@@ -209,8 +232,14 @@ def _os_error(exc: OSError, what: str) -> AgentError:
 class Conn:
     """One host connection: a byte stream plus the channels opened on it."""
 
-    def __init__(self, read: Callable[[int], bytes], write: Callable[[bytes], None],
-                 close: Callable[[], None], write_lock: threading.Lock, transport: str) -> None:
+    def __init__(
+        self,
+        read: Callable[[int], bytes],
+        write: Callable[[bytes], None],
+        close: Callable[[], None],
+        write_lock: threading.Lock,
+        transport: str,
+    ) -> None:
         self.read = read
         self._write = write
         self._close = close
@@ -220,8 +249,9 @@ class Conn:
         self.channels: dict[int, Channel] = {}
         self.chan_lock = threading.Lock()
 
-    def send(self, ftype: int, channel: int, header: dict[str, Any] | None = None,
-             payload: bytes = b"") -> bool:
+    def send(
+        self, ftype: int, channel: int, header: dict[str, Any] | None = None, payload: bytes = b""
+    ) -> bool:
         frame = encode_frame(ftype, channel, header, payload)
         with self._lock:
             if not self.alive:
@@ -274,7 +304,7 @@ class Channel:
         last = max(len(payload) - 1, 0) // CHUNK_SIZE * CHUNK_SIZE
         for i in range(0, last + 1, CHUNK_SIZE):
             hdr: dict[str, Any] = {"s": stream, "eof": True} if eof and i == last else {"s": stream}
-            self.conn.send(DATA, self.id, hdr, payload[i:i + CHUNK_SIZE])
+            self.conn.send(DATA, self.id, hdr, payload[i : i + CHUNK_SIZE])
 
     def event(self, header: dict[str, Any]) -> None:
         self.conn.send(EVENT, self.id, header)
@@ -295,7 +325,7 @@ class Channel:
         body = json.dumps(header, separators=(",", ":")).encode()
         if len(body) > MAX_HEADER_JSON:  # e.g. a huge directory listing: ship the JSON as DATA
             for i in range(0, len(body), CHUNK_SIZE):
-                self.conn.send(DATA, self.id, {"s": "result"}, body[i:i + CHUNK_SIZE])
+                self.conn.send(DATA, self.id, {"s": "result"}, body[i : i + CHUNK_SIZE])
             header = {"result_in_data": True}
         self.conn.send(ftype, self.id, header)
 
@@ -352,8 +382,14 @@ def _spawn_spec(req: dict[str, Any]) -> dict[str, Any]:
             home, uname = pw.pw_dir, pw.pw_name
         except KeyError:
             home, uname = "/", str(os.getuid())
-    env = {"PATH": DEFAULT_PATH, "HOME": home, "USER": uname, "LOGNAME": uname, "SHELL": "/bin/sh",
-           "LANG": "C.UTF-8"}
+    env = {
+        "PATH": DEFAULT_PATH,
+        "HOME": home,
+        "USER": uname,
+        "LOGNAME": uname,
+        "SHELL": "/bin/sh",
+        "LANG": "C.UTF-8",
+    }
     extra = req.get("env") or {}
     if not isinstance(extra, dict):
         raise AgentError(E_BAD_REQUEST, "env must be an object of strings")
@@ -387,8 +423,13 @@ class Proc:
         self.started = time.time()
         self._t0 = time.monotonic()
         self.popen = subprocess.Popen(
-            **spec, stdin=subprocess.PIPE if keep_stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+            **spec,
+            stdin=subprocess.PIPE if keep_stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
         self.pid = self.popen.pid
         self.exit_code: int | None = None
         self.signal: int | None = None
@@ -522,10 +563,18 @@ class Proc:
 
     def info(self) -> dict[str, Any]:
         stdin = self.popen.stdin
-        return {"pid": self.pid, "cmd": self.argv, "running": not self.done.is_set(),
-                "exit_code": self.exit_code, "signal": self.signal, "started": self.started,
-                "ended": self.ended, "duration": self.duration if self.done.is_set() else None,
-                "stdin_open": stdin is not None and not stdin.closed, "dropped": self.dropped}
+        return {
+            "pid": self.pid,
+            "cmd": self.argv,
+            "running": not self.done.is_set(),
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "started": self.started,
+            "ended": self.ended,
+            "duration": self.duration if self.done.is_set() else None,
+            "stdin_open": stdin is not None and not stdin.closed,
+            "dropped": self.dropped,
+        }
 
 
 def _spawn(req: dict[str, Any], ch: Channel, *, keep_stdin: bool, replay_bytes: int) -> Proc | None:
@@ -543,11 +592,12 @@ def _spawn(req: dict[str, Any], ch: Channel, *, keep_stdin: bool, replay_bytes: 
             code = 127 if exc.errno == errno.ENOENT else 126
             what = "command not found" if code == 127 else (exc.strerror or "cannot execute")
             ch.data("stderr", f"smartvm-agent: {prog}: {what}\n".encode())
-            ch.result({"exit_code": code, "signal": None, "timed_out": False, "duration": 0.0,
-                       "pid": None})
+            ch.result({"exit_code": code, "signal": None, "timed_out": False, "duration": 0.0, "pid": None})
             return None
-        raise AgentError(E_SPAWN, f"cannot start {prog!r}: {exc.strerror or exc}"
-                         + (f" ({exc.filename})" if exc.filename else "")) from None
+        raise AgentError(
+            E_SPAWN,
+            f"cannot start {prog!r}: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""),
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------ agent
@@ -560,22 +610,39 @@ class Agent:
         self.procs: dict[int, Proc] = {}
         self.procs_lock = threading.Lock()
         self.handlers: dict[str, Callable[[Channel, dict[str, Any], bytes], None]] = {
-            "ping": self.op_ping, "exec": self.op_exec, "proc_start": self.op_proc_start,
-            "proc_list": self.op_proc_list, "proc_stdin": self.op_proc_stdin,
-            "proc_signal": self.op_proc_signal, "proc_attach": self.op_proc_attach,
-            "file_write": self.op_file_write, "file_read": self.op_file_read,
-            "file_list": self.op_file_list, "file_stat": self.op_file_stat,
-            "file_mkdir": self.op_file_mkdir, "file_remove": self.op_file_remove,
-            "file_rename": self.op_file_rename, "health": self.op_health, "sync": self.op_sync,
-            "set_time": self.op_set_time, "shutdown": self.op_shutdown,
+            "ping": self.op_ping,
+            "exec": self.op_exec,
+            "proc_start": self.op_proc_start,
+            "proc_list": self.op_proc_list,
+            "proc_stdin": self.op_proc_stdin,
+            "proc_signal": self.op_proc_signal,
+            "proc_attach": self.op_proc_attach,
+            "file_write": self.op_file_write,
+            "file_read": self.op_file_read,
+            "file_list": self.op_file_list,
+            "file_stat": self.op_file_stat,
+            "file_mkdir": self.op_file_mkdir,
+            "file_remove": self.op_file_remove,
+            "file_rename": self.op_file_rename,
+            "health": self.op_health,
+            "sync": self.op_sync,
+            "set_time": self.op_set_time,
+            "shutdown": self.op_shutdown,
         }
 
     # --- connection loop
     def hello(self, conn: Conn) -> dict[str, Any]:
-        info: dict[str, Any] = {"protocol": PROTOCOL_VERSION, "agent_version": AGENT_VERSION,
-                                "pid": os.getpid(), "started": self.started, "boot_time": _boot_time(),
-                                "transport": conn.transport, "max_payload": MAX_PAYLOAD,
-                                "max_header": MAX_HEADER_JSON, "ops": sorted(self.handlers)}
+        info: dict[str, Any] = {
+            "protocol": PROTOCOL_VERSION,
+            "agent_version": AGENT_VERSION,
+            "pid": os.getpid(),
+            "started": self.started,
+            "boot_time": _boot_time(),
+            "transport": conn.transport,
+            "max_payload": MAX_PAYLOAD,
+            "max_header": MAX_HEADER_JSON,
+            "ops": sorted(self.handlers),
+        }
         try:
             u = os.uname()
             info.update(kernel=u.release, hostname=u.nodename, machine=u.machine)
@@ -651,8 +718,9 @@ class Agent:
                     conn.error(cid, E_CHANNEL, f"channel {cid} is already in use")
                     return
                 conn.channels[cid] = ch
-            threading.Thread(target=self._run, args=(handler, ch, hdr, payload),
-                             name=f"op-{op}-{cid}", daemon=True).start()
+            threading.Thread(
+                target=self._run, args=(handler, ch, hdr, payload), name=f"op-{op}-{cid}", daemon=True
+            ).start()
         elif ftype in (DATA, CANCEL):
             with conn.chan_lock:
                 ch = conn.channels.get(cid)
@@ -671,8 +739,13 @@ class Agent:
         else:
             conn.error(cid, E_BAD_FRAME, f"frame type {ftype} is not accepted by the agent")
 
-    def _run(self, handler: Callable[[Channel, dict[str, Any], bytes], None], ch: Channel,
-             hdr: dict[str, Any], payload: bytes) -> None:
+    def _run(
+        self,
+        handler: Callable[[Channel, dict[str, Any], bytes], None],
+        ch: Channel,
+        hdr: dict[str, Any],
+        payload: bytes,
+    ) -> None:
         try:
             handler(ch, hdr, payload)
         except AgentError as exc:
@@ -696,8 +769,15 @@ class Agent:
             with open("/proc/meminfo") as f:
                 for line in f:
                     key, _, rest = line.partition(":")
-                    if key in ("MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached", "SwapTotal",
-                               "SwapFree"):
+                    if key in (
+                        "MemTotal",
+                        "MemFree",
+                        "MemAvailable",
+                        "Buffers",
+                        "Cached",
+                        "SwapTotal",
+                        "SwapFree",
+                    ):
                         mem[key] = int(rest.split()[0]) * 1024
         except (OSError, ValueError, IndexError):
             pass
@@ -708,9 +788,18 @@ class Agent:
             uptime = -1.0
         with self.procs_lock:
             running = sum(1 for p in self.procs.values() if not p.done.is_set())
-        ch.result({"uptime": uptime, "load": list(os.getloadavg()), "memory": mem, "time": time.time(),
-                   "agent_pid": os.getpid(), "agent_uptime": time.time() - self.started,
-                   "background_processes": running, "cpus": os.cpu_count() or 1})
+        ch.result(
+            {
+                "uptime": uptime,
+                "load": list(os.getloadavg()),
+                "memory": mem,
+                "time": time.time(),
+                "agent_pid": os.getpid(),
+                "agent_uptime": time.time() - self.started,
+                "background_processes": running,
+                "cpus": os.cpu_count() or 1,
+            }
+        )
 
     def op_sync(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
         t0 = time.monotonic()
@@ -730,14 +819,24 @@ class Agent:
             except (OSError, AttributeError):
                 import subprocess
 
-                rc = subprocess.run(["date", "-s", f"@{int(target)}"], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL).returncode
+                rc = subprocess.run(
+                    ["date", "-s", f"@{int(target)}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                ).returncode
                 if rc != 0:
-                    raise AgentError(E_INTERNAL, "cannot set the guest clock (clock_settime and date -s "
-                                     "both failed)") from None
+                    raise AgentError(
+                        E_INTERNAL, "cannot set the guest clock (clock_settime and date -s both failed)"
+                    ) from None
                 method = "date"
-        ch.result({"applied": method != "dry-run", "method": method, "target": target, "before": before,
-                   "after": time.time(), "delta": target - before})
+        ch.result(
+            {
+                "applied": method != "dry-run",
+                "method": method,
+                "target": target,
+                "before": before,
+                "after": time.time(),
+                "delta": target - before,
+            }
+        )
 
     def op_shutdown(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
         action = req.get("action", "poweroff")
@@ -788,8 +887,13 @@ class Agent:
             timed_out = not ch.cancelled.is_set()
             proc.kill_group()
             proc.done.wait()
-        res = {"exit_code": 124 if timed_out else proc.exit_code, "signal": proc.signal,
-               "timed_out": timed_out, "duration": proc.duration, "pid": proc.pid}
+        res = {
+            "exit_code": 124 if timed_out else proc.exit_code,
+            "signal": proc.signal,
+            "timed_out": timed_out,
+            "duration": proc.duration,
+            "pid": proc.pid,
+        }
         if ch.cancelled.is_set() and not timed_out:
             res["cancelled"] = True
         ch.result(res)
@@ -893,8 +997,9 @@ class Agent:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         else:
             target = path
-            tmp = os.path.join(os.path.dirname(path) or ".",
-                               f".{os.path.basename(path)}.{os.getpid()}-{ch.id}.smartvm-part")
+            tmp = os.path.join(
+                os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}-{ch.id}.smartvm-part"
+            )
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         size = 0
         ok = False
@@ -935,8 +1040,11 @@ class Agent:
         path = _path(req)
         offset = req.get("offset", 0)
         length = req.get("length")
-        if not isinstance(offset, int) or offset < 0 or (length is not None and (not isinstance(length, int)
-                                                                               or length < 0)):
+        if (
+            not isinstance(offset, int)
+            or offset < 0
+            or (length is not None and (not isinstance(length, int) or length < 0))
+        ):
             raise AgentError(E_BAD_REQUEST, "offset/length must be non-negative integers")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -991,8 +1099,9 @@ class Agent:
             if req.get("missing_ok"):
                 ch.result({"exists": False, "path": path})
                 return
-            raise AgentError(E_NOT_FOUND, f"{path}: no such file or directory (ENOENT)",
-                             errno="ENOENT") from None
+            raise AgentError(
+                E_NOT_FOUND, f"{path}: no such file or directory (ENOENT)", errno="ENOENT"
+            ) from None
         except OSError as exc:
             raise _os_error(exc, path) from None
         ch.result({"exists": True, **_stat_info(path, st)})
@@ -1028,8 +1137,9 @@ class Agent:
                 os.unlink(path)
         except FileNotFoundError:
             if not req.get("missing_ok"):
-                raise AgentError(E_NOT_FOUND, f"{path}: no such file or directory (ENOENT)",
-                                 errno="ENOENT") from None
+                raise AgentError(
+                    E_NOT_FOUND, f"{path}: no such file or directory (ENOENT)", errno="ENOENT"
+                ) from None
             ch.result({"path": path, "removed": False})
             return
         except OSError as exc:
@@ -1061,11 +1171,25 @@ def _path(req: dict[str, Any], field: str = "path") -> str:
 def _stat_info(path: str, st: os.stat_result) -> dict[str, Any]:
     import stat as _stat
 
-    kind = ("dir" if _stat.S_ISDIR(st.st_mode) else "file" if _stat.S_ISREG(st.st_mode)
-            else "symlink" if _stat.S_ISLNK(st.st_mode) else "other")
-    info: dict[str, Any] = {"name": os.path.basename(path.rstrip("/")) or "/", "path": path, "type": kind,
-                            "size": st.st_size, "mode": st.st_mode & 0o7777, "uid": st.st_uid,
-                            "gid": st.st_gid, "mtime": st.st_mtime}
+    kind = (
+        "dir"
+        if _stat.S_ISDIR(st.st_mode)
+        else "file"
+        if _stat.S_ISREG(st.st_mode)
+        else "symlink"
+        if _stat.S_ISLNK(st.st_mode)
+        else "other"
+    )
+    info: dict[str, Any] = {
+        "name": os.path.basename(path.rstrip("/")) or "/",
+        "path": path,
+        "type": kind,
+        "size": st.st_size,
+        "mode": st.st_mode & 0o7777,
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "mtime": st.st_mtime,
+    }
     if kind == "symlink":
         with contextlib.suppress(OSError):
             info["target"] = os.readlink(path)
@@ -1088,7 +1212,7 @@ def _fd_writer(fd: int) -> Callable[[bytes], None]:
     def write(data: bytes) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
 
     return write
 
@@ -1193,8 +1317,10 @@ def main(argv: list[str] | None = None) -> int:
         elif arg in ("--listen-unix", "--vsock-port", "--virtio-port") and args:
             mode, value = arg[2:], args.pop(0)
         else:
-            sys.stderr.write("usage: agent.py [--stdio | --listen-unix PATH | --vsock-port N | "
-                             "--virtio-port NAME] [--dry-run-system] [--version]\n")
+            sys.stderr.write(
+                "usage: agent.py [--stdio | --listen-unix PATH | --vsock-port N | "
+                "--virtio-port NAME] [--dry-run-system] [--version]\n"
+            )
             return 2
     agent = Agent(dry_run_system=dry)
     if mode == "stdio":

@@ -84,6 +84,7 @@ class AgentOpError(SmartVMError):
         super().__init__(code, message)
         self.agent_code = agent_code
 
+
 # Agent error strings -> stable host error codes.
 _CODE_MAP: dict[str, ErrorCode] = {
     E_BAD_MAGIC: ErrorCode.AGENT_PROTOCOL_ERROR,

@@ -11,8 +11,9 @@ from rich.table import Table
 
 
 def register(app: typer.Typer) -> None:
-    network = typer.Typer(help="Host networking: bridge, TAP devices, sandbox namespaces, NAT.",
-                          no_args_is_help=True)
+    network = typer.Typer(
+        help="Host networking: bridge, TAP devices, sandbox namespaces, NAT.", no_args_is_help=True
+    )
 
     @network.command("doctor")
     def doctor() -> None:
@@ -31,10 +32,12 @@ def register(app: typer.Typer) -> None:
 
     @network.command("sweep")
     def sweep(
-        orphans: Annotated[bool, typer.Option(
-            "--orphans", help="Also remove smartvm-named devices that no lease claims.")] = False,
-        state_dir: Annotated[Path | None, typer.Option(
-            "--state-dir", help="Lease directory (default: <data dir>/network).")] = None,
+        orphans: Annotated[
+            bool, typer.Option("--orphans", help="Also remove smartvm-named devices that no lease claims.")
+        ] = False,
+        state_dir: Annotated[
+            Path | None, typer.Option("--state-dir", help="Lease directory (default: <data dir>/network).")
+        ] = None,
     ) -> None:
         """Remove namespaces, TAPs, veths and NAT entries of VMs whose owner process died."""
         from smartvm.host.network_doctor import sweep as do_sweep

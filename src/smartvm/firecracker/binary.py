@@ -72,7 +72,10 @@ def find_firecracker(options: SmartVMOptions | None = None) -> Path | None:
 def require_firecracker(options: SmartVMOptions) -> Path:
     """Like :func:`find_firecracker`, but BINARY_NOT_FOUND with the fix when there is none."""
     return _required(
-        find_firecracker(options), "firecracker", options.firecracker_binary_path, ENV_VAR,
+        find_firecracker(options),
+        "firecracker",
+        options.firecracker_binary_path,
+        ENV_VAR,
         f"; set firecracker_binary_path or {ENV_VAR}, put firecracker on PATH, "
         "or download one with SmartVM.ensure_binary()",
     )
@@ -92,7 +95,10 @@ def find_jailer(options: SmartVMOptions, firecracker: Path | None = None) -> Pat
 def require_jailer(options: SmartVMOptions, firecracker: Path) -> Path:
     """Like :func:`find_jailer`, but BINARY_NOT_FOUND with the fix when there is none."""
     return _required(
-        find_jailer(options, firecracker), "jailer", options.jailer_binary_path, JAILER_ENV_VAR,
+        find_jailer(options, firecracker),
+        "jailer",
+        options.jailer_binary_path,
+        JAILER_ENV_VAR,
         f" (options.jailer is set); set jailer_binary_path or {JAILER_ENV_VAR}, put the "
         f"jailer next to {firecracker} or on PATH (SmartVM.ensure_binary() installs both), "
         "or set jailer=None to run without it",
@@ -121,7 +127,9 @@ def check_firecracker_binary() -> CheckResult:
     path = find_firecracker()
     if path is None:
         return CheckResult(
-            name, False, "no firecracker binary found",
+            name,
+            False,
+            "no firecracker binary found",
             f"set {ENV_VAR}, put firecracker on PATH or run 'smartvm ensure-binary' "
             "(without it the QEMU engine is used)",
         )

@@ -283,7 +283,11 @@ class FirecrackerEngine(Engine):
         await self.api.vm.patch(state="Resumed")
 
     async def create_snapshot(
-        self, snapshot_dir: Path, state_file: str, mem_file: str, snapshot_type: SnapshotType,
+        self,
+        snapshot_dir: Path,
+        state_file: str,
+        mem_file: str,
+        snapshot_type: SnapshotType,
         config: MicroVMConfig,
     ) -> Snapshot:
         sent = self._sent or self._config or config
@@ -403,8 +407,11 @@ class FirecrackerEngine(Engine):
             jail=jail.jail if jail else None,
         )
         process = FirecrackerProcess.adopt(
-            command, int(record["pid"]), int(record["pid_start_time"]),
-            console_log=runtime.console_log, engine_log=runtime.engine_log,
+            command,
+            int(record["pid"]),
+            int(record["pid_start_time"]),
+            console_log=runtime.console_log,
+            engine_log=runtime.engine_log,
         )
         if not process.is_alive():
             raise SmartVMError(
@@ -428,8 +435,11 @@ class FirecrackerEngine(Engine):
         return dict(answer) if isinstance(answer, dict) else {"answer": answer}
 
     async def open_agent_stream(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        path = self._vsock_path or (Path(self._config.vsock.uds_path) if self._config and self._config.vsock
-                                    else self.runtime.vsock_socket)
+        path = self._vsock_path or (
+            Path(self._config.vsock.uds_path)
+            if self._config and self._config.vsock
+            else self.runtime.vsock_socket
+        )
         return await connect_vsock(path, AGENT_VSOCK_PORT, timeout)
 
     # --- optional features ---------------------------------------------------------------------------

@@ -98,8 +98,17 @@ class Jail:
         """The jailer command line; ``firecracker_args`` go to Firecracker (after ``--``)."""
         c = self.config
         args = [
-            str(c.jailer_binary), "--id", c.vm_id, "--exec-file", str(c.firecracker_binary),
-            "--uid", str(c.uid), "--gid", str(c.gid), "--chroot-base-dir", str(c.chroot_base_dir),
+            str(c.jailer_binary),
+            "--id",
+            c.vm_id,
+            "--exec-file",
+            str(c.firecracker_binary),
+            "--uid",
+            str(c.uid),
+            "--gid",
+            str(c.gid),
+            "--chroot-base-dir",
+            str(c.chroot_base_dir),
         ]
         if c.netns:
             args += ["--netns", c.netns if c.netns.startswith("/") else f"/var/run/netns/{c.netns}"]

@@ -146,12 +146,15 @@ class FirecrackerProcess:
         try:
             with self.console_log.open("ab") as out, self.engine_log.open("ab") as err:
                 self._proc = HostProcess.spawn(
-                    argv, stdout=out.fileno(), stderr=err.fileno(),
+                    argv,
+                    stdout=out.fileno(),
+                    stderr=err.fileno(),
                     new_session=not (jail and jail.config.daemonize),  # it calls setsid() itself
                 )
         except OSError as exc:
             raise SmartVMError(
-                ErrorCode.BINARY_NOT_FOUND if isinstance(exc, FileNotFoundError | PermissionError)
+                ErrorCode.BINARY_NOT_FOUND
+                if isinstance(exc, FileNotFoundError | PermissionError)
                 else ErrorCode.FIRECRACKER_EXITED,
                 f"cannot run {argv[0]}: {exc.strerror or exc}; "
                 f"check {'jailer_binary_path' if jail else 'firecracker_binary_path'}",

@@ -77,12 +77,15 @@ class LeaseStore:
         """Hold the lock, yield the leases; whatever the block leaves in the dict is written back."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            lock_fd = os.open(self.path.with_name(self.path.name + ".lock"),
-                              os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            lock_fd = os.open(
+                self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
         except OSError as exc:
-            raise SmartVMError(ErrorCode.NETWORK_SETUP_FAILED,
-                               f"cannot open the address lease file {self.path}: {exc.strerror}; "
-                               "check SMARTVM_DATA_DIR is writable") from exc
+            raise SmartVMError(
+                ErrorCode.NETWORK_SETUP_FAILED,
+                f"cannot open the address lease file {self.path}: {exc.strerror}; "
+                "check SMARTVM_DATA_DIR is writable",
+            ) from exc
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             leases = self._read()
@@ -99,9 +102,11 @@ class LeaseStore:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            raise SmartVMError(ErrorCode.NETWORK_SETUP_FAILED,
-                               f"address lease file {self.path} is unreadable ({exc}); "
-                               "run `smartvm network sweep` or remove it when no VM is running") from exc
+            raise SmartVMError(
+                ErrorCode.NETWORK_SETUP_FAILED,
+                f"address lease file {self.path} is unreadable ({exc}); "
+                "run `smartvm network sweep` or remove it when no VM is running",
+            ) from exc
         return {item["key"]: Lease(**item) for item in raw.get("leases", [])}
 
     def _write(self, leases: dict[str, Lease]) -> None:
@@ -119,8 +124,14 @@ class LeaseStore:
 
     # -- public API
 
-    def allocate(self, key: str, meta: dict[str, Any] | None = None, *, owner_pid: int | None = None,
-                 index: int | None = None) -> Lease:
+    def allocate(
+        self,
+        key: str,
+        meta: dict[str, Any] | None = None,
+        *,
+        owner_pid: int | None = None,
+        index: int | None = None,
+    ) -> Lease:
         """The lowest free index (or exactly ``index``) for ``key``.
 
         Raises DUPLICATE_VM_ID if ``key`` is already leased, ADDRESS_EXHAUSTED if nothing is free.
@@ -131,17 +142,21 @@ class LeaseStore:
             raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"owner process {pid} does not exist")
         with self._locked() as leases:
             if key in leases:
-                raise SmartVMError(ErrorCode.DUPLICATE_VM_ID,
-                                   f"{key!r} already holds address lease {leases[key].index}; "
-                                   "release it first (or `smartvm network sweep` if its owner died)")
+                raise SmartVMError(
+                    ErrorCode.DUPLICATE_VM_ID,
+                    f"{key!r} already holds address lease {leases[key].index}; "
+                    "release it first (or `smartvm network sweep` if its owner died)",
+                )
             used = {lease.index for lease in leases.values()}
             candidates = [index] if index is not None else range(self.first, self.last + 1)
             index = next((i for i in candidates if i not in used), None)
             if index is None:
-                raise SmartVMError(ErrorCode.ADDRESS_EXHAUSTED,
-                                   f"all {self.last - self.first + 1} addresses in {self.path.name} "
-                                   "are leased; "
-                                   "stop VMs, run `smartvm network sweep`, or use a larger subnet")
+                raise SmartVMError(
+                    ErrorCode.ADDRESS_EXHAUSTED,
+                    f"all {self.last - self.first + 1} addresses in {self.path.name} "
+                    "are leased; "
+                    "stop VMs, run `smartvm network sweep`, or use a larger subnet",
+                )
             lease = Lease(index, key, pid, start, time.time(), dict(meta or {}))
             leases[key] = lease
             return lease

@@ -102,9 +102,10 @@ def host_add_sync(ifaces: list[str], forwards: dict[int, tuple[str, int]] | None
                 nft_apply_sync(host_table_script() + elements, what)
     except SmartVMError as exc:
         if "File exists" in exc.message and forwards:
-            raise SmartVMError(ErrorCode.NETWORK_SETUP_FAILED,
-                               f"a host port in {sorted(forwards)} is already forwarded by smartvm; "
-                               "pick another host port") from exc
+            raise SmartVMError(
+                ErrorCode.NETWORK_SETUP_FAILED,
+                f"a host port in {sorted(forwards)} is already forwarded by smartvm; pick another host port",
+            ) from exc
         raise
 
 
@@ -173,9 +174,10 @@ def _cidrs(values: list[str], what: str) -> list[str]:
         try:
             out.append(str(ipaddress.IPv4Network(v, strict=False)))
         except ValueError as exc:
-            raise SmartVMError(ErrorCode.INVALID_ARGUMENT,
-                               f"{what} entry {v!r} is not an IPv4 address or CIDR (such as 10.0.0.0/8)"
-                               ) from exc
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"{what} entry {v!r} is not an IPv4 address or CIDR (such as 10.0.0.0/8)",
+            ) from exc
     return out
 
 
@@ -191,8 +193,9 @@ class EgressPolicy:
 
     def __post_init__(self) -> None:
         if self.default not in ("allow", "deny"):
-            raise SmartVMError(ErrorCode.INVALID_ARGUMENT,
-                               f"egress default {self.default!r} must be 'allow' or 'deny'")
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT, f"egress default {self.default!r} must be 'allow' or 'deny'"
+            )
         object.__setattr__(self, "allow", tuple(_cidrs(list(self.allow), "egress allow")))
         object.__setattr__(self, "deny", tuple(_cidrs(list(self.deny), "egress deny")))
 

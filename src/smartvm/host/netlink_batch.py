@@ -61,14 +61,17 @@ def _raise_for(result: CommandResult, what: str, script: str = "") -> None:
 def run_sync(argv: list[str], stdin: str = "") -> CommandResult:
     """Run one command to completion (for threads and CLI code)."""
     try:
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT,
-                              check=False)
+        proc = subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT, check=False
+        )
     except FileNotFoundError as exc:
-        raise SmartVMError(ErrorCode.NETWORK_SETUP_FAILED,
-                           f"{argv[0]} not found; apt-get install iproute2 nftables") from exc
+        raise SmartVMError(
+            ErrorCode.NETWORK_SETUP_FAILED, f"{argv[0]} not found; apt-get install iproute2 nftables"
+        ) from exc
     except subprocess.TimeoutExpired as exc:
-        raise SmartVMError(ErrorCode.NETWORK_SETUP_FAILED,
-                           f"{argv[0]} did not finish in {_TIMEOUT}s") from exc
+        raise SmartVMError(
+            ErrorCode.NETWORK_SETUP_FAILED, f"{argv[0]} did not finish in {_TIMEOUT}s"
+        ) from exc
     return CommandResult(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -79,8 +82,9 @@ async def run(argv: list[str], stdin: str = "") -> CommandResult:
             *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
     except FileNotFoundError as exc:
-        raise SmartVMError(ErrorCode.NETWORK_SETUP_FAILED,
-                           f"{argv[0]} not found; apt-get install iproute2 nftables") from exc
+        raise SmartVMError(
+            ErrorCode.NETWORK_SETUP_FAILED, f"{argv[0]} not found; apt-get install iproute2 nftables"
+        ) from exc
     try:
         out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), _TIMEOUT)
     except BaseException:
@@ -89,8 +93,9 @@ async def run(argv: list[str], stdin: str = "") -> CommandResult:
             await proc.wait()
         raise
     assert proc.returncode is not None
-    return CommandResult(tuple(argv), proc.returncode, out.decode(errors="replace"),
-                         err.decode(errors="replace"))
+    return CommandResult(
+        tuple(argv), proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+    )
 
 
 @dataclass
@@ -182,8 +187,11 @@ def call_in_netns(netns: str, fn: Callable[[], T]) -> T:
         try:
             enter_netns(netns)
         except OSError as exc:
-            code = (ErrorCode.NETWORK_PERMISSION_DENIED if exc.errno in (errno.EPERM, errno.EACCES)
-                    else ErrorCode.NETWORK_SETUP_FAILED)
+            code = (
+                ErrorCode.NETWORK_PERMISSION_DENIED
+                if exc.errno in (errno.EPERM, errno.EACCES)
+                else ErrorCode.NETWORK_SETUP_FAILED
+            )
             errors.append(SmartVMError(code, f"cannot enter network namespace {netns}: {exc.strerror}"))
             return
         try:
@@ -281,6 +289,7 @@ def nft_apply_sync(script: str, what: str, *, netns: str | None = None) -> None:
 
 def write_sysctl_in_netns(netns: str, name: str, value: str) -> None:
     """Set a per-namespace sysctl such as ``net/ipv4/ip_forward``."""
+
     def write() -> None:
         with open(f"/proc/sys/{name}", "w") as f:
             f.write(value)
@@ -290,6 +299,7 @@ def write_sysctl_in_netns(netns: str, name: str, value: str) -> None:
 
 async def setup_netns_inside(netns: str, nft_script: str, what: str, sysctls: dict[str, str]) -> None:
     """Sysctls plus one nft transaction inside ``netns``: one thread, one subprocess."""
+
     def work() -> None:
         for name, value in sysctls.items():
             with open(f"/proc/sys/{name}", "w") as f:

@@ -67,6 +67,7 @@ def netns_exec_argv(netns_name: str, argv: list[str]) -> list[str]:
 
 def netns_preexec(netns_name: str) -> Callable[[], None]:
     """A ``preexec_fn`` moving a child into ``netns_name`` before it execs (no wrapper process)."""
+
     def enter() -> None:
         enter_netns(netns_name)
 
@@ -77,9 +78,10 @@ def _transit(transit: str) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.IPv4Network(transit)
     except ValueError as exc:
-        raise SmartVMError(ErrorCode.INVALID_ARGUMENT,
-                           f"transit network {transit!r} is not an IPv4 network such as 10.200.0.0/16"
-                           ) from exc
+        raise SmartVMError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"transit network {transit!r} is not an IPv4 network such as 10.200.0.0/16",
+        ) from exc
     if net.prefixlen > 30:
         raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"transit network {transit} must be /30 or larger")
     return net
@@ -114,8 +116,9 @@ class NetworkSlot:
     guest_mac = GUEST_MAC
 
     @classmethod
-    def _from_lease(cls, lease: Lease, store: LeaseStore, prefix: str,
-                    transit: ipaddress.IPv4Network) -> NetworkSlot:
+    def _from_lease(
+        cls, lease: Lease, store: LeaseStore, prefix: str, transit: ipaddress.IPv4Network
+    ) -> NetworkSlot:
         netns_name, host_veth = slot_names(prefix, lease.index)
         base = transit.network_address + 4 * lease.index
         return cls(lease.index, prefix, netns_name, host_veth, str(base + 1), str(base + 2), lease.key, store)
@@ -137,8 +140,9 @@ class NetworkSlot:
     async def set_egress(self, policy: EgressPolicy) -> None:
         """Replace the egress policy atomically."""
         self._check_alive()
-        await setup_netns_inside(self.netns_name, nat.egress_script(policy),
-                                 f"egress policy for {self.netns_name}", {})
+        await setup_netns_inside(
+            self.netns_name, nat.egress_script(policy), f"egress policy for {self.netns_name}", {}
+        )
         self.egress = policy
 
     async def forward_port(self, host_port: int, guest_port: int) -> None:
@@ -193,14 +197,16 @@ def _ns_lines(slot: NetworkSlot) -> list[str]:
 
 
 def _ns_nft(slot: NetworkSlot, policy: EgressPolicy) -> str:
-    return nat.netns_table_script(uplink=UPLINK, tap=TAP_NAME, host_ip=slot.host_ip, guest_ip=GUEST_IP,
-                                  guest_net=GUEST_NET) + nat.egress_script(policy)
+    return nat.netns_table_script(
+        uplink=UPLINK, tap=TAP_NAME, host_ip=slot.host_ip, guest_ip=GUEST_IP, guest_net=GUEST_NET
+    ) + nat.egress_script(policy)
 
 
 async def _setup_inside(slot: NetworkSlot, policy: EgressPolicy) -> None:
     await IpBatch(netns=slot.netns_name, lines=_ns_lines(slot)).run(f"configuring {slot.netns_name}")
-    await setup_netns_inside(slot.netns_name, _ns_nft(slot, policy), f"nftables in {slot.netns_name}",
-                             {"net/ipv4/ip_forward": "1"})
+    await setup_netns_inside(
+        slot.netns_name, _ns_nft(slot, policy), f"nftables in {slot.netns_name}", {"net/ipv4/ip_forward": "1"}
+    )
 
 
 async def _gather_all(aws: list[Awaitable[object]]) -> None:
@@ -212,34 +218,46 @@ async def _gather_all(aws: list[Awaitable[object]]) -> None:
 
 
 def _names_in_use(slots: list[NetworkSlot]) -> list[str]:
-    return ([s.netns_name for s in slots if os.path.exists(netns_path(s.netns_name))]
-            + [s.host_veth for s in slots if link_exists(s.host_veth)])
+    return [s.netns_name for s in slots if os.path.exists(netns_path(s.netns_name))] + [
+        s.host_veth for s in slots if link_exists(s.host_veth)
+    ]
 
 
-async def create_slots(count: int, *, store: LeaseStore, prefix: str, transit: ipaddress.IPv4Network,
-                       egress: EgressPolicy | None = None) -> list[NetworkSlot]:
+async def create_slots(
+    count: int,
+    *,
+    store: LeaseStore,
+    prefix: str,
+    transit: ipaddress.IPv4Network,
+    egress: EgressPolicy | None = None,
+) -> list[NetworkSlot]:
     """Create ``count`` slots; on any failure everything created so far is removed again."""
     policy = egress or EgressPolicy.allow_all()
     slots: list[NetworkSlot] = []
     try:
         for _ in range(count):
-            lease = store.allocate(f"{prefix}:{uuid.uuid4().hex[:12]}",
-                                   {"kind": "slot", "prefix": prefix, "transit": str(transit)})
+            lease = store.allocate(
+                f"{prefix}:{uuid.uuid4().hex[:12]}",
+                {"kind": "slot", "prefix": prefix, "transit": str(transit)},
+            )
             slots.append(NetworkSlot._from_lease(lease, store, prefix, transit))
         taken = _names_in_use(slots)
         if taken:  # not ours: fail before touching anything, so the rollback cannot remove them
             for s in slots:
                 store.release(s.lease_key)
             slots = []
-            raise SmartVMError(ErrorCode.NETWORK_SETUP_FAILED,
-                               f"{', '.join(taken)} already exist(s); run `smartvm network sweep --orphans` "
-                               "if they are leftovers, or use another prefix")
+            raise SmartVMError(
+                ErrorCode.NETWORK_SETUP_FAILED,
+                f"{', '.join(taken)} already exist(s); run `smartvm network sweep --orphans` "
+                "if they are leftovers, or use another prefix",
+            )
         if not slots:
             return []
         await IpBatch(lines=[line for s in slots for line in _host_lines(s)]).run("creating slot namespaces")
         # independent from here on: each namespace's own steps, and the host's NAT elements
-        await _gather_all([*(_setup_inside(s, policy) for s in slots),
-                           nat.host_add([s.host_veth for s in slots])])
+        await _gather_all(
+            [*(_setup_inside(s, policy) for s in slots), nat.host_add([s.host_veth for s in slots])]
+        )
         for s in slots:
             s.egress = policy
     except BaseException:
@@ -260,9 +278,12 @@ async def destroy_slots(slots: list[NetworkSlot]) -> None:
     if not slots:
         return
     ports = [p for s in slots for p in s.port_forwards]
-    await _gather_all([IpBatch(lines=[f"netns del {s.netns_name}" for s in slots]).run("removing slots",
-                                                                                          force=True),
-                       nat.host_remove([s.host_veth for s in slots], ports)])
+    await _gather_all(
+        [
+            IpBatch(lines=[f"netns del {s.netns_name}" for s in slots]).run("removing slots", force=True),
+            nat.host_remove([s.host_veth for s in slots], ports),
+        ]
+    )
     deadline = time.monotonic() + _VETH_GONE_TIMEOUT
     remaining = [s.host_veth for s in slots if link_exists(s.host_veth)]
     while remaining and time.monotonic() < deadline:
@@ -283,8 +304,15 @@ class SlotPool:
     and the pool refills in the background with one batched setup.
     """
 
-    def __init__(self, size: int = 4, *, prefix: str = DEFAULT_PREFIX, transit: str = DEFAULT_TRANSIT,
-                 state_dir: Path | str | None = None, enable_ip_forward: bool = True) -> None:
+    def __init__(
+        self,
+        size: int = 4,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        transit: str = DEFAULT_TRANSIT,
+        state_dir: Path | str | None = None,
+        enable_ip_forward: bool = True,
+    ) -> None:
         if size < 0:
             raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"pool size {size} must be 0 or more")
         self.size = size
@@ -318,8 +346,9 @@ class SlotPool:
         self._check_open()
         self._ready += await self._create(self.size - len(self._ready))
 
-    async def acquire(self, *, egress: EgressPolicy | None = None,
-                      port_forwards: dict[int, int] | None = None) -> NetworkSlot:
+    async def acquire(
+        self, *, egress: EgressPolicy | None = None, port_forwards: dict[int, int] | None = None
+    ) -> NetworkSlot:
         """A ready slot with ``egress`` applied and ``host port -> guest port`` forwards added."""
         self._check_open()
         slot = self._ready.pop(0) if self._ready else (await self._create(1))[0]
@@ -374,6 +403,7 @@ class SlotPool:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()

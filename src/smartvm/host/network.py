@@ -53,9 +53,10 @@ def mac_from_ip(ip: str) -> str:
 def kernel_ip_arg(tap: TapDevice, hostname: str) -> str:
     """The kernel's static ``ip=`` argument: ``ip=<guest>::<gateway>:<mask>:<hostname>:eth0:off``."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}", hostname):
-        raise SmartVMError(ErrorCode.INVALID_ARGUMENT,
-                           f"hostname {hostname!r} must be 1-63 letters, digits or '-', "
-                           "starting with a letter or digit")
+        raise SmartVMError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"hostname {hostname!r} must be 1-63 letters, digits or '-', starting with a letter or digit",
+        )
     return f"ip={tap.guest_ip}::{tap.gateway_ip}:{tap.subnet_mask}:{hostname}:eth0:off"
 
 
@@ -71,9 +72,10 @@ def tap_name_for(prefix: str, index: int, vm_id: str) -> str:
 
 def check_prefix(prefix: str) -> str:
     if not _PREFIX_RE.match(prefix):
-        raise SmartVMError(ErrorCode.INVALID_ARGUMENT,
-                           f"name prefix {prefix!r} must be 1-8 lowercase letters or digits, "
-                           "starting with a letter")
+        raise SmartVMError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"name prefix {prefix!r} must be 1-8 lowercase letters or digits, starting with a letter",
+        )
     return prefix
 
 
@@ -88,9 +90,10 @@ def enable_host_forwarding() -> bool:
         with open(path, "w") as f:
             f.write("1")
     except OSError as exc:
-        raise SmartVMError(ErrorCode.NETWORK_PERMISSION_DENIED,
-                           f"cannot enable IP forwarding ({exc.strerror}); run as root or "
-                           "`sysctl -w net.ipv4.ip_forward=1`") from exc
+        raise SmartVMError(
+            ErrorCode.NETWORK_PERMISSION_DENIED,
+            f"cannot enable IP forwarding ({exc.strerror}); run as root or `sysctl -w net.ipv4.ip_forward=1`",
+        ) from exc
     log.info("enabled net.ipv4.ip_forward for VM networking")
     return True
 
@@ -110,8 +113,11 @@ async def _has_address(link: str, address: str) -> bool:
     result = await run(["ip", "-j", "addr", "show", "dev", link])
     if result.returncode != 0:
         return False
-    return any(a.get("local") == address for item in json.loads(result.stdout or "[]")
-               for a in item.get("addr_info", []))
+    return any(
+        a.get("local") == address
+        for item in json.loads(result.stdout or "[]")
+        for a in item.get("addr_info", [])
+    )
 
 
 def link_exists(name: str) -> bool:
@@ -122,18 +128,28 @@ class NetworkManager:
     """TAP devices on one bridge, with leased addresses. Create the bridge lazily, remove only
     what this manager created (the bridge too, once no live VM of any process uses it)."""
 
-    def __init__(self, bridge_name: str = "svbr0", subnet: str = "172.30.0.0/24", *,
-                 state_dir: Path | str | None = None, name_prefix: str = "sv",
-                 masquerade: bool = True, enable_ip_forward: bool = True) -> None:
+    def __init__(
+        self,
+        bridge_name: str = "svbr0",
+        subnet: str = "172.30.0.0/24",
+        *,
+        state_dir: Path | str | None = None,
+        name_prefix: str = "sv",
+        masquerade: bool = True,
+        enable_ip_forward: bool = True,
+    ) -> None:
         if not _NAME_RE.match(bridge_name):
-            raise SmartVMError(ErrorCode.INVALID_ARGUMENT,
-                               f"bridge_name {bridge_name!r} must be 1-15 letters, digits, '.', '_' or '-'")
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"bridge_name {bridge_name!r} must be 1-15 letters, digits, '.', '_' or '-'",
+            )
         try:
             self.network = ipaddress.IPv4Network(subnet)
         except ValueError as exc:
-            raise SmartVMError(ErrorCode.INVALID_ARGUMENT,
-                               f"subnet {subnet!r} is not an IPv4 network such as 172.30.0.0/24: {exc}"
-                               ) from exc
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"subnet {subnet!r} is not an IPv4 network such as 172.30.0.0/24: {exc}",
+            ) from exc
         if self.network.num_addresses < 4:
             raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"subnet {subnet} is too small; use /30 or larger")
         self.bridge_name = bridge_name
@@ -171,7 +187,8 @@ class NetworkManager:
                 self._record_bridge_change({"created": True})
                 try:
                     await IpBatch(lines=[f"link add {self.bridge_name} type bridge", *configure]).run(
-                        f"creating bridge {self.bridge_name}")
+                        f"creating bridge {self.bridge_name}"
+                    )
                 except SmartVMError:
                     if not link_exists(self.bridge_name):
                         raise
@@ -188,8 +205,9 @@ class NetworkManager:
         if self.store.get(self._bridge_key) is not None:
             return
         try:
-            self.store.allocate(self._bridge_key, {"kind": "bridge", "bridge": self.bridge_name, **change},
-                                index=1)
+            self.store.allocate(
+                self._bridge_key, {"kind": "bridge", "bridge": self.bridge_name, **change}, index=1
+            )
         except SmartVMError as exc:
             if exc.code not in (ErrorCode.DUPLICATE_VM_ID, ErrorCode.ADDRESS_EXHAUSTED):
                 raise
@@ -201,16 +219,24 @@ class NetworkManager:
         tap = self._device(lease.index, vm_id)
         if link_exists(tap.tap_name):  # not ours: never touch it, not even to roll back
             self.store.release(vm_id)
-            raise SmartVMError(ErrorCode.NETWORK_SETUP_FAILED,
-                               f"a network device named {tap.tap_name} already exists; remove it or run "
-                               "`smartvm network sweep --orphans` if it is a leftover")
+            raise SmartVMError(
+                ErrorCode.NETWORK_SETUP_FAILED,
+                f"a network device named {tap.tap_name} already exists; remove it or run "
+                "`smartvm network sweep --orphans` if it is a leftover",
+            )
         self.store.update_meta(vm_id, {"tap": tap.tap_name})
         try:
-            await IpBatch().extend([
-                f"tuntap add dev {tap.tap_name} mode tap",
-                f"link set {tap.tap_name} master {self.bridge_name}",
-                f"link set {tap.tap_name} up",
-            ]).run(f"creating TAP {tap.tap_name} for {vm_id}")
+            await (
+                IpBatch()
+                .extend(
+                    [
+                        f"tuntap add dev {tap.tap_name} mode tap",
+                        f"link set {tap.tap_name} master {self.bridge_name}",
+                        f"link set {tap.tap_name} up",
+                    ]
+                )
+                .run(f"creating TAP {tap.tap_name} for {vm_id}")
+            )
         except BaseException:
             await IpBatch(lines=[f"link del {tap.tap_name}"]).run("rollback", force=True)
             self.store.release(vm_id)
@@ -220,8 +246,13 @@ class NetworkManager:
 
     def _device(self, index: int, vm_id: str) -> TapDevice:
         guest_ip = str(self.network.network_address + index)
-        return TapDevice(tap_name_for(self.prefix, index, vm_id), guest_ip, self.gateway_ip,
-                         self.subnet_mask, mac_from_ip(guest_ip))
+        return TapDevice(
+            tap_name_for(self.prefix, index, vm_id),
+            guest_ip,
+            self.gateway_ip,
+            self.subnet_mask,
+            mac_from_ip(guest_ip),
+        )
 
     async def remove_tap(self, tap_name: str) -> None:
         """Delete the TAP and release its address. Unknown names are ignored (idempotent)."""

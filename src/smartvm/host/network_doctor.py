@@ -135,8 +135,9 @@ def sweep(state_dir: Path | None = None, *, orphans: bool = False) -> SweepRepor
             ports += sorted(elements[1] - inv.claimed_ports)
     links = sorted(set(links))
     namespaces = sorted(set(namespaces))
-    batch = IpBatch(lines=[f"link del {x}" for x in links] + [f"netns del {x}" for x in namespaces]
-                    + bridge_undo)
+    batch = IpBatch(
+        lines=[f"link del {x}" for x in links] + [f"netns del {x}" for x in namespaces] + bridge_undo
+    )
     batch.run_sync("sweeping", force=True)
     bridges = [line.split()[2] for line in bridge_undo if line.startswith("link del ")]
     report.removed_links = [x for x in links + bridges if not os.path.exists(f"/sys/class/net/{x}")]
@@ -160,9 +161,12 @@ def check_ip_forwarding() -> CheckResult:
         return CheckResult("ip forwarding", False, f"cannot read net.ipv4.ip_forward: {exc.strerror}")
     if on:
         return CheckResult("ip forwarding", True, "net.ipv4.ip_forward=1")
-    return CheckResult("ip forwarding", False, "net.ipv4.ip_forward=0: guests cannot reach beyond the host",
-                       "sysctl -w net.ipv4.ip_forward=1 "
-                       "(SlotPool does this itself unless enable_ip_forward=False)")
+    return CheckResult(
+        "ip forwarding",
+        False,
+        "net.ipv4.ip_forward=0: guests cannot reach beyond the host",
+        "sysctl -w net.ipv4.ip_forward=1 (SlotPool does this itself unless enable_ip_forward=False)",
+    )
 
 
 @register_check
@@ -171,8 +175,12 @@ def check_nftables() -> CheckResult:
         return CheckResult("nftables", False, "the 'nft' command is missing", "apt-get install nftables")
     res = run_sync(["nft", "list", "tables"])
     if res.returncode != 0:
-        return CheckResult("nftables", False, f"nft cannot list tables: {res.stderr.strip()}",
-                           "run as root (CAP_NET_ADMIN); check the nf_tables kernel module")
+        return CheckResult(
+            "nftables",
+            False,
+            f"nft cannot list tables: {res.stderr.strip()}",
+            "run as root (CAP_NET_ADMIN); check the nf_tables kernel module",
+        )
     version = run_sync(["nft", "--version"]).stdout.strip()
     return CheckResult("nftables", True, version or "available")
 
@@ -191,7 +199,12 @@ def check_network_leftovers() -> CheckResult:
     if elements is not None and inv.live_leases == 0:
         problems.append(f"nftables table {nat.FAMILY} {nat.TABLE} with no live VM")
     if not problems:
-        return CheckResult("network leftovers", True,
-                           f"none ({inv.live_leases} live leases in {default_state_dir()})")
-    return CheckResult("network leftovers", False, "; ".join(problems),
-                       "smartvm network sweep (add --orphans for devices no lease claims)")
+        return CheckResult(
+            "network leftovers", True, f"none ({inv.live_leases} live leases in {default_state_dir()})"
+        )
+    return CheckResult(
+        "network leftovers",
+        False,
+        "; ".join(problems),
+        "smartvm network sweep (add --orphans for devices no lease claims)",
+    )

@@ -76,9 +76,7 @@ class HostProcess:
         self._exited = False
 
     @classmethod
-    def spawn(
-        cls, argv: Sequence[str], *, stdout: int, stderr: int, new_session: bool = True
-    ) -> HostProcess:
+    def spawn(cls, argv: Sequence[str], *, stdout: int, stderr: int, new_session: bool = True) -> HostProcess:
         """Start ``argv`` (PATH is searched) in a new session, stdin from /dev/null.
 
         ``new_session=False`` is for programs that call ``setsid()`` themselves (a daemonizing

@@ -501,7 +501,23 @@ def _write_image(staging: Path, image: Path, fmt: RootfsFormat, size_mib: int | 
     with image.open("wb") as f:
         f.truncate(size_mib << 20)
     log.run(
-        ["mkfs.ext4", "-q", "-F", "-b", "4096", "-N", str(inodes), "-m", "0", "-L", "smartvm-root",
-         "-E", "root_owner=0:0", "-d", staging, image],
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-N",
+            str(inodes),
+            "-m",
+            "0",
+            "-L",
+            "smartvm-root",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            staging,
+            image,
+        ],
         f"mkfs.ext4 ({size_mib} MiB)",
     )

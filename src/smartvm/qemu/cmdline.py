@@ -50,8 +50,10 @@ def ram_backend(size_mib: int, spec: LaunchSpec) -> str:
     """The ``-object`` value for guest RAM."""
     if spec.ram_file is None:
         return f"memory-backend-ram,id={RAM_BACKEND_ID},size={size_mib}M"
-    return (f"memory-backend-file,id={RAM_BACKEND_ID},size={size_mib}M,"
-            f"mem-path={qemu_escape(spec.ram_file)},share={_onoff(spec.ram_shared)}")
+    return (
+        f"memory-backend-file,id={RAM_BACKEND_ID},size={size_mib}M,"
+        f"mem-path={qemu_escape(spec.ram_file)},share={_onoff(spec.ram_shared)}"
+    )
 
 
 def unsupported(what: str) -> SmartVMError:
@@ -64,8 +66,9 @@ def detect_disk_format(path: str | Path) -> DiskFormat:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as exc:
-        raise SmartVMError(ErrorCode.INVALID_CONFIG,
-                           f"cannot read disk image {path}: {exc.strerror}") from exc
+        raise SmartVMError(
+            ErrorCode.INVALID_CONFIG, f"cannot read disk image {path}: {exc.strerror}"
+        ) from exc
     return "qcow2" if head == _QCOW2_MAGIC else "raw"
 
 
@@ -190,24 +193,39 @@ def build_argv(config: MicroVMConfig, runtime: VMRuntime, spec: LaunchSpec) -> l
         smp += f",sockets=1,cores={mc.vcpu_count // 2},threads=2"
     argv = [
         spec.binary,
-        "-name", qemu_escape(config.id),
-        "-M", f"microvm,memory-backend={RAM_BACKEND_ID}",
-        "-object", ram_backend(mc.mem_size_mib, spec),
-        "-accel", spec.accel,
+        "-name",
+        qemu_escape(config.id),
+        "-M",
+        f"microvm,memory-backend={RAM_BACKEND_ID}",
+        "-object",
+        ram_backend(mc.mem_size_mib, spec),
+        "-accel",
+        spec.accel,
         *(["-cpu", "host"] if spec.accel == "kvm" else []),  # TCG: QEMU's default model
-        "-smp", smp,
-        "-m", f"{mc.mem_size_mib}M",
-        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-kernel", qemu_escape(config.boot_source.kernel_image_path),
-        "-append", kernel_cmdline(config, spec),
+        "-smp",
+        smp,
+        "-m",
+        f"{mc.mem_size_mib}M",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-kernel",
+        qemu_escape(config.boot_source.kernel_image_path),
+        "-append",
+        kernel_cmdline(config, spec),
     ]
     if config.boot_source.initrd_path is not None:
         argv += ["-initrd", qemu_escape(config.boot_source.initrd_path)]
     argv += [
-        "-chardev", f"file,id=console,path={qemu_escape(runtime.console_log)}",
-        "-serial", "chardev:console",
-        "-chardev", f"socket,id=qmp,path={qemu_escape(runtime.qmp_socket)},server=on,wait=off",
-        "-mon", "chardev=qmp,mode=control",
+        "-chardev",
+        f"file,id=console,path={qemu_escape(runtime.console_log)}",
+        "-serial",
+        "chardev:console",
+        "-chardev",
+        f"socket,id=qmp,path={qemu_escape(runtime.qmp_socket)},server=on,wait=off",
+        "-mon",
+        "chardev=qmp,mode=control",
     ]
     for drive in ordered_drives(config):
         argv += _drive_args(drive, spec.drive_formats.get(drive.drive_id, "raw"))
@@ -215,32 +233,49 @@ def build_argv(config: MicroVMConfig, runtime: VMRuntime, spec: LaunchSpec) -> l
         _check_no_net_limits(iface.rx_rate_limiter, iface.iface_id)
         _check_no_net_limits(iface.tx_rate_limiter, iface.iface_id)
         argv += [
-            "-netdev", _opts("tap", id=f"net-{iface.iface_id}", ifname=iface.host_dev_name,
-                             script="no", downscript="no"),
-            "-device", _opts("virtio-net-device", netdev=f"net-{iface.iface_id}", id=f"nic-{iface.iface_id}",
-                             mac=iface.guest_mac, host_mtu=iface.mtu),
+            "-netdev",
+            _opts(
+                "tap", id=f"net-{iface.iface_id}", ifname=iface.host_dev_name, script="no", downscript="no"
+            ),
+            "-device",
+            _opts(
+                "virtio-net-device",
+                netdev=f"net-{iface.iface_id}",
+                id=f"nic-{iface.iface_id}",
+                mac=iface.guest_mac,
+                host_mtu=iface.mtu,
+            ),
         ]
     if config.balloon is not None:
         b = config.balloon
-        argv += ["-device", _opts(
-            "virtio-balloon-device", id="balloon0",
-            deflate_on_oom=_onoff(b.deflate_on_oom),
-            free_page_reporting=_onoff(bool(b.free_page_reporting)),
-            free_page_hint=_onoff(bool(b.free_page_hinting)),
-        )]
+        argv += [
+            "-device",
+            _opts(
+                "virtio-balloon-device",
+                id="balloon0",
+                deflate_on_oom=_onoff(b.deflate_on_oom),
+                free_page_reporting=_onoff(bool(b.free_page_reporting)),
+                free_page_hint=_onoff(bool(b.free_page_hinting)),
+            ),
+        ]
     if config.entropy is not None:
         bucket = config.entropy.rate_limiter.bandwidth if config.entropy.rate_limiter else None
         limits: dict[str, str | int | None] = {}
         if bucket is not None and bucket.size and bucket.refill_time:
             limits = {"max-bytes": bucket.size, "period": bucket.refill_time}
         argv += [
-            "-object", "rng-random,id=rng0,filename=/dev/urandom",
-            "-device", ",".join(["virtio-rng-device", "rng=rng0", *(f"{k}={v}" for k, v in limits.items())]),
+            "-object",
+            "rng-random,id=rng0,filename=/dev/urandom",
+            "-device",
+            ",".join(["virtio-rng-device", "rng=rng0", *(f"{k}={v}" for k, v in limits.items())]),
         ]
     argv += [
-        "-device", "virtio-serial-device,id=vser0,max_ports=2",
-        "-chardev", f"socket,id=agent,path={qemu_escape(runtime.agent_socket)},server=on,wait=off",
-        "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
+        "-device",
+        "virtio-serial-device,id=vser0,max_ports=2",
+        "-chardev",
+        f"socket,id=agent,path={qemu_escape(runtime.agent_socket)},server=on,wait=off",
+        "-device",
+        f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
     ]
     if spec.incoming:
         argv += ["-incoming", "defer"]

@@ -50,8 +50,13 @@ RAM_FILE = "guest.ram"
 MAX_BANDWIDTH = 1 << 40  # bytes/s: effectively uncapped
 _POLL_S = 0.005
 # QEMU's own words when a migration stream does not fit the restoring machine.
-_MISMATCH_HINTS = ("mismatch", "Unknown savevm section", "Missing section", "Unknown ramblock",
-                   "error while loading state for instance")
+_MISMATCH_HINTS = (
+    "mismatch",
+    "Unknown savevm section",
+    "Missing section",
+    "Unknown ramblock",
+    "error while loading state for instance",
+)
 _TRUNCATED_HINT = "load of migration failed: Input/output error"
 
 
@@ -82,12 +87,16 @@ class QemuEngine(Engine):
 
     # --- start ---------------------------------------------------------------------------------
     def _binary(self) -> str:
-        binary = str(self.options.qemu_binary_path) if self.options.qemu_binary_path else shutil.which(
-            "qemu-system-x86_64")
+        binary = (
+            str(self.options.qemu_binary_path)
+            if self.options.qemu_binary_path
+            else shutil.which("qemu-system-x86_64")
+        )
         if binary is None or not Path(binary).exists():
-            raise SmartVMError(ErrorCode.BINARY_NOT_FOUND,
-                               "qemu-system-x86_64 not found: apt-get install qemu-system-x86 "
-                               "or set qemu_binary_path")
+            raise SmartVMError(
+                ErrorCode.BINARY_NOT_FOUND,
+                "qemu-system-x86_64 not found: apt-get install qemu-system-x86 or set qemu_binary_path",
+            )
         return binary
 
     async def _choose_accel(self, binary: str, kernel: Path, snapshot_accel: object = None) -> None:
@@ -98,20 +107,34 @@ class QemuEngine(Engine):
             return
         # the probe may run a guest for a few seconds: keep the event loop free
         chosen, self._accel_reason = await asyncio.to_thread(
-            engine_accel, self.options.qemu_accel, binary, kernel)
+            engine_accel, self.options.qemu_accel, binary, kernel
+        )
         self._accel = "kvm" if chosen == "kvm" else "tcg"
 
-    async def _launch_spec(self, config: MicroVMConfig, *, incoming: bool, snapshot_accel: object = None,
-                           ram_file: Path | None = None, ram_shared: bool = True) -> LaunchSpec:
+    async def _launch_spec(
+        self,
+        config: MicroVMConfig,
+        *,
+        incoming: bool,
+        snapshot_accel: object = None,
+        ram_file: Path | None = None,
+        ram_shared: bool = True,
+    ) -> LaunchSpec:
         """Check the files the guest needs, pick the accelerator, detect disk formats."""
         binary = self._binary()
         kernel = _check_boot_files(config)
         formats = {d.drive_id: detect_disk_format(d.path_on_host) for d in config.drives}
         self._formats = dict(formats)
         await self._choose_accel(binary, kernel, snapshot_accel)
-        return LaunchSpec(binary=binary, accel=self._accel,
-                          tsc_khz=host_tsc_khz() if self._accel == "tcg" else None,
-                          drive_formats=formats, incoming=incoming, ram_file=ram_file, ram_shared=ram_shared)
+        return LaunchSpec(
+            binary=binary,
+            accel=self._accel,
+            tsc_khz=host_tsc_khz() if self._accel == "tcg" else None,
+            drive_formats=formats,
+            incoming=incoming,
+            ram_file=ram_file,
+            ram_shared=ram_shared,
+        )
 
     async def _start(self, config: MicroVMConfig, spec: LaunchSpec, *, paused: bool, what: str) -> None:
         """Spawn QEMU and connect QMP; on any failure nothing is left running."""
@@ -120,8 +143,11 @@ class QemuEngine(Engine):
             argv.append("-S")
         self._config = config
         self._process = await QemuProcess.spawn(
-            argv, engine_log=self.runtime.engine_log, console_log=self.runtime.console_log,
-            netns=self.runtime.netns)
+            argv,
+            engine_log=self.runtime.engine_log,
+            console_log=self.runtime.console_log,
+            netns=self.runtime.netns,
+        )
         try:
             self._qmp = await self._connect_qmp(what)
         except BaseException:
@@ -131,7 +157,8 @@ class QemuEngine(Engine):
     async def _connect_qmp(self, what: str) -> QMPClient:
         process = self._require_process()
         connect = asyncio.ensure_future(
-            QMPClient.connect(self.runtime.qmp_socket, self.options.socket_timeout_s))
+            QMPClient.connect(self.runtime.qmp_socket, self.options.socket_timeout_s)
+        )
         exited = asyncio.ensure_future(process.wait())
         try:
             await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -170,9 +197,14 @@ class QemuEngine(Engine):
         if balloon.amount_mib:
             await self.update_balloon(balloon.amount_mib)
         if balloon.stats_polling_interval_s:
-            await self._execute("qom-set", {"path": "/machine/peripheral/balloon0",
-                                            "property": "guest-stats-polling-interval",
-                                            "value": balloon.stats_polling_interval_s})
+            await self._execute(
+                "qom-set",
+                {
+                    "path": "/machine/peripheral/balloon0",
+                    "property": "guest-stats-polling-interval",
+                    "value": balloon.stats_polling_interval_s,
+                },
+            )
 
     # --- helpers ---------------------------------------------------------------------------------
     def _require_process(self) -> QemuProcess:
@@ -180,8 +212,9 @@ class QemuEngine(Engine):
             raise SmartVMError(ErrorCode.NO_CLIENT, "QEMU is not running for this VM")
         return self._process
 
-    async def _execute(self, command: str, arguments: dict[str, Any] | None = None,
-                       timeout: float | None = 30.0) -> Any:
+    async def _execute(
+        self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = 30.0
+    ) -> Any:
         """A QMP command; if QEMU died, the error says so with the console tail."""
         process = self._require_process()
         if not process.is_alive():
@@ -209,7 +242,11 @@ class QemuEngine(Engine):
 
     # --- snapshots -----------------------------------------------------------------------------------
     async def create_snapshot(
-        self, snapshot_dir: Path, state_file: str, mem_file: str, snapshot_type: SnapshotType,
+        self,
+        snapshot_dir: Path,
+        state_file: str,
+        mem_file: str,
+        snapshot_type: SnapshotType,
         config: MicroVMConfig,
     ) -> Snapshot:
         if snapshot_type != "Full":
@@ -219,8 +256,9 @@ class QemuEngine(Engine):
             raise SmartVMError(ErrorCode.NO_CLIENT, "QEMU is not running for this VM")
         status = await self._status()
         if status not in ("paused", "postmigrate"):
-            raise SmartVMError(ErrorCode.INVALID_STATE,
-                               f"the VM must be paused to snapshot it (it is {status})")
+            raise SmartVMError(
+                ErrorCode.INVALID_STATE, f"the VM must be paused to snapshot it (it is {status})"
+            )
         # Everything is written as *.part first and renamed at the end: a failure leaves any
         # earlier snapshot in this directory untouched.
         parts: dict[Path, Path] = {}
@@ -266,8 +304,9 @@ class QemuEngine(Engine):
         )
 
     async def _set_ignore_shared(self, on: bool) -> None:
-        await self._execute("migrate-set-capabilities",
-                            {"capabilities": [{"capability": "x-ignore-shared", "state": on}]})
+        await self._execute(
+            "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": on}]}
+        )
 
     async def _migrate_to(self, part: Path, *, ignore_shared: bool) -> None:
         """Write the migration stream of the paused guest to ``part`` (without RAM when it is shared)."""
@@ -276,8 +315,10 @@ class QemuEngine(Engine):
         await self._execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(part))}"})
         info = await self._wait_migration("writing the snapshot state", ErrorCode.SNAPSHOT_FAILED)
         if info.get("status") != "completed":
-            raise SmartVMError(ErrorCode.SNAPSHOT_FAILED,
-                               f"QEMU could not write the snapshot state: {info.get('error-desc', info)}")
+            raise SmartVMError(
+                ErrorCode.SNAPSHOT_FAILED,
+                f"QEMU could not write the snapshot state: {info.get('error-desc', info)}",
+            )
 
     async def _wait_migration(self, what: str, code: ErrorCode, timeout: float = 300.0) -> dict[str, Any]:
         """Poll ``query-migrate`` until the migration ends (completed, failed or cancelled)."""
@@ -302,8 +343,13 @@ class QemuEngine(Engine):
         self._check_layout(snapshot, config)
         # A memory file is mapped privately (copy-on-write): clones share its unmodified pages.
         memory = snapshot.mem_path
-        spec = await self._launch_spec(config, incoming=True, ram_file=memory, ram_shared=False,
-                                       snapshot_accel=snapshot.engine_data.get("accel"))
+        spec = await self._launch_spec(
+            config,
+            incoming=True,
+            ram_file=memory,
+            ram_shared=False,
+            snapshot_accel=snapshot.engine_data.get("accel"),
+        )
         await self._start(config, spec, paused=not request.resume_vm, what="restoring the snapshot failed")
         try:
             await self._migrate_from(snapshot.state_path, ignore_shared=memory is not None)
@@ -318,19 +364,26 @@ class QemuEngine(Engine):
         """Refuse device sets QEMU would misread; memory size is left to QEMU's own check."""
         saved = snapshot.engine_data.get("layout")
         if not isinstance(saved, dict):
-            raise SmartVMError(ErrorCode.SNAPSHOT_INVALID,
-                               f"{snapshot.directory} has no QEMU device layout; "
-                               "it was not made by this engine")
+            raise SmartVMError(
+                ErrorCode.SNAPSHOT_INVALID,
+                f"{snapshot.directory} has no QEMU device layout; it was not made by this engine",
+            )
         wanted = device_layout(config)
         # With RAM in the stream QEMU checks the memory size itself (its message is the error);
         # a memory file must be checked here, before QEMU maps it.
         skip = {"mem_size_mib"} if snapshot.mem_file is None else set()
-        diffs = [f"{key}: snapshot has {saved.get(key)!r}, restore has {value!r}"
-                 for key, value in wanted.items() if key not in skip and saved.get(key) != value]
+        diffs = [
+            f"{key}: snapshot has {saved.get(key)!r}, restore has {value!r}"
+            for key, value in wanted.items()
+            if key not in skip and saved.get(key) != value
+        ]
         if diffs:
-            raise SmartVMError(ErrorCode.SNAPSHOT_MISMATCH,
-                               "mismatch between the snapshot and the restoring VM: " + "; ".join(diffs)
-                               + "; restore with the snapshot's memory size and devices")
+            raise SmartVMError(
+                ErrorCode.SNAPSHOT_MISMATCH,
+                "mismatch between the snapshot and the restoring VM: "
+                + "; ".join(diffs)
+                + "; restore with the snapshot's memory size and devices",
+            )
 
     async def _migrate_from(self, state_path: Path, *, ignore_shared: bool) -> None:
         what = f"restoring {state_path}"
@@ -356,15 +409,23 @@ class QemuEngine(Engine):
         truncated = _TRUNCATED_HINT in said
         mismatch = not truncated and any(h in said for h in _MISMATCH_HINTS)
         code = ErrorCode.SNAPSHOT_MISMATCH if mismatch else ErrorCode.SNAPSHOT_INVALID
-        hint = ("restore with the snapshot's memory size and devices" if code == ErrorCode.SNAPSHOT_MISMATCH
-                else "the state file may be damaged or from another QEMU version")
+        hint = (
+            "restore with the snapshot's memory size and devices"
+            if code == ErrorCode.SNAPSHOT_MISMATCH
+            else "the state file may be damaged or from another QEMU version"
+        )
         return SmartVMError(code, f"{what} failed: QEMU said: {said}\n({hint})")
 
     async def _apply_balloon_stats(self, config: MicroVMConfig) -> None:
         if config.balloon is not None and config.balloon.stats_polling_interval_s:
-            await self._execute("qom-set", {"path": "/machine/peripheral/balloon0",
-                                            "property": "guest-stats-polling-interval",
-                                            "value": config.balloon.stats_polling_interval_s})
+            await self._execute(
+                "qom-set",
+                {
+                    "path": "/machine/peripheral/balloon0",
+                    "property": "guest-stats-polling-interval",
+                    "value": config.balloon.stats_polling_interval_s,
+                },
+            )
 
     # --- stop ----------------------------------------------------------------------------------------
     async def shutdown(self, timeout: float) -> None:
@@ -421,11 +482,17 @@ class QemuEngine(Engine):
     @classmethod
     def attach(cls, runtime: VMRuntime, options: SmartVMOptions, record: dict[str, Any]) -> QemuEngine:
         engine = cls(runtime, options)
-        process = QemuProcess.adopt(int(record["pid"]), int(record["pid_start_time"]),
-                                    engine_log=runtime.engine_log, console_log=runtime.console_log)
+        process = QemuProcess.adopt(
+            int(record["pid"]),
+            int(record["pid_start_time"]),
+            engine_log=runtime.engine_log,
+            console_log=runtime.console_log,
+        )
         if not process.is_alive():
-            raise SmartVMError(ErrorCode.VM_NOT_FOUND,
-                               f"the QEMU process (pid {process.pid}) of VM {runtime.vm_id!r} is gone")
+            raise SmartVMError(
+                ErrorCode.VM_NOT_FOUND,
+                f"the QEMU process (pid {process.pid}) of VM {runtime.vm_id!r} is gone",
+            )
         engine._process = process
         engine._accel = "kvm" if record.get("accel") == "kvm" else "tcg"
         engine._accel_reason = str(record.get("accel_reason", ""))
@@ -465,15 +532,18 @@ class QemuEngine(Engine):
         config = self._need_balloon()
         mem = config.machine_config.mem_size_mib
         if not 0 <= amount_mib < mem:
-            raise SmartVMError(ErrorCode.INVALID_ARGUMENT,
-                               f"balloon amount_mib must be between 0 and {mem - 1}, not {amount_mib}")
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"balloon amount_mib must be between 0 and {mem - 1}, not {amount_mib}",
+            )
         await self._execute("balloon", {"value": (mem - amount_mib) << 20})
 
     async def get_balloon_stats(self) -> dict[str, Any]:
         config = self._need_balloon()
         actual: dict[str, Any] = await self._execute("query-balloon")
         stats: dict[str, Any] = await self._execute(
-            "qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"})
+            "qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"}
+        )
         actual_mib = int(actual.get("actual", 0)) >> 20
         return {
             "actual_mib": actual_mib,
@@ -497,7 +567,9 @@ class QemuEngine(Engine):
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 last = exc
             if time.monotonic() >= deadline:
-                raise SmartVMError(ErrorCode.AGENT_TIMEOUT,
-                                   f"agent socket {self.runtime.agent_socket} did not accept a connection "
-                                   f"within {timeout:.1f}s ({last})")
+                raise SmartVMError(
+                    ErrorCode.AGENT_TIMEOUT,
+                    f"agent socket {self.runtime.agent_socket} did not accept a connection "
+                    f"within {timeout:.1f}s ({last})",
+                )
             await asyncio.sleep(0.02)

@@ -81,8 +81,12 @@ def _read_cache(key: str) -> KvmProbe | None:
     try:
         data = json.loads((cache_root() / CACHE_NAME).read_text())
         entry = data[key]
-        return KvmProbe(bool(entry["usable"]), str(entry["reason"]), str(entry.get("payload", "")),
-                        float(entry.get("seconds", 0.0)))
+        return KvmProbe(
+            bool(entry["usable"]),
+            str(entry["reason"]),
+            str(entry.get("payload", "")),
+            float(entry.get("seconds", 0.0)),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -110,8 +114,9 @@ def _write_cache(key: str, result: KvmProbe) -> None:
 
 def _run_bounded(argv: list[str], timeout: float) -> tuple[int | None, str, str]:
     """Run ``argv`` in its own process group; kill the group at ``timeout``. (rc or None, out, err)."""
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
@@ -132,19 +137,40 @@ def _internal_error(stderr: str) -> str | None:
 
 def run_probe(binary: str, kernel: Path | None, timeout: float = PROBE_TIMEOUT_S) -> KvmProbe:
     """Run one probe guest under KVM (no caching)."""
-    base = [binary, "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "64", "-nodefaults",
-            "-no-user-config", "-display", "none", "-no-reboot"]
+    base = [
+        binary,
+        "-M",
+        "microvm",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "64",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="smartvm-kvm-probe-") as tmp:
         if kernel is not None:
             payload = "kernel"
-            argv = [*base, "-kernel", str(kernel), "-serial", "stdio",
-                    "-append", "console=ttyS0 panic=-1 root=/dev/smartvm-probe-none"]
+            argv = [
+                *base,
+                "-kernel",
+                str(kernel),
+                "-serial",
+                "stdio",
+                "-append",
+                "console=ttyS0 panic=-1 root=/dev/smartvm-probe-none",
+            ]
         else:
             payload = "reset-vector"
             bios = Path(tmp) / "probe.bin"
             image = bytearray(b"\xf4" * _BIOS_SIZE)
-            image[-16:-16 + len(_RESET_CODE)] = _RESET_CODE
+            image[-16 : -16 + len(_RESET_CODE)] = _RESET_CODE
             bios.write_bytes(bytes(image))
             argv = [*base, "-bios", str(bios), "-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
         rc, out, err = _run_bounded(argv, timeout)
@@ -153,8 +179,13 @@ def run_probe(binary: str, kernel: Path | None, timeout: float = PROBE_TIMEOUT_S
     if failure:
         return KvmProbe(False, f"the probe guest failed under KVM: {failure}", payload, took)
     if rc is None:
-        return KvmProbe(False, f"the probe guest did not finish within {timeout:.0f}s under KVM "
-                               "(KVM hangs or is far too slow here)", payload, took)
+        return KvmProbe(
+            False,
+            f"the probe guest did not finish within {timeout:.0f}s under KVM "
+            "(KVM hangs or is far too slow here)",
+            payload,
+            took,
+        )
     ok = ("Kernel panic" in out) if kernel is not None else rc == _DEBUG_EXIT_OK
     if not ok:
         detail = (err.strip().splitlines() or [f"exit code {rc}"])[-1]
@@ -162,8 +193,9 @@ def run_probe(binary: str, kernel: Path | None, timeout: float = PROBE_TIMEOUT_S
     return KvmProbe(True, f"a probe guest ({payload}) ran under KVM in {took:.2f}s", payload, took)
 
 
-def probe_kvm(binary: str | os.PathLike[str] | None = None, kernel: Path | None = None,
-              *, refresh: bool = False) -> KvmProbe:
+def probe_kvm(
+    binary: str | os.PathLike[str] | None = None, kernel: Path | None = None, *, refresh: bool = False
+) -> KvmProbe:
     """Whether QEMU can run a guest on KVM here (cached; at most a few seconds when not cached)."""
     if not KVM_DEVICE.exists():
         return KvmProbe(False, f"{KVM_DEVICE} does not exist")
@@ -187,8 +219,9 @@ def probe_kvm(binary: str | os.PathLike[str] | None = None, kernel: Path | None 
         return result
 
 
-def engine_accel(requested: str, binary: str | os.PathLike[str] | None = None,
-                 kernel: Path | None = None) -> tuple[str, str]:
+def engine_accel(
+    requested: str, binary: str | os.PathLike[str] | None = None, kernel: Path | None = None
+) -> tuple[str, str]:
     """The accelerator the QEMU engine uses for ``qemu_accel=requested``, and why.
 
     The engine passes the VM's own kernel, so ``auto`` is decided by the strongest probe.
@@ -208,5 +241,9 @@ def check_kvm_guest() -> CheckResult:
     accel, why = engine_accel("auto")
     if accel == "kvm":
         return CheckResult("kvm guest", True, f"the QEMU engine will use KVM: {why}")
-    return CheckResult("kvm guest", True, f"the QEMU engine will use TCG (emulation, slower): {why}",
-                       "nothing to do for QEMU; Firecracker needs a KVM that can run guests")
+    return CheckResult(
+        "kvm guest",
+        True,
+        f"the QEMU engine will use TCG (emulation, slower): {why}",
+        "nothing to do for QEMU; Firecracker needs a KVM that can run guests",
+    )

@@ -50,8 +50,9 @@ class QemuProcess:
         self.console_log = console_log
 
     @classmethod
-    async def spawn(cls, argv: list[str], *, engine_log: Path, console_log: Path,
-                    netns: str | None = None) -> QemuProcess:
+    async def spawn(
+        cls, argv: list[str], *, engine_log: Path, console_log: Path, netns: str | None = None
+    ) -> QemuProcess:
         """Start QEMU. With ``netns`` it runs inside that network namespace (``ip netns exec``
         execs QEMU in place, so the pid we hold is QEMU's)."""
         if netns is not None:
@@ -61,7 +62,8 @@ class QemuProcess:
                 proc = HostProcess.spawn(argv, stdout=log.fileno(), stderr=log.fileno())
             except OSError as exc:
                 raise SmartVMError(
-                    ErrorCode.BINARY_NOT_FOUND if isinstance(exc, FileNotFoundError)
+                    ErrorCode.BINARY_NOT_FOUND
+                    if isinstance(exc, FileNotFoundError)
                     else ErrorCode.BOOT_FAILED,
                     f"cannot start {argv[0]}: {exc.strerror or exc}",
                 ) from exc

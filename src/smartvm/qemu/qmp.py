@@ -102,8 +102,9 @@ class QMPClient:
             await self._writer.wait_closed()
 
     # --- commands and events ---------------------------------------------------------------
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                      timeout: float | None = 30.0) -> Any:
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = 30.0
+    ) -> Any:
         """Run one QMP command and return its ``return`` value."""
         if self._closed_reason is not None:
             raise SmartVMError(ErrorCode.QMP_ERROR, f"QMP {command} not sent: {self._closed_reason}")
@@ -137,15 +138,18 @@ class QMPClient:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise SmartVMError(ErrorCode.QMP_ERROR,
-                                   f"no QMP event {sorted(wanted)} within {timeout:.1f}s")
+                raise SmartVMError(
+                    ErrorCode.QMP_ERROR, f"no QMP event {sorted(wanted)} within {timeout:.1f}s"
+                )
             if self._closed_reason is not None and self.events.empty():
-                raise SmartVMError(ErrorCode.QMP_ERROR,
-                                   f"waiting for {sorted(wanted)}: {self._closed_reason}")
+                raise SmartVMError(
+                    ErrorCode.QMP_ERROR, f"waiting for {sorted(wanted)}: {self._closed_reason}"
+                )
             getter = asyncio.ensure_future(self.events.get())
             closed = asyncio.ensure_future(self._wait_closed())
-            done, _ = await asyncio.wait({getter, closed}, timeout=remaining,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {getter, closed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
             closed.cancel()
             if getter in done:
                 event = getter.result()

@@ -30,9 +30,16 @@ from .server import VERSION, ApiServer, FakeFirecracker, serve_vsock_echo
 
 # Firecracker's config file keys -> (method, path, id field) of the API call that applies them.
 _CONFIG_FILE_KEYS = {
-    "boot-source": "/boot-source", "machine-config": "/machine-config", "cpu-config": "/cpu-config",
-    "balloon": "/balloon", "vsock": "/vsock", "logger": "/logger", "metrics": "/metrics",
-    "mmds-config": "/mmds/config", "entropy": "/entropy", "serial": "/serial",
+    "boot-source": "/boot-source",
+    "machine-config": "/machine-config",
+    "cpu-config": "/cpu-config",
+    "balloon": "/balloon",
+    "vsock": "/vsock",
+    "logger": "/logger",
+    "metrics": "/metrics",
+    "mmds-config": "/mmds/config",
+    "entropy": "/entropy",
+    "serial": "/serial",
 }
 
 
@@ -93,8 +100,11 @@ def main(argv: list[str]) -> int:
     flags = [a.split("=", 1)[0] for a in argv if a.startswith("--")]
     repeated = next((f for f in flags if flags.count(f) > 1), None)
     if repeated:  # like Firecracker's own argument parser (a jailer passes --id itself)
-        print(f"Arguments parsing error: The argument '{repeated[2:]}' was provided more than once.",
-              file=sys.stderr, flush=True)
+        print(
+            f"Arguments parsing error: The argument '{repeated[2:]}' was provided more than once.",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     args = _parser().parse_args(argv)
     version = os.environ.get("FAKE_FC_VERSION", VERSION)
@@ -141,7 +151,7 @@ def main(argv: list[str]) -> int:
         done.wait(300)
         return 0
     if os.path.exists(args.api_sock):
-        _log(args, f"Error: RunWithApi(FailedToBindSocket(\"{args.api_sock}\")): Address in use")
+        _log(args, f'Error: RunWithApi(FailedToBindSocket("{args.api_sock}")): Address in use')
         return 1
     server = ApiServer(Path(args.api_sock), fake).start()
     done.wait(300)

@@ -15,7 +15,11 @@ from .jailer import write_fake_jailer
 from .server import ApiServer, FakeFirecracker
 
 FAKE_ENV = (
-    "FAKE_FC_MODE", "FAKE_FC_FAIL", "FAKE_FC_HANG", "FAKE_FC_IGNORE_CTRLALTDEL", "FAKE_FC_IGNORE_SIGTERM",
+    "FAKE_FC_MODE",
+    "FAKE_FC_FAIL",
+    "FAKE_FC_HANG",
+    "FAKE_FC_IGNORE_CTRLALTDEL",
+    "FAKE_FC_IGNORE_SIGTERM",
     "FAKE_FC_VERSION",
 )
 

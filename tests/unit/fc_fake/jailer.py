@@ -83,8 +83,10 @@ def _validate(args: argparse.Namespace) -> tuple[Path, int, int, dict[int, int]]
     if not exec_file.is_file():
         raise JailerError(f"{exec_file} is not a file")
     if "firecracker" not in exec_file.name:
-        raise JailerError(f"Invalid filename. The filename of `--exec-file` option must contain "
-                          f"\"firecracker\": {exec_file.name}")
+        raise JailerError(
+            f"Invalid filename. The filename of `--exec-file` option must contain "
+            f'"firecracker": {exec_file.name}'
+        )
     base = Path(args.chroot_base_dir)
     if not base.is_dir():
         raise JailerError(f"Failed to canonicalize path {base}: No such file or directory")
@@ -188,7 +190,7 @@ def run(argv: list[str]) -> int:
         time.sleep(3600)
     split = argv.index("--") if "--" in argv else len(argv)
     args = _parser().parse_args(argv[:split])
-    fc_args = argv[split + 1:]
+    fc_args = argv[split + 1 :]
     exec_file, uid, gid, limits = _validate(args)
     start_us = time.time_ns() // 1000
     root = Path(args.chroot_base_dir).resolve() / exec_file.name / args.id / "root"
@@ -220,9 +222,18 @@ def run(argv: list[str]) -> int:
             os.dup2(dev_null, fd)
         os.close(dev_null)
     exe = f"/{exec_file.name}"
-    exec_argv = [exe, "--id", args.id, "--start-time-us", str(start_us),
-                 "--start-time-cpu-us", str(time.process_time_ns() // 1000),
-                 "--parent-cpu-time-us", "0", *fc_args]
+    exec_argv = [
+        exe,
+        "--id",
+        args.id,
+        "--start-time-us",
+        str(start_us),
+        "--start-time-cpu-us",
+        str(time.process_time_ns() // 1000),
+        "--parent-cpu-time-us",
+        "0",
+        *fc_args,
+    ]
     if args.new_pid_ns:
         _syscall(_LIBC.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
         child = os.fork()

@@ -23,16 +23,34 @@ VERSION = "1.17.0-dev"
 MEM_PAGE = 4096
 FULL_MEMORY_MARKER = b"\x00fake-guest-memory"
 PRE_BOOT_ONLY = {
-    ("PUT", "/boot-source"), ("PUT", "/cpu-config"), ("PUT", "/drives/{drive_id}"), ("PUT", "/pmem/{id}"),
-    ("PUT", "/machine-config"), ("PATCH", "/machine-config"), ("PUT", "/mmds/config"), ("PUT", "/entropy"),
-    ("PUT", "/network-interfaces/{iface_id}"), ("PUT", "/snapshot/load"), ("PUT", "/vsock"),
+    ("PUT", "/boot-source"),
+    ("PUT", "/cpu-config"),
+    ("PUT", "/drives/{drive_id}"),
+    ("PUT", "/pmem/{id}"),
+    ("PUT", "/machine-config"),
+    ("PATCH", "/machine-config"),
+    ("PUT", "/mmds/config"),
+    ("PUT", "/entropy"),
+    ("PUT", "/network-interfaces/{iface_id}"),
+    ("PUT", "/snapshot/load"),
+    ("PUT", "/vsock"),
     ("PUT", "/balloon"),
-    ("PUT", "/logger"), ("PUT", "/metrics"), ("PUT", "/serial"), ("PUT", "/hotplug/memory"),
+    ("PUT", "/logger"),
+    ("PUT", "/metrics"),
+    ("PUT", "/serial"),
+    ("PUT", "/hotplug/memory"),
 }
 POST_BOOT_ONLY = {
-    ("PATCH", "/drives/{drive_id}"), ("PATCH", "/pmem/{id}"), ("PATCH", "/network-interfaces/{iface_id}"),
-    ("PUT", "/snapshot/create"), ("PATCH", "/vm"), ("PATCH", "/balloon"), ("PATCH", "/balloon/statistics"),
-    ("PATCH", "/balloon/hinting/start"), ("PATCH", "/balloon/hinting/stop"), ("PATCH", "/hotplug/memory"),
+    ("PATCH", "/drives/{drive_id}"),
+    ("PATCH", "/pmem/{id}"),
+    ("PATCH", "/network-interfaces/{iface_id}"),
+    ("PUT", "/snapshot/create"),
+    ("PATCH", "/vm"),
+    ("PATCH", "/balloon"),
+    ("PATCH", "/balloon/statistics"),
+    ("PATCH", "/balloon/hinting/start"),
+    ("PATCH", "/balloon/hinting/stop"),
+    ("PATCH", "/hotplug/memory"),
 }
 UNRELEASED_FIELDS = {("PUT", "/snapshot/load"): ("vsock_override",)}
 # Configuring any of these before /snapshot/load makes Firecracker refuse the load.
@@ -136,8 +154,13 @@ class FakeFirecracker:
             raise SpecError(400, "The requested operation is not supported before starting the microVM.")
         if key in BOOT_SPECIFIC:
             st.configured_boot = True
-        handler = getattr(self, "_" + method.lower() + template.replace("/", "_").replace("-", "_")
-                          .replace("{", "").replace("}", ""), None)
+        handler = getattr(
+            self,
+            "_"
+            + method.lower()
+            + template.replace("/", "_").replace("-", "_").replace("{", "").replace("}", ""),
+            None,
+        )
         if handler is not None:
             result: tuple[int, Any] = handler(path_value, body)
             return result
@@ -308,8 +331,11 @@ class FakeFirecracker:
         if "mem_backend" not in body or body["mem_backend"]["backend_type"] == "File":
             with open(mem, "rb") as f:
                 if f.read(len(FULL_MEMORY_MARKER)) != FULL_MEMORY_MARKER:
-                    raise SpecError(400, f"Cannot restore the guest memory from {mem}: it is not a full "
-                                         "memory image (a Diff layer without its base?)")
+                    raise SpecError(
+                        400,
+                        f"Cannot restore the guest memory from {mem}: it is not a full "
+                        "memory image (a Diff layer without its base?)",
+                    )
                 # later Diffs continue after the layers this memory already holds
                 while f.seek((st.diff_count + 1) * MEM_PAGE) and f.read(6) == b"\x01diff-":
                     st.diff_count += 1
@@ -320,8 +346,9 @@ class FakeFirecracker:
         full = state["config"]
         for drive in full.get("drives", []):  # Firecracker reopens every disk at its recorded path
             if not Path(drive["path_on_host"]).exists():
-                raise SpecError(400, f"Cannot restore devices: block {drive['drive_id']}: no file "
-                                     f"{drive['path_on_host']}")
+                raise SpecError(
+                    400, f"Cannot restore devices: block {drive['drive_id']}: no file {drive['path_on_host']}"
+                )
         st.config = {k: v for k, v in full.items() if k not in ("drives", "network-interfaces", "pmem")}
         st.drives = {d["drive_id"]: d for d in full.get("drives", [])}
         st.ifaces = {i["iface_id"]: i for i in full.get("network-interfaces", [])}
@@ -454,4 +481,3 @@ def serve_vsock_echo(uds_path: Path, port: int = 52) -> threading.Thread:
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     return thread
-
