@@ -247,3 +247,21 @@ def test_cli_prints_the_image_path_last(tmp_path: Path) -> None:
         check=False,
     )
     assert missing.returncode != 0 and "--source" in missing.stderr
+
+
+def test_older_builds_of_the_same_recipe_are_evicted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each change of the agent or init files is a new key; only the newest two builds of a recipe stay,
+    and builds of other recipes are left alone."""
+    source = tmp_path / "base"
+    (source / "etc").mkdir(parents=True)
+    other = build_rootfs("dir", source=source, cache_dir=tmp_path / "cache", progress=False)
+    builds = []
+    for version in ("t1", "t2", "t3"):
+        monkeypatch.setattr(rootfs_build, "BUILDER_VERSION", version)  # as a new agent would
+        builds.append(build_rootfs("busybox", cache_dir=tmp_path / "cache", progress=False))
+    assert len({b.parent for b in builds}) == 3
+    assert [b.is_file() for b in builds] == [False, True, True]
+    assert other.is_file()  # another recipe (a dir source) is not evicted by busybox builds
+    assert sorted(p.name for p in (tmp_path / "cache" / "rootfs").iterdir()) == sorted(
+        [builds[1].parent.name, builds[2].parent.name, other.parent.name]
+    )

@@ -18,6 +18,7 @@ whatever happens; the artifact directory appears by one rename, so nothing half-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -52,6 +53,8 @@ BUSYBOX = Path("/bin/busybox")
 HOST_PYTHON = Path("/usr/bin/python3")
 GUEST_PYTHON = "/usr/bin/python3"
 AGENT_IN_GUEST = "opt/smartvm/agent.py"
+BUILD_INFO = "build-info.json"
+KEEP_BUILDS = 2  # per recipe: the current image and the one before it
 MIN_SIZE_MIB = 64
 FREE_SPACE_MIB = 64
 
@@ -218,14 +221,56 @@ def build_rootfs(
                     raise SmartVMError(
                         ErrorCode.BUILD_FAILED, f"building the {kind} rootfs failed: {exc}; log: {log.path}"
                     ) from exc
-                info = {"kind": kind, "format": fmt, "key": key, "source": str(source) if source else None}
-                (work / "out" / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
+                info = {
+                    "kind": kind,
+                    "format": fmt,
+                    "key": key,
+                    "source": str(source) if source else None,
+                    "size_mib": size_mib,
+                    "with_agent": with_agent,
+                }
+                (work / "out" / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
             if out.parent.exists():  # force=True over an earlier result
                 shutil.rmtree(out.parent)
             (work / "out").rename(out.parent)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    _evict_older_builds(area, out.parent, root)
     return out
+
+
+def _evict_older_builds(area: Path, newest: Path, root: Path) -> None:
+    """Keep the newest KEEP_BUILDS builds of the same recipe (kind, format, source, size, agent).
+
+    Every change to the agent or the init files is a new cache key, so without this each upgrade
+    would leave another image behind. A VM only reads its image while staging its own copy.
+    """
+    recipe = _recipe(newest)
+    if recipe is None:
+        return
+    same = []
+    for build in area.iterdir():
+        if build != newest and not build.name.startswith(".") and _recipe(build) == recipe:
+            with contextlib.suppress(OSError):  # removed by another process meanwhile
+                same.append((build.joinpath(BUILD_INFO).stat().st_mtime, build))
+    for _mtime, build in sorted(same, reverse=True)[KEEP_BUILDS - 1 :]:
+        with cache_lock(f"rootfs-{build.name}", root):
+            shutil.rmtree(build, ignore_errors=True)
+
+
+def _recipe(build: Path) -> tuple[object, ...] | None:
+    try:
+        info = json.loads((build / BUILD_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    # builds before these fields existed were default-sized and carried the agent
+    return (
+        info.get("kind"),
+        info.get("format"),
+        info.get("source"),
+        info.get("size_mib"),
+        info.get("with_agent", True),
+    )
 
 
 def _assemble(
