@@ -263,3 +263,38 @@ async def test_clone_rootfs(manager: ImageManager, tmp_path: Path) -> None:
         await manager.clone_rootfs(tmp_path / "missing.ext4", "other.ext4")
     assert info.value.code == ErrorCode.ROOTFS_CLONE_FAILED
     assert sorted(p.name for p in manager.rootfs_dir.iterdir()) == ["copy.ext4"]
+
+
+def test_cli_installs_the_latest_firecracker_and_reuses_it(
+    remote: FakeRemote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from smartvm.cli.images import register
+
+    binaries = remote.add_release(VERSION)
+    remote.latest = VERSION
+    monkeypatch.setenv(RELEASE_BASE_ENV, remote.releases_url)
+    app = typer.Typer()
+
+    @app.callback()
+    def root() -> None:
+        """test root"""
+
+    register(app)
+    runner = CliRunner()
+    data = tmp_path / "data"
+    first = runner.invoke(app, ["images", "firecracker", "--data-dir", str(data)])
+    assert first.exit_code == 0, first.output
+    binary = Path(first.stdout.strip().splitlines()[-1])
+    assert binary == data / "bin" / VERSION / "firecracker" and binary.read_bytes() == binaries["firecracker"]
+    assert os.access(binary, os.X_OK) and (binary.parent / "jailer").read_bytes() == binaries["jailer"]
+    downloads = dict(remote.hits)
+    assert any("download" in k for k in downloads)
+    again = runner.invoke(app, ["images", "firecracker", "--version", VERSION[1:], "--data-dir", str(data)])
+    assert again.exit_code == 0, again.output
+    assert again.stdout.strip().splitlines()[-1] == str(binary)
+    assert {k: v for k, v in remote.hits.items() if "download" in k} == {
+        k: v for k, v in downloads.items() if "download" in k
+    }  # reused, nothing downloaded again

@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
     images_app.command("list")(list_images)
     images_app.command("pull")(pull)
     images_app.command("prune")(prune)
+    images_app.command("firecracker")(firecracker)
     try:
         build: Any = importlib.import_module(_BUILD_MODULE)
     except ModuleNotFoundError as exc:
@@ -98,6 +99,28 @@ def pull(
         )
         _err.print(f"firecracker  {binary}")
     typer.echo(str(bundle.directory))
+
+
+def firecracker(
+    version: str | None = typer.Option(None, "--version", help="vX.Y.Z (default: the latest release)."),
+    arch: str = typer.Option("x86_64", "--arch", help="x86_64 or aarch64."),
+    data_dir: Path = _DATA_DIR,
+) -> None:
+    """Install a Firecracker release (firecracker + jailer, checksum-verified) into --data-dir;
+    prints the firecracker path last. An installed version is reused."""
+    manager = ImageManager(data_dir, arch=arch)
+
+    async def install() -> Path:
+        chosen = version or await manager.get_latest_version()
+        chosen = chosen if chosen.startswith("v") else f"v{chosen}"
+        if manager.has_binary(chosen):
+            _err.print(f"firecracker {chosen} is already installed")
+            return manager.get_firecracker_path(chosen)
+        return await manager.download_firecracker(chosen)
+
+    binary = asyncio.run(install())
+    _err.print(f"jailer  {binary.parent / 'jailer'}")
+    typer.echo(str(binary))
 
 
 def prune(

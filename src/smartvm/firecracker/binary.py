@@ -130,7 +130,7 @@ def check_firecracker_binary() -> CheckResult:
             name,
             False,
             "no firecracker binary found",
-            f"set {ENV_VAR}, put firecracker on PATH or run 'smartvm ensure-binary' "
+            f"set {ENV_VAR}, put firecracker on PATH or run 'smartvm images firecracker' "
             "(without it the QEMU engine is used)",
         )
     try:
