@@ -105,6 +105,8 @@ def test_start_exec_cp_stop(guest_image: object, dirs: Dirs, tmp_path: Path) -> 
     assert res.returncode == 0, res.stderr
     assert not _alive(row["pid"])
     assert dirs.ps() == []
+    table = dirs.cli("ps")
+    assert (table.returncode, table.stdout) == (0, b"") and b"no VMs" in table.stderr
     dirs.assert_nothing_left()
 
 

@@ -260,6 +260,9 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
             return
+        if not rows:
+            typer.echo("no VMs started with smartvm start are running", err=True)
+            return
         from rich.console import Console
         from rich.table import Table
 
