@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fc_fake.helpers import logged_requests, processes_rooted_in, processes_running
+from fc_fake.helpers import fake_vm_config, logged_requests, processes_rooted_in, processes_running
 
-from smartvm.config import BootSource, Drive, Logger, MachineConfig, Metrics, MicroVMConfig
+from smartvm.config import Logger, Metrics, MicroVMConfig
 from smartvm.options import JailerOptions, SmartVMOptions
 
 UID, GID = 4321, 4322
@@ -27,24 +27,10 @@ def jailed_options(tmp: Path, **jailer: Any) -> SmartVMOptions:
 
 
 def vm_config(tmp: Path, vm_id: str = "vm1", *, logs: bool = False, **extra: Any) -> MicroVMConfig:
-    images = tmp / "images"
-    images.mkdir(exist_ok=True)
-    (images / "vmlinux").write_bytes(b"\x7fELF")
-    (images / "rootfs.ext4").write_bytes(b"pristine")
-    (images / "data.img").write_bytes(b"data")
     if logs:
         extra["logger"] = Logger(log_path=str(tmp / "fc.log"), level="Info")
         extra["metrics"] = Metrics(metrics_path=str(tmp / "metrics.json"))
-    return MicroVMConfig(
-        id=vm_id,
-        boot_source=BootSource(kernel_image_path=str(images / "vmlinux"), boot_args="console=ttyS0 reboot=k"),
-        machine_config=MachineConfig(vcpu_count=1, mem_size_mib=32),
-        drives=[
-            Drive(drive_id="rootfs", path_on_host=str(images / "rootfs.ext4"), is_root_device=True),
-            Drive(drive_id="data", path_on_host=str(images / "data.img"), is_read_only=True),
-        ],
-        **extra,
-    )
+    return fake_vm_config(tmp, vm_id, data_drive=True, **extra)
 
 
 def jail_root(options: SmartVMOptions, vm_id: str = "vm1") -> Path:

@@ -6,12 +6,10 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from fc_fake.helpers import logged_requests, pid_alive, read_until
+from fc_fake.helpers import fake_vm_config, logged_requests, pid_alive, read_until
 
 from smartvm.config import (
     Balloon,
-    BootSource,
-    Drive,
     Entropy,
     Logger,
     MachineConfig,
@@ -38,11 +36,6 @@ def _engine(tmp: Path, binary: Path, vm_id: str = "vm1") -> FirecrackerEngine:
 
 
 def _config(tmp: Path, *, track_dirty_pages: bool | None = None, full: bool = False) -> MicroVMConfig:
-    images = tmp / "images"
-    images.mkdir(exist_ok=True)
-    (images / "vmlinux").write_bytes(b"\x7fELF")
-    (images / "rootfs.ext4").write_bytes(b"root" * 1024)
-    (images / "data.img").write_bytes(b"data" * 1024)
     extra: dict[str, object] = {}
     if full:
         extra = {
@@ -53,16 +46,8 @@ def _config(tmp: Path, *, track_dirty_pages: bool | None = None, full: bool = Fa
             "metrics": Metrics(metrics_path=str(tmp / "metrics.json")),
             "entropy": Entropy(),
         }
-    return MicroVMConfig(
-        id="vm1",
-        boot_source=BootSource(kernel_image_path=str(images / "vmlinux"), boot_args="console=ttyS0 reboot=k"),
-        machine_config=MachineConfig(vcpu_count=2, mem_size_mib=64, track_dirty_pages=track_dirty_pages),
-        drives=[
-            Drive(drive_id="rootfs", path_on_host=str(images / "rootfs.ext4"), is_root_device=True),
-            Drive(drive_id="data", path_on_host=str(images / "data.img"), is_read_only=True),
-        ],
-        **extra,  # type: ignore[arg-type]
-    )
+    machine = MachineConfig(vcpu_count=2, mem_size_mib=64, track_dirty_pages=track_dirty_pages)
+    return fake_vm_config(tmp, data_drive=True, machine_config=machine, **extra)
 
 
 def _staged(engine: FirecrackerEngine, config: MicroVMConfig) -> MicroVMConfig:

@@ -139,3 +139,20 @@ async def test_pruning_a_vm_that_died_while_detached_removes_its_jail(
     assert jail_root(svm.options).is_dir()
     assert svm.prune_detached() == [record]
     assert_no_jail_left(svm.options, fake_binary)
+
+
+async def test_a_failed_snapshot_leaves_nothing_in_the_jail(
+    svm: SmartVM, fake_binary: Path, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What Firecracker wrote before failing (up to a whole memory file) must not stay in the jail."""
+    monkeypatch.setenv("FAKE_FC_FAIL", "PUT /snapshot/create")
+    vm = await svm.create_vm(vm_config(short_tmp))
+    await vm.start()
+    snap = short_tmp / "snap"
+    with pytest.raises(SmartVMError) as err:
+        await vm.create_snapshot(snap / "vm.state", snap / "vm.mem", pause_vm=True)
+    assert err.value.code is ErrorCode.FIRECRACKER_API_ERROR
+    assert not (jail_root(svm.options) / "snapshot").exists() and not snap.exists()
+    assert vm.state is VMState.RUNNING
+    await vm.stop()
+    assert_no_jail_left(svm.options, fake_binary)

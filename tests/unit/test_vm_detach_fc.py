@@ -13,10 +13,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from fc_fake.helpers import pid_alive, processes_running
+from fc_fake.helpers import fake_vm_config, pid_alive, processes_running
 
 from smartvm import SmartVMError
-from smartvm.config import BootSource, Drive, MachineConfig, MicroVMConfig
 from smartvm.errors import ErrorCode
 from smartvm.host.process import HostProcess, proc_stat
 from smartvm.options import SmartVMOptions
@@ -46,19 +45,6 @@ async def svm(options: SmartVMOptions, fake_binary: Path) -> AsyncIterator[Smart
         os.kill(pid, signal.SIGKILL)
 
 
-def _config(tmp: Path, vm_id: str = "det1") -> MicroVMConfig:
-    images = tmp / "images"
-    images.mkdir(exist_ok=True)
-    (images / "vmlinux").write_bytes(b"\x7fELF")
-    (images / "rootfs.ext4").write_bytes(b"pristine")
-    return MicroVMConfig(
-        id=vm_id,
-        boot_source=BootSource(kernel_image_path=str(images / "vmlinux"), boot_args="console=ttyS0 reboot=k"),
-        machine_config=MachineConfig(vcpu_count=1, mem_size_mib=32),
-        drives=[Drive(drive_id="rootfs", path_on_host=str(images / "rootfs.ext4"), is_root_device=True)],
-    )
-
-
 def _assert_clean(options: SmartVMOptions, binary: Path) -> None:
     assert processes_running(binary) == []
     assert list(options.runtime_dir.iterdir()) == [] if options.runtime_dir.exists() else True
@@ -78,7 +64,7 @@ async def _echo(vm_engine_stream: tuple[asyncio.StreamReader, asyncio.StreamWrit
 async def test_detach_then_attach_controls_the_same_process(
     svm: SmartVM, options: SmartVMOptions, fake_binary: Path, short_tmp: Path
 ) -> None:
-    vm = await svm.create_vm(_config(short_tmp))
+    vm = await svm.create_vm(fake_vm_config(short_tmp, "det1"))
     await vm.start()
     runtime_dir = vm.get_runtime_dir()
     [pid] = processes_running(fake_binary)
@@ -120,14 +106,14 @@ async def test_a_detached_vm_outlives_the_process_that_started_it(
     script = (
         "import asyncio, sys\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from test_vm_detach_fc import _config\n"
+        "from fc_fake.helpers import fake_vm_config\n"
         "from smartvm.options import SmartVMOptions\n"
         "from smartvm.orchestrator import SmartVM\n"
         "from pathlib import Path\n"
         "async def main():\n"
         f"    options = SmartVMOptions.model_validate_json({options.model_dump_json()!r})\n"
         "    async with SmartVM(options) as svm:\n"
-        f"        vm = await svm.create_vm(_config(Path({str(short_tmp)!r}), 'det2'))\n"
+        f"        vm = await svm.create_vm(fake_vm_config(Path({str(short_tmp)!r}), 'det2'))\n"
         "        await vm.start()\n"
         "        print((await vm.detach()).pid)\n"
         "asyncio.run(main())\n"
@@ -151,7 +137,7 @@ async def test_a_detached_vm_outlives_the_process_that_started_it(
 async def test_a_vm_that_died_while_detached_is_pruned(
     svm: SmartVM, options: SmartVMOptions, fake_binary: Path, short_tmp: Path
 ) -> None:
-    vm = await svm.create_vm(_config(short_tmp))
+    vm = await svm.create_vm(fake_vm_config(short_tmp, "det1"))
     await vm.start()
     record = await vm.detach()
     os.kill(record.pid, signal.SIGKILL)
@@ -170,7 +156,7 @@ async def test_a_recycled_pid_is_not_the_vm(
     svm: SmartVM, options: SmartVMOptions, fake_binary: Path, short_tmp: Path
 ) -> None:
     """A record whose pid now belongs to another process (other start time) is a dead VM."""
-    vm = await svm.create_vm(_config(short_tmp))
+    vm = await svm.create_vm(fake_vm_config(short_tmp, "det1"))
     await vm.start()
     record = await vm.detach()
     forged = record.model_copy(update={"pid": os.getpid()})  # alive, but not started at that time
@@ -186,7 +172,7 @@ async def test_a_recycled_pid_is_not_the_vm(
 async def test_watcher_of_an_attached_vm_cleans_up_when_it_exits(
     svm: SmartVM, options: SmartVMOptions, fake_binary: Path, short_tmp: Path
 ) -> None:
-    vm = await svm.create_vm(_config(short_tmp))
+    vm = await svm.create_vm(fake_vm_config(short_tmp, "det1"))
     await vm.start()
     record = await vm.detach()
     again = await svm.attach_vm("det1")

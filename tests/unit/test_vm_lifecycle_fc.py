@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from fc_fake.helpers import logged_requests, processes_running
+from fc_fake.helpers import fake_vm_config, logged_requests, processes_running
 
 from smartvm import SmartVMError
-from smartvm.config import Balloon, BootSource, Drive, MachineConfig, MicroVMConfig, Mmds, NetworkInterface
+from smartvm.config import Balloon, MachineConfig, MicroVMConfig, Mmds, NetworkInterface
 from smartvm.errors import ErrorCode
 from smartvm.options import SmartVMOptions
 from smartvm.orchestrator import SmartVM
@@ -38,15 +38,10 @@ async def svm(fake_binary: Path, short_tmp: Path) -> AsyncIterator[SmartVM]:
 
 
 def _config(tmp: Path, vm_id: str = "vm1") -> MicroVMConfig:
-    images = tmp / "images"
-    images.mkdir(exist_ok=True)
-    (images / "vmlinux").write_bytes(b"\x7fELF")
-    (images / "rootfs.ext4").write_bytes(b"pristine")
-    return MicroVMConfig(
-        id=vm_id,
-        boot_source=BootSource(kernel_image_path=str(images / "vmlinux"), boot_args="console=ttyS0 reboot=k"),
+    return fake_vm_config(
+        tmp,
+        vm_id,
         machine_config=MachineConfig(vcpu_count=1, mem_size_mib=32, track_dirty_pages=True),
-        drives=[Drive(drive_id="rootfs", path_on_host=str(images / "rootfs.ext4"), is_root_device=True)],
         network_interfaces=[NetworkInterface(iface_id="eth0", host_dev_name="tap-lc0")],
         balloon=Balloon(amount_mib=0, stats_polling_interval_s=1),
         mmds=Mmds(network_interfaces=["eth0"]),

@@ -303,9 +303,14 @@ class FirecrackerEngine(Engine):
             state_at, mem_at = str(snapshot_dir / state_file), str(snapshot_dir / mem_file)
         else:  # Firecracker can only write inside its jail: the files are moved out afterwards
             state_at, mem_at = self._jail.snapshot_targets(state_file, mem_file)
-        await api.snapshot_create.put(
-            snapshot_type=snapshot_type, snapshot_path=state_at, mem_file_path=mem_at
-        )
+        try:
+            await api.snapshot_create.put(
+                snapshot_type=snapshot_type, snapshot_path=state_at, mem_file_path=mem_at
+            )
+        except BaseException:
+            if self._jail is not None:  # no partial memory file stays in the jail
+                self._jail.discard_snapshot()
+            raise
         if self._jail is not None:
             self._jail.collect_snapshot(snapshot_dir, (state_file, mem_file))
         disks = _copy_writable_disks(sent, snapshot_dir, self._host_path)

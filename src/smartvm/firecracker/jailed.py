@@ -165,7 +165,7 @@ class VMJail:
     # --- snapshots ---------------------------------------------------------------------------------
     def snapshot_targets(self, state_file: str, mem_file: str) -> tuple[str, str]:
         """In-jail paths for Firecracker to write a snapshot to (a fresh directory it may write)."""
-        shutil.rmtree(self.host_path(_SNAPSHOT_OUT), ignore_errors=True)
+        self.discard_snapshot()
         self.jail.make_dir(_SNAPSHOT_OUT)
         return f"{_SNAPSHOT_OUT}/{_plain(state_file)}", f"{_SNAPSHOT_OUT}/{_plain(mem_file)}"
 
@@ -190,7 +190,11 @@ class VMJail:
                 os.chown(part, os.geteuid(), os.getegid())
                 os.replace(part, target)
         finally:
-            shutil.rmtree(self.host_path(_SNAPSHOT_OUT), ignore_errors=True)
+            self.discard_snapshot()
+
+    def discard_snapshot(self) -> None:
+        """Empty the jail's snapshot directory (after a failed snapshot: no partial memory file stays)."""
+        shutil.rmtree(self.host_path(_SNAPSHOT_OUT), ignore_errors=True)
 
     # --- detach record -----------------------------------------------------------------------------
     def record(self) -> dict[str, Any]:

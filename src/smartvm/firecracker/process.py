@@ -22,6 +22,7 @@ from pathlib import Path
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.firecracker.jailer import API_SOCKET_IN_JAIL, Jail
 from smartvm.host.process import HostProcess, running_start_time
+from smartvm.host.process import tail as log_tail
 
 _POLL_S = 0.01
 LOG_TAIL_LINES = 20
@@ -82,16 +83,7 @@ class FirecrackerCommand:
 
 def tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
     """The last ``lines`` lines of a log file ('' when it is missing)."""
-    if path is None:
-        return ""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            data = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(data.splitlines()[-lines:])
+    return "\n".join(log_tail(path, 16384).splitlines()[-lines:]) if path is not None else ""
 
 
 class FirecrackerProcess:
@@ -176,19 +168,23 @@ class FirecrackerProcess:
         jailer = self._proc
         assert jailer is not None
         while (pid := _read_pid(jail.pid_file)) is None:
-            if not jailer.is_alive():
+            if _exited_unreaped(jailer.pid) is not False:
                 if (pid := _read_pid(jail.pid_file)) is not None:  # written just before it exited
                     break
+                # it may have forked Firecracker before failing (the real jailer does when it cannot
+                # write the pid file): end its group while the unreaped jailer still pins the group id
+                self._kill_jailer_group()
+                await jailer.wait()
                 raise SmartVMError(
                     ErrorCode.JAILER_FAILED,
                     f"the jailer exited with code {jailer.returncode} before writing Firecracker's pid to "
-                    f"{jail.pid_file}; last log lines:\n{tail(self.engine_log) or '(empty log)'}",
+                    f"{jail.pid_file}; {self._log_tail()}",
                 )
             if time.monotonic() >= deadline:
                 raise SmartVMError(
                     ErrorCode.SOCKET_TIMEOUT,
                     f"the jailer did not write Firecracker's pid to {jail.pid_file} within {timeout:g}s; "
-                    f"last log lines:\n{tail(self.engine_log) or '(empty log)'}",
+                    f"{self._log_tail()}",
                 )
             await asyncio.sleep(_POLL_S)
         start_time = running_start_time(pid)
@@ -199,18 +195,23 @@ class FirecrackerProcess:
             raise SmartVMError(
                 ErrorCode.FIRECRACKER_EXITED,
                 f"firecracker (pid {pid}, from {jail.pid_file}) exited before its API socket appeared; "
-                f"last log lines:\n{tail(self.engine_log) or '(empty log)'}",
+                f"{self._log_tail()}",
             )
         self._proc = HostProcess.adopt(pid, start_time, owned=True)
 
     def _kill_jailer_group(self) -> None:
         """A jailer that failed half-way may have forked already: end its whole process group.
 
-        Only while the jailer is unreaped (its pid, hence its group id, cannot have been reused) and
-        only when it leads its own group (never ours).
+        Only while the jailer is unreaped, running or a zombie (its pid, hence its group id, cannot
+        have been reused), and only when it leads its own group (never ours).
         """
         proc = self._proc
-        if proc is None or not proc.is_child or not proc.is_alive() or self.command.jail is None:
+        if (
+            proc is None
+            or not proc.is_child
+            or self.command.jail is None
+            or _exited_unreaped(proc.pid) is None
+        ):
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if os.getpgid(proc.pid) == proc.pid != os.getpgrp():
@@ -226,17 +227,20 @@ class FirecrackerProcess:
                 raise SmartVMError(
                     ErrorCode.FIRECRACKER_EXITED,
                     f"{who} exited{'' if code is None else f' with code {code}'} before its API "
-                    f"socket appeared; last log lines:\n{tail(self.engine_log) or '(empty log)'}",
+                    f"socket appeared; {self._log_tail()}",
                 )
             if socket_accepts(path):
                 return
             if time.monotonic() >= deadline:
                 raise SmartVMError(
                     ErrorCode.SOCKET_TIMEOUT,
-                    f"firecracker's API socket {path} did not appear within {timeout:g}s; "
-                    f"last log lines:\n{tail(self.engine_log) or '(empty log)'}",
+                    f"firecracker's API socket {path} did not appear within {timeout:g}s; {self._log_tail()}",
                 )
             await asyncio.sleep(_POLL_S)
+
+    def _log_tail(self) -> str:
+        """The end of an error message that explains an early exit."""
+        return f"last log lines:\n{tail(self.engine_log) or '(empty log)'}"
 
     async def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the process to exit; its exit code, or None after ``timeout``."""
@@ -279,6 +283,17 @@ class FirecrackerProcess:
     def _cleanup_socket(self) -> None:
         if self.command.api_socket is not None:
             self.command.api_socket.unlink(missing_ok=True)
+
+
+def _exited_unreaped(pid: int) -> bool | None:
+    """Of our child ``pid``: False while it runs, True once it has exited, None once it was reaped.
+
+    It is never reaped here, so while this is not None the pid (and its process group id) stays ours.
+    """
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return None
 
 
 def _read_pid(path: Path) -> int | None:

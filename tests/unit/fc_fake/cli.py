@@ -161,16 +161,22 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def write_fake_binary(directory: Path) -> Path:
-    """Write an executable ``firecracker`` script into ``directory`` that runs this fake."""
-    path = directory / "firecracker"
+def write_launcher(directory: Path, name: str, module: str) -> Path:
+    """Write an executable script ``directory/name`` that runs ``main(sys.argv[1:])`` of ``module``
+    (a module of this package, e.g. ``fc_fake.jailer``)."""
+    path = directory / name
     tests_unit = Path(__file__).resolve().parents[1]
     path.write_text(
         f"#!{sys.executable}\n"
         "import sys\n"
         f"sys.path.insert(0, {str(tests_unit)!r})\n"
-        "from fc_fake.cli import main\n"
+        f"from {module} import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     path.chmod(0o755)
     return path
+
+
+def write_fake_binary(directory: Path) -> Path:
+    """Write an executable ``firecracker`` script into ``directory`` that runs this fake."""
+    return write_launcher(directory, "firecracker", "fc_fake.cli")

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from .cli import write_fake_binary
+from .cli import write_fake_binary, write_launcher
 from .helpers import logged_requests, pid_alive
-from .jailer import write_fake_jailer
 from .server import ApiServer, FakeFirecracker
 
 FAKE_ENV = (
@@ -56,7 +55,7 @@ def fake_jailer(fake_binary: Path, short_tmp: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("FAKE_JAILER_ARGV_LOG", str(short_tmp / "jailer.jsonl"))
     monkeypatch.delenv("SMARTVM_JAILER_BIN", raising=False)
     monkeypatch.delenv("FAKE_JAILER_MODE", raising=False)
-    return write_fake_jailer(fake_binary.parent)
+    return write_launcher(fake_binary.parent, "jailer", "fc_fake.jailer")
 
 
 __all__ = ["fake_binary", "fake_jailer", "fake_server", "logged_requests", "pid_alive", "short_tmp"]

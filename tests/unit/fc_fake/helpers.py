@@ -8,6 +8,8 @@ from os import readlink as os_readlink
 from pathlib import Path
 from typing import Any
 
+from smartvm.config import BootSource, Drive, MachineConfig, MicroVMConfig
+
 
 def logged_requests(short_tmp: Path) -> list[dict[str, Any]]:
     """Every request the fake executable answered, in order."""
@@ -90,3 +92,25 @@ async def vsock_ping(engine: Any) -> bytes:
     line: bytes = await reader.readline()
     writer.close()
     return line
+
+
+def fake_vm_config(tmp: Path, vm_id: str = "vm1", *, data_drive: bool = False, **extra: Any) -> MicroVMConfig:
+    """A small VM for the fake Firecracker: its kernel and rootfs (``b"pristine"``) are written to
+    ``tmp/images``; ``data_drive`` adds a read-only ``data`` drive; ``extra`` sets or overrides fields."""
+    images = tmp / "images"
+    images.mkdir(exist_ok=True)
+    (images / "vmlinux").write_bytes(b"\x7fELF")
+    (images / "rootfs.ext4").write_bytes(b"pristine")
+    drives = [Drive(drive_id="rootfs", path_on_host=str(images / "rootfs.ext4"), is_root_device=True)]
+    if data_drive:
+        (images / "data.img").write_bytes(b"data")
+        drives.append(Drive(drive_id="data", path_on_host=str(images / "data.img"), is_read_only=True))
+    fields: dict[str, Any] = {
+        "boot_source": BootSource(
+            kernel_image_path=str(images / "vmlinux"), boot_args="console=ttyS0 reboot=k"
+        ),
+        "machine_config": MachineConfig(vcpu_count=1, mem_size_mib=32),
+        "drives": drives,
+        **extra,
+    }
+    return MicroVMConfig(id=vm_id, **fields)

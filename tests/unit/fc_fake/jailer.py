@@ -24,6 +24,7 @@ FAKE_JAILER_ARGV_LOG=path   append {"argv": [...], "pid": ..., "ppid": ...} per 
 FAKE_JAILER_MODE=exit             fail at once (exit 1)
 FAKE_JAILER_MODE=hang             hang before doing anything
 FAKE_JAILER_MODE=hang-after-fork  with --new-pid-ns: fork Firecracker, then hang without a pid file
+FAKE_JAILER_MODE=exit-after-fork  with --new-pid-ns: fork Firecracker, then exit 1 without a pid file
 """
 
 from __future__ import annotations
@@ -240,6 +241,9 @@ def run(argv: list[str]) -> int:
         if child and mode == "hang-after-fork":
             _told_to("hang after the fork")
             time.sleep(3600)
+        if child and mode == "exit-after-fork":  # like the real one when it cannot write the pid file
+            _told_to("exit after the fork")
+            return 1
         if child:
             fd = os.open(f"{exe}.pid", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.write(fd, str(child).encode())
@@ -259,18 +263,3 @@ def main(argv: list[str]) -> int:
     except (JailerError, OSError) as exc:
         print(f"Jailer error: {exc}", file=sys.stderr, flush=True)
         return 1
-
-
-def write_fake_jailer(directory: Path) -> Path:
-    """Write an executable ``jailer`` script into ``directory`` that runs this fake."""
-    path = directory / "jailer"
-    tests_unit = Path(__file__).resolve().parents[1]
-    path.write_text(
-        f"#!{sys.executable}\n"
-        "import sys\n"
-        f"sys.path.insert(0, {str(tests_unit)!r})\n"
-        "from fc_fake.jailer import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    path.chmod(0o755)
-    return path
