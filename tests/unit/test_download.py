@@ -108,12 +108,17 @@ async def test_unreachable_host(tmp_path: Path) -> None:
 
 
 async def test_progress_bar_goes_to_stderr(
-    remote: FakeRemote, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    remote: FakeRemote, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # rich draws nothing at all on a non-terminal with a transient bar: make the captured streams
+    # count as terminals so a bar on the wrong stream would show up
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
     url = remote.add("/files/blob", DATA)
     await download(url, tmp_path / "blob", sha256=sha256_hex(DATA), progress=True)
     assert (tmp_path / "blob").read_bytes() == DATA
-    assert capsys.readouterr().out == ""  # stdout stays clean for `smartvm images pull | tail -1`
+    captured = capsys.readouterr()
+    assert "blob" in captured.err  # the bar was drawn, on stderr
+    assert captured.out == ""  # stdout stays clean for `smartvm images pull | tail -1`
 
 
 async def test_bad_digest_arguments_are_rejected(tmp_path: Path) -> None:

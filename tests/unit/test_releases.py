@@ -41,6 +41,14 @@ def _bin_entries(manager: ImageManager) -> list[str]:
     return sorted(p.name for p in manager.bin_dir.iterdir()) if manager.bin_dir.exists() else []
 
 
+async def _install_fails(manager: ImageManager, version: str = VERSION) -> SmartVMError:
+    """``download_firecracker`` raises and leaves nothing in ``bin/`` (no staging, no half install)."""
+    with pytest.raises(SmartVMError) as info:
+        await manager.download_firecracker(version)
+    assert _bin_entries(manager) == []
+    return info.value
+
+
 async def test_latest_version_follows_the_redirect(remote: FakeRemote, manager: ImageManager) -> None:
     remote.latest = VERSION
     assert await manager.get_latest_version() == VERSION
@@ -93,12 +101,10 @@ async def test_download_firecracker_for_aarch64(remote: FakeRemote, tmp_path: Pa
 
 async def test_checksum_mismatch_leaves_nothing(remote: FakeRemote, manager: ImageManager) -> None:
     remote.add_release(VERSION, sha_override="ab" * 32)
-    with pytest.raises(SmartVMError) as info:
-        await manager.download_firecracker(VERSION)
-    assert info.value.code == ErrorCode.DOWNLOAD_FAILED
-    assert f"firecracker-{VERSION}-x86_64.tgz" in info.value.message
-    assert "sha256 mismatch" in info.value.message
-    assert _bin_entries(manager) == []
+    err = await _install_fails(manager)
+    assert err.code == ErrorCode.DOWNLOAD_FAILED
+    assert f"firecracker-{VERSION}-x86_64.tgz" in err.message
+    assert "sha256 mismatch" in err.message
     assert not manager.has_binary(VERSION)
 
 
@@ -112,20 +118,16 @@ async def test_checksum_file_server_error_fails(remote: FakeRemote, manager: Ima
     remote.add_release(VERSION)
     name = f"firecracker-{VERSION}-x86_64.tgz"
     remote.add(f"{RELEASES}/download/{VERSION}/{name}.sha256.txt", "oops", 500)
-    with pytest.raises(SmartVMError) as info:
-        await manager.download_firecracker(VERSION)
-    assert info.value.code == ErrorCode.DOWNLOAD_FAILED
-    assert "HTTP 500" in info.value.message
-    assert _bin_entries(manager) == []
+    err = await _install_fails(manager)
+    assert err.code == ErrorCode.DOWNLOAD_FAILED
+    assert "HTTP 500" in err.message
 
 
 async def test_missing_release_is_a_404(remote: FakeRemote, manager: ImageManager) -> None:
-    with pytest.raises(SmartVMError) as info:
-        await manager.download_firecracker("v9.9.9")
-    assert info.value.code == ErrorCode.DOWNLOAD_FAILED
-    assert "HTTP 404" in info.value.message
-    assert f"{remote.releases_url}/download/v9.9.9/firecracker-v9.9.9-x86_64.tgz" in info.value.message
-    assert _bin_entries(manager) == []
+    err = await _install_fails(manager, "v9.9.9")
+    assert err.code == ErrorCode.DOWNLOAD_FAILED
+    assert "HTTP 404" in err.message
+    assert f"{remote.releases_url}/download/v9.9.9/firecracker-v9.9.9-x86_64.tgz" in err.message
 
 
 async def test_tarball_with_traversal_is_refused(
@@ -140,28 +142,22 @@ async def test_tarball_with_traversal_is_refused(
             f"{release_dir}/../../../../escaped": b"evil",
         },
     )
-    with pytest.raises(SmartVMError) as info:
-        await manager.download_firecracker(VERSION)
-    assert info.value.code == ErrorCode.UNSAFE_PATH
-    assert _bin_entries(manager) == []
+    err = await _install_fails(manager)
+    assert err.code == ErrorCode.UNSAFE_PATH
     assert _named(tmp_path, "escaped") == []
 
 
 async def test_tarball_without_jailer_fails(remote: FakeRemote, manager: ImageManager) -> None:
     remote.add_release(VERSION, members={f"release-{VERSION}-x86_64/firecracker-{VERSION}-x86_64": b"fc"})
-    with pytest.raises(SmartVMError) as info:
-        await manager.download_firecracker(VERSION)
-    assert info.value.code == ErrorCode.DOWNLOAD_FAILED
-    assert "jailer" in info.value.message
-    assert _bin_entries(manager) == []
+    err = await _install_fails(manager)
+    assert err.code == ErrorCode.DOWNLOAD_FAILED
+    assert "jailer" in err.message
 
 
 async def test_damaged_tarball_fails(remote: FakeRemote, manager: ImageManager) -> None:
     remote.add_release(VERSION, tarball=make_tar({"x": b"y" * 4096})[:50])
-    with pytest.raises(SmartVMError) as info:
-        await manager.download_firecracker(VERSION)
-    assert info.value.code == ErrorCode.DOWNLOAD_FAILED
-    assert _bin_entries(manager) == []
+    err = await _install_fails(manager)
+    assert err.code == ErrorCode.DOWNLOAD_FAILED
 
 
 @pytest.mark.parametrize("version", ["../../etc", "v1.2", "latest", "v1.2.3/../../x", ""])

@@ -1,4 +1,4 @@
-"""``smartvm images``: list, pull and prune base image bundles (and the build commands, when present).
+"""``smartvm images``: list, pull and prune base image bundles, install Firecracker, build guests.
 
 ``pull`` prints the bundle directory as the last line on stdout, so scripts can
 ``dir=$(smartvm images pull | tail -n1)``; everything else it says goes to stderr.
@@ -7,18 +7,17 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from smartvm.cli.images_build import add_build_commands
 from smartvm.images.base_images import DEFAULT_CACHE_DIR, BaseImageBundle, BaseImageManager
-from smartvm.images.releases import ImageManager
+from smartvm.images.releases import ImageManager, check_version
 
-_BUILD_MODULE = "smartvm.cli.images_build"
 _err = Console(stderr=True)
 
 PresetChoice = Literal["latest", "lts", "hosted"]
@@ -39,13 +38,7 @@ def register(app: typer.Typer) -> None:
     images_app.command("pull")(pull)
     images_app.command("prune")(prune)
     images_app.command("firecracker")(firecracker)
-    try:
-        build: Any = importlib.import_module(_BUILD_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != _BUILD_MODULE:
-            raise
-    else:
-        build.add_build_commands(images_app)
+    add_build_commands(images_app)
     app.add_typer(images_app, name="images")
 
 
@@ -111,8 +104,7 @@ def firecracker(
     manager = ImageManager(data_dir, arch=arch)
 
     async def install() -> Path:
-        chosen = version or await manager.get_latest_version()
-        chosen = chosen if chosen.startswith("v") else f"v{chosen}"
+        chosen = check_version(version or await manager.get_latest_version())
         if manager.has_binary(chosen):
             _err.print(f"firecracker {chosen} is already installed")
             return manager.get_firecracker_path(chosen)

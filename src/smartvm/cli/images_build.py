@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.images.base_images import DEFAULT_CACHE_DIR
 
 
 class RootfsKindChoice(StrEnum):
@@ -63,8 +64,6 @@ def build_rootfs_command(
     """Build (or reuse) a guest root filesystem; print the image path last."""
     from smartvm.images.rootfs_build import build_rootfs
 
-    if kind in (RootfsKindChoice.dir, RootfsKindChoice.tar) and source is None:
-        raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"--kind {kind.value} needs --source PATH")
     path = build_rootfs(
         kind.value,
         source=source,
@@ -78,7 +77,7 @@ def build_rootfs_command(
 
 
 _BUNDLE_CACHE = typer.Option(
-    Path("/tmp/.smartvm/base-images"), "--bundle-cache-dir", help="Base image bundle cache to register in."
+    DEFAULT_CACHE_DIR, "--bundle-cache-dir", help="Base image bundle cache to register in."
 )
 
 

@@ -381,32 +381,28 @@ class BaseImageManager:
                 ErrorCode.INVALID_ARGUMENT,
                 "preset 'hosted' needs exactly one of manifest_url or manifest_path",
             )
-        files: list[_PlannedFile] = []
+        path: Path | None = None
         if manifest_url is not None:
             manifest = await fetch_manifest(manifest_url, client=client, arch=arch)
-            for artifact in _artifacts(manifest):
-                url = resolve_artifact_url(artifact, manifest_url)
-                files.append(
-                    _PlannedFile(artifact.name, url=url, sha256=artifact.sha256, size=artifact.size_bytes)
-                )
+            base_url = manifest_url
         else:
             assert manifest_path is not None
             path = Path(manifest_path).absolute()  # noqa: ASYNC240 (no I/O: joins with the cwd)
             manifest = await asyncio.to_thread(read_manifest, path, arch=arch)
-            for artifact in _artifacts(manifest):
-                if artifact.url is not None:
-                    files.append(
-                        _PlannedFile(
-                            artifact.name, url=artifact.url, sha256=artifact.sha256, size=artifact.size_bytes
-                        )
-                    )
-                else:
-                    local = resolve_artifact_path(artifact, path.parent, where=str(path))
-                    # without a declared digest, the source's own decides whether the cache is current
-                    digest = artifact.sha256 or await asyncio.to_thread(self._source_sha256, local)
-                    files.append(
-                        _PlannedFile(artifact.name, path=local, sha256=digest, size=artifact.size_bytes)
-                    )
+            base_url = ""  # a manifest file's URLs are absolute (read_manifest checks)
+        files: list[_PlannedFile] = []
+        for artifact in _artifacts(manifest):
+            if artifact.url is not None:
+                url = resolve_artifact_url(artifact, base_url)
+                files.append(
+                    _PlannedFile(artifact.name, url=url, sha256=artifact.sha256, size=artifact.size_bytes)
+                )
+            else:
+                assert path is not None  # fetch_manifest refuses 'path' artifacts
+                local = resolve_artifact_path(artifact, path.parent, where=str(path))
+                # without a declared digest, the source's own decides whether the cache is current
+                digest = artifact.sha256 or await asyncio.to_thread(self._source_sha256, local)
+                files.append(_PlannedFile(artifact.name, path=local, sha256=digest, size=artifact.size_bytes))
         return _Plan(
             bundle_id=manifest.bundle_id,
             arch=arch,

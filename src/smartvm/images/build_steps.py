@@ -69,15 +69,6 @@ def file_identity(path: Path) -> str:
     return f"{resolved}\0{st.st_size}\0{st.st_mtime_ns}"
 
 
-def file_sha256(path: Path) -> str:
-    """Full sha256 of a (small) file."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @contextlib.contextmanager
 def cache_lock(name: str, root: Path | None = None) -> Iterator[None]:
     """Hold an exclusive lock so two processes never build the same artifact at once.

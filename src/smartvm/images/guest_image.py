@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from smartvm.images.base_images import BaseImageBundle, BaseImageManager
+from smartvm.images.base_images import DEFAULT_CACHE_DIR, BaseImageBundle, BaseImageManager
 from smartvm.images.kernel_build import build_kernel
 from smartvm.images.rootfs_build import RootfsFormat, RootfsKind, build_rootfs
 
@@ -51,11 +51,8 @@ def ensure_default_guest(
     return GuestImage(kernel_path=kernel, rootfs_path=rootfs, rootfs_type=fmt, boot_args=boot_args_for(fmt))
 
 
-DEFAULT_BUNDLE_CACHE = Path("/tmp/.smartvm/base-images")
-
-
 def register_guest_bundle(
-    image: GuestImage, *, kind: str, bundle_cache_dir: Path = DEFAULT_BUNDLE_CACHE, max_stored: int = 2
+    image: GuestImage, *, kind: str, bundle_cache_dir: Path = DEFAULT_CACHE_DIR, max_stored: int = 2
 ) -> BaseImageBundle:
     """Enter a locally built guest into the base image cache as a ``local`` bundle.
 

@@ -165,8 +165,7 @@ def _source_tree(src: Path, root: Path, log: BuildLog, bar: StepProgress) -> Pat
     remove_stale(target.parent, f"{target.name}.part-*")
     if not target.is_dir():
         bar.step(f"extracting {src.name}")
-        part = target.with_name(f"{target.name}.part-{os.getpid()}")
-        shutil.rmtree(part, ignore_errors=True)
+        part = target.with_name(f"{target.name}.part-{os.getpid()}")  # a stale one: remove_stale above
         part.mkdir(parents=True)
         try:
             log.run(["tar", "-xf", src, "-C", part], "extracting the kernel source")
@@ -233,8 +232,7 @@ def _compile(tree: Path, build_dir: Path, log: BuildLog, bar: StepProgress) -> N
 def _publish(build_dir: Path, out: Path) -> None:
     """Copy vmlinux and its .config into ``out.parent`` atomically (a temp dir, then one rename)."""
     final_dir = out.parent
-    part = final_dir.with_name(f".{final_dir.name}.part-{os.getpid()}")
-    shutil.rmtree(part, ignore_errors=True)
+    part = final_dir.with_name(f".{final_dir.name}.part-{os.getpid()}")  # a stale one: remove_stale
     part.mkdir(parents=True)
     try:
         shutil.copyfile(build_dir / "vmlinux", part / "vmlinux")

@@ -38,12 +38,12 @@ from smartvm.images.build_steps import (
     cache_lock,
     digest,
     file_identity,
-    file_sha256,
     remove_stale,
     require_file,
     require_tool,
 )
 from smartvm.images.cache_paths import cache_root
+from smartvm.images.download import sha256_file
 
 RootfsKind = Literal["busybox", "debian", "dir", "tar"]
 RootfsFormat = Literal["ext4", "squashfs"]
@@ -150,7 +150,7 @@ def rootfs_cache_key(
     parts = [BUILDER_VERSION, kind, fmt, str(size_mib), str(with_agent), file_identity(BUSYBOX)]
     parts.append(_guest_files_digest())
     agent = _agent_source()
-    parts.append(file_sha256(agent) if with_agent and agent is not None else "no-agent")
+    parts.append(sha256_file(agent) if with_agent and agent is not None else "no-agent")
     if kind == "debian":
         parts += _debian_source()
     elif kind == "dir" and source is not None:
