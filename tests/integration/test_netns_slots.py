@@ -239,3 +239,28 @@ async def test_names_in_use_are_refused_and_left_alone(env: Env) -> None:
     assert _netns_exists(squatter)
     assert leftovers(env.prefix, env.state_dir) == [f"netns {squatter}"]
     await pool.close()
+
+
+async def test_exhausted_transit_releases_its_leases_and_touches_no_name(env: Env) -> None:
+    squatter = env.netns("ns0")  # slot 0's name: the only slot a /30 transit network holds
+    ip("netns", "add", squatter)
+    pool = SlotPool(
+        2, prefix=env.prefix, transit=env.transit.replace(".0/24", ".0/30"), state_dir=env.state_dir
+    )
+    with pytest.raises(SmartVMError) as info:
+        await pool.start()
+    assert info.value.code == ErrorCode.ADDRESS_EXHAUSTED
+    assert _netns_exists(squatter)
+    assert leftovers(env.prefix, env.state_dir) == [f"netns {squatter}"]
+    await pool.close()
+
+
+async def test_closing_while_a_slot_is_being_built_leaves_nothing(env: Env) -> None:
+    pool = _pool(env, 0)
+    acquiring = asyncio.create_task(pool.acquire())
+    await asyncio.sleep(0)  # acquire() is now creating its slot
+    await pool.close()
+    with pytest.raises(SmartVMError) as info:
+        await acquiring
+    assert info.value.code == ErrorCode.INVALID_STATE
+    assert leftovers(env.prefix, env.state_dir) == []

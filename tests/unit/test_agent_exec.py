@@ -132,7 +132,7 @@ async def test_leaving_the_stream_early_kills_the_command(agent: AgentClient) ->
         if ev.kind == "stdout":
             pids.append(int(ev.data))
             break
-    await stream.aclose()  # type: ignore[attr-defined]
+    await stream.aclose()
     assert pids and pid_gone(pids[0])
     assert (await agent.exec("echo still serving")).exit_code == 0
 
@@ -149,6 +149,28 @@ async def test_cancelled_task_kills_the_command(agent: AgentClient, tmp_path: Pa
     with pytest.raises(asyncio.CancelledError):
         await task
     assert pid_gone(pid)
+
+
+async def test_failing_callback_kills_the_command_at_once(agent: AgentClient) -> None:
+    pids: list[int] = []
+
+    def on_out(data: bytes) -> None:
+        pids.append(int(data))
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed") as info:
+        await agent.exec("echo $$; exec sleep 300", on_stdout=on_out)
+    # the command ends while the failure (and the frames it references) is still alive
+    assert info.value is not None and pids and pid_gone(pids[0])
+    assert agent._conn is not None and agent._conn.channels == {}
+
+
+async def test_request_too_large_for_a_frame_leaves_no_channel_behind(agent: AgentClient) -> None:
+    with pytest.raises(SmartVMError) as info:
+        await agent.exec(["echo", "x" * (1 << 20)])
+    assert info.value.code == ErrorCode.INVALID_ARGUMENT
+    assert agent._conn is not None and agent._conn.channels == {}
+    assert (await agent.exec(["echo", "still serving"])).exit_code == 0
 
 
 async def test_crashing_command_does_not_take_the_agent_down(agent: AgentClient) -> None:

@@ -14,7 +14,7 @@ import json
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -425,6 +425,9 @@ class AgentClient:
         async with self._lock:
             if self._conn is not None and not self._conn.closed and self._conn.info is not None:
                 return self._conn.info
+            if self._conn is not None:
+                await self._conn.close()
+                self._conn = None
             while (remaining := deadline - time.monotonic()) > 0:
                 try:
                     self._conn = await self._connect(remaining)
@@ -466,11 +469,11 @@ class AgentClient:
             ch = conn.open_channel(op)
             try:
                 await conn.send(p.REQUEST, ch.id, header, payload)
-            except _ConnectionLost:
+            except BaseException as exc:
                 conn.channels.pop(ch.id, None)
-                if attempt:
-                    raise
-                continue  # the request never left: safe to send it again on a fresh stream
+                if isinstance(exc, _ConnectionLost) and not attempt:
+                    continue  # the request never left: safe to send it again on a fresh stream
+                raise
             try:
                 yield ch
             finally:
@@ -519,17 +522,19 @@ class AgentClient:
         """
         out, err = bytearray(), bytearray()
         result: ExecResult | None = None
-        async for ev in self.exec_stream(cmd, env=env, cwd=cwd, user=user, stdin=stdin, timeout=timeout):
-            if ev.kind == "stdout":
-                out += ev.data
-                if on_stdout is not None:
-                    await _maybe_await(on_stdout(ev.data))
-            elif ev.kind == "stderr":
-                err += ev.data
-                if on_stderr is not None:
-                    await _maybe_await(on_stderr(ev.data))
-            elif ev.kind == "exit":
-                result = ev.result
+        events = self.exec_stream(cmd, env=env, cwd=cwd, user=user, stdin=stdin, timeout=timeout)
+        async with contextlib.aclosing(events):  # a failing callback cancels the command right away
+            async for ev in events:
+                if ev.kind == "stdout":
+                    out += ev.data
+                    if on_stdout is not None:
+                        await _maybe_await(on_stdout(ev.data))
+                elif ev.kind == "stderr":
+                    err += ev.data
+                    if on_stderr is not None:
+                        await _maybe_await(on_stderr(ev.data))
+                elif ev.kind == "exit":
+                    result = ev.result
         assert result is not None
         full = ExecResult(
             result.exit_code,
@@ -557,7 +562,7 @@ class AgentClient:
         user: int | str | None = None,
         stdin: bytes | None = None,
         timeout: float | None = None,
-    ) -> AsyncIterator[ExecEvent]:
+    ) -> AsyncGenerator[ExecEvent, None]:
         """Run `cmd`, yielding ``started``, ``stdout``/``stderr`` chunks and a final ``exit`` event.
 
         The exit event's result has empty stdout/stderr (they were streamed) and ``timed_out`` set
@@ -709,7 +714,7 @@ class Processes:
 
     async def attach(
         self, pid: int, *, replay: bool = True, timeout: float | None = None
-    ) -> AsyncIterator[ExecEvent]:
+    ) -> AsyncGenerator[ExecEvent, None]:
         """Stream the process's output (first what was buffered, if `replay`) until it exits.
 
         Ends with an ``exit`` event, or without one when `timeout` elapsed first (the process keeps running).
@@ -740,14 +745,16 @@ class Processes:
     async def wait(self, pid: int, timeout: float | None = None) -> ExecResult:
         """Wait for exit; the result carries the output the agent buffered. EXEC_TIMEOUT if still running."""
         out, err = bytearray(), bytearray()
-        async for ev in self.attach(pid, replay=True, timeout=timeout):
-            if ev.kind == "stdout":
-                out += ev.data
-            elif ev.kind == "stderr":
-                err += ev.data
-            elif ev.kind == "exit" and ev.result is not None:
-                r = ev.result
-                return ExecResult(r.exit_code, bytes(out), bytes(err), r.duration, r.signal, False, pid)
+        events = self.attach(pid, replay=True, timeout=timeout)
+        async with contextlib.aclosing(events):
+            async for ev in events:
+                if ev.kind == "stdout":
+                    out += ev.data
+                elif ev.kind == "stderr":
+                    err += ev.data
+                elif ev.kind == "exit" and ev.result is not None:
+                    r = ev.result
+                    return ExecResult(r.exit_code, bytes(out), bytes(err), r.duration, r.signal, False, pid)
         raise ExecTimeoutError(
             ErrorCode.EXEC_TIMEOUT,
             f"process {pid} still running after {timeout}s",
@@ -815,7 +822,7 @@ class Files:
                 if frame.type == p.RESULT:
                     return int(frame.header.get("size", 0))
 
-    async def _read_stream(self, path: str, offset: int, length: int | None) -> AsyncIterator[bytes]:
+    async def _read_stream(self, path: str, offset: int, length: int | None) -> AsyncGenerator[bytes, None]:
         async with self._c._channel(
             "file_read", {"path": path, "offset": offset or None, "length": length}
         ) as ch:
@@ -828,8 +835,10 @@ class Files:
 
     async def read(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
         buf = bytearray()
-        async for chunk in self._read_stream(path, offset, length):
-            buf += chunk
+        chunks = self._read_stream(path, offset, length)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                buf += chunk
         return bytes(buf)
 
     async def read_text(self, path: str, encoding: str = "utf-8") -> str:
@@ -841,12 +850,14 @@ class Files:
         part = dest.with_name(dest.name + ".part")
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         size = 0
+        chunks = self._read_stream(path, 0, None)
         try:
-            async for chunk in self._read_stream(path, 0, None):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-                size += len(chunk)
+            async with contextlib.aclosing(chunks):  # a failed local write ends the guest read now
+                async for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    size += len(chunk)
             os.fsync(fd)
         except BaseException:
             os.close(fd)

@@ -268,33 +268,9 @@ def nft_run(script: str) -> CommandResult:
     return result if result is not None else run_sync(["nft", "-f", "-"], script)
 
 
-def _nft_sync(script: str, what: str, netns: str | None) -> None:
-    def apply() -> None:
-        _raise_for(nft_run(script), what, script)
-
-    if netns is None:
-        apply()
-    else:
-        call_in_netns(netns, apply)
-
-
-async def nft_apply(script: str, what: str, *, netns: str | None = None) -> None:
-    """Apply ``script`` as one atomic nftables transaction (all or nothing)."""
-    await asyncio.to_thread(_nft_sync, script, what, netns)
-
-
-def nft_apply_sync(script: str, what: str, *, netns: str | None = None) -> None:
-    _nft_sync(script, what, netns)
-
-
-def write_sysctl_in_netns(netns: str, name: str, value: str) -> None:
-    """Set a per-namespace sysctl such as ``net/ipv4/ip_forward``."""
-
-    def write() -> None:
-        with open(f"/proc/sys/{name}", "w") as f:
-            f.write(value)
-
-    call_in_netns(netns, write)
+def nft_apply_sync(script: str, what: str) -> None:
+    """Apply ``script`` in the calling thread's namespace as one atomic transaction (all or nothing)."""
+    _raise_for(nft_run(script), what, script)
 
 
 async def setup_netns_inside(netns: str, nft_script: str, what: str, sysctls: dict[str, str]) -> None:
@@ -304,6 +280,6 @@ async def setup_netns_inside(netns: str, nft_script: str, what: str, sysctls: di
         for name, value in sysctls.items():
             with open(f"/proc/sys/{name}", "w") as f:
                 f.write(value)
-        _raise_for(nft_run(nft_script), what, nft_script)
+        nft_apply_sync(nft_script, what)
 
     await asyncio.to_thread(call_in_netns, netns, work)

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -30,7 +30,7 @@ from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host import nat
 from smartvm.host.ipam import Lease, LeaseStore, default_state_dir
 from smartvm.host.nat import EgressPolicy
-from smartvm.host.netlink_batch import IpBatch, enter_netns, netns_path, setup_netns_inside
+from smartvm.host.netlink_batch import IpBatch, netns_path, setup_netns_inside
 from smartvm.host.network import (
     TapDevice,
     check_prefix,
@@ -63,15 +63,6 @@ def netns_exec_argv(netns_name: str, argv: list[str]) -> list[str]:
     """``argv`` run inside ``netns_name``: nsenter joins the namespace and execs, so the PID you
     get is the engine's own."""
     return ["nsenter", f"--net={netns_path(netns_name)}", "--", *argv]
-
-
-def netns_preexec(netns_name: str) -> Callable[[], None]:
-    """A ``preexec_fn`` moving a child into ``netns_name`` before it execs (no wrapper process)."""
-
-    def enter() -> None:
-        enter_netns(netns_name)
-
-    return enter
 
 
 def _transit(transit: str) -> ipaddress.IPv4Network:
@@ -234,7 +225,7 @@ async def create_slots(
     """Create ``count`` slots; on any failure everything created so far is removed again."""
     policy = egress or EgressPolicy.allow_all()
     slots: list[NetworkSlot] = []
-    try:
+    try:  # nothing is touched until every name is known to be free: undoing means releasing leases
         for _ in range(count):
             lease = store.allocate(
                 f"{prefix}:{uuid.uuid4().hex[:12]}",
@@ -242,17 +233,19 @@ async def create_slots(
             )
             slots.append(NetworkSlot._from_lease(lease, store, prefix, transit))
         taken = _names_in_use(slots)
-        if taken:  # not ours: fail before touching anything, so the rollback cannot remove them
-            for s in slots:
-                store.release(s.lease_key)
-            slots = []
+        if taken:  # not ours: the teardown below must never remove them
             raise SmartVMError(
                 ErrorCode.NETWORK_SETUP_FAILED,
                 f"{', '.join(taken)} already exist(s); run `smartvm network sweep --orphans` "
                 "if they are leftovers, or use another prefix",
             )
-        if not slots:
-            return []
+    except BaseException:
+        for s in slots:
+            store.release(s.lease_key)
+        raise
+    if not slots:
+        return []
+    try:
         await IpBatch(lines=[line for s in slots for line in _host_lines(s)]).run("creating slot namespaces")
         # independent from here on: each namespace's own steps, and the host's NAT elements
         await _gather_all(
@@ -339,7 +332,11 @@ class SlotPool:
             if self.enable_ip_forward:
                 enable_host_forwarding()
             self._started = True
-        return await create_slots(count, store=self.store, prefix=self.prefix, transit=self.transit)
+        slots = await create_slots(count, store=self.store, prefix=self.prefix, transit=self.transit)
+        if self._closed:  # closed while they were being built: close() could not see them
+            await destroy_slots(slots)
+            self._check_open()
+        return slots
 
     async def start(self) -> None:
         """Fill the pool (one batched setup for all slots)."""

@@ -19,9 +19,9 @@ from pathlib import Path
 from smartvm.doctor import CheckResult, register_check
 from smartvm.host import nat
 from smartvm.host.ipam import Lease, LeaseStore, all_stores, default_state_dir
-from smartvm.host.netlink_batch import NETNS_RUN_DIR, IpBatch, run_sync
+from smartvm.host.netlink_batch import NETNS_RUN_DIR, IpBatch, netns_path, run_sync
 from smartvm.host.netns import slot_names
-from smartvm.host.network import undo_bridge_lines
+from smartvm.host.network import link_exists, undo_bridge_lines
 
 _NETNS_RE = re.compile(r"^sv[a-z0-9]{0,6}-ns\d+$")
 _VETH_RE = re.compile(r"^sv[a-z0-9]{0,6}v\d+$")
@@ -140,11 +140,11 @@ def sweep(state_dir: Path | None = None, *, orphans: bool = False) -> SweepRepor
     )
     batch.run_sync("sweeping", force=True)
     bridges = [line.split()[2] for line in bridge_undo if line.startswith("link del ")]
-    report.removed_links = [x for x in links + bridges if not os.path.exists(f"/sys/class/net/{x}")]
-    report.removed_namespaces = [x for x in namespaces if not os.path.exists(os.path.join(NETNS_RUN_DIR, x))]
+    report.removed_links = [x for x in links + bridges if not link_exists(x)]
+    report.removed_namespaces = [x for x in namespaces if not os.path.exists(netns_path(x))]
     elements = nat.host_elements_sync()
     if elements is not None:
-        stale_ifaces = sorted(i for i in elements[0] if not os.path.exists(f"/sys/class/net/{i}"))
+        stale_ifaces = sorted(i for i in elements[0] if not link_exists(i))
         ports = sorted(set(ports) & elements[1])
         nat.host_remove_sync(stale_ifaces, ports)
         report.removed_ports = ports
