@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -40,13 +39,9 @@ class SmartVM:
     async def ensure_binary(self) -> Path:
         """The hypervisor binary for the selected engine, downloading Firecracker if needed."""
         if self.engine_name == "qemu":
-            qemu = self.options.qemu_binary_path or shutil.which("qemu-system-x86_64")
-            if qemu is None:
-                raise SmartVMError(
-                    ErrorCode.BINARY_NOT_FOUND,
-                    "qemu-system-x86_64 not found: apt-get install qemu-system-x86",
-                )
-            return Path(qemu)
+            from smartvm.qemu.process import find_qemu
+
+            return find_qemu(self.options)
         from smartvm.firecracker.binary import find_firecracker
 
         found = find_firecracker(self.options)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
@@ -34,6 +34,7 @@ from smartvm.engine import (
     override_interfaces,
 )
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.process import tail
 from smartvm.host.runtime import VMRuntime
 from smartvm.host.storage import apply_sparse_diffs
 from smartvm.options import SmartVMOptions
@@ -115,17 +116,27 @@ class MicroVM:
     def _require(self, action: str, *states: VMState) -> None:
         current = self.state
         if current not in states:
-            if self.exit_console is not None and current is VMState.STOPPED:
+            console = self._exit_console_now()
+            if console is not None:
                 raise SmartVMError(
                     ErrorCode.VM_EXITED,
-                    f"cannot {action} VM {self.id!r}: its hypervisor exited on its own (guest powered off "
-                    f"or crashed). Last console output:\n{self.exit_console}",
+                    f"cannot {action} VM {self.id!r}: its hypervisor exited on its own (guest powered off, "
+                    f"crashed or was killed). Last console output:\n{console}",
                 )
             allowed = ", ".join(s.value for s in states)
             raise SmartVMError(
                 ErrorCode.INVALID_STATE,
                 f"cannot {action} VM {self.id!r} while it is {current.value}; it must be {allowed}",
             )
+
+    def _exit_console_now(self) -> str | None:
+        """The console tail if the hypervisor exited on its own, whether or not the watcher has
+        cleaned up yet (so the error does not depend on that race); None otherwise."""
+        if self.exit_console is not None and self._state is VMState.STOPPED:
+            return self.exit_console
+        if self._state in _LIVE and self._engine is not None and not self._engine.is_alive():
+            return tail(self._runtime.console_log) if self._runtime else ""
+        return None
 
     def _engine_or_raise(self) -> Engine:
         if self._engine is None:
@@ -260,7 +271,7 @@ class MicroVM:
         async with self._lock:
             if self._engine is engine:
                 log.info("VM %s: hypervisor exited; cleaning up", self.id)
-                self.exit_console = _tail(self._runtime.console_log if self._runtime else None)
+                self.exit_console = tail(self._runtime.console_log) if self._runtime else ""
                 await self._teardown()
 
     # --- detach / attach --------------------------------------------------------------------------
@@ -427,8 +438,9 @@ class MicroVM:
             if was_running:
                 await engine.pause()
                 self._state = VMState.PAUSED
+            made: Path | None = None
             try:
-                snapshot_path.parent.mkdir(parents=True, exist_ok=True)
+                made = _make_dirs(snapshot_path.parent)
                 snapshot = await engine.create_snapshot(
                     snapshot_path.parent, snapshot_path.name, mem_file_path.name, snapshot_type, self.config
                 )
@@ -436,6 +448,10 @@ class MicroVM:
                     snapshot = dataclasses.replace(snapshot, base=str(base.directory.resolve()))
                 snapshot.save()
                 self._last_snapshot = snapshot
+            except BaseException:
+                if made is not None:  # a directory only this snapshot used: leave no half of it behind
+                    shutil.rmtree(made, ignore_errors=True)
+                raise
             finally:
                 if was_running and engine.is_alive():
                     await engine.resume()
@@ -629,13 +645,12 @@ async def _merged_memory(chain: list[Snapshot], runtime_dir: Path) -> Path | Non
     return merged
 
 
-def _tail(path: Path | None, limit: int = 4096) -> str:
-    """The last ``limit`` bytes of a console log, as text ("" when there is none)."""
-    if path is None:
-        return ""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
+def _make_dirs(directory: Path) -> Path | None:
+    """``mkdir -p directory``; returns the topmost directory it created (None when it existed)."""
+    top = None
+    for path in [directory, *directory.parents]:
+        if path.exists():
+            break
+        top = path
+    directory.mkdir(parents=True, exist_ok=True)
+    return top

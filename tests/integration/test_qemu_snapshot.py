@@ -93,6 +93,14 @@ async def snapshot_counter_vm(svm: Any, guest: Any, tmp_path: Path, *, at_tick: 
     assert diff.value.code == ErrorCode.UNSUPPORTED_BY_ENGINE
     await vm.resume()  # the source runs on after its snapshot
     await wait_console(vm, f"TICK {last + 2}", timeout=30)
+    # a snapshot that fails half-way (the data disk vanished under QEMU) leaves no directory behind
+    staged = staged_data_disk(vm)
+    hidden = staged.with_name("hidden.img")
+    staged.rename(hidden)
+    with pytest.raises(SmartVMError):
+        await vm.create_snapshot(tmp_path / "half" / "vm.state", tmp_path / "half" / "vm.mem", pause_vm=True)
+    assert not (tmp_path / "half").exists()
+    hidden.rename(staged)
     await vm.stop()
     return snapdir, last
 

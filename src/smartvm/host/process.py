@@ -21,8 +21,10 @@ import contextlib
 import os
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 
 _POLL_S = 0.05
+TAIL_BYTES = 4096
 # Signals Python ignores for itself that a spawned program must get back at their defaults.
 _RESET_SIGNALS = tuple(s for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None)) if s is not None)
 
@@ -62,6 +64,22 @@ def running_start_time(pid: int) -> int | None:
     if stat is None or stat[0] in ("Z", "X", "x"):
         return None
     return stat[1]
+
+
+def tail(path: Path, limit: int = TAIL_BYTES) -> str:
+    """The last ``limit`` bytes of a hypervisor or console log, from its first whole line ("" if none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode(errors="replace")
+    if size > limit and "\n" in text:
+        text = text.split("\n", 1)[1]
+    return text.strip()
 
 
 class HostProcess:

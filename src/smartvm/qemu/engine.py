@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shlex
-import shutil
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,6 +27,7 @@ from typing import Any, ClassVar
 from smartvm.config import MicroVMConfig
 from smartvm.engine import Engine, RestoreRequest
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.process import tail
 from smartvm.host.runtime import VMRuntime
 from smartvm.host.storage import clone_file
 from smartvm.options import SmartVMOptions
@@ -42,7 +42,7 @@ from smartvm.qemu.cmdline import (
 )
 from smartvm.qemu.host_clock import host_tsc_khz
 from smartvm.qemu.kvm_probe import engine_accel
-from smartvm.qemu.process import QemuProcess, tail
+from smartvm.qemu.process import QemuProcess, find_qemu
 from smartvm.qemu.qmp import QMPClient
 from smartvm.snapshot import Snapshot, SnapshotType
 
@@ -86,19 +86,6 @@ class QemuEngine(Engine):
         self._shared_ram: Path | None = None  # the guest RAM file when it is shared (share=on)
 
     # --- start ---------------------------------------------------------------------------------
-    def _binary(self) -> str:
-        binary = (
-            str(self.options.qemu_binary_path)
-            if self.options.qemu_binary_path
-            else shutil.which("qemu-system-x86_64")
-        )
-        if binary is None or not Path(binary).exists():
-            raise SmartVMError(
-                ErrorCode.BINARY_NOT_FOUND,
-                "qemu-system-x86_64 not found: apt-get install qemu-system-x86 or set qemu_binary_path",
-            )
-        return binary
-
     async def _choose_accel(self, binary: str, kernel: Path, snapshot_accel: object = None) -> None:
         """KVM or TCG: a restore keeps the snapshot's accelerator; else options + the (cached) probe."""
         if snapshot_accel in ("kvm", "tcg") and self.options.qemu_accel in ("auto", snapshot_accel):
@@ -121,7 +108,7 @@ class QemuEngine(Engine):
         ram_shared: bool = True,
     ) -> LaunchSpec:
         """Check the files the guest needs, pick the accelerator, detect disk formats."""
-        binary = self._binary()
+        binary = str(find_qemu(self.options))
         kernel = _check_boot_files(config)
         formats = {d.drive_id: detect_disk_format(d.path_on_host) for d in config.drives}
         self._formats = dict(formats)
@@ -273,13 +260,14 @@ class QemuEngine(Engine):
         shared_ram = self._shared_ram
         try:
             await self._migrate_to(part_for(state_file), ignore_shared=shared_ram is not None)
+            # guest RAM and disks can be gigabytes: copy them off the event loop (other VMs use it)
             if shared_ram is not None:
-                clone_file(shared_ram, part_for(mem_file))
+                await asyncio.to_thread(clone_file, shared_ram, part_for(mem_file))
             for drive in ordered_drives(running):
                 if drive.is_read_only:
                     continue  # used in place by the restore, like at boot
                 disks[drive.drive_id] = f"{drive.drive_id}.disk"
-                clone_file(drive.path_on_host, part_for(disks[drive.drive_id]))
+                await asyncio.to_thread(clone_file, drive.path_on_host, part_for(disks[drive.drive_id]))
             for final, part in parts.items():
                 part.rename(final)
         except BaseException:
@@ -313,7 +301,13 @@ class QemuEngine(Engine):
         await self._set_ignore_shared(ignore_shared)
         await self._execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
         await self._execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(part))}"})
-        info = await self._wait_migration("writing the snapshot state", ErrorCode.SNAPSHOT_FAILED)
+        try:
+            info = await self._wait_migration("writing the snapshot state", ErrorCode.SNAPSHOT_FAILED)
+        except BaseException:
+            # a timed-out or cancelled snapshot must not keep streaming into a file that is deleted
+            with contextlib.suppress(SmartVMError):
+                await self._execute("migrate_cancel", timeout=5.0)
+            raise
         if info.get("status") != "completed":
             raise SmartVMError(
                 ErrorCode.SNAPSHOT_FAILED,

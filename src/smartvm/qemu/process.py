@@ -7,30 +7,24 @@ console, because that is where a failed boot or a guest panic explains itself.
 
 from __future__ import annotations
 
-import os
+import shutil
 from pathlib import Path
 from typing import BinaryIO
 
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.host.process import HostProcess
+from smartvm.host.process import HostProcess, tail
+from smartvm.options import SmartVMOptions
 
-TAIL_BYTES = 4096
 
-
-def tail(path: Path, limit: int = TAIL_BYTES) -> str:
-    """The last ``limit`` bytes of a text file (empty if it does not exist)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            data = f.read()
-    except OSError:
-        return ""
-    text = data.decode(errors="replace")
-    if size > limit and "\n" in text:
-        text = text.split("\n", 1)[1]
-    return text.strip()
+def find_qemu(options: SmartVMOptions) -> Path:
+    """The QEMU binary: ``options.qemu_binary_path``, else ``qemu-system-x86_64`` on PATH."""
+    binary = options.qemu_binary_path or shutil.which("qemu-system-x86_64")
+    if binary is None or not Path(binary).exists():
+        raise SmartVMError(
+            ErrorCode.BINARY_NOT_FOUND,
+            "qemu-system-x86_64 not found: apt-get install qemu-system-x86 or set qemu_binary_path",
+        )
+    return Path(binary)
 
 
 def _open_log(path: Path) -> BinaryIO:
