@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import h11
 import pytest
 from fc_fake.server import ApiServer
 from fc_fake.spec import operations
@@ -140,3 +143,146 @@ def test_every_endpoint_of_the_spec_has_a_resource(short_tmp: Path) -> None:
     spec_paths = {op.template for op in operations()}
     assert spec_paths - paths == set()
     assert {"/drives/{drive_id}", "/pmem/{id}", "/network-interfaces/{iface_id}"} <= paths
+
+
+async def test_send_all_pipelines_on_one_connection_in_order(
+    api: FirecrackerAPI, fake_server: ApiServer, short_tmp: Path
+) -> None:
+    calls = [
+        api.boot.put_call(kernel_image_path=str(short_tmp / "vmlinux")),
+        api.machine_config.put_call(vcpu_count=2, mem_size_mib=256),
+        api.network_interfaces.put_call(iface_id="eth0", host_dev_name="tap0"),
+        api.mmds_config.put_call(network_interfaces=["eth0"]),  # needs eth0: order matters
+    ]
+    assert await api.send_all(calls) == [None] * 4
+    assert await api.machine_config.get() == {"vcpu_count": 2, "mem_size_mib": 256}
+    assert [(r.method, r.path) for r in fake_server.fake.requests] == [
+        *((c.method, c.path) for c in calls),
+        ("GET", "/machine-config"),
+    ]
+    assert fake_server.connections == 1
+
+
+async def test_send_all_names_the_first_failed_call_and_keeps_the_connection(
+    api: FirecrackerAPI, fake_server: ApiServer
+) -> None:
+    calls = [
+        api.machine_config.put_call(vcpu_count=1, mem_size_mib=128),
+        api.logger.put_call(level="Loud"),
+        api.entropy.put_call(bogus=1),
+        api.metrics.put_call(metrics_path="/dev/null"),
+    ]
+    with pytest.raises(SmartVMError) as err:
+        await api.send_all(calls)
+    assert err.value.code is ErrorCode.FIRECRACKER_API_ERROR
+    assert err.value.message.startswith("PUT /logger failed with HTTP 400: ")
+    assert len(fake_server.fake.requests) == 4  # every answer was read: the stream stays in step
+    assert (await api.version.get())["firecracker_version"]
+    assert fake_server.connections == 1
+
+
+# --- a scripted HTTP/1.1 server (h11, server side) for broken connections --------------------------
+Action = str  # "ok", "ok-close" (answer, then close), "drop" (close unanswered), "cut", "hang"
+
+
+@contextlib.asynccontextmanager
+async def scripted(path: Path, actions: list[Action]) -> AsyncIterator[list[str]]:
+    """Serve requests with ``actions`` in order, across connections; yields the request log."""
+    log: list[str] = []
+    script = iter(actions)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        log.append("connect")
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                    continue
+                if isinstance(event, h11.ConnectionClosed):
+                    return
+                if isinstance(event, h11.Request):
+                    log.append(f"{event.method.decode()} {event.target.decode()}")
+                if not isinstance(event, h11.EndOfMessage):
+                    continue
+                action = next(script)
+                if action == "hang":
+                    await asyncio.sleep(3600)
+                if action == "drop":
+                    return
+                body = b'{"n": 1}'
+                head = h11.Response(
+                    status_code=200,
+                    headers=[("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+                )
+                if action == "cut":
+                    writer.write(conn.send(head) + body[:3])
+                    return
+                writer.write(conn.send(head) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+                await writer.drain()
+                if action == "ok-close":
+                    return
+                conn.start_next_cycle()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(serve, str(path))
+    try:
+        yield log
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_idle_connection_the_server_closed_is_replaced(short_tmp: Path) -> None:
+    sock = short_tmp / "s.sock"
+    async with scripted(sock, ["ok-close", "ok", "ok"]) as log, FirecrackerAPI(sock) as api:
+        assert await api.request("GET", "/a") == {"n": 1}
+        await asyncio.sleep(0.05)  # the close arrives while idle
+        assert await api.request("PUT", "/actions", {"action_type": "FlushMetrics"}) == {"n": 1}
+        assert await api.request("GET", "/c") == {"n": 1}
+    assert log == ["connect", "GET /a", "connect", "PUT /actions", "GET /c"]
+
+
+async def test_a_repeatable_call_is_resent_when_the_connection_closes_unanswered(short_tmp: Path) -> None:
+    sock = short_tmp / "s.sock"
+    async with scripted(sock, ["ok", "drop", "ok"]) as log, FirecrackerAPI(sock) as api:
+        await api.request("GET", "/a")
+        assert await api.machine_config.put(vcpu_count=1, mem_size_mib=128) == {"n": 1}
+    assert log == ["connect", "GET /a", "PUT /machine-config", "connect", "PUT /machine-config"]
+
+
+async def test_an_action_is_never_sent_twice(short_tmp: Path) -> None:
+    sock = short_tmp / "s.sock"
+    async with scripted(sock, ["ok", "drop", "ok"]) as log, FirecrackerAPI(sock) as api:
+        await api.request("GET", "/a")
+        with pytest.raises(SmartVMError) as err:
+            await api.actions.put(action_type="InstanceStart")
+        assert err.value.code is ErrorCode.NO_CLIENT
+        assert "PUT /actions" in err.value.message and str(sock) in err.value.message
+        assert await api.request("GET", "/b") == {"n": 1}  # a new connection for the next call
+    assert log == ["connect", "GET /a", "PUT /actions", "connect", "GET /b"]
+
+
+async def test_an_answer_cut_mid_body_is_no_client_and_not_resent(short_tmp: Path) -> None:
+    sock = short_tmp / "s.sock"
+    async with scripted(sock, ["ok", "cut", "ok"]) as log, FirecrackerAPI(sock) as api:
+        await api.request("GET", "/a")
+        with pytest.raises(SmartVMError) as err:
+            await api.request("GET", "/b")
+        assert err.value.code is ErrorCode.NO_CLIENT
+        assert "GET /b" in err.value.message
+        assert await api.request("GET", "/c") == {"n": 1}
+    assert log == ["connect", "GET /a", "GET /b", "connect", "GET /c"]
+
+
+async def test_a_call_that_is_not_answered_times_out_naming_it(short_tmp: Path) -> None:
+    sock = short_tmp / "s.sock"
+    async with scripted(sock, ["hang", "ok"]) as log, FirecrackerAPI(sock, timeout=0.2) as api:
+        with pytest.raises(SmartVMError) as err:
+            await api.machine_config.put(vcpu_count=1, mem_size_mib=128)
+        assert err.value.code is ErrorCode.FIRECRACKER_API_ERROR
+        assert "PUT /machine-config" in err.value.message and "did not answer" in err.value.message
+        assert await api.request("GET", "/b") == {"n": 1}  # the stuck connection was given up
+    assert log == ["connect", "PUT /machine-config", "connect", "GET /b"]

@@ -172,24 +172,24 @@ class FirecrackerEngine(Engine):
         return self._sent
 
     async def _configure(self, api: FirecrackerAPI, config: MicroVMConfig) -> None:
-        await api.boot.put(**config.boot_source.api_body())
-        await api.machine_config.put(**config.machine_config.api_body())
-        for drive in config.drives:
-            await api.drives.put(**drive.api_body())
-        for iface in config.network_interfaces:
-            await api.network_interfaces.put(**iface.api_body())
-        if config.vsock is not None:
-            await api.vsock.put(**config.vsock.api_body())
-        if config.balloon is not None:
-            await api.balloon.put(**config.balloon.api_body())
-        if config.mmds is not None:
-            await api.mmds_config.put(**config.mmds.api_body())
-        if config.logger is not None:
-            await api.logger.put(**config.logger.api_body())
-        if config.metrics is not None:
-            await api.metrics.put(**config.metrics.api_body())
-        if config.entropy is not None:
-            await api.entropy.put(**config.entropy.api_body())
+        """All pre-boot configuration pipelined in one round trip (the caller sends InstanceStart)."""
+        optional = (
+            (api.vsock, config.vsock),
+            (api.balloon, config.balloon),
+            (api.mmds_config, config.mmds),
+            (api.logger, config.logger),
+            (api.metrics, config.metrics),
+            (api.entropy, config.entropy),
+        )
+        await api.send_all(
+            [
+                api.boot.put_call(**config.boot_source.api_body()),
+                api.machine_config.put_call(**config.machine_config.api_body()),
+                *(api.drives.put_call(**drive.api_body()) for drive in config.drives),
+                *(api.network_interfaces.put_call(**i.api_body()) for i in config.network_interfaces),
+                *(resource.put_call(**part.api_body()) for resource, part in optional if part is not None),
+            ]
+        )
 
     # --- restore --------------------------------------------------------------------------------
     async def restore(self, request: RestoreRequest) -> None:
