@@ -22,7 +22,16 @@ from rich.console import Console
 
 from bench.common import BenchSkipped
 
-BENCHMARKS = ["control_plane", "staging", "network_slots", "boot", "restore", "exec_roundtrip", "memory"]
+BENCHMARKS = [
+    "cli_startup",
+    "control_plane",
+    "staging",
+    "network_slots",
+    "boot",
+    "restore",
+    "exec_roundtrip",
+    "memory",
+]
 
 
 def _machine() -> str:

@@ -1,49 +1,48 @@
-"""The ``smartvm`` command: one verb per lifecycle step, mirroring the library."""
+"""The ``smartvm`` command: one verb per lifecycle step, mirroring the library.
+
+Start-up is kept short because people call ``smartvm run`` in loops: ``smartvm --version`` is
+answered before typer is imported, and only the module defining the invoked command is imported
+(every module for help, completion and names not listed in :data:`COMMAND_MODULES`).
+"""
 
 from __future__ import annotations
 
 import importlib
-
-import typer
-from rich.console import Console
-from rich.table import Table
+import sys
+from typing import TYPE_CHECKING
 
 from smartvm import __version__
-from smartvm.errors import SmartVMError
 
-app = typer.Typer(
-    name="smartvm",
-    help="Firecracker microVMs (and QEMU microvm where Firecracker cannot run) from one command.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
-err_console = Console(stderr=True)
+if TYPE_CHECKING:
+    import typer
+
+HELP = "Firecracker microVMs (and QEMU microvm where Firecracker cannot run) from one command."
 
 # Sub-command modules; each exposes `register(app)`.
 _SUBCOMMAND_MODULES = ("smartvm.cli.images", "smartvm.cli.vm", "smartvm.cli.network")
+# The module registering each top-level command (cli.vm registers cli.detached's verbs too).
+COMMAND_MODULES = {
+    "doctor": None,
+    "run": "smartvm.cli.vm",
+    "start": "smartvm.cli.vm",
+    "exec": "smartvm.cli.vm",
+    "cp": "smartvm.cli.vm",
+    "ps": "smartvm.cli.vm",
+    "stop": "smartvm.cli.vm",
+    "images": "smartvm.cli.images",
+    "network": "smartvm.cli.network",
+}
 
 
-def _version_callback(value: bool) -> None:
-    if value:
-        typer.echo(f"smartvm {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(
-        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
-    ),
-) -> None:
-    """smartvm: microVMs for untrusted code."""
-
-
-@app.command()
 def doctor() -> None:
     """Check this host: KVM, engines, /dev/shm, TAP devices, namespaces.
 
     Exits 1 when no engine can boot a guest here (neither QEMU nor Firecracker is usable).
     """
+    import typer
+    from rich.console import Console
+    from rich.table import Table
+
     from smartvm.doctor import run_checks
 
     table = Table(title="smartvm doctor")
@@ -61,8 +60,36 @@ def doctor() -> None:
         raise typer.Exit(1)
 
 
-def _register_subcommands() -> None:
-    for name in _SUBCOMMAND_MODULES:
+def build_app(command: str | None = None) -> typer.Typer:
+    """The typer app with the sub-command module of ``command`` registered (all when None/unknown)."""
+    import typer
+
+    app = typer.Typer(name="smartvm", help=HELP, no_args_is_help=True, pretty_exceptions_enable=False)
+
+    def version_callback(value: bool) -> None:
+        if value:
+            typer.echo(f"smartvm {__version__}")
+            raise typer.Exit()
+
+    @app.callback()
+    def _root(
+        version: bool = typer.Option(
+            False, "--version", callback=version_callback, is_eager=True, help="Print the version and exit."
+        ),
+    ) -> None:
+        """smartvm: microVMs for untrusted code."""
+
+    app.command()(doctor)
+    if command in COMMAND_MODULES:
+        module = COMMAND_MODULES[command]
+        _register(app, () if module is None else (module,))
+    else:
+        _register(app, _SUBCOMMAND_MODULES)
+    return app
+
+
+def _register(app: typer.Typer, modules: tuple[str, ...]) -> None:
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -72,12 +99,27 @@ def _register_subcommands() -> None:
         module.register(app)
 
 
-_register_subcommands()
+def __getattr__(name: str) -> object:
+    """``smartvm.cli.main.app``: the full app, built on first use."""
+    if name == "app":
+        app = build_app()
+        globals()["app"] = app
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
+    args = sys.argv[1:]
+    if args == ["--version"]:
+        sys.stdout.write(f"smartvm {__version__}\n")
+        return
+    from smartvm.errors import SmartVMError
+
+    app = build_app(args[0] if args and not args[0].startswith("-") else None)
     try:
         app()
     except SmartVMError as exc:
-        err_console.print(f"[red]error[/] {exc.code}: {exc.message}")
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[red]error[/] {exc.code}: {exc.message}")
         raise SystemExit(2) from exc

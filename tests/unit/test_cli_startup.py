@@ -1,0 +1,90 @@
+"""Start-up of ``import smartvm`` and the ``smartvm`` command: only what the command needs is imported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import typer
+
+import smartvm
+from smartvm.cli.main import COMMAND_MODULES, build_app
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+
+
+def _commands(app: typer.Typer) -> set[str]:
+    return set(typer.main.get_group(app).commands)
+
+
+def test_import_smartvm_loads_no_heavy_dependency() -> None:
+    res = _python(
+        "import sys, smartvm\n"
+        "heavy = {'pydantic', 'typer', 'rich', 'httpx', 'smartvm.config'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "from smartvm import SmartVM, SmartVMOptions, ErrorCode\n"
+        "from smartvm.orchestrator import SmartVM as S\n"
+        "assert SmartVM is S and SmartVMOptions.__name__ == 'SmartVMOptions' and ErrorCode.NO_CLIENT\n"
+    )
+    assert res.returncode == 0, res.stderr
+
+
+def test_every_public_name_resolves() -> None:
+    for name in smartvm.__all__:
+        assert getattr(smartvm, name) is not None
+    assert set(smartvm.__all__) <= set(dir(smartvm))
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        smartvm.Nope  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "entry", [["-m", "smartvm.cli"], ["-c", "from smartvm.cli.main import main; main()"]]
+)
+def test_version_is_printed_without_typer(entry: list[str]) -> None:
+    res = subprocess.run(
+        [sys.executable, "-X", "importtime", *entry, "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert (res.returncode, res.stdout) == (0, f"smartvm {smartvm.__version__}\n")
+    imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines()}
+    assert not imported & {"typer", "rich", "pydantic", "smartvm.cli.vm"}
+
+
+def test_version_option_still_works_among_other_arguments() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "smartvm.cli", "--version", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (res.returncode, res.stdout) == (0, f"smartvm {smartvm.__version__}\n")
+
+
+def test_run_imports_only_its_own_command_module() -> None:
+    res = _python(
+        "import sys\n"
+        "from smartvm.cli.main import build_app\n"
+        "import typer\n"
+        "app = build_app('run')\n"
+        "assert 'run' in typer.main.get_group(app).commands\n"
+        "assert not {'smartvm.cli.images', 'smartvm.cli.network'} & set(sys.modules)\n"
+    )
+    assert res.returncode == 0, res.stderr
+
+
+def test_every_command_is_routed_to_the_module_that_defines_it() -> None:
+    everything = _commands(build_app())
+    assert everything == set(COMMAND_MODULES)  # a new command must be added to COMMAND_MODULES
+    for name in everything:
+        assert name in _commands(build_app(name))
+
+
+def test_an_unknown_command_gets_the_full_app_and_click_s_error() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "smartvm.cli", "bogus"], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 2
+    assert "No such command 'bogus'" in res.stderr
+    assert _commands(build_app("bogus")) == set(COMMAND_MODULES)
