@@ -13,7 +13,7 @@ from fc_fake.server import ApiServer
 from fc_fake.spec import operations
 
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.firecracker.api import FirecrackerAPI, Resource
+from smartvm.firecracker.api import Call, FirecrackerAPI, Resource
 
 pytest_plugins = ["fc_fake.fixtures"]
 
@@ -286,3 +286,29 @@ async def test_a_call_that_is_not_answered_times_out_naming_it(short_tmp: Path) 
         assert "PUT /machine-config" in err.value.message and "did not answer" in err.value.message
         assert await api.request("GET", "/b") == {"n": 1}  # the stuck connection was given up
     assert log == ["connect", "PUT /machine-config", "connect", "GET /b"]
+
+
+async def test_a_cancelled_call_leaves_no_stray_answer_for_the_next(short_tmp: Path) -> None:
+    sock = short_tmp / "s.sock"
+    async with scripted(sock, ["ok", "hang", "ok"]) as log, FirecrackerAPI(sock) as api:
+        await api.request("GET", "/a")
+        stuck = asyncio.create_task(api.request("GET", "/b"))
+        for _ in range(500):
+            if log[-1] == "GET /b":
+                break
+            await asyncio.sleep(0.01)
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+        assert await api.request("GET", "/c") == {"n": 1}
+    assert log == ["connect", "GET /a", "GET /b", "connect", "GET /c"]
+
+
+async def test_a_pipelined_batch_cut_midway_names_the_unanswered_call(short_tmp: Path) -> None:
+    sock = short_tmp / "s.sock"
+    async with scripted(sock, ["ok", "cut"]) as log, FirecrackerAPI(sock) as api:
+        with pytest.raises(SmartVMError) as err:
+            await api.send_all([Call("PUT", "/a", {}), Call("PUT", "/b", {}), Call("PUT", "/c", {})])
+    assert err.value.code is ErrorCode.NO_CLIENT
+    assert err.value.message.startswith("PUT /b: ")
+    assert log[:3] == ["connect", "PUT /a", "PUT /b"]

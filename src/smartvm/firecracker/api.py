@@ -288,9 +288,12 @@ class FirecrackerAPI:
                     continue
                 raise SmartVMError(
                     ErrorCode.NO_CLIENT,
-                    f"{pending[0]}: the Firecracker API connection at {self.socket_path} broke: {exc}; "
-                    "is the process running?",
+                    f"{calls[len(answers)]}: the Firecracker API connection at {self.socket_path} broke: "
+                    f"{exc}; is the process running?",
                 ) from exc
+            except BaseException:  # cancelled mid-exchange: an answer may still come on this stream
+                self._drop()
+                raise
 
     async def _connection(self, call: Call) -> _Connection:
         if self._conn is not None and not self._conn.usable():
