@@ -89,3 +89,15 @@ def test_sweep_detaches_only_unreferenced_devices_over_our_files(work: Path) -> 
     finally:
         detach_loop(foreign)
         reg.release(base, "sb-1")
+
+
+def test_private_devices_survive_sweep_until_their_holder_is_gone(work: Path) -> None:
+    cow = image(work / "sb-1.cow")
+    reg = LoopRegistry(work / "state", owned_roots=[work])
+    dev = reg.attach_private(cow, "sb-1")
+    assert reg.attach_private(cow, "sb-1") == dev  # re-attach after a restart reuses it
+    assert reg.sweep() == []
+    assert attached_loops()[dev] == cow
+    LoopRegistry(work / "state", owned_roots=[work]).reconcile(set())  # sb-1 is gone
+    assert dev not in attached_loops() and reg.private_device("sb-1") is None
+    reg.detach_private("sb-1")  # idempotent

@@ -71,6 +71,9 @@ def test_template_and_snapshot_crud(store: SandboxStore) -> None:
     assert store.get_snapshot("s1") == snap and store.list_snapshots() == [snap]
     store.delete_snapshot("s1")
     assert store.list_snapshots() == []
+    with pytest.raises(SmartVMError) as err:
+        store.get_snapshot("s1")
+    assert err.value.code == ErrorCode.SNAPSHOT_NOT_FOUND
 
 
 def test_sandbox_crud_transitions_and_events(store: SandboxStore, tmp_path: Path) -> None:

@@ -437,7 +437,7 @@ class SandboxStore:
     def get_snapshot(self, name: str) -> SnapshotRecord:
         rows = self._query("SELECT * FROM snapshots WHERE name = ?", (name,))
         if not rows:
-            raise _not_found(ErrorCode.SNAPSHOT_INVALID, "snapshot", name)
+            raise _not_found(ErrorCode.SNAPSHOT_NOT_FOUND, "snapshot", name)
         return _from_row(SnapshotRecord, rows[0])
 
     def list_snapshots(self) -> list[SnapshotRecord]:

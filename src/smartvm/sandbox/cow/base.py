@@ -134,7 +134,8 @@ class CowStrategy(ABC):
 
     @abstractmethod
     def reopen(self, layer: CowLayer) -> CowDisk:
-        """Attach a layer persisted by :meth:`CowDisk.persist` (or recorded before a restart)."""
+        """Attach a layer persisted by :meth:`CowDisk.persist`, or adopt one recorded before a
+        manager restart whose VM still runs (host devices that still exist are reused)."""
 
 
 def allocated(path: Path) -> int:

@@ -23,7 +23,7 @@ from smartvm.sandbox.cow.base import (
     need_tool,
     temp_beside,
 )
-from smartvm.sandbox.cow.loopdev import LoopRegistry, attach_loop, attached_loops, detach_loop, sectors
+from smartvm.sandbox.cow.loopdev import LoopRegistry, sectors
 
 COW_FILE = "rootfs.cow"
 CONTROL = Path("/dev/mapper/control")
@@ -80,14 +80,13 @@ class DmDisk(CowDisk):
     def attach(self) -> None:
         sid, cow_file = self.layer.sandbox_id, self.layer.paths()[0]
         origin = self.registry.acquire(self.layer.base_image, sid)
-        cow_dev = ""
         try:
-            cow_dev = attach_loop(cow_file, read_only=False)
-            table = snapshot_table(self.layer.size_bytes // 512, origin, cow_dev)
-            _dmsetup("create", dm_name(sid), stdin=table + "\n")
+            cow_dev = self.registry.attach_private(cow_file, sid)
+            if not self.device_path.exists():  # else: adopt the device a previous manager made
+                table = snapshot_table(self.layer.size_bytes // 512, origin, cow_dev)
+                _dmsetup("create", dm_name(sid), stdin=table + "\n")
         except BaseException:
-            if cow_dev:
-                detach_loop(cow_dev)
+            self.registry.detach_private(sid)
             self.registry.release(self.layer.base_image, sid)
             raise
         self.attached = True
@@ -97,10 +96,7 @@ class DmDisk(CowDisk):
             return
         if self.device_path.exists():
             _dmsetup("remove", dm_name(self.layer.sandbox_id))
-        cow_file = self.layer.paths()[0]
-        for dev, backing in attached_loops().items():
-            if backing == cow_file:
-                detach_loop(dev)
+        self.registry.detach_private(self.layer.sandbox_id)
         self.registry.release(self.layer.base_image, self.layer.sandbox_id)
         self.attached = False
 
@@ -161,6 +157,7 @@ class DmSnapshotStrategy(CowStrategy):
         return disk
 
     def reopen(self, layer: CowLayer) -> CowDisk:
+        """Attach a persisted layer, or adopt it when its dm device survived a manager restart."""
         if not layer.paths()[0].is_file():
             raise cow_error(f"the CoW file {layer.paths()[0]} of {layer.sandbox_id} is missing")
         disk = DmDisk(layer, self.registry)

@@ -73,6 +73,7 @@ class LoopRegistry:
             fcntl.flock(lockf.fileno(), fcntl.LOCK_EX)
             state: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
             state.setdefault("bases", {})
+            state.setdefault("private", {})
             before = json.dumps(state, sort_keys=True)
             yield state
             if json.dumps(state, sort_keys=True) != before:
@@ -107,6 +108,36 @@ class LoopRegistry:
                 self._detach_if_ours(entry["device"], Path(key))
                 del state["bases"][key]
 
+    def attach_private(self, path: Path, holder: str) -> str:
+        """A writable loop device over ``holder``'s own file (a CoW store), recorded so that
+        :meth:`sweep` leaves it alone; reused if it is still attached."""
+        key = str(path.resolve())
+        with self._state() as state:
+            entry = state["private"].get(holder)
+            if (
+                entry is not None
+                and entry["file"] == key
+                and attached_loops().get(entry["device"]) == Path(key)
+            ):
+                return str(entry["device"])
+            if entry is not None:
+                self._detach_if_ours(entry["device"], Path(entry["file"]))
+            device = attach_loop(Path(key), read_only=False)
+            state["private"][holder] = {"device": device, "file": key}
+            return device
+
+    def detach_private(self, holder: str) -> None:
+        """Detach ``holder``'s private loop device, if any. Idempotent."""
+        with self._state() as state:
+            entry = state["private"].pop(holder, None)
+            if entry is not None:
+                self._detach_if_ours(entry["device"], Path(entry["file"]))
+
+    def private_device(self, holder: str) -> str | None:
+        with self._state() as state:
+            entry = state["private"].get(holder)
+            return str(entry["device"]) if entry else None
+
     def holders(self, base_image: Path) -> list[str]:
         with self._state() as state:
             entry = state["bases"].get(str(base_image.resolve()))
@@ -121,6 +152,10 @@ class LoopRegistry:
                 if not entry["holders"]:
                     self._detach_if_ours(entry["device"], Path(key))
                     del state["bases"][key]
+            for holder, entry in list(state["private"].items()):
+                if holder not in live:
+                    self._detach_if_ours(entry["device"], Path(entry["file"]))
+                    del state["private"][holder]
 
     def sweep(self) -> list[str]:
         """Detach loop devices over our files (registered bases, files under owned roots) that
@@ -128,6 +163,7 @@ class LoopRegistry:
         swept: list[str] = []
         with self._state() as state:
             referenced = {e["device"] for e in state["bases"].values()}
+            referenced |= {e["device"] for e in state["private"].values()}
             bases = {Path(k) for k in state["bases"]}
             for device, backing in attached_loops().items():
                 if device in referenced:
