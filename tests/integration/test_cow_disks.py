@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.sandbox.cow import CowDisk, CowStrategy, LoopRegistry
 from smartvm.sandbox.cow.dm import CONTROL, DmSnapshotStrategy
 from smartvm.sandbox.cow.files import FileCopyStrategy
@@ -98,6 +99,8 @@ def exercise(strategy: CowStrategy, base: Path, work: Path, *, small: bool) -> N
         layer = a.persist(work / "pause-a")
         assert all(p.parent == work / "pause-a" and p.exists() for p in layer.paths())
         assert not (work / "sb-aaaaaaaa" / layer.files[0]).exists()
+        a.release()  # a persisted disk is spent: releasing it must not delete the paused layer
+        assert all(p.exists() for p in layer.paths())
         a = strategy.reopen(layer)
         flat_again = a.flatten(work / "a2.img")
         assert sha(flat_again) == sha(flat_a)
@@ -125,11 +128,13 @@ def test_qcow2_overlay(tmp_path: Path) -> None:
     exercise(strategy, base, tmp_path, small=True)
 
 
-@pytest.fixture
-def btrfs_dir() -> Iterator[Path]:
-    """A btrfs made on a loop device in a temp dir; unmounted and detached even on failure."""
-    if os.geteuid() != 0 or shutil.which("mkfs.btrfs") is None:
-        pytest.skip("needs root and mkfs.btrfs (apt-get install btrfs-progs)")
+@pytest.fixture(params=["btrfs", "xfs"])
+def reflink_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A btrfs or xfs made on a loop device in a temp dir; unmounted and detached even on failure."""
+    fstype = str(request.param)
+    mkfs = {"btrfs": ["mkfs.btrfs", "-q"], "xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"]}[fstype]
+    if os.geteuid() != 0 or shutil.which(mkfs[0]) is None:
+        pytest.skip(f"needs root and {mkfs[0]} (apt-get install btrfs-progs xfsprogs)")
     top = Path(tempfile.mkdtemp(prefix="svcow"))
     image, mnt = top / "fs.img", top / "mnt"
     mnt.mkdir()
@@ -137,10 +142,10 @@ def btrfs_dir() -> Iterator[Path]:
         f.truncate(768 * MIB)
     mounted = False
     try:
-        subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+        subprocess.run([*mkfs, str(image)], check=True, capture_output=True)
         res = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True, text=True)
         if res.returncode != 0:
-            pytest.skip(f"cannot loop-mount btrfs here: {res.stderr.strip()}")
+            pytest.skip(f"cannot loop-mount {fstype} here: {res.stderr.strip()}")
         mounted = True
         yield mnt
     finally:
@@ -152,15 +157,21 @@ def btrfs_dir() -> Iterator[Path]:
         shutil.rmtree(top)
 
 
-def test_reflink_on_btrfs(btrfs_dir: Path, tmp_path: Path) -> None:
-    strategy = FileCopyStrategy("reflink", btrfs_dir)
+def test_reflink(reflink_dir: Path) -> None:
+    strategy = FileCopyStrategy("reflink", reflink_dir)
     assert strategy.available()
-    assert (
-        not FileCopyStrategy("reflink", tmp_path).available()
-        or tmp_path.stat().st_dev == btrfs_dir.stat().st_dev
-    )
-    base = make_base(btrfs_dir / "base.img")
-    exercise(strategy, base, btrfs_dir, small=True)
+    base = make_base(reflink_dir / "base.img")
+    exercise(strategy, base, reflink_dir, small=True)
+
+
+def test_reflink_refused_where_unsupported(tmp_path: Path) -> None:
+    strategy = FileCopyStrategy("reflink", tmp_path)
+    if strategy.available():
+        pytest.skip(f"{tmp_path} supports reflinks")
+    with pytest.raises(SmartVMError) as err:
+        strategy.create(make_base(tmp_path / "base.img"), tmp_path / "sb", "sb-00000001")
+    assert err.value.code == ErrorCode.COW_FAILED
+    assert not (tmp_path / "sb" / "rootfs.img").exists()
 
 
 def test_dm_snapshot(tmp_path: Path) -> None:

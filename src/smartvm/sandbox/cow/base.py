@@ -114,7 +114,10 @@ class CowDisk(ABC):
         return self.layer
 
     def release(self) -> None:
-        """Detach and delete the layer files. Idempotent; the base image is never touched."""
+        """Detach and delete the layer files. Idempotent, and a no-op on a disk already persisted
+        (its files belong to the pause dir now); the base image is never touched."""
+        if self.released:
+            return
         self.detach()
         for path in self.layer.paths():
             path.unlink(missing_ok=True)
