@@ -151,3 +151,20 @@ def check_netns() -> CheckResult:
         )
     _ip("netns", "del", name)
     return CheckResult("network namespaces", True, "can create and remove network namespaces")
+
+
+@register_check
+def check_cow_disks() -> CheckResult:
+    """Which copy-on-write strategy sandboxes get here, and why the better ones are out."""
+    from smartvm.engine import select_engine
+    from smartvm.options import SmartVMOptions
+    from smartvm.sandbox.cow import report
+
+    options = SmartVMOptions()
+    directory = options.data_dir
+    while not directory.exists():  # probe where the data dir will be, without creating it
+        directory = directory.parent
+    rep = report(select_engine(options), directory)
+    ok = rep.chosen != "sparse-copy"
+    fix = "" if ok else "put the data dir on btrfs/xfs (reflinks) or use the qemu engine (qcow2 overlays)"
+    return CheckResult("copy-on-write disks", ok, rep.line(), fix)
