@@ -310,3 +310,24 @@ async def test_host_write_errors_are_clear_and_leave_nothing(agent: AgentClient,
         assert err.value.code is ErrorCode.HOST_FILE_ERROR and "space" in err.value.message
         assert os.listdir(full) == []
     assert (await agent.exec(["echo", "ok"])).stdout == b"ok\n"  # the cancelled read left the agent fine
+
+
+async def test_a_slow_consumer_does_not_make_the_host_buffer_without_bound(agent_server: AgentServer) -> None:
+    client = agent_server.client()
+    client_small = AgentClient(agent_server.open_stream, max_queued_bytes=1024 * 1024)
+    try:
+        await client_small.wait_ready(30)
+        events = client_small.exec_stream("head -c 200000000 /dev/zero", timeout=60)
+        got = 0
+        with pytest.raises(SmartVMError) as err:
+            async with contextlib.aclosing(events):
+                async for ev in events:
+                    got += len(ev.data)
+                    await asyncio.sleep(0.2)  # a consumer slower than the guest
+        assert err.value.code is ErrorCode.GUEST_OUTPUT_TOO_LARGE
+        assert got < 2 * 1024 * 1024
+        assert (await client_small.exec(["echo", "ok"])).stdout == b"ok\n"  # the command was cancelled
+        assert not [p for p in await client.processes.list() if p.running]
+    finally:
+        await client_small.close()
+        await client.close()

@@ -39,6 +39,8 @@ DEFAULT_READ_LIMIT = 256 * 1024 * 1024
 DEFAULT_DOWNLOAD_LIMIT = 4 * 1024 * 1024 * 1024
 #: cap on a result the agent sends as DATA frames (process and directory listings)
 _RESULT_LIMIT = 64 * 1024 * 1024
+#: default cap on the output received for one call but not yet taken by its consumer
+DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,10 @@ class _ConnectionLost(SmartVMError):
     """AGENT_UNAVAILABLE because the stream dropped (lets idempotent calls retry once)."""
 
 
+class _Overflow(SmartVMError):
+    """GUEST_OUTPUT_TOO_LARGE: a consumer fell too far behind its channel; the request gets cancelled."""
+
+
 async def _maybe_await(value: Any) -> None:
     if inspect.isawaitable(value):
         await value
@@ -293,6 +299,8 @@ class _Channel:
         self.queue: asyncio.Queue[p.Frame | BaseException] = asyncio.Queue()
         self.finished = False
         self.answered = False  # a RESULT/ERROR (or a failure) is queued: stop sending DATA
+        self.queued = 0  # payload bytes received but not yet taken by get()
+        self.overflowed = False
 
     async def get(self, deadline: float | None) -> p.Frame:
         """Next frame for this channel; RESULT/ERROR finish it. Raises on error, drop or deadline."""
@@ -306,8 +314,9 @@ class _Channel:
                 "or hung (check the console log)",
             ) from None
         if isinstance(item, BaseException):
-            self.finished = True
+            self.finished = not isinstance(item, _Overflow)  # an overflow still needs a CANCEL
             raise item
+        self.queued -= len(item.payload)
         if item.type == p.ERROR:
             self.finished = True
             raise p.error_from_frame(self.op, item.header)
@@ -329,7 +338,13 @@ class _Channel:
 class _Connection:
     """One open stream to the agent: a reader task routing frames to channels by id."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        queue_limit: int = DEFAULT_QUEUE_LIMIT,
+    ) -> None:
+        self.queue_limit = queue_limit
         self.reader = reader
         self.writer = writer
         self.channels: dict[int, _Channel] = {}
@@ -434,8 +449,20 @@ class _Connection:
         if not self.ready.done():
             return  # stale frames from an earlier session
         ch = self.channels.get(item.channel)
-        if ch is not None:
+        if ch is not None and not ch.overflowed:
             ch.answered = ch.answered or item.type in (p.RESULT, p.ERROR)
+            ch.queued += len(item.payload)
+            if ch.queued > self.queue_limit:  # never buffer without bound for a slow consumer
+                ch.overflowed = ch.answered = True
+                overflow = _Overflow(
+                    ErrorCode.GUEST_OUTPUT_TOO_LARGE,
+                    f"{ch.op}: the guest sent more than {self.queue_limit} bytes that were not consumed "
+                    "yet; consume the output faster (or raise max_queued_bytes), the request was cancelled",
+                )
+                while not ch.queue.empty():  # the request fails: free what it would never read
+                    ch.queue.get_nowait()
+                ch.queue.put_nowait(overflow)
+                return
             ch.queue.put_nowait(item)
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -475,11 +502,13 @@ class AgentClient:
         connect_timeout: float = 10.0,
         request_timeout: float = 60.0,
         exec_grace: float = 15.0,
+        max_queued_bytes: int = DEFAULT_QUEUE_LIMIT,
     ) -> None:
         self._open_stream = open_stream
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
         self._exec_grace = exec_grace
+        self._max_queued_bytes = _limit(max_queued_bytes, "max_queued_bytes")
         self._conn: _Connection | None = None
         self._lock = asyncio.Lock()
         self.processes = Processes(self)
@@ -504,7 +533,7 @@ class AgentClient:
             raise SmartVMError(ErrorCode.AGENT_TIMEOUT, "could not open the agent stream in time") from None
         except OSError as exc:
             raise SmartVMError(ErrorCode.AGENT_UNAVAILABLE, f"cannot open the agent stream: {exc}") from None
-        conn = _Connection(reader, writer)
+        conn = _Connection(reader, writer, self._max_queued_bytes)
         try:
             await conn.wait_hello(timeout)
         except BaseException:
