@@ -42,8 +42,9 @@ def _vm(client: AgentClient) -> MicroVM:
 class HostileAgent:
     """Speaks the agent protocol and lies: file_stat names the file ``name``, modes carry setuid."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, malformed: bool = False) -> None:
         self.name = name
+        self.malformed = malformed
         self.dir = Path(tempfile.mkdtemp(prefix="svhostile-", dir="/tmp"))
         self.sock = self.dir / "agent.sock"
         self.server: asyncio.Server | None = None
@@ -78,6 +79,10 @@ class HostileAgent:
             hello = {"protocol": p.PROTOCOL_VERSION, "pid": 1, "started": 1.0, "transport": "unix"}
             return p.encode_frame(p.HELLO, 0, hello)
         op, cid = frame.header.get("op"), frame.channel
+        if self.malformed:
+            garbage = {"file_stat": {"name": self.name}, "file_list": {"entries": "nope"}}
+            bad = {"proc_list": {"processes": [{"pid": "not a number"}]}, **garbage}
+            return p.encode_frame(p.RESULT, cid, bad.get(str(op), {"exit_code": "x"}))
         if op == "file_stat":
             info = {"name": self.name, "path": self.name, "type": "file", "size": 5, "mode": 0o6777}
             return p.encode_frame(p.RESULT, cid, {**info, "uid": 0, "gid": 0, "mtime": 0.0})
@@ -331,3 +336,20 @@ async def test_a_slow_consumer_does_not_make_the_host_buffer_without_bound(agent
     finally:
         await client_small.close()
         await client.close()
+
+
+async def test_malformed_guest_answers_are_protocol_errors() -> None:
+    async with HostileAgent("x", malformed=True) as fake:
+        client = AgentClient(fake.open_stream)
+        try:
+            for call in (
+                client.files.stat("/x"),
+                client.files.list("/"),
+                client.processes.list(),
+                client.exec(["true"]),
+            ):
+                with pytest.raises(SmartVMError) as err:
+                    await call
+                assert err.value.code is ErrorCode.AGENT_PROTOCOL_ERROR, err.value
+        finally:
+            await client.close()

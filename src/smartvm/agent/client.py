@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -17,7 +18,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from smartvm.agent import protocol as p
 from smartvm.agent.host_file import HostFileWriter
@@ -25,6 +26,27 @@ from smartvm.errors import ErrorCode, SmartVMError
 
 OpenStream = Callable[[float], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 OutputCallback = Callable[[bytes], Any]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _guest_answer(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Parse a guest answer: a malformed one is AGENT_PROTOCOL_ERROR, never a KeyError or TypeError."""
+
+    def wrap(parse: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(parse)
+        def parsed(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return parse(*args, **kwargs)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise SmartVMError(
+                    ErrorCode.AGENT_PROTOCOL_ERROR, f"the guest agent sent a malformed {what}: {exc!r}"
+                ) from None
+
+        return parsed
+
+    return wrap
+
 
 #: ops that can be re-sent safely after the stream dropped mid-call
 _IDEMPOTENT = frozenset({"ping", "health", "proc_list", "file_read", "file_list", "file_stat", "sync"})
@@ -57,6 +79,7 @@ class AgentInfo:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
+    @_guest_answer("hello")
     def from_header(cls, h: dict[str, Any]) -> AgentInfo:
         return cls(
             protocol=int(h.get("protocol", 0)),
@@ -126,6 +149,7 @@ class ProcessInfo:
     stdin_open: bool
 
     @classmethod
+    @_guest_answer("process info")
     def from_header(cls, h: dict[str, Any]) -> ProcessInfo:
         return cls(
             pid=int(h["pid"]),
@@ -154,6 +178,7 @@ class FileInfo:
     target: str | None = None
 
     @classmethod
+    @_guest_answer("file info")
     def from_header(cls, h: dict[str, Any]) -> FileInfo:
         return cls(
             name=str(h["name"]),
@@ -425,7 +450,12 @@ class _Connection:
                 )
             return
         if item.type == p.HELLO:
-            info = AgentInfo.from_header(item.header)
+            try:
+                info = AgentInfo.from_header(item.header)
+            except SmartVMError as exc:
+                if not self.ready.done():
+                    self.ready.set_exception(exc)
+                return
             if not self.ready.done():
                 if info.protocol != p.PROTOCOL_VERSION:
                     self.ready.set_exception(
@@ -793,6 +823,15 @@ def _json_object(raw: bytes, op: str) -> dict[str, Any]:
     return value
 
 
+def _entries(h: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """The list under `key` of a guest answer (a listing), checked to be a list of objects."""
+    value = h.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+        raise SmartVMError(ErrorCode.AGENT_PROTOCOL_ERROR, f"the guest agent sent a malformed {key} list")
+    return value
+
+
+@_guest_answer("exec result")
 def _result(h: dict[str, Any]) -> ExecResult:
     code = h.get("exit_code")
     return ExecResult(
@@ -831,7 +870,7 @@ class Processes:
 
     async def list(self) -> list[ProcessInfo]:
         h = await self._c._call("proc_list")
-        return [ProcessInfo.from_header(x) for x in h.get("processes", [])]
+        return [ProcessInfo.from_header(x) for x in _entries(h, "processes")]
 
     async def send_stdin(self, pid: int, data: bytes | str, *, eof: bool = False) -> None:
         raw = data.encode() if isinstance(data, str) else data
@@ -1060,7 +1099,7 @@ class Files:
 
     async def list(self, path: str) -> list[FileInfo]:
         h = await self._c._call("file_list", path=_guest_path(path))
-        return [FileInfo.from_header(e) for e in h.get("entries", [])]
+        return [FileInfo.from_header(e) for e in _entries(h, "entries")]
 
     async def stat(self, path: str, *, follow: bool = True) -> FileInfo:
         return FileInfo.from_header(await self._c._call("file_stat", path=_guest_path(path), follow=follow))
