@@ -900,18 +900,8 @@ class Processes:
                     yield ExecEvent(frame.header["s"], frame.payload)
                 elif frame.type == p.RESULT:
                     if not frame.header.get("running"):
-                        info = frame.header
                         yield ExecEvent(
-                            "exit",
-                            pid=pid,
-                            result=ExecResult(
-                                exit_code=int(info.get("exit_code") or 0),
-                                stdout=b"",
-                                stderr=b"",
-                                duration=float(info.get("duration") or 0.0),
-                                signal=info.get("signal"),
-                                pid=pid,
-                            ),
+                            "exit", pid=pid, result=dataclasses.replace(_result(frame.header), pid=pid)
                         )
                     return
 
