@@ -117,13 +117,14 @@ async def test_cp_names_the_host_file_from_the_users_path_not_the_guests(
     assert stat.S_IMODE(written.stat().st_mode) == 0o777  # the guest's mode, without setuid/setgid
 
 
-@pytest.mark.parametrize("guest_path", ["vm1:/", "vm1:/tmp/..", "vm1:/tmp/."])
+@pytest.mark.parametrize("guest_path", ["vm1:/", "vm1:/tmp/..", "vm1:/tmp/.", "vm1:/etc/hostname"])
 async def test_cp_refuses_a_guest_path_without_a_file_name(tmp_path: Path, guest_path: str) -> None:
+    dst = str(tmp_path) if guest_path != "vm1:/etc/hostname" else f"{tmp_path}/missing-dir/"
     async with HostileAgent("x") as fake:
         client = AgentClient(fake.open_stream)
         try:
             with pytest.raises(SmartVMError) as err:
-                await copy_file(_vm(client), plan_copy(guest_path, str(tmp_path)))
+                await copy_file(_vm(client), plan_copy(guest_path, dst))
         finally:
             await client.close()
     assert err.value.code is ErrorCode.INVALID_ARGUMENT

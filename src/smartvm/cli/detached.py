@@ -92,6 +92,7 @@ class CopyPlan:
     guest_path: str
     local: Path
     upload: bool
+    local_is_dir: bool = False  # the user wrote DST with a trailing slash
 
 
 def plan_copy(src: str, dst: str) -> CopyPlan:
@@ -106,7 +107,7 @@ def plan_copy(src: str, dst: str) -> CopyPlan:
     if remote_dst is not None:
         return CopyPlan(remote_dst.group(1), remote_dst.group(2), Path(src), upload=True)
     assert remote_src is not None
-    return CopyPlan(remote_src.group(1), remote_src.group(2), Path(dst), upload=False)
+    return CopyPlan(remote_src.group(1), remote_src.group(2), Path(dst), False, dst.endswith("/"))
 
 
 async def copy_file(vm: MicroVM, plan: CopyPlan) -> int:
@@ -127,6 +128,10 @@ async def copy_file(vm: MicroVM, plan: CopyPlan) -> int:
         if target.endswith("/") or (await files.exists(target) and (await files.stat(target)).type == "dir"):
             target = target.rstrip("/") + "/" + plan.local.name
         return await files.upload(plan.local, target)
+    if plan.local_is_dir and not plan.local.is_dir():
+        raise SmartVMError(
+            ErrorCode.INVALID_ARGUMENT, f"{plan.local}/ is not a directory on the host; create it first"
+        )
     local = plan.local / guest_file_name(plan.guest_path) if plan.local.is_dir() else plan.local
     info = await files.stat(plan.guest_path)
     if info.type != "file":
