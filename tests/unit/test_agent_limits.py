@@ -304,6 +304,10 @@ def tiny_tmpfs(path: Path, size: str = "64k") -> Iterator[Path]:
         subprocess.run(["umount", str(path)], check=True)
 
 
+def _remount_read_only(path: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+
+
 async def test_host_write_errors_are_clear_and_leave_nothing(agent: AgentClient, tmp_path: Path) -> None:
     src = tmp_path / "big"
     src.write_bytes(os.urandom(1024 * 1024))
@@ -315,6 +319,10 @@ async def test_host_write_errors_are_clear_and_leave_nothing(agent: AgentClient,
             await copy_file(_vm(agent), plan_copy(f"vm1:{src}", str(full)))
         assert err.value.code is ErrorCode.HOST_FILE_ERROR and "space" in err.value.message
         assert os.listdir(full) == []
+        _remount_read_only(full)
+        with pytest.raises(SmartVMError) as err:
+            await copy_file(_vm(agent), plan_copy(f"vm1:{src}", str(full / "x")))
+        assert err.value.code is ErrorCode.HOST_FILE_ERROR and "read-only" in err.value.message.lower()
     assert (await agent.exec(["echo", "ok"])).stdout == b"ok\n"  # the cancelled read left the agent fine
 
 

@@ -330,8 +330,12 @@ class _Channel:
     async def get(self, deadline: float | None) -> p.Frame:
         """Next frame for this channel; RESULT/ERROR finish it. Raises on error, drop or deadline."""
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            item = await asyncio.wait_for(self.queue.get(), timeout)
+        try:  # what already arrived is delivered even past the deadline (a slow consumer is no hung guest)
+            item = (
+                self.queue.get_nowait()
+                if not self.queue.empty()
+                else await asyncio.wait_for(self.queue.get(), timeout)
+            )
         except TimeoutError:
             raise SmartVMError(
                 ErrorCode.AGENT_TIMEOUT,
