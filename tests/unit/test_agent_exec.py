@@ -102,7 +102,8 @@ async def test_callbacks_get_chunks_as_they_arrive(agent: AgentClient, tmp_path:
         on_stderr=errs.append,
         timeout=60,
     )
-    assert b"".join(got) == b"one\ntwo\n" == r.stdout and errs == [b"e\n"]
+    assert b"".join(got) == b"one\ntwo\n" and errs == [b"e\n"]
+    assert r.stdout == r.stderr == b""  # consumed by the callbacks, so not kept as well
 
 
 async def test_ten_commands_at_once(agent: AgentClient) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -16,18 +18,51 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from smartvm.agent import protocol as p
+from smartvm.agent.host_file import HostFileWriter
 from smartvm.errors import ErrorCode, SmartVMError
 
 OpenStream = Callable[[float], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 OutputCallback = Callable[[bytes], Any]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _guest_answer(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Parse a guest answer: a malformed one is AGENT_PROTOCOL_ERROR, never a KeyError or TypeError."""
+
+    def wrap(parse: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(parse)
+        def parsed(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return parse(*args, **kwargs)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise SmartVMError(
+                    ErrorCode.AGENT_PROTOCOL_ERROR, f"the guest agent sent a malformed {what}: {exc!r}"
+                ) from None
+
+        return parsed
+
+    return wrap
+
 
 #: ops that can be re-sent safely after the stream dropped mid-call
 _IDEMPOTENT = frozenset({"ping", "health", "proc_list", "file_read", "file_list", "file_stat", "sync"})
 _READ_SIZE = 256 * 1024
+
+# Guest output is data from an untrusted party: nothing it sends grows host memory or disk unbounded.
+#: default cap on the stdout, and on the stderr, that exec/wait keep in host memory (each stream)
+DEFAULT_OUTPUT_LIMIT = 64 * 1024 * 1024
+#: default cap on what Files.read returns (host memory)
+DEFAULT_READ_LIMIT = 256 * 1024 * 1024
+#: default cap on what Files.download writes (host disk)
+DEFAULT_DOWNLOAD_LIMIT = 4 * 1024 * 1024 * 1024
+#: cap on a result the agent sends as DATA frames (process and directory listings)
+_RESULT_LIMIT = 64 * 1024 * 1024
+#: default cap on the output received for one call but not yet taken by its consumer
+DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -44,6 +79,7 @@ class AgentInfo:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
+    @_guest_answer("hello")
     def from_header(cls, h: dict[str, Any]) -> AgentInfo:
         return cls(
             protocol=int(h.get("protocol", 0)),
@@ -59,7 +95,12 @@ class AgentInfo:
 
 @dataclass(frozen=True)
 class ExecResult:
-    """The outcome of one command. ``exit_code`` is 128+N when killed by signal N, 124 on timeout."""
+    """The outcome of one command. ``exit_code`` is 128+N when killed by signal N, 124 on timeout.
+
+    ``stdout``/``stderr`` hold at most the output limit of the call (the first bytes); the
+    ``*_truncated`` flags say that more was produced and dropped. A stream consumed by a callback
+    is not kept at all (its bytes are empty).
+    """
 
     exit_code: int
     stdout: bytes
@@ -68,6 +109,8 @@ class ExecResult:
     signal: int | None = None
     timed_out: bool = False
     pid: int | None = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
 
     @property
     def stdout_text(self) -> str:
@@ -106,6 +149,7 @@ class ProcessInfo:
     stdin_open: bool
 
     @classmethod
+    @_guest_answer("process info")
     def from_header(cls, h: dict[str, Any]) -> ProcessInfo:
         return cls(
             pid=int(h["pid"]),
@@ -134,6 +178,7 @@ class FileInfo:
     target: str | None = None
 
     @classmethod
+    @_guest_answer("file info")
     def from_header(cls, h: dict[str, Any]) -> FileInfo:
         return cls(
             name=str(h["name"]),
@@ -185,9 +230,89 @@ class _ConnectionLost(SmartVMError):
     """AGENT_UNAVAILABLE because the stream dropped (lets idempotent calls retry once)."""
 
 
+class _Overflow(SmartVMError):
+    """GUEST_OUTPUT_TOO_LARGE: a consumer fell too far behind its channel; the request gets cancelled."""
+
+
 async def _maybe_await(value: Any) -> None:
     if inspect.isawaitable(value):
         await value
+
+
+# ------------------------------------------------------------------------------------- host-side checks
+def _text(value: Any, what: str) -> str:
+    """A string argument bound for the guest: NUL bytes would be cut or rejected there, so refuse here."""
+    if not isinstance(value, str):
+        raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"{what} must be a string, not {type(value).__name__}")
+    if "\0" in value:
+        raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"{what} contains a NUL byte: {value!r}; remove it")
+    return value
+
+
+def _guest_path(path: str) -> str:
+    if not _text(path, "guest path"):
+        raise SmartVMError(ErrorCode.INVALID_ARGUMENT, "guest path is empty; give an absolute path")
+    return path
+
+
+def _limit(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"{what} must be a non-negative number of bytes")
+    return value
+
+
+def _spawn_fields(
+    cmd: str | Sequence[str],
+    env: Mapping[str, str | None] | None,
+    cwd: str | None,
+    user: int | str | None,
+) -> dict[str, Any]:
+    """The request fields of exec/proc_start, checked on the host before anything is sent."""
+    if isinstance(cmd, str):
+        argv: str | list[str] = _text(cmd, "command")
+    else:
+        argv = [_text(arg, f"argument {i} of the command") for i, arg in enumerate(cmd)]
+        if not argv:
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, "the command is empty; give at least a program")
+    environ: dict[str, str | None] | None = None
+    if env is not None:
+        environ = {}
+        for key, val in env.items():
+            if not _text(key, "environment variable name") or "=" in key:
+                raise SmartVMError(
+                    ErrorCode.INVALID_ARGUMENT, f"environment variable name {key!r} is empty or contains '='"
+                )
+            environ[key] = None if val is None else _text(val, f"environment variable {key}")
+    if isinstance(user, str):
+        _text(user, "user")
+    return {
+        "cmd": argv,
+        "env": environ,
+        "cwd": None if cwd is None else _text(cwd, "cwd"),
+        "user": user,
+    }
+
+
+class _CappedBuffer:
+    """Keeps the first ``limit`` bytes of a stream and notes whether more arrived."""
+
+    def __init__(self, limit: int) -> None:
+        self.data = bytearray()
+        self.limit = limit
+        self.truncated = False
+
+    def add(self, chunk: bytes) -> None:
+        room = self.limit - len(self.data)
+        if len(chunk) > room:
+            self.truncated = True
+            chunk = chunk[: max(room, 0)]
+        self.data += chunk
+
+
+def _too_large(what: str, limit: int, fix: str) -> SmartVMError:
+    return SmartVMError(
+        ErrorCode.GUEST_OUTPUT_TOO_LARGE, f"{what} is larger than {limit} bytes and was stopped there; {fix}"
+    )
 
 
 # ------------------------------------------------------------------------------------------- connection
@@ -199,12 +324,18 @@ class _Channel:
         self.queue: asyncio.Queue[p.Frame | BaseException] = asyncio.Queue()
         self.finished = False
         self.answered = False  # a RESULT/ERROR (or a failure) is queued: stop sending DATA
+        self.queued = 0  # payload bytes received but not yet taken by get()
+        self.overflowed = False
 
     async def get(self, deadline: float | None) -> p.Frame:
         """Next frame for this channel; RESULT/ERROR finish it. Raises on error, drop or deadline."""
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            item = await asyncio.wait_for(self.queue.get(), timeout)
+        try:  # what already arrived is delivered even past the deadline (a slow consumer is no hung guest)
+            item = (
+                self.queue.get_nowait()
+                if not self.queue.empty()
+                else await asyncio.wait_for(self.queue.get(), timeout)
+            )
         except TimeoutError:
             raise SmartVMError(
                 ErrorCode.AGENT_TIMEOUT,
@@ -212,8 +343,9 @@ class _Channel:
                 "or hung (check the console log)",
             ) from None
         if isinstance(item, BaseException):
-            self.finished = True
+            self.finished = not isinstance(item, _Overflow)  # an overflow still needs a CANCEL
             raise item
+        self.queued -= len(item.payload)
         if item.type == p.ERROR:
             self.finished = True
             raise p.error_from_frame(self.op, item.header)
@@ -235,7 +367,13 @@ class _Channel:
 class _Connection:
     """One open stream to the agent: a reader task routing frames to channels by id."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        queue_limit: int = DEFAULT_QUEUE_LIMIT,
+    ) -> None:
+        self.queue_limit = queue_limit
         self.reader = reader
         self.writer = writer
         self.channels: dict[int, _Channel] = {}
@@ -316,7 +454,12 @@ class _Connection:
                 )
             return
         if item.type == p.HELLO:
-            info = AgentInfo.from_header(item.header)
+            try:
+                info = AgentInfo.from_header(item.header)
+            except SmartVMError as exc:
+                if not self.ready.done():
+                    self.ready.set_exception(exc)
+                return
             if not self.ready.done():
                 if info.protocol != p.PROTOCOL_VERSION:
                     self.ready.set_exception(
@@ -340,8 +483,20 @@ class _Connection:
         if not self.ready.done():
             return  # stale frames from an earlier session
         ch = self.channels.get(item.channel)
-        if ch is not None:
+        if ch is not None and not ch.overflowed:
             ch.answered = ch.answered or item.type in (p.RESULT, p.ERROR)
+            ch.queued += len(item.payload)
+            if ch.queued > self.queue_limit:  # never buffer without bound for a slow consumer
+                ch.overflowed = ch.answered = True
+                overflow = _Overflow(
+                    ErrorCode.GUEST_OUTPUT_TOO_LARGE,
+                    f"{ch.op}: the guest sent more than {self.queue_limit} bytes that were not consumed "
+                    "yet; consume the output faster (or raise max_queued_bytes), the request was cancelled",
+                )
+                while not ch.queue.empty():  # the request fails: free what it would never read
+                    ch.queue.get_nowait()
+                ch.queue.put_nowait(overflow)
+                return
             ch.queue.put_nowait(item)
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -381,11 +536,13 @@ class AgentClient:
         connect_timeout: float = 10.0,
         request_timeout: float = 60.0,
         exec_grace: float = 15.0,
+        max_queued_bytes: int = DEFAULT_QUEUE_LIMIT,
     ) -> None:
         self._open_stream = open_stream
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
         self._exec_grace = exec_grace
+        self._max_queued_bytes = _limit(max_queued_bytes, "max_queued_bytes")
         self._conn: _Connection | None = None
         self._lock = asyncio.Lock()
         self.processes = Processes(self)
@@ -410,7 +567,7 @@ class AgentClient:
             raise SmartVMError(ErrorCode.AGENT_TIMEOUT, "could not open the agent stream in time") from None
         except OSError as exc:
             raise SmartVMError(ErrorCode.AGENT_UNAVAILABLE, f"cannot open the agent stream: {exc}") from None
-        conn = _Connection(reader, writer)
+        conn = _Connection(reader, writer, self._max_queued_bytes)
         try:
             await conn.wait_hello(timeout)
         except BaseException:
@@ -493,6 +650,8 @@ class AgentClient:
                         frame = await ch.get(deadline)
                         if frame.type == p.DATA and frame.header.get("s") == "result":
                             big += frame.payload
+                            if len(big) > _RESULT_LIMIT:
+                                raise _too_large(f"the result of {op}", _RESULT_LIMIT, "ask for less")
                         elif frame.type == p.RESULT:
                             if frame.header.get("result_in_data"):
                                 return _json_object(bytes(big), op)
@@ -514,36 +673,41 @@ class AgentClient:
         timeout: float | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        max_output_bytes: int = DEFAULT_OUTPUT_LIMIT,
     ) -> ExecResult:
         """Run `cmd` (argv list, or a string for /bin/sh -c) and collect its output.
 
-        Callbacks (sync or async) see output chunks as they arrive. On timeout the process group is killed
-        and ExecTimeoutError (EXEC_TIMEOUT) is raised with the partial result attached.
+        Callbacks (sync or async) see output chunks as they arrive; a stream with a callback is not
+        also kept (its bytes in the result are empty). A kept stream holds at most `max_output_bytes`
+        (the first ones; ``stdout_truncated``/``stderr_truncated`` tell that more was dropped), the
+        command runs on regardless. On timeout the process group is killed and ExecTimeoutError
+        (EXEC_TIMEOUT) is raised with the partial result attached.
         """
-        out, err = bytearray(), bytearray()
+        _limit(max_output_bytes, "max_output_bytes")
+        out, err = _CappedBuffer(max_output_bytes), _CappedBuffer(max_output_bytes)
         result: ExecResult | None = None
         events = self.exec_stream(cmd, env=env, cwd=cwd, user=user, stdin=stdin, timeout=timeout)
         async with contextlib.aclosing(events):  # a failing callback cancels the command right away
             async for ev in events:
                 if ev.kind == "stdout":
-                    out += ev.data
-                    if on_stdout is not None:
+                    if on_stdout is None:
+                        out.add(ev.data)
+                    else:
                         await _maybe_await(on_stdout(ev.data))
                 elif ev.kind == "stderr":
-                    err += ev.data
-                    if on_stderr is not None:
+                    if on_stderr is None:
+                        err.add(ev.data)
+                    else:
                         await _maybe_await(on_stderr(ev.data))
                 elif ev.kind == "exit":
                     result = ev.result
         assert result is not None
-        full = ExecResult(
-            result.exit_code,
-            bytes(out),
-            bytes(err),
-            result.duration,
-            result.signal,
-            result.timed_out,
-            result.pid,
+        full = dataclasses.replace(
+            result,
+            stdout=bytes(out.data),
+            stderr=bytes(err.data),
+            stdout_truncated=out.truncated,
+            stderr_truncated=err.truncated,
         )
         if full.timed_out:
             raise ExecTimeoutError(
@@ -567,27 +731,38 @@ class AgentClient:
 
         The exit event's result has empty stdout/stderr (they were streamed) and ``timed_out`` set
         instead of raising. Leaving the loop early cancels the command (its process group is killed).
+        With a `timeout`, the command counts as timed out also when the guest does not report the
+        kill within the client's ``exec_grace`` (an overloaded or stalled guest): the host's clock decides.
         """
-        fields: dict[str, Any] = {
-            "cmd": cmd if isinstance(cmd, str) else list(cmd),
-            "env": dict(env) if env is not None else None,
-            "cwd": cwd,
-            "user": user,
-            "timeout": timeout,
-            "stdin": True if stdin is not None else None,
-        }
-        deadline = None if timeout is None else time.monotonic() + timeout + self._exec_grace
+        fields = _spawn_fields(cmd, env, cwd, user)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < 1e9):
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT, f"timeout {timeout!r}: give a positive number of seconds"
+            )
+        fields.update(timeout=timeout, stdin=True if stdin is not None else None)
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout + self._exec_grace
+        pid: int | None = None
         async with self._channel("exec", fields) as ch:
             if stdin is not None:
                 await ch.send_data("stdin", stdin, eof=True)
             while True:
-                frame = await ch.get(deadline)
+                try:
+                    frame = await ch.get(deadline)
+                except SmartVMError as exc:
+                    if deadline is None or exc.code is not ErrorCode.AGENT_TIMEOUT:
+                        raise
+                    # Leaving the channel cancels the command; the guest kills its process group.
+                    duration = time.monotonic() - started
+                    yield ExecEvent("exit", result=ExecResult(124, b"", b"", duration, None, True, pid))
+                    return
                 if frame.type == p.DATA:
                     stream = frame.header.get("s")
                     if stream in ("stdout", "stderr") and frame.payload:
                         yield ExecEvent(stream, frame.payload)
                 elif frame.type == p.EVENT and frame.header.get("event") == "started":
-                    yield ExecEvent("started", pid=frame.header.get("pid"))
+                    pid = frame.header.get("pid")
+                    yield ExecEvent("started", pid=pid)
                 elif frame.type == p.RESULT:
                     yield ExecEvent("exit", result=_result(frame.header))
                     return
@@ -652,6 +827,15 @@ def _json_object(raw: bytes, op: str) -> dict[str, Any]:
     return value
 
 
+def _entries(h: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """The list under `key` of a guest answer (a listing), checked to be a list of objects."""
+    value = h.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+        raise SmartVMError(ErrorCode.AGENT_PROTOCOL_ERROR, f"the guest agent sent a malformed {key} list")
+    return value
+
+
+@_guest_answer("exec result")
 def _result(h: dict[str, Any]) -> ExecResult:
     code = h.get("exit_code")
     return ExecResult(
@@ -682,22 +866,15 @@ class Processes:
         replay_bytes: int | None = None,
     ) -> ProcessInfo:
         """Start `cmd` in the background; `stdin=True` keeps a pipe open for :meth:`send_stdin`."""
-        h = await self._c._call(
-            "proc_start",
-            cmd=cmd if isinstance(cmd, str) else list(cmd),
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            user=user,
-            stdin=stdin or None,
-            replay_bytes=replay_bytes,
-        )
+        fields = _spawn_fields(cmd, env, cwd, user)
+        h = await self._c._call("proc_start", **fields, stdin=stdin or None, replay_bytes=replay_bytes)
         if h.get("pid") is None:  # the program does not exist: the agent answered like a shell would
             raise SmartVMError(ErrorCode.AGENT_ERROR, f"cannot start {cmd!r}: exit code {h.get('exit_code')}")
         return ProcessInfo.from_header(h)
 
     async def list(self) -> list[ProcessInfo]:
         h = await self._c._call("proc_list")
-        return [ProcessInfo.from_header(x) for x in h.get("processes", [])]
+        return [ProcessInfo.from_header(x) for x in _entries(h, "processes")]
 
     async def send_stdin(self, pid: int, data: bytes | str, *, eof: bool = False) -> None:
         raw = data.encode() if isinstance(data, str) else data
@@ -727,43 +904,52 @@ class Processes:
                     yield ExecEvent(frame.header["s"], frame.payload)
                 elif frame.type == p.RESULT:
                     if not frame.header.get("running"):
-                        info = frame.header
                         yield ExecEvent(
-                            "exit",
-                            pid=pid,
-                            result=ExecResult(
-                                exit_code=int(info.get("exit_code") or 0),
-                                stdout=b"",
-                                stderr=b"",
-                                duration=float(info.get("duration") or 0.0),
-                                signal=info.get("signal"),
-                                pid=pid,
-                            ),
+                            "exit", pid=pid, result=dataclasses.replace(_result(frame.header), pid=pid)
                         )
                     return
 
-    async def wait(self, pid: int, timeout: float | None = None) -> ExecResult:
-        """Wait for exit; the result carries the output the agent buffered. EXEC_TIMEOUT if still running."""
-        out, err = bytearray(), bytearray()
+    async def wait(
+        self, pid: int, timeout: float | None = None, *, max_output_bytes: int = DEFAULT_OUTPUT_LIMIT
+    ) -> ExecResult:
+        """Wait for exit; the result carries the output the agent buffered. EXEC_TIMEOUT if still running.
+
+        Each stream keeps at most `max_output_bytes` (the first ones; see ``*_truncated``).
+        """
+        _limit(max_output_bytes, "max_output_bytes")
+        out, err = _CappedBuffer(max_output_bytes), _CappedBuffer(max_output_bytes)
+
+        def result(r: ExecResult) -> ExecResult:
+            return dataclasses.replace(
+                r,
+                stdout=bytes(out.data),
+                stderr=bytes(err.data),
+                stdout_truncated=out.truncated,
+                stderr_truncated=err.truncated,
+            )
+
         events = self.attach(pid, replay=True, timeout=timeout)
         async with contextlib.aclosing(events):
             async for ev in events:
                 if ev.kind == "stdout":
-                    out += ev.data
+                    out.add(ev.data)
                 elif ev.kind == "stderr":
-                    err += ev.data
+                    err.add(ev.data)
                 elif ev.kind == "exit" and ev.result is not None:
-                    r = ev.result
-                    return ExecResult(r.exit_code, bytes(out), bytes(err), r.duration, r.signal, False, pid)
+                    return result(ev.result)
         raise ExecTimeoutError(
             ErrorCode.EXEC_TIMEOUT,
             f"process {pid} still running after {timeout}s",
-            ExecResult(-1, bytes(out), bytes(err), timeout or 0.0, None, True, pid),
+            result(ExecResult(-1, b"", b"", timeout or 0.0, None, True, pid)),
         )
 
 
 class Files:
-    """Guest files. Large files move in CHUNK_SIZE frames, never base64; writes are atomic in the guest."""
+    """Guest files. Large files move in CHUNK_SIZE frames, never base64; writes are atomic in the guest.
+
+    What the guest sends back is data only: host paths come from the caller, host modes never carry
+    special bits, and reads stop at a size limit (GUEST_OUTPUT_TOO_LARGE).
+    """
 
     def __init__(self, client: AgentClient) -> None:
         self._c = client
@@ -786,7 +972,14 @@ class Files:
         self, local: str | os.PathLike[str], path: str, *, mode: int | None = None, parents: bool = True
     ) -> int:
         """Stream the host file `local` to `path` (mode defaults to the local file's permissions)."""
-        fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
+        _guest_path(path)
+        try:
+            fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SmartVMError(
+                ErrorCode.HOST_FILE_ERROR,
+                f"cannot read {os.fspath(local)} on the host: {exc.strerror or exc}",
+            ) from None
         try:
             st = os.fstat(fd)
 
@@ -802,6 +995,7 @@ class Files:
     async def _write_chunks(
         self, path: str, chunks: Iterable[bytes], *, mode: int | None, append: bool, parents: bool
     ) -> int:
+        _guest_path(path)
         it = iter(chunks)
         first = next(it, b"")
         nxt = next(it, None)
@@ -822,74 +1016,107 @@ class Files:
                 if frame.type == p.RESULT:
                     return int(frame.header.get("size", 0))
 
-    async def _read_stream(self, path: str, offset: int, length: int | None) -> AsyncGenerator[bytes, None]:
-        async with self._c._channel(
-            "file_read", {"path": path, "offset": offset or None, "length": length}
-        ) as ch:
+    async def _read_stream(
+        self, path: str, offset: int, length: int | None, limit: int, opened: dict[str, Any] | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """The chunks of `path`; more than `limit` bytes raise GUEST_OUTPUT_TOO_LARGE (and cancel the read).
+
+        The agent is asked for at most ``limit + 1`` bytes, so an endless file stops in the guest too;
+        the count is kept here as well, whatever the guest sends. `opened` receives the agent's ``open``
+        event (the guest file's size and mode at open time).
+        """
+        _guest_path(path)
+        _limit(limit, "max_bytes")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, "offset must be a non-negative integer")
+        want = limit + 1 if length is None else min(_limit(length, "length"), limit + 1)
+        received = 0
+        fields = {"path": path, "offset": offset or None, "length": want}
+        async with self._c._channel("file_read", fields) as ch:
             while True:
                 frame = await ch.get(time.monotonic() + self._c._request_timeout)  # per-chunk inactivity
                 if frame.type == p.DATA:
+                    received += len(frame.payload)
+                    if received > limit:
+                        raise _too_large(
+                            f"guest file {path}", limit, "pass a larger max_bytes if you expect it"
+                        )
                     yield frame.payload
+                elif frame.type == p.EVENT and frame.header.get("event") == "open" and opened is not None:
+                    opened.update(frame.header)
                 elif frame.type == p.RESULT:
                     return
 
-    async def read(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
+    async def read(
+        self, path: str, *, offset: int = 0, length: int | None = None, max_bytes: int = DEFAULT_READ_LIMIT
+    ) -> bytes:
+        """The bytes of `path` (from `offset`, at most `length`); GUEST_OUTPUT_TOO_LARGE past `max_bytes`."""
         buf = bytearray()
-        chunks = self._read_stream(path, offset, length)
+        chunks = self._read_stream(path, offset, length, max_bytes)
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 buf += chunk
         return bytes(buf)
 
-    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return (await self.read(path)).decode(encoding)
+    async def read_text(
+        self, path: str, encoding: str = "utf-8", *, max_bytes: int = DEFAULT_READ_LIMIT
+    ) -> str:
+        return (await self.read(path, max_bytes=max_bytes)).decode(encoding)
 
-    async def download(self, path: str, local: str | os.PathLike[str]) -> int:
-        """Stream `path` into the host file `local` atomically (``*.part`` then rename)."""
-        dest = Path(local)
-        part = dest.with_name(dest.name + ".part")
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        size = 0
-        chunks = self._read_stream(path, 0, None)
-        try:
+    async def download(
+        self,
+        path: str,
+        local: str | os.PathLike[str],
+        *,
+        mode: int | None = None,
+        keep_mode: bool = False,
+        max_bytes: int = DEFAULT_DOWNLOAD_LIMIT,
+    ) -> int:
+        """Stream `path` into the host file `local` atomically; the size written.
+
+        `local` is used as given (a symlink there is replaced, not followed). The host file gets
+        `mode`, or with `keep_mode` the guest file's permission bits, else 0644; never setuid, setgid
+        or sticky bits. More than `max_bytes` raise GUEST_OUTPUT_TOO_LARGE; a host write failure
+        raises HOST_FILE_ERROR; either way `local` is untouched and no temp file is left.
+        """
+        opened: dict[str, Any] = {}
+        chunks = self._read_stream(path, 0, None, max_bytes, opened)
+        with HostFileWriter(local) as out:
             async with contextlib.aclosing(chunks):  # a failed local write ends the guest read now
                 async for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    size += len(chunk)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            part.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        part.replace(dest)
-        return size
+                    out.write(chunk)
+            guest_mode = opened.get("mode")
+            if mode is None:
+                mode = guest_mode if keep_mode and isinstance(guest_mode, int) else 0o644
+            out.commit(mode)
+            return out.size
 
     async def list(self, path: str) -> list[FileInfo]:
-        h = await self._c._call("file_list", path=path)
-        return [FileInfo.from_header(e) for e in h.get("entries", [])]
+        h = await self._c._call("file_list", path=_guest_path(path))
+        return [FileInfo.from_header(e) for e in _entries(h, "entries")]
 
     async def stat(self, path: str, *, follow: bool = True) -> FileInfo:
-        return FileInfo.from_header(await self._c._call("file_stat", path=path, follow=follow))
+        return FileInfo.from_header(await self._c._call("file_stat", path=_guest_path(path), follow=follow))
 
     async def exists(self, path: str) -> bool:
-        return bool((await self._c._call("file_stat", path=path, missing_ok=True)).get("exists"))
+        h = await self._c._call("file_stat", path=_guest_path(path), missing_ok=True)
+        return bool(h.get("exists"))
 
     async def mkdir(
         self, path: str, *, parents: bool = True, mode: int = 0o755, exist_ok: bool = True
     ) -> FileInfo:
         return FileInfo.from_header(
-            await self._c._call("file_mkdir", path=path, parents=parents, mode=mode, exist_ok=exist_ok)
+            await self._c._call(
+                "file_mkdir", path=_guest_path(path), parents=parents, mode=mode, exist_ok=exist_ok
+            )
         )
 
     async def remove(self, path: str, *, recursive: bool = False, missing_ok: bool = False) -> bool:
         """Remove a file, symlink or (empty, or with `recursive`) directory; returns whether it existed."""
         h = await self._c._call(
-            "file_remove", path=path, recursive=recursive or None, missing_ok=missing_ok or None
+            "file_remove", path=_guest_path(path), recursive=recursive or None, missing_ok=missing_ok or None
         )
         return bool(h.get("removed"))
 
     async def rename(self, src: str, dst: str, *, overwrite: bool = True) -> None:
-        await self._c._call("file_rename", src=src, dst=dst, overwrite=overwrite)
+        await self._c._call("file_rename", src=_guest_path(src), dst=_guest_path(dst), overwrite=overwrite)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import sys
 from collections.abc import Awaitable, Callable
@@ -93,6 +92,7 @@ class CopyPlan:
     guest_path: str
     local: Path
     upload: bool
+    local_is_dir: bool = False  # the user wrote DST with a trailing slash
 
 
 def plan_copy(src: str, dst: str) -> CopyPlan:
@@ -107,11 +107,16 @@ def plan_copy(src: str, dst: str) -> CopyPlan:
     if remote_dst is not None:
         return CopyPlan(remote_dst.group(1), remote_dst.group(2), Path(src), upload=True)
     assert remote_src is not None
-    return CopyPlan(remote_src.group(1), remote_src.group(2), Path(dst), upload=False)
+    return CopyPlan(remote_src.group(1), remote_src.group(2), Path(dst), False, dst.endswith("/"))
 
 
 async def copy_file(vm: MicroVM, plan: CopyPlan) -> int:
-    """Copy one regular file between host and guest, keeping its permission bits; the bytes copied."""
+    """Copy one regular file between host and guest, keeping its permission bits; the bytes copied.
+
+    The host path comes from the user's arguments alone, never from the guest's answers: into a host
+    directory, the file is named after the last component of the guest path the user gave. The host
+    file never gets setuid, setgid or sticky bits (see :meth:`Files.download`).
+    """
     files = vm.files
     if plan.upload:
         if not plan.local.is_file():
@@ -123,6 +128,11 @@ async def copy_file(vm: MicroVM, plan: CopyPlan) -> int:
         if target.endswith("/") or (await files.exists(target) and (await files.stat(target)).type == "dir"):
             target = target.rstrip("/") + "/" + plan.local.name
         return await files.upload(plan.local, target)
+    if plan.local_is_dir and not plan.local.is_dir():
+        raise SmartVMError(
+            ErrorCode.INVALID_ARGUMENT, f"{plan.local}/ is not a directory on the host; create it first"
+        )
+    local = plan.local / guest_file_name(plan.guest_path) if plan.local.is_dir() else plan.local
     info = await files.stat(plan.guest_path)
     if info.type != "file":
         raise SmartVMError(
@@ -130,10 +140,18 @@ async def copy_file(vm: MicroVM, plan: CopyPlan) -> int:
             f"{plan.guest_path} in VM {vm.id!r} is a {info.type}, not a regular file "
             "(copying directories is not supported)",
         )
-    local = plan.local / info.name if plan.local.is_dir() else plan.local
-    size = await files.download(plan.guest_path, local)
-    os.chmod(local, info.mode & 0o7777)
-    return size
+    return await files.download(plan.guest_path, local, keep_mode=True)
+
+
+def guest_file_name(guest_path: str) -> str:
+    """The last component of a user-given guest path, as a host file name (never ``..`` or empty)."""
+    name = guest_path.rstrip("/").rsplit("/", 1)[-1]
+    if name in ("", ".", ".."):
+        raise SmartVMError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"{guest_path!r} does not end in a file name; give the file's path, e.g. vm1:/etc/os-release",
+        )
+    return name
 
 
 # --- ps / stop -----------------------------------------------------------------------------------------
