@@ -20,7 +20,7 @@ async def test_reseed_dry_run_credits_the_host_bytes(agent: AgentClient) -> None
 
 @pytest.mark.parametrize(("entropy", "hostname"), [(b"short", None), (b"x" * 513, None), (b"x" * 64, "")])
 async def test_reseed_refuses_bad_input(agent: AgentClient, entropy: bytes, hostname: str | None) -> None:
-    with pytest.raises(SmartVMError, match="bad_request|random bytes|hostname"):
+    with pytest.raises(SmartVMError, match=r"random bytes|hostname"):
         await agent.reseed(entropy, hostname=hostname)
 
 
