@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+DETACH_HYGIENE_TIMEOUT_S = 15.0
 
 
 class VMState(StrEnum):
@@ -300,6 +301,12 @@ class MicroVM:
                     ErrorCode.DUPLICATE_VM_ID,
                     f"a detached VM with id {self.id!r} already runs (pid {other.pid}); stop it first",
                 )
+            if self._restored and self._state is VMState.RUNNING:
+                # whoever attaches later does not know it was restored: do the hygiene now
+                try:
+                    await self.agent.prepare(DETACH_HYGIENE_TIMEOUT_S)
+                except SmartVMError as exc:
+                    log.warning("VM %s: post-restore reseed/clock before detach failed: %s", self.id, exc)
             watcher, self._watcher = self._watcher, None
             if watcher is not None:
                 watcher.cancel()

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.integration
 CLONES = 5
 SNAPSHOT_AGE_S = 300.0  # the guest clock is set this far back before the snapshot: an "old" snapshot
 TOLERANCE_S = 10.0  # far below the age, generous for a loaded machine
-# Linux 6.1 reseeds its CRNG every uptime/2 s during the first 2 minutes of uptime, then every 60 s:
-# only a template older than that shows clones sharing their RNG (as real templates are).
+# Linux 6.1 reseeds its CRNG every uptime/2 s during the first 2 minutes of uptime, then at the first
+# read 60 s after the last reseed: a template past both, whose CRNG was just reseeded, makes clones
+# that share their RNG state for a minute (as real templates do).
 TEMPLATE_UPTIME_S = 125.0
 RANDOM = "import os; print(os.urandom(16).hex()); print(open('/dev/urandom', 'rb').read(16).hex())"
 
@@ -48,6 +49,7 @@ async def test_clones_get_own_randomness_and_the_clock_first(
     await vm.wait_ready(120)
     uptime = float((await vm.files.read_text("/proc/uptime")).split()[0])
     await asyncio.sleep(max(0.0, TEMPLATE_UPTIME_S - uptime))
+    await vm.exec(["head", "-c", "16", "/dev/urandom"], timeout=30)  # the CRNG's last reseed: now
     await vm.agent.set_time(time.time() - SNAPSHOT_AGE_S)  # as if the snapshot were 5 minutes old
     snapdir = tmp_path / "snap"
     await vm.create_snapshot(snapdir / "vm.state", snapdir / "vm.mem", pause_vm=True)
@@ -73,3 +75,25 @@ async def test_clones_get_own_randomness_and_the_clock_first(
             await clone.kill()
     assert len(urandom) == CLONES, f"os.urandom(16) repeated across clones: {sorted(urandom)}"
     assert len(dev_urandom) == CLONES, f"/dev/urandom repeated across clones: {sorted(dev_urandom)}"
+
+
+async def test_a_clone_detached_before_any_request_still_gets_the_clock(
+    svm: Any, guest_image: Any, tmp_path: Path
+) -> None:
+    vm = await svm.create_vm(boot_config(guest_image))
+    await vm.start()
+    await vm.wait_ready(120)
+    await vm.agent.set_time(time.time() - SNAPSHOT_AGE_S)
+    snapdir = tmp_path / "snap"
+    await vm.create_snapshot(snapdir / "vm.state", snapdir / "vm.mem", pause_vm=True)
+    await vm.kill()
+
+    clone = await svm.restore_vm(snapdir, vm_id="detached-clone")
+    await clone.detach()  # whoever attaches does not know it was restored
+    attached = await svm.attach_vm("detached-clone")
+    try:
+        host_before = time.time()
+        guest_now = await _first_request_clock(attached, "files")
+        assert guest_now > host_before - TOLERANCE_S, f"guest clock {host_before - guest_now:.0f}s behind"
+    finally:
+        await attached.kill()
