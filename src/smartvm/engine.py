@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from smartvm.config import MicroVMConfig, NetworkInterface, RateLimiter
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.process import tail
 from smartvm.host.runtime import VMRuntime
 from smartvm.options import SmartVMOptions
 from smartvm.snapshot import Snapshot, SnapshotType
@@ -104,6 +105,14 @@ class Engine(ABC):
         """Return once the hypervisor process has exited (engines may override with a real wait)."""
         while self.is_alive():  # noqa: ASYNC110 - a process exit has no event to wait on here
             await asyncio.sleep(poll_interval)
+
+    def exited_error(self, what: str) -> SmartVMError:
+        """The error for ``what`` failing because the hypervisor exited, saying why when known."""
+        console = tail(self.runtime.console_log)
+        return SmartVMError(
+            ErrorCode.VM_EXITED,
+            f"{what}: the {self.name} process exited. Last console output:\n{console or '(empty)'}",
+        )
 
     @abstractmethod
     async def info(self) -> dict[str, Any]:

@@ -89,6 +89,38 @@ class Snapshot:
             chain.insert(0, base)
         return chain
 
+    def check_files(self, *, state_magic: bytes = b"", mem_bytes: int | None = None) -> None:
+        """Refuse damaged files before a hypervisor is started on them (it would hang or "restore" a
+        guest that never answers): an empty or foreign state file, a memory file of the wrong size."""
+        state = self.state_path
+        try:
+            with open(state, "rb") as f:
+                head = f.read(max(len(state_magic), 1))
+        except OSError as exc:
+            raise SmartVMError(
+                ErrorCode.SNAPSHOT_INVALID, f"cannot read snapshot state {state}: {exc}"
+            ) from exc
+        if not head:
+            raise SmartVMError(
+                ErrorCode.SNAPSHOT_INVALID,
+                f"snapshot state file {state} is empty (truncated): take the snapshot again",
+            )
+        if not head.startswith(state_magic):
+            raise SmartVMError(
+                ErrorCode.SNAPSHOT_INVALID,
+                f"snapshot state file {state} does not start with the {self.engine} state header "
+                f"({state_magic!r}, found {head!r}): it is damaged or not a snapshot of this engine",
+            )
+        mem = self.mem_path
+        if mem is not None and mem_bytes is not None:
+            size = mem.stat().st_size
+            if size != mem_bytes:
+                raise SmartVMError(
+                    ErrorCode.SNAPSHOT_INVALID,
+                    f"snapshot memory file {mem} has {size} bytes but the VM's memory is {mem_bytes} bytes "
+                    f"({mem_bytes >> 20} MiB): the file is truncated or belongs to another snapshot",
+                )
+
     def vm_config(self) -> MicroVMConfig:
         return MicroVMConfig.model_validate(self.config)
 

@@ -13,16 +13,17 @@ it over with :meth:`MicroVM.attach` (``SmartVM.attach_vm``); stopping it then al
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from smartvm.config import MicroVMConfig, RateLimiter
 from smartvm.engine import (
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from smartvm.vm_records import VMRecord
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+DETACH_HYGIENE_TIMEOUT_S = 15.0
 
 
 class VMState(StrEnum):
@@ -82,7 +85,10 @@ class MicroVM:
         self._undo = AsyncExitStack()
         self._on_stopped = on_stopped
         self._agent: AgentClient | None = None
-        self._clock_stale = False  # set after a restore: the guest clock is as old as the snapshot
+        # set after a restore: the guest's clock and RNG state are as old as the snapshot (and its RNG
+        # state is shared with every other clone); the agent's prepare hook fixes both once
+        self._restored = False
+        self.hostname: str | None = None  # given to the guest after a restore, when set
         self._last_snapshot: Snapshot | None = None  # the base of the next Diff snapshot
         self._watcher: asyncio.Task[None] | None = None
         self.exit_console: str | None = None  # console tail kept when the hypervisor exited on its own
@@ -233,8 +239,8 @@ class MicroVM:
                     )
                 )
 
+            self._restored = True  # before the VM can be used: no request may go out before the hygiene
             await self._launch(restore, config, paused=not resume_vm)
-            self._clock_stale = True
             self._last_snapshot = snapshot
 
     async def _launch(
@@ -295,6 +301,12 @@ class MicroVM:
                     ErrorCode.DUPLICATE_VM_ID,
                     f"a detached VM with id {self.id!r} already runs (pid {other.pid}); stop it first",
                 )
+            if self._restored and self._state is VMState.RUNNING:
+                # whoever attaches later does not know it was restored: do the hygiene now
+                try:
+                    await self.agent.prepare(DETACH_HYGIENE_TIMEOUT_S)
+                except SmartVMError as exc:
+                    log.warning("VM %s: post-restore reseed/clock before detach failed: %s", self.id, exc)
             watcher, self._watcher = self._watcher, None
             if watcher is not None:
                 watcher.cancel()
@@ -483,24 +495,33 @@ class MicroVM:
     # --- guest agent ---------------------------------------------------------------------------
     @property
     def agent(self) -> AgentClient:
-        """The client of the guest agent (one multiplexed connection, opened on first use)."""
+        """The client of the guest agent (one multiplexed connection, opened on first use). Its first
+        request of any kind waits for the guest agent and, after a restore, for :meth:`_prepare_agent`."""
         if self._agent is None:
             from smartvm.agent.client import AgentClient
 
-            self._agent = AgentClient(self._engine_or_raise().open_agent_stream)
+            self._agent = AgentClient(self._engine_or_raise().open_agent_stream, prepare=self._prepare_agent)
         return self._agent
+
+    async def _prepare_agent(self, agent: AgentClient, timeout: float) -> None:
+        """Run once before the first request: wait for the agent (failing at once if the hypervisor
+        dies meanwhile) and, after a restore, reseed the guest RNG from the host and set its clock, so
+        clones of one snapshot share no random state and no caller sees the snapshot's time."""
+        engine = self._engine_or_raise()
+        await _unless_exited(engine, agent.wait_ready(timeout), "waiting for the guest agent")
+        if self._restored:
+            await _unless_exited(engine, agent.reseed(hostname=self.hostname), "reseeding the guest RNG")
+            await _unless_exited(engine, agent.set_time(), "setting the guest clock")
+            self._restored = False
 
     async def _ready_agent(self, timeout: float) -> AgentClient:
         self._require("talk to the agent of", VMState.RUNNING)
         agent = self.agent
-        await agent.wait_ready(timeout)
-        if self._clock_stale:
-            await agent.set_time()
-            self._clock_stale = False
+        await agent.prepare(timeout)
         return agent
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Wait until the guest agent answers (and, after a restore, set the guest clock)."""
+        """Wait until the guest agent answers (and, after a restore, reseed its RNG and set its clock)."""
         await self._ready_agent(timeout)
 
     async def exec(
@@ -598,6 +619,24 @@ class MicroVM:
 
     def __repr__(self) -> str:
         return f"MicroVM(id={self.id!r}, engine={self.engine_name!r}, state={self.state.value!r})"
+
+
+async def _unless_exited(engine: Engine, work: Awaitable[T], what: str) -> T:
+    """``work``, unless the hypervisor exits first: then fail at once with the reason (not after a
+    timeout spent retrying a dead VM)."""
+    job = asyncio.ensure_future(work)
+    exited = asyncio.ensure_future(engine.wait_exited(0.05))
+    try:
+        await asyncio.wait({job, exited}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        exited.cancel()
+        if not job.done():
+            job.cancel()
+            with contextlib.suppress(BaseException):
+                await job
+    if job.done() and not job.cancelled() and (job.exception() is None or engine.is_alive()):
+        return job.result()
+    raise engine.exited_error(f"{what} failed")
 
 
 def _snapshot_for(

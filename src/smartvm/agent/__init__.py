@@ -12,6 +12,7 @@ from smartvm.agent.client import (
     OpenStream,
     Processes,
     ProcessInfo,
+    Reseed,
     TimeSync,
 )
 from smartvm.agent.protocol import AGENT_VSOCK_PORT, PROTOCOL_VERSION, VIRTIO_PORT_NAME, AgentOpError
@@ -36,5 +37,6 @@ __all__ = [
     "OpenStream",
     "ProcessInfo",
     "Processes",
+    "Reseed",
     "TimeSync",
 ]

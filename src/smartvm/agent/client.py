@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -47,6 +48,10 @@ def _guest_answer(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
 
     return wrap
 
+
+#: run once before the first request (see AgentClient); gets the client and a readiness timeout
+Prepare = Callable[["AgentClient", float], Awaitable[None]]
+_IN_PREPARE: contextvars.ContextVar[bool] = contextvars.ContextVar("smartvm_agent_in_prepare", default=False)
 
 #: ops that can be re-sent safely after the stream dropped mid-call
 _IDEMPOTENT = frozenset({"ping", "health", "proc_list", "file_read", "file_list", "file_stat", "sync"})
@@ -216,6 +221,16 @@ class TimeSync:
     before: float
     after: float
     delta: float
+
+
+@dataclass(frozen=True)
+class Reseed:
+    """Result of :meth:`AgentClient.reseed`."""
+
+    credited_bits: int
+    reseeded: bool  # the CRNG was reseeded at once (RNDRESEEDCRNG)
+    hostname: str | None
+    dry_run: bool
 
 
 class ExecTimeoutError(SmartVMError):
@@ -537,8 +552,16 @@ class AgentClient:
         request_timeout: float = 60.0,
         exec_grace: float = 15.0,
         max_queued_bytes: int = DEFAULT_QUEUE_LIMIT,
+        prepare: Prepare | None = None,
+        prepare_timeout: float = 60.0,
     ) -> None:
+        """``prepare`` runs once before the first request of any kind goes out (e.g. wait for the
+        guest and, after a restore, reseed its RNG and set its clock); see :meth:`prepare`."""
         self._open_stream = open_stream
+        self._prepare_hook = prepare
+        self._prepare_timeout = prepare_timeout
+        self._prepare_task: asyncio.Task[None] | None = None
+        self._prepared = prepare is None
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
         self._exec_grace = exec_grace
@@ -601,6 +624,33 @@ class AgentClient:
             "image contains the agent and read the guest console log",
         )
 
+    async def prepare(self, timeout: float | None = None) -> None:
+        """Run the ``prepare`` hook unless it has succeeded already. Concurrent callers share one run;
+        a failed run fails its callers and is retried by the next call. Requests made by the hook itself
+        do not wait for it."""
+        if self._prepared or _IN_PREPARE.get():
+            return
+        task = self._prepare_task
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = asyncio.create_task(self._run_prepare(timeout or self._prepare_timeout))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+            self._prepare_task = task
+        try:
+            await asyncio.shield(task)  # a cancelled caller does not cancel the run the others wait for
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):  # close() ended it
+                raise SmartVMError(
+                    ErrorCode.AGENT_UNAVAILABLE, "the agent client was closed while waiting for the guest"
+                ) from None
+            raise
+
+    async def _run_prepare(self, timeout: float) -> None:
+        _IN_PREPARE.set(True)  # this task's own context: the hook's requests pass the gate
+        assert self._prepare_hook is not None
+        await self._prepare_hook(self, timeout)
+        self._prepared = True
+
     async def _ensure(self) -> _Connection:
         async with self._lock:
             if self._conn is not None and not self._conn.closed and not self._conn.writer.is_closing():
@@ -621,6 +671,7 @@ class AgentClient:
         self, op: str, fields: dict[str, Any], payload: bytes = b""
     ) -> AsyncIterator[_Channel]:
         header = {"op": op, **{k: v for k, v in fields.items() if v is not None}}
+        await self.prepare()
         for attempt in range(2):
             conn = await self._ensure()
             ch = conn.open_channel(op)
@@ -803,6 +854,19 @@ class AgentClient:
             delta=float(h["delta"]),
         )
 
+    async def reseed(self, entropy: bytes | None = None, *, hostname: str | None = None) -> Reseed:
+        """Mix ``entropy`` (default: 64 bytes of the host's ``os.urandom``) into the guest kernel's RNG
+        and reseed it at once, e.g. after a restore: clones of one snapshot share RNG state until then.
+        ``hostname`` also sets the guest's hostname."""
+        data = os.urandom(64) if entropy is None else entropy
+        h = await self._call("reseed", data, hostname=hostname)
+        return Reseed(
+            credited_bits=int(h["credited_bits"]),
+            reseeded=bool(h["reseeded"]),
+            hostname=h.get("hostname"),
+            dry_run=bool(h.get("dry_run", False)),
+        )
+
     async def shutdown(self, action: Literal["poweroff", "reboot"] = "poweroff") -> None:
         """Ask the guest to power off (or reboot) cleanly; returns once the agent accepted."""
         await self._call("shutdown", action=action, timeout=10.0)
@@ -810,6 +874,11 @@ class AgentClient:
 
     async def close(self) -> None:
         """Close the stream (idempotent). Background processes keep running in the guest."""
+        task, self._prepare_task = self._prepare_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
         async with self._lock:
             conn, self._conn = self._conn, None
         if conn is not None:

@@ -201,6 +201,9 @@ EXIT_LINGER = 2.0  # after the leader exits, how long we keep reading pipes held
 REPLAY_BYTES = 1024 * 1024  # output kept per background process for attach(replay=True)
 MAX_FINISHED_PROCS = 64
 STDIN_QUEUE_LIMIT = 64 * 1024 * 1024
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2]): add bytes to the pool and credit them
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07): reseed the CRNG from the pool now
+RESEED_MAX_BYTES = 512
 
 
 def _log(msg: str) -> None:
@@ -627,6 +630,7 @@ class Agent:
             "health": self.op_health,
             "sync": self.op_sync,
             "set_time": self.op_set_time,
+            "reseed": self.op_reseed,
             "shutdown": self.op_shutdown,
         }
 
@@ -835,6 +839,44 @@ class Agent:
                 "before": before,
                 "after": time.time(),
                 "delta": target - before,
+            }
+        )
+
+    def op_reseed(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        """Mix host entropy (the payload) into the kernel pool and reseed the CRNG at once: clones of
+        one snapshot would otherwise share their RNG state. Optionally set the hostname."""
+        hostname = req.get("hostname")
+        if hostname is not None and (
+            not isinstance(hostname, str) or not 0 < len(hostname.encode()) <= 64 or "\0" in hostname
+        ):
+            raise AgentError(E_BAD_REQUEST, "hostname must be a string of 1 to 64 bytes without NUL")
+        if not 16 <= len(payload) <= RESEED_MAX_BYTES:
+            raise AgentError(E_BAD_REQUEST, f"send 16 to {RESEED_MAX_BYTES} random bytes as the payload")
+        reseeded = False
+        if not self.dry_run_system:
+            import fcntl
+
+            fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                info = struct.pack("ii", len(payload) * 8, len(payload)) + payload  # struct rand_pool_info
+                fcntl.ioctl(fd, RNDADDENTROPY, info)
+                try:
+                    fcntl.ioctl(fd, RNDRESEEDCRNG)
+                    reseeded = True
+                except OSError as exc:  # ENODATA: the CRNG is not initialised yet (it is after the add)
+                    _log(f"RNDRESEEDCRNG failed: {exc}")
+            finally:
+                os.close(fd)
+            if hostname is not None:
+                import socket
+
+                socket.sethostname(hostname)
+        ch.result(
+            {
+                "credited_bits": len(payload) * 8,
+                "reseeded": reseeded,
+                "hostname": hostname,
+                "dry_run": self.dry_run_system,
             }
         )
 

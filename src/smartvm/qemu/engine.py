@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shlex
+import signal
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -58,6 +60,7 @@ _MISMATCH_HINTS = (
     "error while loading state for instance",
 )
 _TRUNCATED_HINT = "load of migration failed: Input/output error"
+STATE_MAGIC = b"QEVM\x00\x00\x00\x03"  # QEMU_VM_FILE_MAGIC + QEMU_VM_FILE_VERSION: every stream starts so
 
 
 def _check_boot_files(config: MicroVMConfig) -> Path:
@@ -69,6 +72,14 @@ def _check_boot_files(config: MicroVMConfig) -> Path:
     if initrd is not None and not Path(initrd).is_file():
         raise SmartVMError(ErrorCode.BOOT_FAILED, f"initrd {initrd} does not exist or is not a file")
     return kernel
+
+
+def _free_mib(directory: Path) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return int(st.f_bavail * st.f_frsize >> 20)
 
 
 class QemuEngine(Engine):
@@ -84,6 +95,7 @@ class QemuEngine(Engine):
         self._accel_reason = ""
         self._formats: dict[str, str] = {}
         self._shared_ram: Path | None = None  # the guest RAM file when it is shared (share=on)
+        self._free_at_launch_mib: int | None = None  # free space of the runtime dir's filesystem
 
     # --- start ---------------------------------------------------------------------------------
     async def _choose_accel(self, binary: str, kernel: Path, snapshot_accel: object = None) -> None:
@@ -129,6 +141,7 @@ class QemuEngine(Engine):
         if paused:
             argv.append("-S")
         self._config = config
+        self._free_at_launch_mib = _free_mib(self.runtime.dir)
         self._process = await QemuProcess.spawn(
             argv,
             engine_log=self.runtime.engine_log,
@@ -158,11 +171,11 @@ class QemuEngine(Engine):
             with contextlib.suppress(BaseException):
                 await connect
             await process.wait(1.0)
-            raise process.exited_error(what, ErrorCode.BOOT_FAILED)
+            raise self._exited(what, ErrorCode.BOOT_FAILED)
         exc = connect.exception()
         # QEMU opens the QMP socket before it loads the kernel: a QMP failure is often QEMU exiting
         if await process.wait(2.0):
-            raise process.exited_error(what, ErrorCode.BOOT_FAILED) from exc
+            raise self._exited(what, ErrorCode.BOOT_FAILED) from exc
         raise exc or SmartVMError(ErrorCode.QMP_ERROR, "QMP connection was cancelled")
 
     async def boot(self, config: MicroVMConfig) -> None:
@@ -194,6 +207,33 @@ class QemuEngine(Engine):
             )
 
     # --- helpers ---------------------------------------------------------------------------------
+    def exited_error(self, what: str) -> SmartVMError:
+        return self._exited(what, ErrorCode.QEMU_EXITED)
+
+    def _exited(self, what: str, code: ErrorCode) -> SmartVMError:
+        """QEMU's exit as an error with both logs' tails; SIGBUS is explained (a full runtime tmpfs)."""
+        process = self._require_process()
+        message = process.describe_exit(what)
+        if process.returncode == -signal.SIGBUS:
+            message = f"{self._sigbus_cause()}\n{message}"
+        return SmartVMError(code, message)
+
+    def _sigbus_cause(self) -> str:
+        """Why QEMU got SIGBUS: guest RAM (and staged drives) live in the runtime dir; when its
+        filesystem is full, the next guest page QEMU touches there cannot be allocated."""
+        need = self._config.machine_config.mem_size_mib if self._config else 0
+        try:
+            st = os.statvfs(self.runtime.dir)
+            space = f"{st.f_bavail * st.f_frsize >> 20} MiB free of {st.f_blocks * st.f_frsize >> 20} MiB"
+        except OSError as exc:
+            space = f"free space unknown: {exc.strerror}"
+        return (
+            f"QEMU was killed by SIGBUS: the filesystem of the runtime dir {self.runtime.dir} is full "
+            f"({space} now; it had {self._free_at_launch_mib} MiB free at launch, and the guest RAM file "
+            f"{RAM_FILE} alone needs up to {need} MiB). Free space there (other VMs' RAM lives there "
+            "too), give the VM less memory, or use a larger runtime_dir."
+        )
+
     def _require_process(self) -> QemuProcess:
         if self._process is None:
             raise SmartVMError(ErrorCode.NO_CLIENT, "QEMU is not running for this VM")
@@ -206,14 +246,14 @@ class QemuEngine(Engine):
         process = self._require_process()
         if not process.is_alive():
             await process.wait(0)
-            raise process.exited_error(f"QMP {command} not possible")
+            raise self.exited_error(f"QMP {command} not possible")
         try:
             if self._qmp is None:  # an adopted QEMU: connect on first use, so exec/cp never hold QMP
                 self._qmp = await QMPClient.connect(self.runtime.qmp_socket, self.options.socket_timeout_s)
             return await self._qmp.execute(command, arguments, timeout)
         except SmartVMError:
             if await process.wait(0.2):
-                raise process.exited_error(f"QMP {command} failed") from None
+                raise self.exited_error(f"QMP {command} failed") from None
             raise
 
     async def _status(self) -> str:
@@ -335,6 +375,8 @@ class QemuEngine(Engine):
             raise self._unsupported(f"mem_backend={request.mem_backend!r}")
         config = request.config
         self._check_layout(snapshot, config)
+        mem_bytes = config.machine_config.mem_size_mib << 20
+        snapshot.check_files(state_magic=STATE_MAGIC, mem_bytes=mem_bytes if snapshot.mem_file else None)
         # A memory file is mapped privately (copy-on-write): clones share its unmodified pages.
         memory = snapshot.mem_path
         spec = await self._launch_spec(
