@@ -339,3 +339,32 @@ def test_cli_installs_the_latest_firecracker_and_reuses_it(
     assert {k: v for k, v in remote.hits.items() if "download" in k} == {
         k: v for k, v in downloads.items() if "download" in k
     }  # reused, nothing downloaded again
+
+
+def test_cli_installs_an_unverified_release_only_when_told(
+    remote: FakeRemote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from smartvm.cli.images import register
+
+    remote.add_release(VERSION, publish_sha=False)
+    monkeypatch.setenv(RELEASE_BASE_ENV, remote.releases_url)
+    app = typer.Typer()
+
+    @app.callback()
+    def root() -> None:
+        """test root"""
+
+    register(app)
+    runner = CliRunner()
+    data = tmp_path / "data"
+    args = ["images", "firecracker", "--version", VERSION, "--data-dir", str(data)]
+    refused = runner.invoke(app, args)
+    assert isinstance(refused.exception, SmartVMError), refused.output
+    assert "publishes no checksum" in refused.exception.message
+    assert not (data / "bin" / VERSION).exists()
+    allowed = runner.invoke(app, [*args, "--insecure-no-checksum"])
+    assert allowed.exit_code == 0, allowed.output
+    assert Path(allowed.stdout.strip().splitlines()[-1]) == data / "bin" / VERSION / "firecracker"
