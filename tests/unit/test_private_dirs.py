@@ -205,3 +205,16 @@ def test_our_own_downloaded_firecracker_is_found(tmp_path: Path) -> None:
     options = SmartVMOptions(data_dir=data, runtime_dir=tmp_path / "rt")
     assert find_firecracker(options) == binary
     assert ImageManager(data).list_versions() == ["v99.0.0"]
+
+
+def test_planted_lease_state_is_refused(tmp_path: Path) -> None:
+    """Leases name namespaces and TAPs that sweeps delete: a lease dir of another user is not read."""
+    from smartvm.host.ipam import LeaseStore, all_stores
+
+    state = _planted_dir(tmp_path / "network")
+    (state / "slots.json").write_text("{}")
+    with pytest.raises(SmartVMError) as info:
+        all_stores(state)
+    assert info.value.code is ErrorCode.UNSAFE_DIRECTORY
+    with pytest.raises(SmartVMError):
+        LeaseStore(state / "slots.json", 1, 4).leases()
