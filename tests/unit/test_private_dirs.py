@@ -105,9 +105,10 @@ def test_a_sticky_world_writable_parent_is_fine(tmp_path: Path) -> None:
     """Like /tmp and /dev/shm: others cannot rename our entries there."""
     shared = _planted_dir(tmp_path / "shm", uid=0, mode=0o1777)
     assert ensure_private_dir(shared / ".smartvm" / "runtime").is_dir()
-    with pytest.raises(SmartVMError):  # without the sticky bit others could swap our directory
-        shared.chmod(0o777)
+    shared.chmod(0o777)  # without the sticky bit others could swap our directory
+    with pytest.raises(SmartVMError) as info:
         ensure_private_dir(shared / ".smartvm" / "runtime")
+    assert "without the sticky bit" in info.value.message
 
 
 def test_runtime_root_and_runtime_dirs_are_checked(tmp_path: Path) -> None:
