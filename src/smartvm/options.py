@@ -101,6 +101,9 @@ class SmartVMOptions(BaseModel):
     base_image_manifest_url: str | None = None
     base_image_manifest_path: Path | None = None
     release_base_url: str | None = None
+    allow_unverified_firecracker: bool = Field(
+        default=False, description="install a Firecracker release that publishes no sha256 (insecure)"
+    )
     ci_bucket_url: str | None = None
     engine: EngineName = "auto"
     qemu_binary_path: Path | None = None

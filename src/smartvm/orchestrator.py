@@ -54,6 +54,7 @@ class SmartVM:
             arch=self.options.arch,
             release_base_url=self.options.release_base_url,
             ci_bucket_url=self.options.ci_bucket_url,
+            allow_unverified=self.options.allow_unverified_firecracker,
         )
         version = self.options.firecracker_version or await images.get_latest_version()
         if not images.has_binary(version):

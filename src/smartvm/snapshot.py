@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from smartvm.config import MicroVMConfig
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.private_dirs import make_private
 
 MANIFEST_NAME = "snapshot.json"
 MANIFEST_VERSION = 1
@@ -132,6 +133,7 @@ class Snapshot:
         target = self.directory / MANIFEST_NAME
         tmp = target.with_suffix(".json.part")
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        make_private(tmp)
         os.replace(tmp, target)
         return target
 

@@ -35,6 +35,7 @@ from smartvm.engine import (
     override_interfaces,
 )
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.private_dirs import ensure_private_dir
 from smartvm.host.process import tail
 from smartvm.host.runtime import VMRuntime
 from smartvm.host.storage import apply_sparse_diffs
@@ -359,7 +360,7 @@ class MicroVM:
                     f"record of {record.id!r} ({record.engine}) does not describe VM {self.id!r} "
                     f"({self.engine_name})",
                 )
-            runtime = VMRuntime(vm_id=self.id, dir=record.runtime_dir, netns=record.netns)
+            runtime = VMRuntime.existing(record.runtime_dir, self.id, netns=record.netns)
             engine = engine_class(record.engine).attach(runtime, self.options, record.engine_data)
             store = VMRecordStore(self.options.data_dir)
             undo = AsyncExitStack()
@@ -691,5 +692,5 @@ def _make_dirs(directory: Path) -> Path | None:
         if path.exists():
             break
         top = path
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(directory)  # snapshots hold guest RAM: created 0700, refused if planted
     return top

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.private_dirs import check_private_dir, check_private_file, ensure_private_dir
 from smartvm.host.process import running_start_time
 from smartvm.host.runtime import sanitize_id
 
@@ -70,7 +71,7 @@ class VMRecordStore:
 
     def save(self, record: VMRecord) -> Path:
         """Write ``record`` atomically (temp file in the same directory, fsync, rename)."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_private_dir(self.dir)
         target = self.path(record.id)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=self.dir)
         try:
@@ -91,6 +92,8 @@ class VMRecordStore:
 
     def _read(self, path: Path) -> VMRecord | None:
         try:
+            if not check_private_file(path):  # a record another user planted is refused
+                return None
             raw = path.read_text()
         except FileNotFoundError:
             return None
@@ -106,7 +109,7 @@ class VMRecordStore:
 
     def records(self) -> list[VMRecord]:
         """Every readable record, by id (damaged ones are skipped with a warning)."""
-        if not self.dir.is_dir():
+        if not check_private_dir(self.dir):
             return []
         found = []
         for path in sorted(self.dir.glob("*.json")):

@@ -88,6 +88,8 @@ async def snapshot_counter_vm(svm: Any, guest: Any, tmp_path: Path, *, at_tick: 
     assert sorted(p.name for p in snapdir.iterdir()) == sorted(
         ["vm.state", "snapshot.json", *memory, *snapshot.disks.values()]
     )  # and no *.part left
+    assert {p.stat().st_mode & 0o777 for p in snapdir.iterdir()} == {0o600}  # guest RAM and disks
+    assert snapdir.stat().st_mode & 0o777 == 0o700
     with pytest.raises(SmartVMError) as diff:
         await vm.create_snapshot(tmp_path / "diff" / "vm.state", tmp_path / "diff" / "vm.mem", "Diff")
     assert diff.value.code == ErrorCode.UNSUPPORTED_BY_ENGINE

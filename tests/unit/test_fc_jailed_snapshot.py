@@ -67,7 +67,10 @@ async def test_snapshot_in_one_jail_restores_in_another(
     assert not [r for r in logged_requests(short_tmp) if r["method"] == "PATCH" and "/drives/" in r["path"]]
     new_root = jail_root(svm.options, "vm2")
     assert (new_root / "drives" / "rootfs.ext4").read_bytes() == b"written by the guest"
-    assert (new_root / "restore" / "vm.mem").stat().st_ino == (snap / "vm.mem").stat().st_ino  # linked
+    # snapshot files are 0600 and stay the user's: the jail (another uid) gets its own copy
+    in_jail, original = (new_root / "restore" / "vm.mem").stat(), (snap / "vm.mem").stat()
+    assert in_jail.st_ino != original.st_ino and in_jail.st_uid != original.st_uid == os.geteuid()
+    assert original.st_mode & 0o077 == 0
     assert await vsock_ping(restored._engine_or_raise()) == b"ping\n"
     assert [r for r in logged_requests(short_tmp) if r["status"] >= 300] == []
     assert not [p for p in fc_paths(short_tmp) if p.startswith(str(short_tmp))]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,10 +110,53 @@ async def test_checksum_mismatch_leaves_nothing(remote: FakeRemote, manager: Ima
     assert not manager.has_binary(VERSION)
 
 
-async def test_missing_published_checksum_is_tolerated(remote: FakeRemote, manager: ImageManager) -> None:
+async def test_missing_published_checksum_is_refused(remote: FakeRemote, manager: ImageManager) -> None:
     remote.add_release(VERSION, publish_sha=False)
+    err = await _install_fails(manager)
+    assert err.code == ErrorCode.DOWNLOAD_FAILED
+    assert "publishes no checksum" in err.message and "--insecure-no-checksum" in err.message
+    assert not manager.has_binary(VERSION)
+    assert remote.hits[f"{RELEASES}/download/{VERSION}/firecracker-{VERSION}-x86_64.tgz"] <= 1
+
+
+async def test_missing_published_checksum_with_explicit_opt_out(remote: FakeRemote, tmp_path: Path) -> None:
+    remote.add_release(VERSION, publish_sha=False)
+    manager = ImageManager(
+        tmp_path / "data", release_base_url=remote.releases_url, timeout=2, allow_unverified=True
+    )
     await manager.download_firecracker(VERSION)
     assert manager.has_binary(VERSION)
+
+
+def _link_member(kind: bytes, linkname: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(f"release-{VERSION}-x86_64/firecracker-{VERSION}-x86_64")
+    info.type = kind
+    info.linkname = linkname
+    return info
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        _link_member(tarfile.SYMTYPE, "jailer-v1.15.1-x86_64"),  # inside the tarball, still refused
+        _link_member(tarfile.LNKTYPE, f"release-{VERSION}-x86_64/jailer-{VERSION}-x86_64"),
+    ],
+    ids=["symlink", "hardlink"],
+)
+async def test_release_with_a_link_member_is_refused(
+    remote: FakeRemote, manager: ImageManager, member: tarfile.TarInfo
+) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        jailer = tarfile.TarInfo(f"release-{VERSION}-x86_64/jailer-{VERSION}-x86_64")
+        jailer.size, jailer.mode = 10, 0o755
+        tar.addfile(jailer, io.BytesIO(b"#!/bin/sh\n"))
+        tar.addfile(member)
+    remote.add_release(VERSION, tarball=buf.getvalue())
+    err = await _install_fails(manager)
+    assert err.code == ErrorCode.UNSAFE_PATH
+    assert f"firecracker-{VERSION}-x86_64" in err.message and "link" in err.message
+    assert not manager.has_binary(VERSION)
 
 
 async def test_checksum_file_server_error_fails(remote: FakeRemote, manager: ImageManager) -> None:
@@ -294,3 +339,32 @@ def test_cli_installs_the_latest_firecracker_and_reuses_it(
     assert {k: v for k, v in remote.hits.items() if "download" in k} == {
         k: v for k, v in downloads.items() if "download" in k
     }  # reused, nothing downloaded again
+
+
+def test_cli_installs_an_unverified_release_only_when_told(
+    remote: FakeRemote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from smartvm.cli.images import register
+
+    remote.add_release(VERSION, publish_sha=False)
+    monkeypatch.setenv(RELEASE_BASE_ENV, remote.releases_url)
+    app = typer.Typer()
+
+    @app.callback()
+    def root() -> None:
+        """test root"""
+
+    register(app)
+    runner = CliRunner()
+    data = tmp_path / "data"
+    args = ["images", "firecracker", "--version", VERSION, "--data-dir", str(data)]
+    refused = runner.invoke(app, args)
+    assert isinstance(refused.exception, SmartVMError), refused.output
+    assert "publishes no checksum" in refused.exception.message
+    assert not (data / "bin" / VERSION).exists()
+    allowed = runner.invoke(app, [*args, "--insecure-no-checksum"])
+    assert allowed.exit_code == 0, allowed.output
+    assert Path(allowed.stdout.strip().splitlines()[-1]) == data / "bin" / VERSION / "firecracker"

@@ -83,6 +83,12 @@ async def test_full_lifecycle(svm: SmartVM, fake_binary: Path, short_tmp: Path) 
     full = await vm.create_snapshot(snap / "vm.state", snap / "vm.mem", pause_vm=True)
     assert vm.state is VMState.RUNNING
     assert (full.directory / "snapshot.json").is_file() and full.disks == {"rootfs": "disk-rootfs.ext4"}
+    # guest RAM, state, disks and manifest are private to the user, in a private directory
+    assert {p.name: p.stat().st_mode & 0o777 for p in snap.iterdir()} == dict.fromkeys(
+        ["vm.state", "vm.mem", "disk-rootfs.ext4", "snapshot.json"], 0o600
+    )
+    assert snap.stat().st_mode & 0o777 == 0o700
+    assert (runtime_dir / "drives" / "rootfs.ext4").stat().st_mode & 0o077 == 0
     await vm.pause()
     diff = await vm.create_snapshot(short_tmp / "diff" / "vm.state", short_tmp / "diff" / "vm.mem", "Diff")
     assert diff.snapshot_type == "Diff"

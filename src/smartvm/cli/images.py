@@ -28,6 +28,11 @@ _PRESET = typer.Option(
     None, "--preset", help="latest | lts | hosted (default: hosted with a manifest, else latest)."
 )
 _MANIFEST_PATH = typer.Option(None, "--manifest-path", help="Local manifest (schema 1) file.")
+_NO_CHECKSUM = typer.Option(
+    False,
+    "--insecure-no-checksum",
+    help="Install a Firecracker release that publishes no sha256 (refused otherwise).",
+)
 _MAX_STORED = typer.Option(2, "--max-stored", help="Keep at most this many bundles (least recently used go).")
 
 
@@ -76,6 +81,7 @@ def pull(
     data_dir: Path = _DATA_DIR,
     cache_dir: Path = _CACHE_DIR,
     max_stored: int = _MAX_STORED,
+    insecure_no_checksum: bool = _NO_CHECKSUM,
 ) -> None:
     """Download (or verify the cached copy of) a base image bundle; prints its directory last."""
     chosen: PresetChoice = preset or ("hosted" if manifest_url or manifest_path else "latest")
@@ -88,7 +94,9 @@ def pull(
     _describe(bundle)
     if with_firecracker and bundle.firecracker_version is not None:
         binary = asyncio.run(
-            ImageManager(data_dir, arch=arch).download_firecracker(bundle.firecracker_version)
+            ImageManager(data_dir, arch=arch, allow_unverified=insecure_no_checksum).download_firecracker(
+                bundle.firecracker_version
+            )
         )
         _err.print(f"firecracker  {binary}")
     typer.echo(str(bundle.directory))
@@ -98,10 +106,11 @@ def firecracker(
     version: str | None = typer.Option(None, "--version", help="vX.Y.Z (default: the latest release)."),
     arch: str = typer.Option("x86_64", "--arch", help="x86_64 or aarch64."),
     data_dir: Path = _DATA_DIR,
+    insecure_no_checksum: bool = _NO_CHECKSUM,
 ) -> None:
     """Install a Firecracker release (firecracker + jailer, checksum-verified) into --data-dir;
     prints the firecracker path last. An installed version is reused."""
-    manager = ImageManager(data_dir, arch=arch)
+    manager = ImageManager(data_dir, arch=arch, allow_unverified=insecure_no_checksum)
 
     async def install() -> Path:
         chosen = check_version(version or await manager.get_latest_version())

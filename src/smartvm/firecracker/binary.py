@@ -17,6 +17,7 @@ from typing import Literal
 
 from smartvm.doctor import CheckResult, register_check
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.private_dirs import check_private_dir, check_private_file
 from smartvm.options import SmartVMOptions
 
 ENV_VAR = "SMARTVM_FIRECRACKER_BIN"
@@ -59,14 +60,20 @@ def find_firecracker(options: SmartVMOptions | None = None) -> Path | None:
     bin_dir = options.data_dir / "bin"
     if options.firecracker_version is not None:
         candidate = bin_dir / options.firecracker_version / "firecracker"
-        return candidate if _executable(candidate) else None
+        return candidate if _downloaded(candidate) else None
     versions = []
-    if bin_dir.is_dir():
+    if check_private_dir(bin_dir):
         for entry in bin_dir.iterdir():
             m = _VERSION_DIR.match(entry.name)
-            if m and _executable(entry / "firecracker"):
+            if m and _downloaded(entry / "firecracker"):
                 versions.append((tuple(int(g) for g in m.groups()), entry / "firecracker"))
     return max(versions)[1] if versions else None
+
+
+def _downloaded(binary: Path) -> bool:
+    """A downloaded binary in the data dir: used only when it and every directory above it are ours
+    (UNSAFE_DIRECTORY otherwise: another user may have planted it)."""
+    return check_private_file(binary) and _executable(binary)
 
 
 def require_firecracker(options: SmartVMOptions) -> Path:
@@ -86,8 +93,11 @@ def find_jailer(options: SmartVMOptions, firecracker: Path | None = None) -> Pat
     explicit = _explicit(options.jailer_binary_path, JAILER_ENV_VAR)
     if explicit is not None:
         return explicit or None
-    if firecracker is not None and _executable(firecracker.parent / "jailer"):
-        return firecracker.parent / "jailer"
+    if firecracker is not None:
+        beside = firecracker.parent / "jailer"
+        downloaded = options.data_dir in firecracker.parents
+        if _downloaded(beside) if downloaded else _executable(beside):
+            return beside
     on_path = shutil.which("jailer")
     return Path(on_path) if on_path else None
 
@@ -124,7 +134,10 @@ def firecracker_version(path: str | Path) -> str:
 @register_check
 def check_firecracker_binary() -> CheckResult:
     name = "firecracker binary"
-    path = find_firecracker()
+    try:
+        path = find_firecracker()
+    except SmartVMError as exc:
+        return CheckResult(name, False, exc.message, "remove the directory named or use another data dir")
     if path is None:
         return CheckResult(
             name,

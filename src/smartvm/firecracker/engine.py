@@ -35,6 +35,7 @@ from smartvm.firecracker.binary import require_firecracker
 from smartvm.firecracker.jailed import VSOCK_IN_JAIL, VMJail, open_jail, remove_recorded_jail
 from smartvm.firecracker.process import FirecrackerCommand, FirecrackerProcess, socket_accepts, tail
 from smartvm.firecracker.vsock import connect_vsock
+from smartvm.host.private_dirs import make_private
 from smartvm.host.runtime import VMRuntime, sanitize_id
 from smartvm.host.storage import clone_file
 from smartvm.options import SmartVMOptions
@@ -314,6 +315,8 @@ class FirecrackerEngine(Engine):
         if self._jail is not None:
             self._jail.collect_snapshot(snapshot_dir, (state_file, mem_file))
         disks = _copy_writable_disks(sent, snapshot_dir, self._host_path)
+        for name in (state_file, mem_file, *disks.values()):
+            make_private(snapshot_dir / name)  # guest RAM and disks: 0600
         return Snapshot(
             directory=snapshot_dir,
             engine=self.name,

@@ -144,10 +144,12 @@ class VMJail:
     def restore_body(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """A /snapshot/load body whose state and memory files (or page-fault socket) are in the jail."""
         body = dict(body)
-        body["snapshot_path"] = self._read_only(body["snapshot_path"], f"{_RESTORE_IN}/")
+        body["snapshot_path"] = self._read_only(body["snapshot_path"], f"{_RESTORE_IN}/", copy_private=True)
         backend = dict(body["mem_backend"])
         if backend["backend_type"] == "File":
-            backend["backend_path"] = self._read_only(backend["backend_path"], f"{_RESTORE_IN}/")
+            backend["backend_path"] = self._read_only(
+                backend["backend_path"], f"{_RESTORE_IN}/", copy_private=True
+            )
         else:  # a Unix socket cannot be copied; a hard link to it connects to the same listener
             backend["backend_path"] = self.jail.link_in(
                 backend["backend_path"], f"{_RESTORE_IN}/uffd.sock", allow_copy=False
@@ -252,11 +254,15 @@ class VMJail:
         Path(path).touch()
         return self.jail.link_in(path, prefix + Path(path).name, writable=True, allow_copy=False)
 
-    def _read_only(self, path: str, name: str) -> str:
-        """Link a file Firecracker only reads; ``name`` ending in '/' is a directory for it."""
+    def _read_only(self, path: str, name: str, *, copy_private: bool = False) -> str:
+        """Link a file Firecracker only reads; ``name`` ending in '/' is a directory for it.
+        ``copy_private``: a file the jail cannot read (snapshot files are 0600) is copied, not refused."""
         in_jail = self.jail.link_in(path, name + Path(path).name if name.endswith("/") else name)
         target = self.host_path(in_jail)
         if not _readable_by(target.stat(), self.jail.config.uid, self.jail.config.gid):
+            if copy_private and target.stat().st_ino == Path(path).stat().st_ino:
+                target.unlink()  # the jail's own copy-on-write copy; the user's file keeps its owner
+                clone_file(path, target)
             if target.stat().st_ino != Path(path).stat().st_ino:  # our own copy: hand it over
                 os.chown(target, self.jail.config.uid, self.jail.config.gid)
             else:

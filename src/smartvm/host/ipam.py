@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.private_dirs import check_private_dir, ensure_private_dir
 
 DEFAULT_DATA_DIR = Path("/tmp/.smartvm")  # SmartVMOptions.data_dir's default
 
@@ -76,7 +77,7 @@ class LeaseStore:
     def _locked(self) -> Iterator[dict[str, Lease]]:
         """Hold the lock, yield the leases; whatever the block leaves in the dict is written back."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            ensure_private_dir(self.path.parent)  # leases steer namespace/TAP cleanup: ours only
             lock_fd = os.open(
                 self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
@@ -199,7 +200,7 @@ class LeaseStore:
 def all_stores(state_dir: Path | None = None) -> list[Path]:
     """Every lease file under ``state_dir`` (for doctor and sweep)."""
     root = state_dir or default_state_dir()
-    return sorted(root.glob("*.json")) if root.is_dir() else []
+    return sorted(root.glob("*.json")) if check_private_dir(root) else []
 
 
 def read_leases(path: Path) -> list[Lease]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from smartvm.config import Drive, MicroVMConfig
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.private_dirs import check_private_dir, ensure_private_dir, make_private
 from smartvm.host.storage import clone_file
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -37,7 +38,7 @@ class VMRuntime:
 
     @classmethod
     def create(cls, root: Path, vm_id: str, *, netns: str | None = None) -> VMRuntime:
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_private_dir(root)
         path = root / sanitize_id(vm_id)
         try:
             path.mkdir(mode=0o700)
@@ -48,6 +49,14 @@ class VMRuntime:
                 "cleaned up; "
                 "stop it or run 'smartvm network sweep' / remove the directory",
             ) from exc
+        ensure_private_dir(path)  # created above by us; checked against a umask that opens it
+        return cls(vm_id=vm_id, dir=path, netns=netns)
+
+    @classmethod
+    def existing(cls, path: Path, vm_id: str, *, netns: str | None = None) -> VMRuntime:
+        """The existing runtime dir ``path`` of a running VM, checked to be private (UNSAFE_DIRECTORY)."""
+        if not check_private_dir(path):
+            raise SmartVMError(ErrorCode.VM_NOT_FOUND, f"runtime dir {path} of VM {vm_id!r} is gone")
         return cls(vm_id=vm_id, dir=path, netns=netns)
 
     # Well-known paths, so engines, agent and CLI agree.
@@ -81,7 +90,7 @@ class VMRuntime:
 
     def stage_drive(self, drive: Drive) -> Path:
         """A private copy-on-write copy of the drive's image inside this runtime dir."""
-        self.drives_dir.mkdir(exist_ok=True)
+        ensure_private_dir(self.drives_dir)
         target = self.drives_dir / f"{sanitize_id(drive.drive_id)}{Path(drive.path_on_host).suffix}"
         if not Path(drive.path_on_host).is_file():
             raise SmartVMError(
@@ -89,6 +98,7 @@ class VMRuntime:
                 f"drive {drive.drive_id!r}: image {drive.path_on_host} does not exist or is not a file",
             )
         clone_file(drive.path_on_host, target)
+        make_private(target)
         self.staged[drive.drive_id] = target
         return target
 
@@ -121,6 +131,6 @@ class VMRuntime:
 
 def list_runtime_dirs(root: Path) -> list[Path]:
     """Runtime dirs present under ``root`` (for sweeps and ``smartvm ps``)."""
-    if not root.is_dir():
+    if not check_private_dir(root):
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -35,6 +35,7 @@ from typing import Literal, cast
 import httpx
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.private_dirs import check_private_dir, ensure_private_dir
 from smartvm.host.storage import clone_file
 from smartvm.images.download import DEFAULT_TIMEOUT_S, download, http_client, sha256_file
 from smartvm.images.manifest import (
@@ -574,11 +575,19 @@ class BaseImageManager:
     # --- cache directory -----------------------------------------------------------------
 
     def _bundle_dirs(self) -> list[Path]:
-        try:
-            entries = list(self._cache_dir.iterdir())
-        except FileNotFoundError:
+        """Bundle directories in a cache that is ours; a bundle another user planted is skipped."""
+        if not check_private_dir(self._cache_dir):
             return []
-        return [e for e in entries if not e.name.startswith(".") and e.is_dir() and not e.is_symlink()]
+        found = []
+        for entry in self._cache_dir.iterdir():
+            if entry.name.startswith("."):
+                continue
+            try:
+                if check_private_dir(entry):
+                    found.append(entry)
+            except SmartVMError as exc:
+                logger.warning("ignoring cache entry %s", exc.message)
+        return found
 
     def _read_manifest(self, directory: Path) -> BundleManifest | None:
         try:
@@ -629,7 +638,7 @@ class BaseImageManager:
     def _staging_dir(self, bundle_id: str) -> Path:
         """A private directory next to the bundles, so the final rename is atomic."""
         try:
-            self._cache_dir.mkdir(parents=True, exist_ok=True)
+            ensure_private_dir(self._cache_dir)
             return Path(tempfile.mkdtemp(prefix=f".tmp-{bundle_id}-", dir=self._cache_dir))
         except OSError as exc:
             raise SmartVMError(
@@ -670,7 +679,7 @@ class BaseImageManager:
     def _open_lock(self, bundle_id: str) -> int:
         locks = self._cache_dir / _LOCKS
         try:
-            locks.mkdir(parents=True, exist_ok=True)
+            ensure_private_dir(locks)
             return os.open(locks / f"{bundle_id}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise SmartVMError(

@@ -30,6 +30,7 @@ from rich.progress import (
 )
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.private_dirs import ensure_private_dir
 
 DEFAULT_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
@@ -134,7 +135,7 @@ async def download(
         raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"sha256 for {url} must be 64 hex digits")
     if md5 is not None and not _HEX32.match(md5):
         raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"md5 for {url} must be 32 hex digits")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(dest.parent)
     part = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
     own_client = client is None
     active = client if client is not None else http_client(timeout)
@@ -255,8 +256,9 @@ def _inside(root: Path, relative: PurePosixPath) -> bool:
     return candidate == root or root in candidate.parents
 
 
-def check_tar_member(archive: Path, member: tarfile.TarInfo, root: Path) -> None:
-    """Raise UNSAFE_PATH unless ``member`` stays inside ``root`` (absolute, ``..``, links, devices)."""
+def check_tar_member(archive: Path, member: tarfile.TarInfo, root: Path, *, links: bool = True) -> None:
+    """Raise UNSAFE_PATH unless ``member`` stays inside ``root`` (absolute, ``..``, links, devices);
+    with ``links=False`` only regular files and directories pass."""
     name = PurePosixPath(member.name)
     if name.is_absolute() or member.name.startswith(("/", "\\")):
         raise _unsafe(archive, member, "absolute path")
@@ -266,6 +268,8 @@ def check_tar_member(archive: Path, member: tarfile.TarInfo, root: Path) -> None
         raise _unsafe(archive, member, "path escapes the target directory")
     if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
         raise _unsafe(archive, member, "device or fifo")
+    if not links and (member.issym() or member.islnk()):
+        raise _unsafe(archive, member, f"link to {member.linkname!r}; only regular files are accepted")
     if member.issym():
         target = PurePosixPath(member.linkname)
         if target.is_absolute() or not _inside(root, name.parent / target):
@@ -278,10 +282,13 @@ def check_tar_member(archive: Path, member: tarfile.TarInfo, root: Path) -> None
         raise _unsafe(archive, member, "unsupported member type")
 
 
-def safe_extract(archive: Path, dest: Path, members: Sequence[str] | None = None) -> list[Path]:
+def safe_extract(
+    archive: Path, dest: Path, members: Sequence[str] | None = None, *, links: bool = True
+) -> list[Path]:
     """Extract ``archive`` (any compression tarfile reads) into ``dest``.
 
-    Every member is checked first, so one unsafe member refuses the whole archive (UNSAFE_PATH).
+    Every member is checked first, so one unsafe member refuses the whole archive (UNSAFE_PATH);
+    ``links=False`` also refuses symlinks and hard links (release binaries must be plain files).
     ``members`` limits what is written (by exact member name). Returns the written paths.
     """
     root = Path(os.path.abspath(dest))
@@ -290,7 +297,7 @@ def safe_extract(archive: Path, dest: Path, members: Sequence[str] | None = None
         with tarfile.open(archive, "r:*") as tar:
             infos = tar.getmembers()
             for info in infos:
-                check_tar_member(archive, info, root)
+                check_tar_member(archive, info, root, links=links)
             wanted = infos if members is None else [i for i in infos if i.name in set(members)]
             if members is not None:
                 missing = set(members) - {i.name for i in wanted}

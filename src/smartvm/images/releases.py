@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.private_dirs import check_private_dir, check_private_file, ensure_private_dir
 from smartvm.host.storage import clone_file
 from smartvm.images.download import (
     DEFAULT_TIMEOUT_S,
@@ -76,6 +77,18 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+async def _require_release(client: httpx.AsyncClient, url: str) -> None:
+    """DOWNLOAD_FAILED naming the HTTP error when ``url`` cannot be fetched (nothing is downloaded)."""
+    try:
+        async with client.stream("GET", url) as response:
+            response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise SmartVMError(
+            ErrorCode.DOWNLOAD_FAILED,
+            f"downloading {url} failed: {describe_http_error(exc)}; check the version and any mirror setting",
+        ) from exc
+
+
 class ImageManager:
     """Downloads Firecracker binaries and loose artifacts into ``data_dir``; async first."""
 
@@ -88,8 +101,11 @@ class ImageManager:
         ci_bucket_url: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         progress: bool | None = None,
+        allow_unverified: bool = False,
     ) -> None:
+        """``allow_unverified`` installs a release that publishes no checksum (refused otherwise)."""
         self.data_dir = Path(data_dir)
+        self.allow_unverified = allow_unverified
         self.arch = check_arch(arch)
         self.release_base_url = resolve_release_base_url(release_base_url)
         self.ci_bucket_url = resolve_ci_bucket_url(ci_bucket_url)
@@ -117,15 +133,16 @@ class ImageManager:
         return self.bin_dir / check_version(version) / "jailer"
 
     def has_binary(self, version: str) -> bool:
-        """Both binaries of ``version`` are present and executable."""
+        """Both binaries of ``version`` are present, executable and ours (UNSAFE_DIRECTORY when they or
+        a directory above them could have been planted by another user)."""
         return all(
-            p.is_file() and os.access(p, os.X_OK)
+            check_private_file(p) and os.access(p, os.X_OK)
             for p in (self.get_firecracker_path(version), self.get_jailer_path(version))
         )
 
     def list_versions(self) -> list[str]:
         """Versions with both binaries installed, newest first."""
-        if not self.bin_dir.is_dir():
+        if not check_private_dir(self.bin_dir):
             return []
         found = [
             p.name for p in self.bin_dir.iterdir() if _VERSION_RE.match(p.name) and self.has_binary(p.name)
@@ -158,19 +175,28 @@ class ImageManager:
     async def download_firecracker(self, version: str) -> Path:
         """Install ``firecracker`` and ``jailer`` of ``version``; returns the firecracker path.
 
-        The tarball is checked against the release's published ``.sha256.txt`` when there is
-        one. Binaries appear all at once (a staged directory renamed into place).
+        The tarball is checked against the release's published ``.sha256.txt``; a release without
+        one is refused unless ``allow_unverified``. Only regular files are taken from the tarball.
+        Binaries appear all at once (a staged directory renamed into place).
         """
         version = check_version(version)
         if self.has_binary(version):
             return self.get_firecracker_path(version)
         tarball = f"firecracker-{version}-{self.arch}.tgz"
         url = f"{self.release_base_url}/download/{version}/{tarball}"
-        self.bin_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.bin_dir)
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=self.bin_dir))
         try:
             async with http_client(self.timeout) as client:
                 sha256 = await self._published_sha256(client, f"{url}.sha256.txt")
+                if sha256 is None and not self.allow_unverified:
+                    await _require_release(client, url)  # a missing release says so (HTTP 404)
+                    raise SmartVMError(
+                        ErrorCode.DOWNLOAD_FAILED,
+                        f"Firecracker {version} publishes no checksum ({url}.sha256.txt is missing), "
+                        "so the download cannot be verified; use a release that has one, or opt out "
+                        "with allow_unverified=True (CLI: --insecure-no-checksum) if you trust the source",
+                    )
                 archive = staging / tarball
                 await download(url, archive, sha256=sha256, client=client, progress=self.progress)
             release_dir = f"release-{version}-{self.arch}"
@@ -180,7 +206,7 @@ class ImageManager:
             }
             members = [f"{release_dir}/{n}" for n in names.values()]
             extract_dir = staging / "x"
-            await asyncio.to_thread(safe_extract, archive, extract_dir, members)
+            await asyncio.to_thread(safe_extract, archive, extract_dir, members, links=False)
             final_dir = staging / "out"
             final_dir.mkdir()
             for short, long in names.items():
@@ -247,7 +273,7 @@ class ImageManager:
         mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/usr/sbin:/sbin")
         if mkfs is None:
             raise SmartVMError(ErrorCode.ROOTFS_CREATE_FAILED, "mkfs.ext4 not found; install e2fsprogs")
-        self.rootfs_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.rootfs_dir)
         part = self.rootfs_dir / f".{dest.name}.{os.getpid()}.part"
         try:
             with part.open("wb") as fh:
@@ -286,7 +312,7 @@ class ImageManager:
             raise SmartVMError(ErrorCode.ROOTFS_CLONE_FAILED, f"source rootfs {source} does not exist")
         if dest.exists():
             raise SmartVMError(ErrorCode.ROOTFS_CLONE_FAILED, f"{dest} already exists; pick another name")
-        self.rootfs_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.rootfs_dir)
         part = self.rootfs_dir / f".{dest.name}.{os.getpid()}.part"
         try:
             await asyncio.to_thread(clone_file, source, part)

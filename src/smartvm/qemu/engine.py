@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 from smartvm.config import MicroVMConfig
 from smartvm.engine import Engine, RestoreRequest
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.private_dirs import make_private
 from smartvm.host.process import tail
 from smartvm.host.runtime import VMRuntime
 from smartvm.host.storage import clone_file
@@ -309,6 +310,7 @@ class QemuEngine(Engine):
                 disks[drive.drive_id] = f"{drive.drive_id}.disk"
                 await asyncio.to_thread(clone_file, drive.path_on_host, part_for(disks[drive.drive_id]))
             for final, part in parts.items():
+                make_private(part)  # guest RAM and disks: 0600
                 part.rename(final)
         except BaseException:
             for part in parts.values():
