@@ -34,6 +34,7 @@ from smartvm.engine import (
     override_interfaces,
 )
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.process import detachable as spawn_detachable
 from smartvm.host.process import tail
 from smartvm.host.runtime import VMRuntime
 from smartvm.host.storage import apply_sparse_diffs
@@ -71,8 +72,12 @@ class MicroVM:
         *,
         netns: str | None = None,
         on_stopped: Callable[[MicroVM], None] | None = None,
+        detachable: bool = False,
     ) -> None:
         self.config = config
+        # decided at creation: only a detachable VM's hypervisor may outlive this process (else it gets
+        # the parent-death signal, see host/process.py)
+        self.detachable = detachable
         self.options = options
         self.engine_name = engine_name
         self.netns = netns
@@ -255,7 +260,8 @@ class MicroVM:
                 engine = engine_class(self.engine_name)(runtime, self.options)
                 stack.push_async_callback(engine.close)
                 stack.push_async_callback(engine.kill)
-                await run(engine, staged)
+                with spawn_detachable(self.detachable):
+                    await run(engine, staged)
                 self._runtime, self._engine = runtime, engine
                 self._started_at = time.time()
                 self._undo = stack.pop_all()
@@ -286,6 +292,12 @@ class MicroVM:
 
         async with self._lock:
             self._require("detach", *_LIVE)
+            if not self.detachable:
+                raise SmartVMError(
+                    ErrorCode.INVALID_STATE,
+                    f"VM {self.id!r} was not created detachable: its hypervisor dies with this process; "
+                    "create it with create_vm(..., detachable=True) to detach it",
+                )
             engine, runtime = self._engine_or_raise(), self._runtime
             assert runtime is not None
             store = VMRecordStore(self.options.data_dir)

@@ -3,6 +3,11 @@
 A record says how to find the VM again (engine, pid + start time, runtime dir, what the engine needs
 to re-attach). It is written atomically when a VM is detached and removed when the VM is stopped
 through any path; a record whose process is gone is pruned (with its runtime dir) by whoever finds it.
+
+A record is only trusted (:meth:`VMRecord.problem`) when it names the runtime dir smartvm made for
+its id under the runtime root and that dir's owner file (written by smartvm when it detached the VM)
+names this record and its process (pid + start time). An untrusted record is dropped
+without killing or deleting anything else: it may have been planted to steer us.
 """
 
 from __future__ import annotations
@@ -22,10 +27,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.process import running_start_time
 from smartvm.host.runtime import sanitize_id
+from smartvm.host.sweep import hand_to_record, hypervisor_of, owner_of
 
 log = logging.getLogger(__name__)
 
 RECORDS_DIR = "vms"
+
+
+def _alive(owner: dict[str, Any]) -> bool:
+    pid = owner.get("pid")
+    return isinstance(pid, int) and running_start_time(pid) == owner.get("start_time")
 
 
 class VMRecord(BaseModel):
@@ -46,8 +57,35 @@ class VMRecord(BaseModel):
     engine_data: dict[str, Any]  # what Engine.detach() returned
 
     def is_alive(self) -> bool:
-        """Whether the hypervisor process of this record still runs (pid and start time match)."""
+        """Whether the hypervisor process of this record still runs (pid and start time match); trust
+        the record first (:meth:`problem`)."""
         return running_start_time(self.pid) == self.pid_start_time
+
+    def problem(self, runtime_root: Path, record_path: Path) -> str | None:
+        """Why this record (read from ``record_path``) does not describe a VM smartvm started, or None."""
+        expected = Path(os.path.abspath(runtime_root)) / sanitize_id(self.id)
+        if Path(os.path.abspath(self.runtime_dir)) != expected:
+            return f"its runtime dir {self.runtime_dir} is not {expected}"
+        if self.runtime_dir.is_symlink() or not self.runtime_dir.is_dir():
+            return f"its runtime dir {self.runtime_dir} is missing"
+        owner = owner_of(self.runtime_dir) or {}
+        if (
+            "record" not in owner
+            and _alive(owner)
+            and hypervisor_of(self.runtime_dir)
+            == (
+                self.pid,
+                self.pid_start_time,
+            )
+        ):
+            return None  # being detached right now: the record is written before the owner file
+        if (owner.get("record"), owner.get("pid"), owner.get("start_time")) != (
+            str(record_path),
+            self.pid,
+            self.pid_start_time,
+        ):
+            return f"{self.runtime_dir}/owner.json does not name this record and pid {self.pid}"
+        return None
 
     @property
     def uptime(self) -> float:
@@ -83,6 +121,7 @@ class VMRecordStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        hand_to_record(record.runtime_dir, target, record.pid, record.pid_start_time)
         return target
 
     def load(self, vm_id: str) -> VMRecord | None:
@@ -118,6 +157,25 @@ class VMRecordStore:
             if record is not None:
                 found.append(record)
         return found
+
+    def check(self, record: VMRecord, runtime_root: Path) -> str | None:
+        """:meth:`VMRecord.problem` for a record of this store."""
+        return record.problem(runtime_root, self.path(record.id))
+
+    def owns(self, record_path: Path, runtime_dir: Path, runtime_root: Path) -> bool:
+        """Whether the record at ``record_path`` (read now) is trusted, alive and owns ``runtime_dir``."""
+        if record_path.parent != self.dir:
+            return False
+        try:
+            record = self._read(record_path)
+        except SmartVMError:
+            return False
+        return (
+            record is not None
+            and os.path.abspath(record.runtime_dir) == os.path.abspath(runtime_dir)
+            and self.check(record, runtime_root) is None
+            and record.is_alive()
+        )
 
     def prune(self, record: VMRecord) -> None:
         """Forget a VM whose hypervisor is gone: what its engine left behind, its runtime dir, its record."""

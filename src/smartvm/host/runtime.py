@@ -1,7 +1,8 @@
 """Per-VM runtime directories: sockets, logs and staged (ephemeral) drives, on tmpfs when possible.
 
 A runtime dir belongs to exactly one VM and is removed with everything in it when the VM stops
-or fails to start; nothing in it outlives the VM.
+or fails to start; nothing in it outlives the VM. Its ``owner.json`` (written first, see sweep.py)
+lets a later smartvm command remove it when its owner was killed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from smartvm.config import Drive, MicroVMConfig
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.storage import clone_file
+from smartvm.host.sweep import claim
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -48,6 +50,11 @@ class VMRuntime:
                 "cleaned up; "
                 "stop it or run 'smartvm network sweep' / remove the directory",
             ) from exc
+        try:
+            claim(path)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return cls(vm_id=vm_id, dir=path, netns=netns)
 
     # Well-known paths, so engines, agent and CLI agree.
