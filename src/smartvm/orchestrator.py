@@ -127,8 +127,7 @@ class SmartVM:
 
     def detached_vms(self) -> list[VMRecord]:
         """Records of detached VMs whose hypervisor still runs (see :meth:`prune_detached`)."""
-        root = self.options.runtime_dir
-        return [r for r in self.records.records() if self.records.check(r, root) is None and r.is_alive()]
+        return [r for r in self.records.records() if self.records.check(r) is None and r.is_alive()]
 
     def prune_detached(self) -> list[VMRecord]:
         """Remove the records (and runtime dirs) of detached VMs whose hypervisor is gone, drop records
@@ -136,7 +135,7 @@ class SmartVM:
         runtime dirs whose owner is gone (:meth:`sweep`); returns the records removed."""
         gone = []
         for record in self.records.records():
-            problem = self.records.check(record, self.options.runtime_dir)
+            problem = self.records.check(record)
             if problem is not None:
                 log.warning("ignoring and removing the record of VM %r: %s", record.id, problem)
                 self.records.remove(record.id)
@@ -152,7 +151,7 @@ class SmartVM:
         and that no detached VM's record owns; safe while other smartvm processes run. Dirs removed."""
         root = self.options.runtime_dir
         live = {r.runtime_dir for r in self.records.records() if r.is_alive()}
-        return sweep_runtime_dirs(root, live, lambda record, d: self.records.owns(record, d, root))
+        return sweep_runtime_dirs(root, live, self.records.owns)
 
     async def attach_vm(self, vm_id: str) -> MicroVM:
         """Take over a VM detached earlier (by this or another process) with :meth:`MicroVM.detach`.
@@ -166,7 +165,7 @@ class SmartVM:
                 ErrorCode.VM_NOT_FOUND,
                 f"no detached VM {vm_id!r} in {self.records.dir}; 'smartvm ps' lists them",
             )
-        problem = self.records.check(record, self.options.runtime_dir)
+        problem = self.records.check(record)
         if problem is not None:
             self.records.remove(record.id)  # planted or damaged: never act on it
             raise SmartVMError(

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -61,13 +62,25 @@ class VMRecord(BaseModel):
         the record first (:meth:`problem`)."""
         return running_start_time(self.pid) == self.pid_start_time
 
-    def problem(self, runtime_root: Path, record_path: Path) -> str | None:
-        """Why this record (read from ``record_path``) does not describe a VM smartvm started, or None."""
-        expected = Path(os.path.abspath(runtime_root)) / sanitize_id(self.id)
-        if Path(os.path.abspath(self.runtime_dir)) != expected:
-            return f"its runtime dir {self.runtime_dir} is not {expected}"
-        if self.runtime_dir.is_symlink() or not self.runtime_dir.is_dir():
-            return f"its runtime dir {self.runtime_dir} is missing"
+    def problem(self, record_path: Path) -> str | None:
+        """Why this record (read from ``record_path``) does not describe a VM smartvm started, or None.
+
+        Its runtime dir must be named after the VM id inside a directory only this user can write
+        (so nobody else could have made it), be a real directory of this user, and hold the owner file
+        smartvm wrote when it detached the VM, naming this record and its pid + start time.
+        """
+        path = Path(os.path.abspath(self.runtime_dir))
+        if path.name != sanitize_id(self.id):
+            return f"its runtime dir {path} is not named after the VM id"
+        uid = os.geteuid()
+        try:
+            parent, own = os.stat(path.parent), os.lstat(path)
+        except OSError:
+            return f"its runtime dir {path} is missing"
+        if not stat.S_ISDIR(own.st_mode) or own.st_uid != uid:
+            return f"its runtime dir {path} is not a directory of this user"
+        if parent.st_uid != uid or parent.st_mode & 0o022:
+            return f"{path.parent} is not owned by this user or is writable by others"
         owner = owner_of(self.runtime_dir) or {}
         if (
             "record" not in owner
@@ -158,11 +171,11 @@ class VMRecordStore:
                 found.append(record)
         return found
 
-    def check(self, record: VMRecord, runtime_root: Path) -> str | None:
+    def check(self, record: VMRecord) -> str | None:
         """:meth:`VMRecord.problem` for a record of this store."""
-        return record.problem(runtime_root, self.path(record.id))
+        return record.problem(self.path(record.id))
 
-    def owns(self, record_path: Path, runtime_dir: Path, runtime_root: Path) -> bool:
+    def owns(self, record_path: Path, runtime_dir: Path) -> bool:
         """Whether the record at ``record_path`` (read now) is trusted, alive and owns ``runtime_dir``."""
         if record_path.parent != self.dir:
             return False
@@ -173,7 +186,7 @@ class VMRecordStore:
         return (
             record is not None
             and os.path.abspath(record.runtime_dir) == os.path.abspath(runtime_dir)
-            and self.check(record, runtime_root) is None
+            and self.check(record) is None
             and record.is_alive()
         )
 
