@@ -35,7 +35,7 @@ def _wait_for_hypervisor(proc: subprocess.Popen[bytes], root: Path, timeout: flo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-        pids = processes_mentioning(str(root))
+        pids = [p for p in processes_mentioning(str(root)) if p != proc.pid]  # not smartvm itself
         if pids:
             time.sleep(1.0)  # let it get past spawning (into boot)
             return pids[0]
@@ -107,7 +107,7 @@ def test_start_killed_mid_boot_leaves_the_id_reusable(guest_image: object, tmp_p
 def _forge(data: Path, vm_id: str, pid: int, runtime_dir: Path) -> None:
     records = data / "vms"
     records.mkdir(parents=True, exist_ok=True)
-    start = running_start_time(pid) if pid else 0
+    start = running_start_time(pid) or 1  # a dead pid: any start time
     record = {
         "id": vm_id,
         "engine": "qemu",
@@ -116,7 +116,13 @@ def _forge(data: Path, vm_id: str, pid: int, runtime_dir: Path) -> None:
         "runtime_dir": str(runtime_dir),
         "started_at": time.time(),
         "config": {"id": vm_id, "boot_source": {"kernel_image_path": "/boot/vmlinuz"}},
-        "engine_data": {},
+        "engine_data": {
+            "engine": "qemu",
+            "pid": pid,
+            "pid_start_time": start,
+            "qmp_socket": str(runtime_dir / "qmp.sock"),
+            "agent_socket": str(runtime_dir / "agent.sock"),
+        },
     }
     (records / f"{vm_id}.json").write_text(json.dumps(record))
 
