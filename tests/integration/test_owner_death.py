@@ -151,3 +151,43 @@ def test_forged_records_kill_and_delete_nothing(tmp_path: Path) -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_sigkill_during_create_snapshot_leaves_no_paused_qemu(
+    guest_image: object, tmp_path: Path, rt: Path
+) -> None:
+    snap = tmp_path / "snap"
+    script = f"""
+import asyncio, sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from guest_support import boot_config
+from smartvm import SmartVM, SmartVMOptions
+from smartvm.images.guest_image import ensure_default_guest
+
+async def main():
+    async with SmartVM(SmartVMOptions(engine="qemu", runtime_dir=Path({str(rt)!r}))) as svm:
+        vm = await svm.create_vm(boot_config(ensure_default_guest()))
+        await vm.start()
+        await vm.pause()
+        print("paused", flush=True)
+        sys.stdin.readline()
+        await vm.create_snapshot(Path({str(snap)!r}) / "vm.state", Path({str(snap)!r}) / "vm.mem")
+
+asyncio.run(main())
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    qemu = _wait_for_hypervisor(proc, rt)
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline() == b"paused\n"
+    proc.stdin.write(b"go\n")
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    while not list(snap.glob("*.part")):  # the snapshot is being written
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else b""
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+    assert _gone_within(qemu, 5), "a paused QEMU outlived the process that was snapshotting it"
