@@ -38,6 +38,7 @@ from smartvm.host.process import detachable as spawn_detachable
 from smartvm.host.process import tail
 from smartvm.host.runtime import VMRuntime
 from smartvm.host.storage import apply_sparse_diffs
+from smartvm.host.sweep import clear_partial, note_partial
 from smartvm.options import SmartVMOptions
 from smartvm.snapshot import MANIFEST_NAME, Snapshot, SnapshotType
 
@@ -453,6 +454,8 @@ class MicroVM:
             made: Path | None = None
             try:
                 made = _make_dirs(snapshot_path.parent)
+                if self._runtime is not None:  # if this process dies now, a sweep removes the parts
+                    note_partial(self._runtime.dir, snapshot_path.parent, made)
                 snapshot = await engine.create_snapshot(
                     snapshot_path.parent, snapshot_path.name, mem_file_path.name, snapshot_type, self.config
                 )
@@ -465,6 +468,8 @@ class MicroVM:
                     shutil.rmtree(made, ignore_errors=True)
                 raise
             finally:
+                if self._runtime is not None:
+                    clear_partial(self._runtime.dir)
                 if was_running and engine.is_alive():
                     await engine.resume()
                     self._state = VMState.RUNNING

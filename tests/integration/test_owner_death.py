@@ -191,3 +191,8 @@ asyncio.run(main())
     proc.kill()
     proc.wait()
     assert _gone_within(qemu, 5), "a paused QEMU outlived the process that was snapshotting it"
+    res = subprocess.run(
+        [*SMARTVM, "run", "--engine", "qemu", "--runtime-dir", str(rt), "--", "true"], capture_output=True
+    )
+    assert res.returncode == 0, res.stderr.decode(errors="replace")
+    assert _empty(rt) and not snap.exists(), "the sweep left the partial snapshot behind"

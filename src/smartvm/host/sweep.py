@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 OWNER_FILE = "owner.json"
 HYPERVISOR_FILE = "hypervisor.json"
+PARTIAL_FILE = "partial-snapshot.json"  # a snapshot being written: where, and what this VM created
+_MANIFEST = "snapshot.json"
 # An empty dir without an owner file younger than this may be between its mkdir and claim().
 _UNCLAIMED_GRACE_S = 60.0
 
@@ -72,6 +74,34 @@ def owner_of(runtime_dir: Path) -> dict[str, Any] | None:
 def note_hypervisor(runtime_dir: Path, proc: HostProcess) -> None:
     """Remember the hypervisor of ``runtime_dir`` so that a sweep can end it if its owner dies."""
     write_json_atomic(runtime_dir / HYPERVISOR_FILE, {"pid": proc.pid, "start_time": proc.start_time})
+
+
+def note_partial(runtime_dir: Path, snapshot_dir: Path, made: Path | None) -> None:
+    """A snapshot of this VM is being written to ``snapshot_dir`` (``made``: the top dir created for it)."""
+    write_json_atomic(
+        runtime_dir / PARTIAL_FILE, {"dir": str(snapshot_dir), "made": str(made) if made else None}
+    )
+
+
+def clear_partial(runtime_dir: Path) -> None:
+    (runtime_dir / PARTIAL_FILE).unlink(missing_ok=True)
+
+
+def _remove_partial_snapshot(runtime_dir: Path) -> None:
+    """Undo what a snapshot interrupted by its owner's death left: ``*.part`` files, and the dirs made
+    for it unless a finished snapshot (its manifest) is in them."""
+    data = read_json(runtime_dir / PARTIAL_FILE)
+    if data is None or not isinstance(data.get("dir"), str):
+        return
+    snapshot_dir = Path(data["dir"])
+    with contextlib.suppress(OSError):
+        for part in snapshot_dir.glob("*.part"):
+            if part.is_file() and not part.is_symlink():
+                part.unlink()
+    made = data.get("made")
+    if isinstance(made, str) and not (snapshot_dir / _MANIFEST).exists():
+        log.info("removing the unfinished snapshot dir %s", made)
+        shutil.rmtree(made, ignore_errors=True)
 
 
 def references(pid: int, runtime_dir: Path) -> bool:
@@ -151,6 +181,7 @@ def sweep(runtime_root: Path, live_record_dirs: set[Path], record_owns: RecordCh
                         signal.pidfd_send_signal(fd, signal.SIGKILL)
                 finally:
                     os.close(fd)
+        _remove_partial_snapshot(path)
         log.info("removing runtime dir %s: its owner is gone", path)
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
