@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from smartvm.host.process import running_start_time
@@ -30,7 +31,8 @@ def test_an_orphan_dir_goes_with_its_own_hypervisor(tmp_path: Path) -> None:
     vm = tmp_path / "vm1"
     vm.mkdir()
     _dead_owner(vm)
-    hyp = subprocess.Popen(["sleep", "300", str(vm / "qmp.sock")])  # names its runtime dir
+    naps = "import time; time.sleep(300)"
+    hyp = subprocess.Popen([sys.executable, "-c", naps, str(vm / "qmp.sock")])  # names its runtime dir
     try:
         start = running_start_time(hyp.pid)
         (vm / HYPERVISOR_FILE).write_text(json.dumps({"pid": hyp.pid, "start_time": start}))
