@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -11,10 +12,13 @@ from typing import Any
 from smartvm.config import MicroVMConfig, new_vm_id, parse_config
 from smartvm.engine import NetworkOverride, select_engine
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.sweep import sweep as sweep_runtime_dirs
 from smartvm.options import SmartVMOptions
 from smartvm.snapshot import Snapshot
 from smartvm.vm import MicroVM, VMState
 from smartvm.vm_records import VMRecord, VMRecordStore
+
+log = logging.getLogger(__name__)
 
 
 class SmartVM:
@@ -62,11 +66,24 @@ class SmartVM:
         return images.get_firecracker_path(version)
 
     # --- VMs ------------------------------------------------------------------------------------
-    async def create_vm(self, config: MicroVMConfig | dict[str, Any], *, netns: str | None = None) -> MicroVM:
-        """A new, not yet started VM (call ``await vm.start()``)."""
+    async def create_vm(
+        self, config: MicroVMConfig | dict[str, Any], *, netns: str | None = None, detachable: bool = False
+    ) -> MicroVM:
+        """A new, not yet started VM (call ``await vm.start()``).
+
+        Its hypervisor dies with this process (even on SIGKILL) unless ``detachable``: only then may
+        :meth:`MicroVM.detach` hand it over (a sweep cleans up if this process dies before that).
+        """
         cfg = config if isinstance(config, MicroVMConfig) else parse_config(config)
         return self._register(
-            MicroVM(cfg, self.options, self.engine_name, netns=netns, on_stopped=self._forget)
+            MicroVM(
+                cfg,
+                self.options,
+                self.engine_name,
+                netns=netns,
+                on_stopped=self._forget,
+                detachable=detachable,
+            )
         )
 
     async def restore_vm(
@@ -77,6 +94,7 @@ class SmartVM:
         resume_vm: bool = True,
         network_overrides: Sequence[NetworkOverride] = (),
         netns: str | None = None,
+        detachable: bool = False,
     ) -> MicroVM:
         """A running VM restored from a snapshot directory made by :meth:`MicroVM.create_snapshot`.
 
@@ -87,7 +105,14 @@ class SmartVM:
         config = snapshot.vm_config()
         config = config.model_copy(update={"id": vm_id or new_vm_id()})
         vm = self._register(
-            MicroVM(config, self.options, snapshot.engine, netns=netns, on_stopped=self._forget)
+            MicroVM(
+                config,
+                self.options,
+                snapshot.engine,
+                netns=netns,
+                on_stopped=self._forget,
+                detachable=detachable,
+            )
         )
         try:
             await vm.restore_from(snapshot, resume_vm=resume_vm, network_overrides=network_overrides)
@@ -103,14 +128,31 @@ class SmartVM:
 
     def detached_vms(self) -> list[VMRecord]:
         """Records of detached VMs whose hypervisor still runs (see :meth:`prune_detached`)."""
-        return [r for r in self.records.records() if r.is_alive()]
+        return [r for r in self.records.records() if self.records.check(r) is None and r.is_alive()]
 
     def prune_detached(self) -> list[VMRecord]:
-        """Remove the records (and runtime dirs) of detached VMs whose hypervisor is gone; returns them."""
-        gone = [r for r in self.records.records() if not r.is_alive()]
-        for record in gone:
-            self.records.prune(record)
+        """Remove the records (and runtime dirs) of detached VMs whose hypervisor is gone, drop records
+        that do not describe a VM smartvm started (nothing else is touched for those), and sweep the
+        runtime dirs whose owner is gone (:meth:`sweep`); returns the records removed."""
+        gone = []
+        for record in self.records.records():
+            problem = self.records.check(record)
+            if problem is not None:
+                log.warning("ignoring and removing the record of VM %r: %s", record.id, problem)
+                self.records.remove(record.id)
+                gone.append(record)
+            elif not record.is_alive():
+                self.records.prune(record)
+                gone.append(record)
+        self.sweep()
         return gone
+
+    def sweep(self) -> list[Path]:
+        """Remove runtime dirs (ending their hypervisor, if provably ours) whose owner process is gone
+        and that no detached VM's record owns; safe while other smartvm processes run. Dirs removed."""
+        root = self.options.runtime_dir
+        live = {r.runtime_dir for r in self.records.records() if r.is_alive()}
+        return sweep_runtime_dirs(root, live, self.records.owns)
 
     async def attach_vm(self, vm_id: str) -> MicroVM:
         """Take over a VM detached earlier (by this or another process) with :meth:`MicroVM.detach`.
@@ -124,6 +166,12 @@ class SmartVM:
                 ErrorCode.VM_NOT_FOUND,
                 f"no detached VM {vm_id!r} in {self.records.dir}; 'smartvm ps' lists them",
             )
+        problem = self.records.check(record)
+        if problem is not None:
+            self.records.remove(record.id)  # planted or damaged: never act on it
+            raise SmartVMError(
+                ErrorCode.VM_NOT_FOUND, f"the record of VM {vm_id!r} was invalid and is removed: {problem}"
+            )
         if not record.is_alive():
             self.records.prune(record)
             raise SmartVMError(
@@ -136,6 +184,7 @@ class SmartVM:
                 record.engine,
                 netns=record.netns,
                 on_stopped=self._forget,
+                detachable=True,
             )
         )
         try:
@@ -194,6 +243,7 @@ class SmartVM:
         return self.options.runtime_dir
 
     async def __aenter__(self) -> SmartVM:
+        self.sweep()  # what a killed smartvm process left behind
         return self
 
     async def __aexit__(

@@ -216,8 +216,10 @@ class SmartVM:
     def ensure_binary(self) -> Path:
         return _Loop.run(self.aio.ensure_binary())
 
-    def create_vm(self, config: MicroVMConfig | dict[str, Any], *, netns: str | None = None) -> MicroVM:
-        return MicroVM(_Loop.run(self.aio.create_vm(config, netns=netns)))
+    def create_vm(
+        self, config: MicroVMConfig | dict[str, Any], *, netns: str | None = None, detachable: bool = False
+    ) -> MicroVM:
+        return MicroVM(_Loop.run(self.aio.create_vm(config, netns=netns, detachable=detachable)))
 
     def restore_vm(
         self,
@@ -227,6 +229,7 @@ class SmartVM:
         resume_vm: bool = True,
         network_overrides: Sequence[NetworkOverride] = (),
         netns: str | None = None,
+        detachable: bool = False,
     ) -> MicroVM:
         return MicroVM(
             _Loop.run(
@@ -236,6 +239,7 @@ class SmartVM:
                     resume_vm=resume_vm,
                     network_overrides=network_overrides,
                     netns=netns,
+                    detachable=detachable,
                 )
             )
         )

@@ -36,9 +36,11 @@ from smartvm.engine import (
 )
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.private_dirs import ensure_private_dir
+from smartvm.host.process import detachable as spawn_detachable
 from smartvm.host.process import tail
 from smartvm.host.runtime import VMRuntime
 from smartvm.host.storage import apply_sparse_diffs
+from smartvm.host.sweep import clear_partial, note_partial
 from smartvm.options import SmartVMOptions
 from smartvm.snapshot import MANIFEST_NAME, Snapshot, SnapshotType
 
@@ -75,8 +77,12 @@ class MicroVM:
         *,
         netns: str | None = None,
         on_stopped: Callable[[MicroVM], None] | None = None,
+        detachable: bool = False,
     ) -> None:
         self.config = config
+        # decided at creation: only a detachable VM's hypervisor may outlive this process (else it gets
+        # the parent-death signal, see host/process.py)
+        self.detachable = detachable
         self.options = options
         self.engine_name = engine_name
         self.netns = netns
@@ -262,7 +268,8 @@ class MicroVM:
                 engine = engine_class(self.engine_name)(runtime, self.options)
                 stack.push_async_callback(engine.close)
                 stack.push_async_callback(engine.kill)
-                await run(engine, staged)
+                with spawn_detachable(self.detachable):
+                    await run(engine, staged)
                 self._runtime, self._engine = runtime, engine
                 self._started_at = time.time()
                 self._undo = stack.pop_all()
@@ -293,6 +300,12 @@ class MicroVM:
 
         async with self._lock:
             self._require("detach", *_LIVE)
+            if not self.detachable:
+                raise SmartVMError(
+                    ErrorCode.INVALID_STATE,
+                    f"VM {self.id!r} was not created detachable: its hypervisor dies with this process; "
+                    "create it with create_vm(..., detachable=True) to detach it",
+                )
             engine, runtime = self._engine_or_raise(), self._runtime
             assert runtime is not None
             store = VMRecordStore(self.options.data_dir)
@@ -454,6 +467,8 @@ class MicroVM:
             made: Path | None = None
             try:
                 made = _make_dirs(snapshot_path.parent)
+                if self._runtime is not None:  # if this process dies now, a sweep removes the parts
+                    note_partial(self._runtime.dir, snapshot_path.parent, made)
                 snapshot = await engine.create_snapshot(
                     snapshot_path.parent, snapshot_path.name, mem_file_path.name, snapshot_type, self.config
                 )
@@ -466,6 +481,8 @@ class MicroVM:
                     shutil.rmtree(made, ignore_errors=True)
                 raise
             finally:
+                if self._runtime is not None:
+                    clear_partial(self._runtime.dir)
                 if was_running and engine.is_alive():
                     await engine.resume()
                     self._state = VMState.RUNNING

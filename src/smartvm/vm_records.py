@@ -3,6 +3,11 @@
 A record says how to find the VM again (engine, pid + start time, runtime dir, what the engine needs
 to re-attach). It is written atomically when a VM is detached and removed when the VM is stopped
 through any path; a record whose process is gone is pruned (with its runtime dir) by whoever finds it.
+
+A record is only trusted (:meth:`VMRecord.problem`) when it names the runtime dir smartvm made for
+its id under the runtime root and that dir's owner file (written by smartvm when it detached the VM)
+names this record and its process (pid + start time). An untrusted record is dropped
+without killing or deleting anything else: it may have been planted to steer us.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +29,16 @@ from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.private_dirs import check_private_dir, check_private_file, ensure_private_dir
 from smartvm.host.process import running_start_time
 from smartvm.host.runtime import sanitize_id
+from smartvm.host.sweep import hand_to_record, hypervisor_of, owner_of
 
 log = logging.getLogger(__name__)
 
 RECORDS_DIR = "vms"
+
+
+def _alive(owner: dict[str, Any]) -> bool:
+    pid = owner.get("pid")
+    return isinstance(pid, int) and running_start_time(pid) == owner.get("start_time")
 
 
 class VMRecord(BaseModel):
@@ -47,8 +59,47 @@ class VMRecord(BaseModel):
     engine_data: dict[str, Any]  # what Engine.detach() returned
 
     def is_alive(self) -> bool:
-        """Whether the hypervisor process of this record still runs (pid and start time match)."""
+        """Whether the hypervisor process of this record still runs (pid and start time match); trust
+        the record first (:meth:`problem`)."""
         return running_start_time(self.pid) == self.pid_start_time
+
+    def problem(self, record_path: Path) -> str | None:
+        """Why this record (read from ``record_path``) does not describe a VM smartvm started, or None.
+
+        Its runtime dir must be named after the VM id inside a directory only this user can write
+        (so nobody else could have made it), be a real directory of this user, and hold the owner file
+        smartvm wrote when it detached the VM, naming this record and its pid + start time.
+        """
+        path = Path(os.path.abspath(self.runtime_dir))
+        if path.name != sanitize_id(self.id):
+            return f"its runtime dir {path} is not named after the VM id"
+        uid = os.geteuid()
+        try:
+            parent, own = os.stat(path.parent), os.lstat(path)
+        except OSError:
+            return f"its runtime dir {path} is missing"
+        if not stat.S_ISDIR(own.st_mode) or own.st_uid != uid:
+            return f"its runtime dir {path} is not a directory of this user"
+        if parent.st_uid != uid or parent.st_mode & 0o022:
+            return f"{path.parent} is not owned by this user or is writable by others"
+        owner = owner_of(self.runtime_dir) or {}
+        if (
+            "record" not in owner
+            and _alive(owner)
+            and hypervisor_of(self.runtime_dir)
+            == (
+                self.pid,
+                self.pid_start_time,
+            )
+        ):
+            return None  # being detached right now: the record is written before the owner file
+        if (owner.get("record"), owner.get("pid"), owner.get("start_time")) != (
+            str(record_path),
+            self.pid,
+            self.pid_start_time,
+        ):
+            return f"{self.runtime_dir}/owner.json does not name this record and pid {self.pid}"
+        return None
 
     @property
     def uptime(self) -> float:
@@ -84,6 +135,7 @@ class VMRecordStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        hand_to_record(record.runtime_dir, target, record.pid, record.pid_start_time)
         return target
 
     def load(self, vm_id: str) -> VMRecord | None:
@@ -121,6 +173,25 @@ class VMRecordStore:
             if record is not None:
                 found.append(record)
         return found
+
+    def check(self, record: VMRecord) -> str | None:
+        """:meth:`VMRecord.problem` for a record of this store."""
+        return record.problem(self.path(record.id))
+
+    def owns(self, record_path: Path, runtime_dir: Path) -> bool:
+        """Whether the record at ``record_path`` (read now) is trusted, alive and owns ``runtime_dir``."""
+        if record_path.parent != self.dir:
+            return False
+        try:
+            record = self._read(record_path)
+        except SmartVMError:
+            return False
+        return (
+            record is not None
+            and os.path.abspath(record.runtime_dir) == os.path.abspath(runtime_dir)
+            and self.check(record) is None
+            and record.is_alive()
+        )
 
     def prune(self, record: VMRecord) -> None:
         """Forget a VM whose hypervisor is gone: what its engine left behind, its runtime dir, its record."""

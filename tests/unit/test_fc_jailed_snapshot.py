@@ -82,7 +82,7 @@ async def test_snapshot_in_one_jail_restores_in_another(
 async def test_detach_and_attach_keep_the_jail_until_the_vm_stops(
     svm: SmartVM, fake_binary: Path, short_tmp: Path
 ) -> None:
-    vm = await svm.create_vm(vm_config(short_tmp))
+    vm = await svm.create_vm(vm_config(short_tmp), detachable=True)
     await vm.start()
     root = jail_root(svm.options)
     [pid] = processes_rooted_in(short_tmp / "jail")
@@ -131,7 +131,7 @@ async def test_pruning_a_vm_that_died_while_detached_removes_its_jail(
 ) -> None:
     """Pruning a dead record removes its runtime dir and its jail; a record naming another directory
     as its jail is ignored."""
-    vm = await svm.create_vm(vm_config(short_tmp))
+    vm = await svm.create_vm(vm_config(short_tmp), detachable=True)
     await vm.start()
     record = await vm.detach()
     HostProcess.adopt(record.pid, record.pid_start_time).kill()

@@ -57,9 +57,10 @@ def test_missing_program_raises() -> None:
 def test_only_released_children_outlive_the_python_process(release: bool) -> None:
     script = (
         "import os\n"
-        "from smartvm.host.process import HostProcess\n"
+        "from smartvm.host.process import HostProcess, detachable\n"
         "null = os.open(os.devnull, os.O_WRONLY)\n"
-        "p = HostProcess.spawn(['sleep', '60'], stdout=null, stderr=null)\n"
+        f"with detachable({release}):\n"
+        "    p = HostProcess.spawn(['sleep', '60'], stdout=null, stderr=null)\n"
         f"{'p.release()' if release else ''}\n"
         "print(p.pid, p.start_time, flush=True)\n"
     )

@@ -64,7 +64,7 @@ async def _echo(vm_engine_stream: tuple[asyncio.StreamReader, asyncio.StreamWrit
 async def test_detach_then_attach_controls_the_same_process(
     svm: SmartVM, options: SmartVMOptions, fake_binary: Path, short_tmp: Path
 ) -> None:
-    vm = await svm.create_vm(fake_vm_config(short_tmp, "det1"))
+    vm = await svm.create_vm(fake_vm_config(short_tmp, "det1"), detachable=True)
     await vm.start()
     runtime_dir = vm.get_runtime_dir()
     [pid] = processes_running(fake_binary)
@@ -113,7 +113,8 @@ async def test_a_detached_vm_outlives_the_process_that_started_it(
         "async def main():\n"
         f"    options = SmartVMOptions.model_validate_json({options.model_dump_json()!r})\n"
         "    async with SmartVM(options) as svm:\n"
-        f"        vm = await svm.create_vm(fake_vm_config(Path({str(short_tmp)!r}), 'det2'))\n"
+        f"        cfg = fake_vm_config(Path({str(short_tmp)!r}), 'det2')\n"
+        "        vm = await svm.create_vm(cfg, detachable=True)\n"
         "        await vm.start()\n"
         "        print((await vm.detach()).pid)\n"
         "asyncio.run(main())\n"
@@ -137,7 +138,7 @@ async def test_a_detached_vm_outlives_the_process_that_started_it(
 async def test_a_vm_that_died_while_detached_is_pruned(
     svm: SmartVM, options: SmartVMOptions, fake_binary: Path, short_tmp: Path
 ) -> None:
-    vm = await svm.create_vm(fake_vm_config(short_tmp, "det1"))
+    vm = await svm.create_vm(fake_vm_config(short_tmp, "det1"), detachable=True)
     await vm.start()
     record = await vm.detach()
     os.kill(record.pid, signal.SIGKILL)
@@ -156,7 +157,7 @@ async def test_a_recycled_pid_is_not_the_vm(
     svm: SmartVM, options: SmartVMOptions, fake_binary: Path, short_tmp: Path
 ) -> None:
     """A record whose pid now belongs to another process (other start time) is a dead VM."""
-    vm = await svm.create_vm(fake_vm_config(short_tmp, "det1"))
+    vm = await svm.create_vm(fake_vm_config(short_tmp, "det1"), detachable=True)
     await vm.start()
     record = await vm.detach()
     forged = record.model_copy(update={"pid": os.getpid()})  # alive, but not started at that time
@@ -172,7 +173,7 @@ async def test_a_recycled_pid_is_not_the_vm(
 async def test_watcher_of_an_attached_vm_cleans_up_when_it_exits(
     svm: SmartVM, options: SmartVMOptions, fake_binary: Path, short_tmp: Path
 ) -> None:
-    vm = await svm.create_vm(fake_vm_config(short_tmp, "det1"))
+    vm = await svm.create_vm(fake_vm_config(short_tmp, "det1"), detachable=True)
     await vm.start()
     record = await vm.detach()
     again = await svm.attach_vm("det1")

@@ -63,7 +63,7 @@ async def start_detached(
             raise SmartVMError(
                 ErrorCode.DUPLICATE_VM_ID, f"VM {config.id!r} is already running; pick another --id"
             )
-        vm = await svm.create_vm(config)
+        vm = await svm.create_vm(config, detachable=True)
         try:
             await vm.start()
             await vm.wait_ready(boot_timeout)
@@ -204,7 +204,7 @@ async def stop_vms(options: SmartVMOptions, vm_ids: list[str], timeout: float) -
 
 # --- commands ------------------------------------------------------------------------------------------
 def register(app: typer.Typer) -> None:
-    from smartvm.cli.vm import EXIT_INTERRUPTED, check_choices, exec_passthrough
+    from smartvm.cli.vm import EXIT_INTERRUPTED, Terminated, check_choices, exec_passthrough, run_unwinding
 
     @app.command()
     def start(
@@ -220,11 +220,14 @@ def register(app: typer.Typer) -> None:
         """Boot a microVM that keeps running (use exec, cp, ps, stop); prints its id as the last line."""
         check_choices(engine, image)
         options = _options(data_dir, runtime_dir, engine)
-        record = asyncio.run(
-            start_detached(
-                options, kind=image, cpus=cpus, memory_mib=memory, vm_id=vm_id, boot_timeout=boot_timeout
+        try:
+            record = run_unwinding(
+                start_detached(
+                    options, kind=image, cpus=cpus, memory_mib=memory, vm_id=vm_id, boot_timeout=boot_timeout
+                )
             )
-        )
+        except Terminated as exc:
+            raise typer.Exit(exc.exit_code) from None
         typer.echo(record.id)
 
     @app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -248,9 +251,11 @@ def register(app: typer.Typer) -> None:
             return await exec_passthrough(vm, argv, timeout=timeout, ready_timeout=ready_timeout)
 
         try:
-            code = asyncio.run(with_attached(options, vm_id, job))
+            code = run_unwinding(with_attached(options, vm_id, job))
         except KeyboardInterrupt:
             code = EXIT_INTERRUPTED
+        except Terminated as exc:
+            code = exc.exit_code
         raise typer.Exit(code)
 
     @app.command()

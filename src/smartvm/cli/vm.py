@@ -1,17 +1,19 @@
 """``smartvm run``: boot a microVM, run one command in it through the guest agent, stop it.
 
 The command's stdout/stderr pass through as they come, and smartvm exits with the command's exit
-code (124 when it outlives ``--timeout``). Ctrl-C stops the VM cleanly. The commands for VMs that
+code (124 when it outlives ``--timeout``). Ctrl-C, SIGTERM and SIGHUP stop the VM cleanly (exit
+codes 130, 143, 129). The commands for VMs that
 keep running (start, exec, cp, ps, stop) live in ``cli/detached.py`` and reuse the pieces here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import typer
 
@@ -27,6 +29,46 @@ EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 
 ImageKind = Literal["busybox", "debian"]
+T = TypeVar("T")
+_UNWIND_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(Exception):
+    """SIGTERM or SIGHUP arrived; the work was cancelled and its cleanup has run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def run_unwinding(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` where SIGTERM/SIGHUP cancel the work like Ctrl-C does (finally blocks stop the
+    VM and remove its runtime dir) and then raise :class:`Terminated` instead of dying on the spot."""
+    received: list[int] = []
+
+    async def main() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            task.cancel()
+
+        for sig in _UNWIND_SIGNALS:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            return await coro
+        finally:
+            for sig in _UNWIND_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if received:
+            raise Terminated(received[0]) from None
+        raise
 
 
 def guest_config(kind: ImageKind, *, cpus: int, memory_mib: int) -> MicroVMConfig:
@@ -139,7 +181,7 @@ def register(app: typer.Typer) -> None:
             opts["runtime_dir"] = runtime_dir
         options = SmartVMOptions.model_validate(opts)
         try:
-            code = asyncio.run(
+            code = run_unwinding(
                 run_command(
                     argv,
                     options=options,
@@ -152,6 +194,8 @@ def register(app: typer.Typer) -> None:
             )
         except KeyboardInterrupt:
             code = EXIT_INTERRUPTED
+        except Terminated as exc:
+            code = exc.exit_code
         raise typer.Exit(code)
 
     from smartvm.cli import detached

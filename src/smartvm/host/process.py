@@ -8,6 +8,12 @@ A process is identified by pid *and* start time (``/proc/<pid>/stat`` field 22),
 VM whose pid was recycled by an unrelated process is never mistaken for the VM. A process adopted
 from a record is not our child: it cannot be reaped here and its exit code is unknown.
 
+Dying with the owner: unless the VM may be detached (:func:`detachable`), the child is forked with
+the kernel's parent-death signal (``PR_SET_PDEATHSIG`` = SIGKILL, which survives ``exec`` of
+``ip netns exec`` and then of the hypervisor), so a SIGKILLed owner never leaves a hypervisor behind.
+``posix_spawn`` cannot set it, hence fork + exec. The signal fires when the *thread* that forked
+exits, so spawn from the event-loop thread, never from a worker thread.
+
 Safety net: a child that was not handed over with :meth:`HostProcess.release` is killed when the
 Python process exits normally (as asyncio's transport would have done), so a forgotten ``stop()``
 never leaves an orphan hypervisor behind.
@@ -18,15 +24,37 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import contextvars
+import ctypes
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 _POLL_S = 0.05
 TAIL_BYTES = 4096
 # Signals Python ignores for itself that a spawned program must get back at their defaults.
 _RESET_SIGNALS = tuple(s for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None)) if s is not None)
+
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl.restype = ctypes.c_int
+
+# True while creating VMs that may be detached (``smartvm start``): their hypervisor must outlive us.
+_DETACHABLE: contextvars.ContextVar[bool] = contextvars.ContextVar("smartvm_detachable", default=False)
+
+
+@contextlib.contextmanager
+def detachable(value: bool = True) -> Iterator[None]:
+    """Hypervisors spawned inside this block (and tasks it starts) survive the death of this process."""
+    token = _DETACHABLE.set(value)
+    try:
+        yield
+    finally:
+        _DETACHABLE.reset(token)
 
 
 _OWNED: dict[int, HostProcess] = {}  # children not released yet, by pid
@@ -82,6 +110,70 @@ def tail(path: Path, limit: int = TAIL_BYTES) -> str:
     return text.strip()
 
 
+def _posix_spawn(argv: Sequence[str], *, stdout: int, stderr: int, new_session: bool) -> int:
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.posix_spawnp(
+            argv[0],
+            list(argv),
+            dict(os.environ),
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, null, 0),
+                (os.POSIX_SPAWN_DUP2, stdout, 1),
+                (os.POSIX_SPAWN_DUP2, stderr, 2),
+            ],
+            setsid=new_session,
+            setsigdef=_RESET_SIGNALS,
+        )
+    finally:
+        os.close(null)
+
+
+def _fork_exec(argv: Sequence[str], *, stdout: int, stderr: int, new_session: bool) -> int:
+    """fork + exec with SIGKILL as parent-death signal; exec errors come back through a pipe."""
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    env = dict(os.environ)
+    args = list(argv)
+    parent = os.getpid()
+    try:
+        pid = os.fork()
+        if pid == 0:  # child: only simple calls until exec
+            try:
+                os.dup2(null, 0)
+                os.dup2(stdout, 1)
+                os.dup2(stderr, 2)
+                if new_session:
+                    os.setsid()
+                for sig in _RESET_SIGNALS:
+                    signal.signal(sig, signal.SIG_DFL)
+                if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                    raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+                if os.getppid() != parent:  # the owner died before prctl: the signal will never come
+                    os._exit(127)
+                os.execvpe(args[0], args, env)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.write(err_w, f"{exc.errno or 0}:{exc.strerror or exc}".encode())
+            finally:
+                os._exit(127)
+        os.close(err_w)
+        err_w = -1
+        report = b""
+        while chunk := os.read(err_r, 512):
+            report += chunk
+    finally:
+        os.close(null)
+        os.close(err_r)
+        if err_w >= 0:
+            os.close(err_w)
+    if report:
+        os.waitpid(pid, 0)
+        errno_text, _, message = report.decode(errors="replace").partition(":")
+        raise OSError(int(errno_text or 0), message)  # maps errno to its subclass (FileNotFoundError)
+    return pid
+
+
 class HostProcess:
     """One hypervisor process: spawned here (our child) or adopted by pid + start time."""
 
@@ -101,22 +193,8 @@ class HostProcess:
         jailer): that fails for a process that already leads a session.
         Raises OSError like ``subprocess`` does (FileNotFoundError for a missing program).
         """
-        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            pid = os.posix_spawnp(
-                argv[0],
-                list(argv),
-                dict(os.environ),
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, null, 0),
-                    (os.POSIX_SPAWN_DUP2, stdout, 1),
-                    (os.POSIX_SPAWN_DUP2, stderr, 2),
-                ],
-                setsid=new_session,
-                setsigdef=_RESET_SIGNALS,
-            )
-        finally:
-            os.close(null)
+        spawner = _posix_spawn if _DETACHABLE.get() else _fork_exec
+        pid = spawner(argv, stdout=stdout, stderr=stderr, new_session=new_session)
         stat = proc_stat(pid)
         proc = cls(pid, stat[1] if stat else 0, child=True)
         _OWNED[pid] = proc

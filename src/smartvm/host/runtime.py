@@ -1,7 +1,8 @@
 """Per-VM runtime directories: sockets, logs and staged (ephemeral) drives, on tmpfs when possible.
 
 A runtime dir belongs to exactly one VM and is removed with everything in it when the VM stops
-or fails to start; nothing in it outlives the VM.
+or fails to start; nothing in it outlives the VM. Its ``owner.json`` (written first, see sweep.py)
+lets a later smartvm command remove it when its owner was killed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from smartvm.config import Drive, MicroVMConfig
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.private_dirs import check_private_dir, ensure_private_dir, make_private
 from smartvm.host.storage import clone_file
+from smartvm.host.sweep import claim
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -50,6 +52,11 @@ class VMRuntime:
                 "stop it or run 'smartvm network sweep' / remove the directory",
             ) from exc
         ensure_private_dir(path)  # created above by us; checked against a umask that opens it
+        try:
+            claim(path)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return cls(vm_id=vm_id, dir=path, netns=netns)
 
     @classmethod

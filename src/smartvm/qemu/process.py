@@ -13,6 +13,7 @@ from typing import BinaryIO
 
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.process import HostProcess, tail
+from smartvm.host.sweep import note_hypervisor
 from smartvm.options import SmartVMOptions
 
 
@@ -61,6 +62,12 @@ class QemuProcess:
                     else ErrorCode.BOOT_FAILED,
                     f"cannot start {argv[0]}: {exc.strerror or exc}",
                 ) from exc
+        try:
+            note_hypervisor(engine_log.parent, proc)  # the engine log lives in the VM's runtime dir
+        except BaseException:
+            proc.kill()
+            await proc.wait()
+            raise
         return cls(proc, engine_log, console_log)
 
     @classmethod
