@@ -264,3 +264,28 @@ async def test_closing_while_a_slot_is_being_built_leaves_nothing(env: Env) -> N
         await acquiring
     assert info.value.code == ErrorCode.INVALID_STATE
     assert leftovers(env.prefix, env.state_dir) == []
+
+
+async def test_default_guest_reaches_the_internet_but_not_other_sandboxes_or_the_host(
+    env: Env, servers: list[asyncio.Server]
+) -> None:
+    internet = env.netns("th")
+    _, internet_addr = make_side_host(env, internet, 1)
+    servers.append(await serve_identity(listen_in(internet, 8000), "internet"))
+    async with _pool(env, 2) as pool:
+        a, b = await pool.acquire(), await pool.acquire(egress=EgressPolicy.deny_all())
+        guest_a, guest_b = env.netns("g0"), env.netns("g1")
+        make_fake_guest(a, guest_a)
+        make_fake_guest(b, guest_b)
+        servers.append(await serve_identity(listen_in(guest_b, GUEST_PORT), "sandbox-b"))
+        # a host service on a non-loopback host address: the slot's own transit gateway
+        host_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        host_sock.bind((a.host_side_ip, 0))
+        host_sock.listen(4)
+        host_sock.setblocking(False)
+        servers.append(await serve_identity(host_sock, "host"))
+        assert (await ask(internet_addr, 8000, sock=socket_in(guest_a))).startswith("internet ")
+        assert (await ask(b.host_ip, GUEST_PORT)).startswith("sandbox-b ")  # the host still can
+        for addr, port in ((b.host_ip, GUEST_PORT), (a.host_side_ip, host_sock.getsockname()[1])):
+            with pytest.raises((TimeoutError, ConnectionRefusedError)):
+                await ask(addr, port, sock=socket_in(guest_a), timeout=1.0)
