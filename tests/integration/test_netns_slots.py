@@ -264,3 +264,57 @@ async def test_closing_while_a_slot_is_being_built_leaves_nothing(env: Env) -> N
         await acquiring
     assert info.value.code == ErrorCode.INVALID_STATE
     assert leftovers(env.prefix, env.state_dir) == []
+
+
+async def test_default_guest_reaches_the_internet_but_not_other_sandboxes_or_the_host(
+    env: Env, servers: list[asyncio.Server]
+) -> None:
+    internet = env.netns("th")
+    _, internet_addr = make_side_host(env, internet, 1)
+    servers.append(await serve_identity(listen_in(internet, 8000), "internet"))
+    async with _pool(env, 2) as pool:
+        a, b = await pool.acquire(), await pool.acquire(egress=EgressPolicy.deny_all())
+        guest_a, guest_b = env.netns("g0"), env.netns("g1")
+        make_fake_guest(a, guest_a)
+        make_fake_guest(b, guest_b)
+        servers.append(await serve_identity(listen_in(guest_b, GUEST_PORT), "sandbox-b"))
+        # a host service on a non-loopback host address: the slot's own transit gateway
+        host_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        host_sock.bind((a.host_side_ip, 0))
+        host_sock.listen(4)
+        host_sock.setblocking(False)
+        servers.append(await serve_identity(host_sock, "host"))
+        assert (await ask(internet_addr, 8000, sock=socket_in(guest_a))).startswith("internet ")
+        assert (await ask(b.host_ip, GUEST_PORT)).startswith("sandbox-b ")  # the host still can
+        for addr, port in ((b.host_ip, GUEST_PORT), (a.host_side_ip, host_sock.getsockname()[1])):
+            with pytest.raises((TimeoutError, ConnectionRefusedError)):
+                await ask(addr, port, sock=socket_in(guest_a), timeout=1.0)
+
+
+async def test_an_allow_entry_opens_a_private_range(env: Env, servers: list[asyncio.Server]) -> None:
+    private = env.netns("pv")
+    link, host_addr, private_addr = f"{env.prefix}p", f"10.255.{env.side_net}.1", f"10.255.{env.side_net}.2"
+    env.links.append(link)
+    ip("netns", "add", private)
+    ip_batch(
+        [f"link add {link} type veth peer name eth0 netns {private}", f"addr add {host_addr}/30 dev {link}"]
+    )
+    ip_batch([f"link set {link} up"])
+    ip_batch(
+        [
+            "link set lo up",
+            f"addr add {private_addr}/30 dev eth0",
+            "link set eth0 up",
+            f"route add default via {host_addr}",
+        ],
+        netns=private,
+    )
+    servers.append(await serve_identity(listen_in(private, 8000), "private"))
+    async with _pool(env, 1) as pool:
+        slot = await pool.acquire()
+        guest = env.netns("g0")
+        make_fake_guest(slot, guest)
+        with pytest.raises(TimeoutError):
+            await ask(private_addr, 8000, sock=socket_in(guest), timeout=1.0)
+        await slot.set_egress(EgressPolicy("allow", allow=(f"{private_addr}/32",)))
+        assert (await ask(private_addr, 8000, sock=socket_in(guest))).startswith("private ")

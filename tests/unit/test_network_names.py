@@ -101,13 +101,16 @@ def test_egress_script_orders_deny_allow_default() -> None:
         "add rule inet smartvm egress drop",
     ]
     assert script.startswith("flush set inet smartvm allow\n")  # replaces the old policy atomically
-    allow_all = nat.egress_script(EgressPolicy.allow_all())
-    assert "add rule" not in allow_all
+    allow_all = nat.egress_script(EgressPolicy.allow_all())  # internet yes, private ranges no
+    assert [line for line in allow_all.splitlines() if line.startswith("add rule")] == [
+        "add rule inet smartvm egress ip daddr @private drop"
+    ]
 
 
 def test_host_scripts_use_elements_not_rules() -> None:
     add = nat.host_add_script(["svv1"], {8080: ("10.200.0.2", 80)})
     assert add == (
+        "flush set inet smartvm isolation_v1\n"
         'add element inet smartvm ifaces { "svv1" }\n'
         "create element inet smartvm portfwd { 8080 : 10.200.0.2 . 80 }\n"
     )
@@ -117,7 +120,9 @@ def test_host_scripts_use_elements_not_rules() -> None:
         "delete element inet smartvm portfwd { 8080 }",
     ]
     table = nat.host_table_script()
-    assert table.count("flush chain") == 4  # re-running never duplicates rules
+    assert table.count("flush chain") == 5  # re-running never duplicates rules
+    assert "add rule inet smartvm forward iifname @ifaces oifname @ifaces drop" in table
+    assert "add rule inet smartvm input iifname @ifaces fib daddr type local drop" in table
 
 
 def test_netns_table_translates_the_host_address() -> None:

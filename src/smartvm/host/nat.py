@@ -24,10 +24,16 @@ from smartvm.host.netlink_batch import nft_apply_sync, nft_run, run_sync
 
 TABLE = "smartvm"
 FAMILY = "inet"
+# an empty set that exists only in tables with the isolation rules: an older table lacks it, so
+# host_add_sync's element transaction fails and the whole table is rebuilt with the current rules
+ISOLATION_MARKER = "isolation_v1"
 
 
 def host_table_script() -> str:
-    """The host table: masquerade traffic leaving smartvm interfaces, DNAT forwarded host ports.
+    """The host table: masquerade traffic leaving smartvm interfaces, DNAT forwarded host ports,
+    and isolate guests: nothing from a smartvm interface reaches another smartvm interface (another
+    sandbox) or opens a connection to any of the host's own addresses (replies to connections the
+    host opened still pass; port forwards are DNATed before routing, so they are not local).
 
     ``add`` is idempotent for tables, chains, sets and maps; the chains are flushed and refilled
     in the same transaction so running this again never duplicates a rule.
@@ -41,29 +47,35 @@ add chain {t} prerouting {{ type nat hook prerouting priority dstnat; }}
 add chain {t} output {{ type nat hook output priority -100; }}
 add chain {t} postrouting {{ type nat hook postrouting priority srcnat; }}
 add chain {t} forward {{ type filter hook forward priority filter; }}
+add chain {t} input {{ type filter hook input priority filter; }}
+add set {t} {ISOLATION_MARKER} {{ type ifname; }}
 flush chain {t} prerouting
 flush chain {t} output
 flush chain {t} postrouting
 flush chain {t} forward
+flush chain {t} input
 add rule {t} prerouting meta nfproto ipv4 fib daddr type local {dnat}
 add rule {t} output meta nfproto ipv4 fib daddr type local ip daddr != 127.0.0.0/8 {dnat}
 add rule {t} postrouting iifname @ifaces oifname != @ifaces masquerade
+add rule {t} forward iifname @ifaces oifname @ifaces drop
 add rule {t} forward iifname @ifaces accept
 add rule {t} forward oifname @ifaces ct state established,related accept
 add rule {t} forward oifname @ifaces ct status dnat accept
+add rule {t} input iifname @ifaces ct state established,related accept
+add rule {t} input iifname @ifaces fib daddr type local drop
 """
 
 
 def host_add_script(ifaces: list[str], forwards: dict[int, tuple[str, int]]) -> str:
     """Register interfaces for masquerading and host ports to forward (``port -> (ip, port)``)."""
     t = f"{FAMILY} {TABLE}"
-    lines = []
+    lines = [f"flush set {t} {ISOLATION_MARKER}"]
     if ifaces:
         lines.append(f"add element {t} ifaces {{ {', '.join(_quote(i) for i in ifaces)} }}")
     if forwards:
         elems = ", ".join(f"{hp} : {ip} . {gp}" for hp, (ip, gp) in sorted(forwards.items()))
         lines.append(f"create element {t} portfwd {{ {elems} }}")
-    return "".join(line + "\n" for line in lines)
+    return "".join(line + "\n" for line in lines) if len(lines) > 1 else ""
 
 
 def host_remove_script(ifaces: list[str], host_ports: list[int]) -> str:
@@ -166,6 +178,17 @@ def delete_host_table_sync() -> bool:
 # ---- inside a sandbox namespace -------------------------------------------------------------
 
 EgressMode = Literal["allow", "deny"]
+# never reachable under the default policy unless an ``allow`` entry opens them: other sandboxes'
+# transit addresses, the host's networks, link-local (cloud metadata), carrier-grade NAT, loopback
+PRIVATE_RANGES = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+)
 
 
 def _cidrs(values: list[str], what: str) -> list[str]:
@@ -184,7 +207,8 @@ def _cidrs(values: list[str], what: str) -> list[str]:
 @dataclass(frozen=True)
 class EgressPolicy:
     """What a guest may connect to. ``deny`` CIDRs are always dropped, ``allow`` CIDRs always
-    accepted, everything else follows ``default``. Replies to connections the host opened
+    accepted, private and link-local ranges (``PRIVATE_RANGES``) are dropped under ``allow``,
+    everything else follows ``default``. Replies to connections the host opened
     are always let through, so ``deny_all()`` still lets the host talk to the guest."""
 
     default: EgressMode = "allow"
@@ -224,6 +248,9 @@ def netns_table_script(*, uplink: str, tap: str, host_ip: str, guest_ip: str, gu
     return f"""add table {t}
 add set {t} allow {{ type ipv4_addr; flags interval; auto-merge; }}
 add set {t} deny {{ type ipv4_addr; flags interval; auto-merge; }}
+add set {t} private {{ type ipv4_addr; flags interval; }}
+flush set {t} private
+add element {t} private {{ {", ".join(PRIVATE_RANGES)} }}
 add chain {t} prerouting {{ type nat hook prerouting priority dstnat; }}
 add chain {t} postrouting {{ type nat hook postrouting priority srcnat; }}
 add chain {t} forward {{ type filter hook forward priority filter; policy accept; }}
@@ -252,4 +279,6 @@ def egress_script(policy: EgressPolicy) -> str:
         lines.append(f"add rule {t} egress ip daddr @allow accept")
     if policy.default == "deny":
         lines.append(f"add rule {t} egress drop")
+    else:
+        lines.append(f"add rule {t} egress ip daddr @private drop")
     return "".join(line + "\n" for line in lines)
