@@ -88,7 +88,7 @@ async def test_a_clone_detached_before_any_request_still_gets_the_clock(
     await vm.create_snapshot(snapdir / "vm.state", snapdir / "vm.mem", pause_vm=True)
     await vm.kill()
 
-    clone = await svm.restore_vm(snapdir, vm_id="detached-clone")
+    clone = await svm.restore_vm(snapdir, vm_id="detached-clone", detachable=True)
     await clone.detach()  # whoever attaches does not know it was restored
     attached = await svm.attach_vm("detached-clone")
     try:
