@@ -75,16 +75,7 @@ class SmartVM:
         :meth:`MicroVM.detach` hand it over (a sweep cleans up if this process dies before that).
         """
         cfg = config if isinstance(config, MicroVMConfig) else parse_config(config)
-        return self._register(
-            MicroVM(
-                cfg,
-                self.options,
-                self.engine_name,
-                netns=netns,
-                on_stopped=self._forget,
-                detachable=detachable,
-            )
-        )
+        return self._new_vm(cfg, self.engine_name, netns=netns, detachable=detachable)
 
     async def restore_vm(
         self,
@@ -104,16 +95,7 @@ class SmartVM:
         snapshot = Snapshot.load(snapshot_dir)
         config = snapshot.vm_config()
         config = config.model_copy(update={"id": vm_id or new_vm_id()})
-        vm = self._register(
-            MicroVM(
-                config,
-                self.options,
-                snapshot.engine,
-                netns=netns,
-                on_stopped=self._forget,
-                detachable=detachable,
-            )
-        )
+        vm = self._new_vm(config, snapshot.engine, netns=netns, detachable=detachable)
         try:
             await vm.restore_from(snapshot, resume_vm=resume_vm, network_overrides=network_overrides)
         except BaseException:
@@ -198,6 +180,12 @@ class SmartVM:
             self._forget(vm)
             raise
         return vm
+
+    def _new_vm(self, config: MicroVMConfig, engine: str, *, netns: str | None, detachable: bool) -> MicroVM:
+        """A registered, not yet started MicroVM of this SmartVM."""
+        return self._register(
+            MicroVM(config, self.options, engine, netns=netns, on_stopped=self._forget, detachable=detachable)
+        )
 
     def _register(self, vm: MicroVM) -> MicroVM:
         if vm.id in self._vms:

@@ -6,13 +6,11 @@ write failures are clear errors, and ``exec --timeout`` exits 124 even when the 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +18,13 @@ import pytest
 from guest_support import boot_config
 from test_detached_cli import SMARTVM, Dirs, dirs  # noqa: F401
 
+from mount_helpers import tiny_tmpfs
 from smartvm.cli.detached import copy_file, plan_copy
 from smartvm.errors import ErrorCode, SmartVMError
 
 pytestmark = pytest.mark.integration
 
 READY_TIMEOUT = 120.0
-
-
-@contextlib.contextmanager
-def tiny_tmpfs(path: Path, size: str = "64k") -> Iterator[Path]:
-    """A tmpfs of `size` mounted at `path` (root only), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def _listdir(path: Path) -> list[str]:

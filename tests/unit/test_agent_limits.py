@@ -22,6 +22,7 @@ from typing import Any, cast
 import pytest
 from agent_harness import AgentServer, agent_fixture, agent_server_fixture  # noqa: F401
 
+from mount_helpers import tiny_tmpfs
 from smartvm.agent import AgentClient, ExecTimeoutError
 from smartvm.agent import protocol as p
 from smartvm.cli.detached import copy_file, plan_copy
@@ -291,17 +292,6 @@ def _stalled(server: AgentServer, after: float) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------ host write errors
-@contextlib.contextmanager
-def tiny_tmpfs(path: Path, size: str = "64k") -> Iterator[Path]:
-    """A tmpfs of `size` mounted at `path` for the test (root only), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def _remount_read_only(path: Path) -> None:
