@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from smartvm.config import MicroVMConfig
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.host.private_dirs import make_private
+from smartvm.host.atomic_write import write_atomic
 
 MANIFEST_NAME = "snapshot.json"
 MANIFEST_VERSION = 1
@@ -131,11 +131,7 @@ class Snapshot:
         data.pop("directory")
         data["manifest_version"] = MANIFEST_VERSION
         target = self.directory / MANIFEST_NAME
-        tmp = target.with_suffix(".json.part")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-        make_private(tmp)
-        os.replace(tmp, target)
-        return target
+        return write_atomic(target, json.dumps(data, indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> Snapshot:

@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import stat
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.atomic_write import write_atomic
 from smartvm.host.private_dirs import check_private_dir, check_private_file, ensure_private_dir
 from smartvm.host.process import running_start_time
 from smartvm.host.runtime import sanitize_id
@@ -124,17 +124,7 @@ class VMRecordStore:
         """Write ``record`` atomically (temp file in the same directory, fsync, rename)."""
         ensure_private_dir(self.dir)
         target = self.path(record.id)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=self.dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(record.model_dump_json(indent=2))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(target, record.model_dump_json(indent=2), durable=True)
         hand_to_record(record.runtime_dir, target, record.pid, record.pid_start_time)
         return target
 

@@ -51,8 +51,8 @@ class VMRuntime:
                 "cleaned up; "
                 "stop it or run 'smartvm network sweep' / remove the directory",
             ) from exc
-        ensure_private_dir(path)  # created above by us; checked against a umask that opens it
         try:
+            ensure_private_dir(path)  # created above by us; checked against a umask that opens it
             claim(path)
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)

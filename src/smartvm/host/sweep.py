@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from smartvm.host.atomic_write import write_atomic
 from smartvm.host.process import HostProcess, running_start_time
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,7 @@ _UNCLAIMED_GRACE_S = 60.0
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same dir, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    write_atomic(path, json.dumps(data))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
