@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -184,6 +185,18 @@ def commit_file(tmp: Path, dest: Path) -> Path:
     finally:
         os.close(dfd)
     return dest
+
+
+def write_flat(dest: Path, fill: Callable[[Path], object]) -> Path:
+    """``fill(tmp)`` writes a standalone image into a temp file beside ``dest``, which then replaces
+    ``dest`` all at once (:func:`commit_file`); the temp file is removed when anything fails."""
+    tmp = temp_beside(dest)
+    try:
+        fill(tmp)
+        return commit_file(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def temp_beside(dest: Path) -> Path:

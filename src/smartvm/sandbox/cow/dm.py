@@ -18,10 +18,9 @@ from smartvm.sandbox.cow.base import (
     CowDisk,
     CowLayer,
     CowStrategy,
-    commit_file,
     cow_error,
     need_tool,
-    temp_beside,
+    write_flat,
 )
 from smartvm.sandbox.cow.loopdev import LoopRegistry, sectors
 
@@ -105,9 +104,9 @@ class DmDisk(CowDisk):
         attached (after ``persist``, ``reopen`` it first)."""
         if not self.attached:
             raise cow_error(f"the disk of {self.layer.sandbox_id} is not attached: reopen it to flatten")
-        tmp = temp_beside(dest)
         chunk = 1 << 20
-        try:
+
+        def copy_sparse(tmp: Path) -> None:
             with open(self.device_path, "rb") as src, open(tmp, "wb") as out:
                 size = sectors(self.device_path) * 512
                 pos = 0
@@ -119,10 +118,8 @@ class DmDisk(CowDisk):
                         os.pwrite(out.fileno(), data, pos)
                     pos += len(data)
                 out.truncate(size)
-            return commit_file(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+
+        return write_flat(dest, copy_sparse)
 
 
 class DmSnapshotStrategy(CowStrategy):

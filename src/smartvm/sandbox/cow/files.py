@@ -21,9 +21,8 @@ from smartvm.sandbox.cow.base import (
     CowLayer,
     CowStrategy,
     StrategyName,
-    commit_file,
     cow_error,
-    temp_beside,
+    write_flat,
 )
 
 LAYER_FILE = "rootfs.img"
@@ -78,13 +77,7 @@ class FileCopyDisk(CowDisk):
         return super().allocated_bytes()
 
     def flatten(self, dest: Path) -> Path:
-        tmp = temp_beside(dest)
-        try:
-            clone_file(self.device_path, tmp)
-            return commit_file(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        return write_flat(dest, lambda tmp: clone_file(self.device_path, tmp))
 
 
 def reflink_supported(directory: Path) -> Availability:

@@ -18,10 +18,9 @@ from smartvm.sandbox.cow.base import (
     CowLayer,
     CowStrategy,
     DiskFormat,
-    commit_file,
     cow_error,
     need_tool,
-    temp_beside,
+    write_flat,
 )
 
 OVERLAY_FILE = "rootfs.qcow2"
@@ -52,15 +51,12 @@ class Qcow2Disk(CowDisk):
         return "qcow2"
 
     def flatten(self, dest: Path) -> Path:
-        tmp = temp_beside(dest)
-        try:
-            _qemu_img(
+        return write_flat(
+            dest,
+            lambda tmp: _qemu_img(
                 "convert", "-q", "-f", "qcow2", "-O", "raw", "-S", "4k", str(self.device_path), str(tmp)
-            )
-            return commit_file(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            ),
+        )
 
 
 class Qcow2Strategy(CowStrategy):
