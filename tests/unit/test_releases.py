@@ -7,6 +7,7 @@ import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from http_fixtures import RELEASES, FakeRemote, make_tar, serving, sha256_hex
@@ -306,17 +307,12 @@ async def test_clone_rootfs(manager: ImageManager, tmp_path: Path) -> None:
     assert sorted(p.name for p in manager.rootfs_dir.iterdir()) == ["copy.ext4"]
 
 
-def test_cli_installs_the_latest_firecracker_and_reuses_it(
-    remote: FakeRemote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _images_app() -> Any:
+    """A typer app with just the ``images`` commands, as the CLI registers them."""
     import typer
-    from typer.testing import CliRunner
 
     from smartvm.cli.images import register
 
-    binaries = remote.add_release(VERSION)
-    remote.latest = VERSION
-    monkeypatch.setenv(RELEASE_BASE_ENV, remote.releases_url)
     app = typer.Typer()
 
     @app.callback()
@@ -324,6 +320,18 @@ def test_cli_installs_the_latest_firecracker_and_reuses_it(
         """test root"""
 
     register(app)
+    return app
+
+
+def test_cli_installs_the_latest_firecracker_and_reuses_it(
+    remote: FakeRemote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    binaries = remote.add_release(VERSION)
+    remote.latest = VERSION
+    monkeypatch.setenv(RELEASE_BASE_ENV, remote.releases_url)
+    app = _images_app()
     runner = CliRunner()
     data = tmp_path / "data"
     first = runner.invoke(app, ["images", "firecracker", "--data-dir", str(data)])
@@ -344,20 +352,11 @@ def test_cli_installs_the_latest_firecracker_and_reuses_it(
 def test_cli_installs_an_unverified_release_only_when_told(
     remote: FakeRemote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import typer
     from typer.testing import CliRunner
-
-    from smartvm.cli.images import register
 
     remote.add_release(VERSION, publish_sha=False)
     monkeypatch.setenv(RELEASE_BASE_ENV, remote.releases_url)
-    app = typer.Typer()
-
-    @app.callback()
-    def root() -> None:
-        """test root"""
-
-    register(app)
+    app = _images_app()
     runner = CliRunner()
     data = tmp_path / "data"
     args = ["images", "firecracker", "--version", VERSION, "--data-dir", str(data)]
