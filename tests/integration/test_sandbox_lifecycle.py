@@ -49,7 +49,7 @@ async def test_create_exec_as_user_files_round_trip_and_kill(sbm: Any) -> None:
         await sbx.commands.run("true")
     assert err.value.code is ErrorCode.SANDBOX_NOT_RUNNING
     await sbx.kill()  # idempotent
-    assert [e["kind"] for e in await sbm.events(sbx.id)][:1] == ["created"]
+    assert [e.kind for e in await sbm.events(sbx.id)][:1] == ["created"]
 
 
 async def test_background_command_handle(sbm: Any) -> None:

@@ -42,6 +42,7 @@ from smartvm.sandbox.cow.base import allocated
 from smartvm.sandbox.sandbox import Sandbox, SandboxInfo, SandboxMetrics
 from smartvm.sandbox.settings import SandboxSettings
 from smartvm.sandbox.store import (
+    EventRecord,
     SandboxRecord,
     SandboxState,
     SandboxStore,
@@ -629,8 +630,9 @@ class SandboxManager:
             await self._update(sandbox_id, end_at=time.time() + end_in)
             await self.store.call(self.store.add_event, sandbox_id, "timeout", f"{end_in:.0f}s")
 
-    async def events(self, sandbox_id: str) -> builtins.list[dict[str, Any]]:
-        return [dataclasses.asdict(e) for e in await self.store.call(self.store.events, sandbox_id)]
+    async def events(self, sandbox_id: str) -> builtins.list[EventRecord]:
+        """The sandbox's event log (created, state changes with reasons, timeouts, snapshots)."""
+        return await self.store.call(self.store.events, sandbox_id)
 
     # --- pause / resume -------------------------------------------------------------------------------
     async def pause(self, sandbox_id: str) -> None:
