@@ -859,7 +859,7 @@ class SandboxManager:
         cpu, rss = 0.0, 0
         if live is not None:
             info = await live.vm.get_info()
-            pid = info.get("pid")
+            pid = dict(info.get("engine_info") or {}).get("pid")
             if isinstance(pid, int):
                 cpu, rss = await asyncio.to_thread(_process_usage, pid)
         disk = await asyncio.to_thread(_allocated_tree, self._sandbox_dir(sid))
