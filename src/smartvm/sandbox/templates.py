@@ -121,15 +121,19 @@ def vm_config_for(
     cpus: int,
     memory_mib: int,
     disk: Path,
-    slot: NetworkSlot,
+    slot: NetworkSlot | None,
 ) -> MicroVMConfig:
     """The VM of a template build: its disk used in place, its network in ``slot`` (the same guest
-    address in every slot, so the snapshot restores into any other)."""
+    address in every slot, so the snapshot restores into any other), or no network."""
+    nics = (
+        [NetworkInterface(iface_id="eth0", host_dev_name=slot.tap_name, guest_mac=slot.guest_mac)]
+        if slot is not None
+        else []
+    )
+    args = f"{boot_args} {slot.kernel_ip_arg('sandbox')}" if slot is not None else boot_args
     return MicroVMConfig(
         id=vm_id,
-        boot_source=BootSource(
-            kernel_image_path=str(kernel), boot_args=f"{boot_args} {slot.kernel_ip_arg('sandbox')}"
-        ),
+        boot_source=BootSource(kernel_image_path=str(kernel), boot_args=args),
         machine_config=MachineConfig(vcpu_count=cpus, mem_size_mib=memory_mib),
         entropy=Entropy(),
         drives=[
@@ -141,9 +145,7 @@ def vm_config_for(
                 ephemeral=False,
             )
         ],
-        network_interfaces=[
-            NetworkInterface(iface_id="eth0", host_dev_name=slot.tap_name, guest_mac=slot.guest_mac)
-        ],
+        network_interfaces=nics,
     )
 
 
@@ -152,11 +154,12 @@ async def build_template(
     dest: Path,
     *,
     svm: SmartVM,
-    pool: SlotPool,
+    pool: SlotPool | None,
     ready_timeout: float,
     progress: Progress,
 ) -> BuiltTemplate:
-    """Boot ``spec`` once, make it ready, snapshot it into ``dest`` (all or nothing).
+    """Boot ``spec`` once, make it ready, snapshot it into ``dest`` (all or nothing). With a ``pool``
+    the template gets the network every sandbox slot offers; without, no network at all.
 
     Raises TEMPLATE_BUILD_FAILED with the cause; nothing of the build is left behind.
     """
@@ -179,7 +182,13 @@ async def build_template(
 
 
 async def _build_into(
-    spec: TemplateSpec, work: Path, *, svm: SmartVM, pool: SlotPool, ready_timeout: float, progress: Progress
+    spec: TemplateSpec,
+    work: Path,
+    *,
+    svm: SmartVM,
+    pool: SlotPool | None,
+    ready_timeout: float,
+    progress: Progress,
 ) -> None:
     for path, what in ((spec.kernel, "kernel"), (spec.rootfs, "root filesystem")):
         if not path.is_file():
@@ -189,7 +198,7 @@ async def _build_into(
     progress("copying the root filesystem")
     disk = work / DISK_FILE
     await asyncio.to_thread(clone_file, spec.rootfs, disk, mode=0o600)
-    slot = await pool.acquire()
+    slot = await pool.acquire() if pool is not None else None
     try:
         config = vm_config_for(
             vm_id=f"tpl-{spec.name[:20]}-{int(time.time() * 1000) % 100000}",
@@ -200,7 +209,7 @@ async def _build_into(
             disk=disk,
             slot=slot,
         )
-        vm = await svm.create_vm(config, netns=slot.netns_name)
+        vm = await svm.create_vm(config, netns=slot.netns_name if slot is not None else None)
         try:
             progress("booting")
             await vm.start()
@@ -226,7 +235,8 @@ async def _build_into(
         finally:
             await vm.kill()
     finally:
-        await pool.release(slot)
+        if pool is not None and slot is not None:
+            await pool.release(slot)
     if not (work / SNAPSHOT_DIR / MANIFEST_NAME).is_file():  # pragma: no cover - create_snapshot raised
         raise SmartVMError(ErrorCode.TEMPLATE_BUILD_FAILED, "the template snapshot was not written")
 
