@@ -214,7 +214,6 @@ class SandboxManager:
         if self._closed or self._store is None:
             self._closed = True
             return
-        self._closed = True
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -232,6 +231,7 @@ class SandboxManager:
             with contextlib.suppress(SmartVMError):
                 await live.vm.detach()  # the VM and its record stay for the next manager
             self._live.pop(sid, None)
+        self._closed = True
         await self._shutdown_resources(keep=True)
 
     async def _shutdown_resources(self, *, keep: bool) -> None:
