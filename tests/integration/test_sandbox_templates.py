@@ -56,7 +56,7 @@ async def test_a_template_that_cannot_be_built_fails_and_leaves_nothing(sbm: Any
     assert err.value.code is ErrorCode.TEMPLATE_NOT_FOUND
     templates = manager.data_dir / "templates"
     assert [p for p in templates.rglob("*") if "never-ready" in str(p) and p.is_file()] == []
-    assert list(runtime_root.iterdir()) == []
+    assert list(runtime_root.iterdir()) == []  # noqa: ASYNC240
     assert manager.pool.in_use == []
 
 
