@@ -163,6 +163,11 @@ class QemuEngine(Engine):
         exited = asyncio.ensure_future(process.wait())
         try:
             await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: the connection attempt goes too, its error retrieved
+            connect.cancel()
+            with contextlib.suppress(BaseException):
+                await connect
+            raise
         finally:
             exited.cancel()
         if connect.done() and not connect.cancelled() and connect.exception() is None:
