@@ -120,8 +120,11 @@ class Drive(ApiModel):
 
 
 class NetworkInterface(ApiModel):
+    """A virtio-net device. Without ``host_dev_name``, ``SmartVM.create_vm`` gives it a TAP device
+    (on its bridge, or on the slot passed as ``network=``) and a MAC when none is set."""
+
     iface_id: str
-    host_dev_name: str = Field(min_length=1, max_length=15)
+    host_dev_name: str | None = Field(default=None, min_length=1, max_length=15)
     guest_mac: str | None = None
     mtu: int | None = Field(default=None, ge=68, le=65535)
     rx_rate_limiter: RateLimiter | None = None

@@ -43,9 +43,11 @@ from smartvm.host.storage import apply_sparse_diffs
 from smartvm.host.sweep import clear_partial, note_partial
 from smartvm.options import SmartVMOptions
 from smartvm.snapshot import MANIFEST_NAME, Snapshot, SnapshotType
+from smartvm.vm_network import require_host_devices
 
 if TYPE_CHECKING:
     from smartvm.agent.client import AgentClient, ExecResult, Files, Processes
+    from smartvm.vm_network import VMNetwork
     from smartvm.vm_records import VMRecord
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,11 @@ class MicroVM:
         netns: str | None = None,
         on_stopped: Callable[[MicroVM], None] | None = None,
         detachable: bool = False,
+        network: VMNetwork | None = None,
     ) -> None:
         self.config = config
+        # made when the VM starts (TAP devices on a bridge, or a slot), undone when it stops
+        self._network = network
         # decided at creation: only a detachable VM's hypervisor may outlive this process (else it gets
         # the parent-death signal, see host/process.py)
         self.detachable = detachable
@@ -163,7 +168,7 @@ class MicroVM:
         """Boot the VM: runtime dir, staged drives, hypervisor, guest."""
         async with self._lock:
             self._require("start", VMState.CREATED)
-            await self._launch(lambda engine, config: engine.boot(config), self.config)
+            await self._launch(lambda engine, config: engine.boot(config), self.config, network=self._network)
 
     async def load_snapshot(
         self,
@@ -256,10 +261,16 @@ class MicroVM:
         config: MicroVMConfig,
         *,
         paused: bool = False,
+        network: VMNetwork | None = None,
     ) -> None:
         self._state = VMState.CONFIGURING
         try:
             async with AsyncExitStack() as stack:
+                if network is not None:  # the VM's config (and snapshots of it) name what was made
+                    attached = await network.attach(self.id, config, stack)
+                    config = self.config = attached.config
+                    self.netns = attached.netns or self.netns
+                require_host_devices(config)
                 runtime = VMRuntime.create(self.options.runtime_dir, self.id, netns=self.netns)
                 stack.callback(runtime.remove)
                 staged = runtime.stage_drives(
