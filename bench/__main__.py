@@ -31,6 +31,7 @@ BENCHMARKS = [
     "restore",
     "exec_roundtrip",
     "memory",
+    "sandboxes",
 ]
 
 

@@ -84,10 +84,14 @@ class Engine(ABC):
         mem_file: str,
         snapshot_type: SnapshotType,
         config: MicroVMConfig,
+        *,
+        copy_disks: bool = True,
     ) -> Snapshot:
         """Write state (and memory) files and disk copies into ``snapshot_dir``; the VM is paused.
 
-        Returns the Snapshot describing them; the caller saves the manifest.
+        ``copy_disks=False`` leaves the writable disks out (the caller keeps them consistent with the
+        snapshot itself, as sandboxes do with their copy-on-write layers). Returns the Snapshot
+        describing the files; the caller saves the manifest.
         """
 
     @abstractmethod
@@ -169,6 +173,11 @@ class Engine(ABC):
         this engine is inert: ``kill``/``close`` no longer touch the process.
         """
         raise self._unsupported("detach")
+
+    def record_data(self) -> dict[str, Any]:
+        """What :meth:`detach` would return, without letting go: for a VM recorded while this
+        process keeps driving it (see :meth:`MicroVM.record`)."""
+        raise self._unsupported("recording a VM")
 
     @classmethod
     def forget_record(cls, record: dict[str, Any]) -> None:

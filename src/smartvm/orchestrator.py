@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -86,15 +87,20 @@ class SmartVM:
         network_overrides: Sequence[NetworkOverride] = (),
         netns: str | None = None,
         detachable: bool = False,
+        drive_paths: Mapping[str, str | Path] | None = None,
     ) -> MicroVM:
         """A running VM restored from a snapshot directory made by :meth:`MicroVM.create_snapshot`.
 
         Every restored VM gets its own copy-on-write copy of the snapshot's disks, so several clones
-        of one snapshot run at once without seeing each other's writes.
+        of one snapshot run at once without seeing each other's writes. ``drive_paths`` (drive id ->
+        host file) gives drives to use in place instead: they must hold what the disks held at the
+        snapshot (a snapshot taken with ``copy_disks=False`` needs them for its writable drives).
         """
         snapshot = Snapshot.load(snapshot_dir)
         config = snapshot.vm_config()
         config = config.model_copy(update={"id": vm_id or new_vm_id()})
+        if drive_paths:
+            config, snapshot = _use_drives(config, snapshot, drive_paths)
         vm = self._new_vm(config, snapshot.engine, netns=netns, detachable=detachable)
         try:
             await vm.restore_from(snapshot, resume_vm=resume_vm, network_overrides=network_overrides)
@@ -238,3 +244,26 @@ class SmartVM:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.cleanup()
+
+
+def _use_drives(
+    config: MicroVMConfig, snapshot: Snapshot, drive_paths: Mapping[str, str | Path]
+) -> tuple[MicroVMConfig, Snapshot]:
+    """``config`` with the drives of ``drive_paths`` pointing at those files (used in place), and
+    ``snapshot`` without its copies of them."""
+    known = {d.drive_id for d in config.drives}
+    unknown = sorted(set(drive_paths) - known)
+    if unknown:
+        raise SmartVMError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"drive_paths names {', '.join(unknown)}, "
+            f"not a drive of the snapshot ({', '.join(sorted(known))})",
+        )
+    drives = [
+        d.model_copy(update={"path_on_host": str(drive_paths[d.drive_id]), "ephemeral": False})
+        if d.drive_id in drive_paths
+        else d
+        for d in config.drives
+    ]
+    disks = {k: v for k, v in snapshot.disks.items() if k not in drive_paths}
+    return config.model_copy(update={"drives": drives}), dataclasses.replace(snapshot, disks=disks)

@@ -276,3 +276,12 @@ class SmartVM:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.cleanup()
+
+
+def __getattr__(name: str) -> Any:
+    """``SandboxManager`` and ``Sandbox``: the blocking sandbox API (imported on first use)."""
+    if name in ("SandboxManager", "Sandbox"):
+        from smartvm.sandbox import blocking
+
+        return getattr(blocking, name)
+    raise AttributeError(name)

@@ -60,3 +60,28 @@ async def svm(qemu_options: SmartVMOptions) -> AsyncIterator[Any]:
         for vm in smartvm.list_vms():
             await vm.kill()
         assert_nothing_left(qemu_options.runtime_dir)
+
+
+@pytest.fixture(scope="session")
+def sandbox_data(tmp_path_factory: pytest.TempPathFactory, guest_image: Any) -> Path:
+    """One sandbox data dir per test session: the ``base`` template is built once into it."""
+    return tmp_path_factory.mktemp("sandboxes")
+
+
+@pytest.fixture
+async def sbm(sandbox_data: Path, runtime_root: Path) -> AsyncIterator[Any]:
+    """A started SandboxManager on the session's data dir; on teardown every sandbox is killed, the
+    manager closed, and nothing may be left on the host."""
+    from sandbox_support import assert_no_sandbox_left, manager_for
+
+    mgr = manager_for(sandbox_data, runtime_root)
+    await mgr.start()
+    try:
+        yield mgr
+    finally:
+        try:
+            for sbx in await mgr.list():
+                await sbx.kill()
+        finally:
+            await mgr.close()
+        assert_no_sandbox_left(sandbox_data, runtime_root)

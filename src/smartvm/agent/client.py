@@ -1031,14 +1031,23 @@ class Files:
         mode: int | None = None,
         append: bool = False,
         parents: bool = True,
+        owner: int | str | None = None,
     ) -> int:
-        """Write `data` to `path` (replacing it atomically unless `append`); returns the size written."""
+        """Write `data` to `path` (replacing it atomically unless `append`); returns the size written.
+
+        `owner` (a guest user name or uid) owns a file this creates and the parent dirs it makes."""
         raw = data.encode() if isinstance(data, str) else data
         chunks = [raw[i : i + p.CHUNK_SIZE] for i in range(0, len(raw), p.CHUNK_SIZE)]
-        return await self._write_chunks(path, chunks, mode=mode, append=append, parents=parents)
+        return await self._write_chunks(path, chunks, mode=mode, append=append, parents=parents, owner=owner)
 
     async def upload(
-        self, local: str | os.PathLike[str], path: str, *, mode: int | None = None, parents: bool = True
+        self,
+        local: str | os.PathLike[str],
+        path: str,
+        *,
+        mode: int | None = None,
+        parents: bool = True,
+        owner: int | str | None = None,
     ) -> int:
         """Stream the host file `local` to `path` (mode defaults to the local file's permissions)."""
         _guest_path(path)
@@ -1057,12 +1066,21 @@ class Files:
                     yield chunk
 
             perms = st.st_mode & 0o7777 if mode is None else mode
-            return await self._write_chunks(path, chunks(), mode=perms, append=False, parents=parents)
+            return await self._write_chunks(
+                path, chunks(), mode=perms, append=False, parents=parents, owner=owner
+            )
         finally:
             os.close(fd)
 
     async def _write_chunks(
-        self, path: str, chunks: Iterable[bytes], *, mode: int | None, append: bool, parents: bool
+        self,
+        path: str,
+        chunks: Iterable[bytes],
+        *,
+        mode: int | None,
+        append: bool,
+        parents: bool,
+        owner: int | str | None = None,
     ) -> int:
         _guest_path(path)
         it = iter(chunks)
@@ -1074,6 +1092,7 @@ class Files:
             "append": append or None,
             "parents": parents,
             "eof": True if nxt is None else None,
+            "owner": owner,
         }
         async with self._c._channel("file_write", fields, first) as ch:
             while nxt is not None:
@@ -1172,11 +1191,23 @@ class Files:
         return bool(h.get("exists"))
 
     async def mkdir(
-        self, path: str, *, parents: bool = True, mode: int = 0o755, exist_ok: bool = True
+        self,
+        path: str,
+        *,
+        parents: bool = True,
+        mode: int = 0o755,
+        exist_ok: bool = True,
+        owner: int | str | None = None,
     ) -> FileInfo:
+        """Make a directory (with its parents); `owner` owns the directories this creates."""
         return FileInfo.from_header(
             await self._c._call(
-                "file_mkdir", path=_guest_path(path), parents=parents, mode=mode, exist_ok=exist_ok
+                "file_mkdir",
+                path=_guest_path(path),
+                parents=parents,
+                mode=mode,
+                exist_ok=exist_ok,
+                owner=owner,
             )
         )
 

@@ -1022,13 +1022,11 @@ class Agent:
         mode = req.get("mode")
         if mode is not None and (not isinstance(mode, int) or not 0 <= mode <= 0o7777):
             raise AgentError(E_BAD_REQUEST, "mode must be an integer permission like 0o644")
+        owner = _owner(req)
         if req.get("parents", True):
             parent = os.path.dirname(path)
             if parent:
-                try:
-                    os.makedirs(parent, exist_ok=True)
-                except OSError as exc:
-                    raise _os_error(exc, parent) from None
+                _makedirs(parent, 0o755, owner)
         append = bool(req.get("append"))
         try:
             st: os.stat_result | None = os.stat(path)
@@ -1063,6 +1061,8 @@ class Agent:
                 os.fchmod(fd, (st.st_mode & 0o7777) if st is not None else 0o644)
             if st is not None and tmp is not None and os.getuid() == 0:
                 os.fchown(fd, st.st_uid, st.st_gid)
+            elif st is None and owner is not None:
+                os.fchown(fd, *owner)
             os.close(fd)
             fd = -1
             if tmp is not None:
@@ -1153,13 +1153,18 @@ class Agent:
         mode = req.get("mode", 0o755)
         if not isinstance(mode, int):
             raise AgentError(E_BAD_REQUEST, "mode must be an integer")
-        try:
-            if req.get("parents", True):
-                os.makedirs(path, mode, exist_ok=bool(req.get("exist_ok", True)))
-            else:
+        owner = _owner(req)
+        if req.get("parents", True):
+            if os.path.isdir(path) and not req.get("exist_ok", True):
+                raise AgentError(E_FILE, f"{path}: already exists (EEXIST)", errno="EEXIST")
+            _makedirs(path, mode, owner)
+        else:
+            try:
                 os.mkdir(path, mode)
-        except OSError as exc:
-            raise _os_error(exc, path) from None
+                if owner is not None:
+                    os.chown(path, *owner)
+            except OSError as exc:
+                raise _os_error(exc, path) from None
         ch.result(_stat_info(path, os.stat(path)))
 
     def op_file_remove(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
@@ -1197,6 +1202,39 @@ class Agent:
         except OSError as exc:
             raise _os_error(exc, f"{src} -> {dst}") from None
         ch.result({"src": src, "dst": dst})
+
+
+def _owner(req: dict[str, Any]) -> tuple[int, int] | None:
+    """(uid, gid) that new files and directories of this request get (``owner``: a name or uid)."""
+    who = req.get("owner")
+    if who is None:
+        return None
+    import pwd
+
+    try:
+        pw = pwd.getpwuid(who) if isinstance(who, int) else pwd.getpwnam(str(who))
+    except (KeyError, TypeError):
+        raise AgentError(E_BAD_REQUEST, f"unknown user {who!r} in the guest") from None
+    return pw.pw_uid, pw.pw_gid
+
+
+def _makedirs(path: str, mode: int, owner: tuple[int, int] | None) -> None:
+    """``mkdir -p``; the directories it creates belong to ``owner`` when given."""
+    missing: list[str] = []
+    cur = os.path.abspath(path)
+    while not os.path.isdir(cur) and cur not in missing:
+        missing.append(cur)
+        cur = os.path.dirname(cur)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+            if owner is not None:
+                os.chown(d, *owner)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise AgentError(E_FILE, f"{d}: not a directory (ENOTDIR)", errno="ENOTDIR") from None
+        except OSError as exc:
+            raise _os_error(exc, d) from None
 
 
 def _split(err: AgentError) -> tuple[str, str]:

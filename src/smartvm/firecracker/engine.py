@@ -290,6 +290,8 @@ class FirecrackerEngine(Engine):
         mem_file: str,
         snapshot_type: SnapshotType,
         config: MicroVMConfig,
+        *,
+        copy_disks: bool = True,
     ) -> Snapshot:
         sent = self._sent or self._config or config
         if snapshot_type == "Diff" and not self._dirty_tracking:
@@ -314,7 +316,7 @@ class FirecrackerEngine(Engine):
             raise
         if self._jail is not None:
             self._jail.collect_snapshot(snapshot_dir, (state_file, mem_file))
-        disks = _copy_writable_disks(sent, snapshot_dir, self._host_path)
+        disks = _copy_writable_disks(sent, snapshot_dir, self._host_path) if copy_disks else {}
         for name in (state_file, mem_file, *disks.values()):
             make_private(snapshot_dir / name)  # guest RAM and disks: 0600
         return Snapshot(
@@ -371,21 +373,27 @@ class FirecrackerEngine(Engine):
 
     # --- detach / attach -------------------------------------------------------------------------
     async def detach(self) -> dict[str, Any]:
-        process = self._process
-        if process is None or not process.is_alive() or process.pid is None:
-            raise SmartVMError(
-                ErrorCode.INVALID_STATE, f"VM {self.runtime.vm_id!r} has no running Firecracker to detach"
-            )
+        data = self.record_data()
         if self._api is not None:
             await self._api.close()
             self._api = None
-        pid, start_time = process.pid, process.start_time
-        process.detach()
+        assert self._process is not None
+        self._process.detach()
         self._process = None
-        data = {
+        # they belong to the running VM, not to us now
+        self._vsock_path, self._vsock_dirs, self._jail = None, [], None
+        return data
+
+    def record_data(self) -> dict[str, Any]:
+        process = self._process
+        if process is None or not process.is_alive() or process.pid is None:
+            raise SmartVMError(
+                ErrorCode.INVALID_STATE, f"VM {self.runtime.vm_id!r} has no running Firecracker to record"
+            )
+        return {
             "engine": self.name,
-            "pid": pid,
-            "pid_start_time": start_time,
+            "pid": process.pid,
+            "pid_start_time": process.start_time,
             "api_socket": str(process.command.api_socket) if process.command.api_socket else None,
             "vsock_uds_path": str(self._vsock_path) if self._vsock_path else None,
             "vsock_dirs": [str(d) for d in self._vsock_dirs],
@@ -394,9 +402,6 @@ class FirecrackerEngine(Engine):
             "firecracker_config": self._sent.model_dump(mode="json") if self._sent else None,
             "jail": self._jail.record() if self._jail else None,
         }
-        # they belong to the running VM, not to us now
-        self._vsock_path, self._vsock_dirs, self._jail = None, [], None
-        return data
 
     @classmethod
     def forget_record(cls, record: dict[str, Any]) -> None:

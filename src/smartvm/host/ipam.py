@@ -171,6 +171,22 @@ class LeaseStore:
             leases[key] = new
             return new
 
+    def adopt(self, key: str) -> Lease:
+        """Become the owner of ``key``'s lease, left by a process that died (e.g. a crashed sandbox
+        manager whose VMs outlived it). Refused while another live process owns it."""
+        with self._locked() as leases:
+            old = leases.get(key)
+            if old is None:
+                raise SmartVMError(ErrorCode.NETWORK_SETUP_FAILED, f"no address lease for {key!r}")
+            if old.pid != os.getpid() and old.owner_alive():
+                raise SmartVMError(
+                    ErrorCode.NETWORK_SETUP_FAILED,
+                    f"the lease {key!r} belongs to the running process {old.pid}; stop it first",
+                )
+            new = Lease(old.index, old.key, os.getpid(), _SELF_START or 0, old.created, old.meta)
+            leases[key] = new
+            return new
+
     def release(self, key: str) -> Lease | None:
         """Give the index back; releasing an unknown key is not an error (teardown is idempotent)."""
         with self._locked() as leases:

@@ -221,15 +221,18 @@ async def create_slots(
     prefix: str,
     transit: ipaddress.IPv4Network,
     egress: EgressPolicy | None = None,
+    meta: dict[str, str] | None = None,
 ) -> list[NetworkSlot]:
-    """Create ``count`` slots; on any failure everything created so far is removed again."""
+    """Create ``count`` slots; on any failure everything created so far is removed again.
+
+    ``meta`` is kept in each slot's lease (e.g. which sandbox manager made it)."""
     policy = egress or EgressPolicy.allow_all()
     slots: list[NetworkSlot] = []
     try:  # nothing is touched until every name is known to be free: undoing means releasing leases
         for _ in range(count):
             lease = store.allocate(
                 f"{prefix}:{uuid.uuid4().hex[:12]}",
-                {"kind": "slot", "prefix": prefix, "transit": str(transit)},
+                {**(meta or {}), "kind": "slot", "prefix": prefix, "transit": str(transit)},
             )
             slots.append(NetworkSlot._from_lease(lease, store, prefix, transit))
         taken = _names_in_use(slots)
@@ -305,6 +308,7 @@ class SlotPool:
         transit: str = DEFAULT_TRANSIT,
         state_dir: Path | str | None = None,
         enable_ip_forward: bool = True,
+        meta: dict[str, str] | None = None,
     ) -> None:
         if size < 0:
             raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"pool size {size} must be 0 or more")
@@ -313,6 +317,7 @@ class SlotPool:
         self.transit = _transit(transit)
         self.store = slot_store(Path(state_dir) if state_dir is not None else None, self.prefix, self.transit)
         self.enable_ip_forward = enable_ip_forward
+        self.meta = dict(meta or {})
         self._ready: list[NetworkSlot] = []
         self._in_use: dict[str, NetworkSlot] = {}
         self._refill_task: asyncio.Task[None] | None = None
@@ -332,7 +337,9 @@ class SlotPool:
             if self.enable_ip_forward:
                 enable_host_forwarding()
             self._started = True
-        slots = await create_slots(count, store=self.store, prefix=self.prefix, transit=self.transit)
+        slots = await create_slots(
+            count, store=self.store, prefix=self.prefix, transit=self.transit, meta=self.meta
+        )
         if self._closed:  # closed while they were being built: close() could not see them
             await destroy_slots(slots)
             self._check_open()
@@ -361,6 +368,34 @@ class SlotPool:
         self._schedule_refill()
         return slot
 
+    def adopt(self, lease_key: str, *, egress: EgressPolicy | None = None) -> NetworkSlot:
+        """Take over a slot handed out earlier by a pool of a process that is gone (its namespace
+        and devices still exist, a VM of that process still runs in it). ``egress`` is the policy
+        the slot was given (kept as it is, not applied again)."""
+        self._check_open()
+        lease = self.store.adopt(lease_key)
+        slot = NetworkSlot._from_lease(lease, self.store, self.prefix, self.transit)
+        if not os.path.exists(netns_path(slot.netns_name)):
+            self.store.release(lease_key)
+            raise SmartVMError(
+                ErrorCode.NETWORK_SETUP_FAILED, f"the namespace {slot.netns_name} of slot {lease_key} is gone"
+            )
+        slot.egress = egress or EgressPolicy.allow_all()
+        self._in_use[slot.netns_name] = slot
+        return slot
+
+    async def sweep_dead(self, keep: set[str], match: dict[str, str]) -> int:
+        """Destroy the slots whose lease owner died, whose lease meta has every ``match`` item and
+        whose lease key is not in ``keep`` (what a crashed owner left); the number destroyed."""
+        dead = [
+            lease
+            for lease in self.store.dead_leases()
+            if lease.key not in keep and all(lease.meta.get(k) == v for k, v in match.items())
+        ]
+        slots = [NetworkSlot._from_lease(lease, self.store, self.prefix, self.transit) for lease in dead]
+        await destroy_slots(slots)
+        return len(slots)
+
     async def release(self, slot: NetworkSlot) -> None:
         """Destroy a slot handed out by :meth:`acquire` (idempotent)."""
         self._in_use.pop(slot.netns_name, None)
@@ -380,14 +415,15 @@ class SlotPool:
         except SmartVMError as exc:  # acquire() still works: it creates a slot itself
             log.warning("refilling the network slot pool failed: %s", exc)
 
-    async def close(self) -> None:
-        """Destroy every slot of this pool (ready and handed out) and the host table if unused."""
+    async def close(self, *, keep_in_use: bool = False) -> None:
+        """Destroy every slot of this pool (ready and handed out, unless ``keep_in_use``: VMs that
+        outlive this process still use them) and the host table if unused."""
         self._closed = True
         if self._refill_task is not None:
             self._refill_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refill_task
-        slots, self._ready = self._ready + list(self._in_use.values()), []
+        slots, self._ready = self._ready + ([] if keep_in_use else list(self._in_use.values())), []
         self._in_use.clear()
         await destroy_slots(slots)
         await asyncio.to_thread(nat.delete_host_table_if_unused_sync)

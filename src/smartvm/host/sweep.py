@@ -125,9 +125,12 @@ def _owner_alive(runtime_dir: Path, record_owns: RecordCheck) -> bool:
     data = owner_of(runtime_dir)
     if data is None:
         return True  # made by an older smartvm, or between mkdir and claim(): see _remove_unclaimed
-    if "record" in data:
-        return record_owns(Path(str(data["record"])), runtime_dir)
     pid, start = data.get("pid"), data.get("start_time")
+    if "record" in data and record_owns(Path(str(data["record"])), runtime_dir):
+        return True
+    # Otherwise (also for a record of another data dir: another SmartVM or sandbox manager sharing
+    # this runtime root) the dir lives while its process does: this file was written by smartvm in
+    # a private dir, so its pid + start time can be trusted.
     return isinstance(pid, int) and start is not None and running_start_time(pid) == start
 
 

@@ -48,9 +48,11 @@ from smartvm.images.download import sha256_file
 RootfsKind = Literal["busybox", "debian", "dir", "tar"]
 RootfsFormat = Literal["ext4", "squashfs"]
 
-BUILDER_VERSION = "3"  # 3: the agent ships precompiled
+BUILDER_VERSION = "4"  # 3: the agent ships precompiled; 4: bash and the user account
 BUSYBOX = Path("/bin/busybox")
 HOST_PYTHON = Path("/usr/bin/python3")
+HOST_BASH = Path("/bin/bash")
+USER_UID = 1000  # the guest's unprivileged ``user`` (etc/passwd)
 GUEST_PYTHON = "/usr/bin/python3"
 AGENT_IN_GUEST = "opt/smartvm/agent.py"
 BUILD_INFO = "build-info.json"
@@ -294,6 +296,9 @@ def _assemble(
     if with_agent and _absent(_in_root(staging, GUEST_PYTHON)):
         bar.step("installing python")
         install_python_runtime(staging, log)
+    if kind == "busybox":
+        bar.step("installing bash")
+        install_host_binary(staging, HOST_BASH, log)
     (work / "out").mkdir()
     bar.step(f"writing {fmt}")
     _write_image(staging, work / "out" / image_name, fmt, size_mib, log)
@@ -327,6 +332,11 @@ def _make_skeleton(staging: Path) -> None:
         (staging / link).symlink_to(f"usr/{link}")
     for name in ("hostname", "passwd", "group", "hosts", "profile"):
         (staging / "etc" / name).write_bytes(_guest_file(f"etc/{name}").read_bytes())
+    # the unprivileged account sandboxes run commands as (etc/passwd names it; uid/gid 1000)
+    home = staging / "home" / "user"
+    home.mkdir(mode=0o755)
+    if os.geteuid() == 0:
+        os.chown(home, USER_UID, USER_UID)
     # The kernel writes DNS servers from `ip=` autoconfig there.
     (staging / "etc" / "resolv.conf").symlink_to("/proc/net/pnp")
     (staging / "root").chmod(0o700)
@@ -502,6 +512,19 @@ def install_python_runtime(staging: Path, log: BuildLog) -> None:
         dest = _in_root(staging, str(lib))
         if _absent(dest):
             shutil.copy2(lib.resolve(), dest)
+
+
+def install_host_binary(staging: Path, binary: Path, log: BuildLog) -> None:
+    """Copy a host program and the ``ldd`` libraries it needs into ``staging`` (kept if present)."""
+    require_file(binary, binary.name, f"the host's {binary}")
+    dest = _in_root(staging, str(binary.resolve()))
+    if _absent(dest):
+        log.note(f"installing {binary}")
+        shutil.copy2(binary.resolve(), dest)
+    for lib in _shared_libraries([binary.resolve()], log):
+        target = _in_root(staging, str(lib))
+        if _absent(target):
+            shutil.copy2(lib.resolve(), target)
 
 
 def _shared_libraries(binaries: list[Path], log: BuildLog) -> set[Path]:

@@ -276,6 +276,8 @@ class QemuEngine(Engine):
         mem_file: str,
         snapshot_type: SnapshotType,
         config: MicroVMConfig,
+        *,
+        copy_disks: bool = True,
     ) -> Snapshot:
         if snapshot_type != "Full":
             raise self._unsupported(f"{snapshot_type} snapshots")
@@ -305,7 +307,7 @@ class QemuEngine(Engine):
             if shared_ram is not None:
                 await asyncio.to_thread(clone_file, shared_ram, part_for(mem_file))
             for drive in ordered_drives(running):
-                if drive.is_read_only:
+                if drive.is_read_only or not copy_disks:
                     continue  # used in place by the restore, like at boot
                 disks[drive.drive_id] = f"{drive.drive_id}.disk"
                 await asyncio.to_thread(clone_file, drive.path_on_host, part_for(disks[drive.drive_id]))
@@ -498,12 +500,16 @@ class QemuEngine(Engine):
 
     # --- detach / attach -------------------------------------------------------------------------------
     async def detach(self) -> dict[str, Any]:
+        data = self.record_data()
+        await self.close()
+        self._require_process().proc.release()
+        self._process = None
+        return data
+
+    def record_data(self) -> dict[str, Any]:
         process = self._require_process()
         if not process.is_alive():
-            raise process.exited_error("cannot detach the VM", ErrorCode.INVALID_STATE)
-        await self.close()
-        process.proc.release()
-        self._process = None
+            raise process.exited_error("cannot record the VM", ErrorCode.INVALID_STATE)
         return {
             "engine": self.name,
             "pid": process.pid,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.private_dirs import ensure_private_dir
 
 DB_FILE = "sandboxes.db"
 LOCK_FILE = "manager.lock"
@@ -80,6 +81,10 @@ class TemplateRecord:
     inputs_hash: str = ""
     status: str = "pending"  # pending, building, ready, failed
     created_at: float = field(default_factory=time.time)
+    kind: str = "image"  # image: built from kernel + rootfs; snapshot: taken from a sandbox
+    boot_args: str = ""
+    ready_command: str | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class SandboxRecord:
     disk_strategy: str | None = None
     disk_layer: str | None = None  # CowLayer.to_json(), to reopen the disk after a pause/restart
     pause_dir: str | None = None
+    network: Mapping[str, Any] = field(default_factory=dict)  # slot lease key, egress, port forwards
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,7 @@ class EventRecord:
     detail: str
 
 
-_JSON_FIELDS = {"env", "metadata", "envs"}
+_JSON_FIELDS = {"env", "metadata", "envs", "network"}
 
 # Each entry moves the schema one version up; never edit a shipped one, append a new one.
 MIGRATIONS: list[str] = [
@@ -150,20 +156,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX events_sandbox ON events(sandbox_id, seq);
     """,
+    """
+    ALTER TABLE templates ADD COLUMN kind TEXT NOT NULL DEFAULT 'image';
+    ALTER TABLE templates ADD COLUMN boot_args TEXT NOT NULL DEFAULT '';
+    ALTER TABLE templates ADD COLUMN ready_command TEXT;
+    ALTER TABLE templates ADD COLUMN error TEXT;
+    ALTER TABLE sandboxes ADD COLUMN network TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
-
-
-def ensure_private_dir(path: Path) -> Path:
-    """mkdir 0700 and check it is ours (until smartvm.host.private_dirs lands)."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = path.stat()
-    if st.st_uid != os.geteuid():
-        raise SmartVMError(
-            ErrorCode.UNSAFE_PATH, f"{path} is owned by uid {st.st_uid}, not by us: pick another dir"
-        )
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
-    return path
 
 
 def new_sandbox_id() -> str:

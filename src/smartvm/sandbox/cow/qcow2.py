@@ -54,7 +54,18 @@ class Qcow2Disk(CowDisk):
         return write_flat(
             dest,
             lambda tmp: _qemu_img(
-                "convert", "-q", "-f", "qcow2", "-O", "raw", "-S", "4k", str(self.device_path), str(tmp)
+                # -U: the (paused) VM may still hold the image's write lock
+                "convert",
+                "-q",
+                "-U",
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                "-S",
+                "4k",
+                str(self.device_path),
+                str(tmp),
             ),
         )
 

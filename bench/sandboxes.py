@@ -1,0 +1,112 @@
+"""Benchmark 9: sandboxes (QEMU engine, 256 MiB busybox ``base`` template, TCG here).
+
+Side by side in one run: a cold boot of the same guest until exec works; creating a sandbox from
+the built template until exec works; pause to disk; resume until exec works; then density (the PSS
+of each idle sandbox's QEMU: the template's memory file is shared read-only between clones) with an
+estimate of how many idle sandboxes fit in the memory available now, and the disk each sandbox
+allocates right after create.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from bench.common import BenchTable, Series, time_async
+from bench.guests import READY_TIMEOUT_S, guest, private_root, qemu_smartvm
+from bench.memory import pss, rss
+from smartvm.config import new_vm_id
+from smartvm.options import SmartVMOptions
+from smartvm.sandbox.manager import SandboxManager
+from smartvm.sandbox.settings import SandboxSettings
+
+IDLE_S = 2.0
+
+
+async def _cold_boot(n: int) -> Series:
+    config = guest(memory_mib=256)
+    async with qemu_smartvm() as svm:
+
+        async def boot() -> None:
+            vm = await svm.create_vm(config.model_copy(update={"id": new_vm_id()}))
+            await vm.start()
+            await vm.exec(["true"], ready_timeout=READY_TIMEOUT_S)
+            await vm.kill()
+
+        return await time_async("cold boot until exec works (same guest)", boot, n)
+
+
+def _available_mib() -> int:
+    from smartvm.sandbox.manager import _host_memory_mib
+
+    return _host_memory_mib()[1]
+
+
+async def run(quick: bool) -> list[BenchTable]:
+    n = 3 if quick else 10
+    density_n = 3 if quick else 10
+    cold = await _cold_boot(2 if quick else 5)
+    with private_root() as root:
+        settings = SandboxSettings(data_dir=root / "data", slot_pool_size=2)
+        mgr = SandboxManager(
+            options=SmartVMOptions(engine="qemu", runtime_dir=root / "run"), settings=settings
+        )
+        async with mgr:
+            t0 = time.perf_counter()
+            first = await mgr.create("base")
+            build = Series("first create (builds the base template)", [time.perf_counter() - t0])
+            await first.kill()
+            create, pause, resume = (
+                Series("create from template until exec works"),
+                Series("pause to disk"),
+                Series("resume until exec works"),
+            )
+            disk: list[float] = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                sbx = await mgr.create("base")
+                await sbx.commands.run(["true"])
+                create.samples.append(time.perf_counter() - t0)
+                disk.append(float((await sbx.info()).disk_bytes))
+                t0 = time.perf_counter()
+                await sbx.pause()
+                pause.samples.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                await sbx.resume()
+                await sbx.commands.run(["true"])
+                resume.samples.append(time.perf_counter() - t0)
+                await sbx.kill()
+            boxes = [await mgr.create("base") for _ in range(density_n)]
+            await asyncio.sleep(IDLE_S)
+            pids = []
+            for b in boxes:
+                info = await mgr._live[b.id].vm.get_info()
+                pids.append(int(info["engine_info"]["pid"]))
+            pss_series = Series(
+                f"{density_n} idle sandboxes: QEMU Pss per sandbox", [float(pss(p)) for p in pids]
+            )
+            rss_series = Series(
+                f"{density_n} idle sandboxes: QEMU VmRSS per sandbox", [float(rss(p)) for p in pids]
+            )
+            fit = int(_available_mib() / (pss_series.median / (1 << 20))) if pss_series.median else 0
+            pss_series.extra["fit"] = f"~{fit} more fit in {_available_mib()} MiB available"
+            for b in boxes:
+                await b.kill()
+    disk_series = Series("disk allocated per sandbox right after create", disk)
+    return [
+        BenchTable(
+            "Sandboxes: create, pause and resume (256 MiB busybox base template, QEMU engine)",
+            [cold, build, create, pause, resume],
+            baseline=cold.label,
+            notes=[
+                "each sandbox: own network namespace slot, qcow2/reflink/sparse copy-on-write disk, "
+                "post-restore RNG reseed + clock + hostname before 'ready'"
+            ],
+        ),
+        BenchTable(
+            "Sandbox density and disk",
+            [pss_series, rss_series, disk_series],
+            unit="MiB",
+            notes=[f"measured {IDLE_S:.0f}s after the sandboxes were created"],
+        ),
+    ]

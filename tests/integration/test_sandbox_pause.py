@@ -1,0 +1,141 @@
+"""Pause to disk and resume, snapshots into templates, deadlines, on real QEMU guests."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.sandbox import SandboxState
+
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /home/user/count; sleep 0.1; done"
+HOLD_MEMORY = (
+    "import time; data = bytearray(b'M' * (8 << 20)); open('/home/user/mem-ready', 'w').close(); "
+    "time.sleep(1000)"
+)
+
+
+async def _count(sbx: Any) -> int:
+    return int((await sbx.files.read_text("count")).strip() or 0)
+
+
+async def _wait_file(sbx: Any, path: str) -> None:
+    for _ in range(200):
+        if await sbx.files.exists(path):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+async def test_pause_resume_keeps_files_processes_and_memory(sbm: Any) -> None:
+    sbx = await sbm.create("base")
+    await sbx.files.write("before.txt", b"written before the pause")
+    counter = await sbx.commands.run(COUNTER, background=True)
+    holder = await sbx.commands.run(["python3", "-c", HOLD_MEMORY], background=True)
+    await _wait_file(sbx, "mem-ready")
+    await asyncio.sleep(0.5)
+    at_pause = await _count(sbx)
+    assert at_pause > 0
+    await sbx.pause()
+    assert sbx.state is SandboxState.PAUSED
+    assert (await sbx.info()).host_ip is None  # no VM, no slot while paused
+    with pytest.raises(SmartVMError) as err:
+        await sbx.pause()
+    assert err.value.code is ErrorCode.SANDBOX_ALREADY_PAUSED
+    with pytest.raises(SmartVMError) as err:
+        await sbx.commands.run("true")
+    assert err.value.code is ErrorCode.SANDBOX_NOT_RUNNING
+    await sbx.resume()
+    with pytest.raises(SmartVMError) as err:
+        await sbx.resume()
+    assert err.value.code is ErrorCode.SANDBOX_NOT_PAUSED
+    assert await sbx.files.read("before.txt") == b"written before the pause"
+    after = await _count(sbx)
+    assert at_pause <= after < at_pause + 20, (at_pause, after)  # continued, not restarted from 0
+    await asyncio.sleep(0.5)
+    assert await _count(sbx) > after  # and still counting
+    running = {p.pid: p.running for p in await sbx.commands.list()}
+    assert running.get(counter.pid) and running.get(holder.pid)
+    rss = await sbx.commands.run(f"grep VmRSS /proc/{holder.pid}/status")
+    assert int(rss.stdout.split()[1]) >= 8 << 10  # the 8 MiB it held are still resident
+    for _ in range(3):
+        await sbx.pause()
+        await sbx.resume()
+    assert await _count(sbx) > after
+
+
+async def test_two_sandboxes_from_one_snapshot_get_their_own_randomness(sbm: Any) -> None:
+    sbx = await sbm.create("base")
+    read = ["python3", "-c", "import os, random; print(os.urandom(16).hex(), random.random())"]
+    await sbx.snapshot("rng-snap")
+    try:
+        clones = [await sbm.create("rng-snap") for _ in range(2)]
+        outs = [(await c.commands.run(read)).stdout for c in clones]
+        urandom = [(await c.commands.run(["head", "-c", "16", "/dev/urandom"])).stdout_bytes for c in clones]
+        assert outs[0] != outs[1] and urandom[0] != urandom[1]
+        for c in clones:  # pause/resume: also fresh after a resume
+            await c.pause()
+            await c.resume()
+        again = [(await c.commands.run(read)).stdout for c in clones]
+        assert again[0] != again[1]
+        for c in clones:
+            await c.kill()
+    finally:
+        await sbm.delete_snapshot("rng-snap")
+
+
+async def test_snapshot_of_a_running_sandbox_gives_independent_sandboxes(sbm: Any) -> None:
+    src = await sbm.create("base")
+    await src.files.write("shared.txt", b"from the source")
+    await src.commands.run("echo kept-in-memory > /dev/shm/m")
+    snap = await src.snapshot("indep-snap")
+    assert snap.name == "indep-snap" and snap.size_bytes > 0
+    assert src.state is SandboxState.RUNNING  # a snapshot does not stop its source
+    assert (await src.commands.run("cat shared.txt")).stdout == "from the source"
+    a, b = await sbm.create("indep-snap"), await sbm.create("indep-snap")
+    for sbx in (a, b):
+        assert await sbx.files.read("shared.txt") == b"from the source"
+        assert (await sbx.commands.run("cat /dev/shm/m")).stdout == "kept-in-memory\n"
+    await a.files.write("shared.txt", b"changed in a")
+    await a.files.write("only-a.txt", b"a")
+    assert await b.files.read("shared.txt") == b"from the source"
+    assert not await b.files.exists("only-a.txt")
+    assert await src.files.read("shared.txt") == b"from the source"
+    assert [s.name for s in await sbm.list_snapshots()] == ["indep-snap"]
+    with pytest.raises(SmartVMError) as err:
+        await sbm.delete_snapshot("indep-snap")
+    assert err.value.code is ErrorCode.SNAPSHOT_IN_USE
+    with pytest.raises(SmartVMError) as err:
+        await src.snapshot("indep-snap")
+    assert err.value.code is ErrorCode.SNAPSHOT_EXISTS
+    await a.kill()
+    await b.kill()
+    await src.pause()
+    paused_snap = await src.snapshot("from-paused")  # a paused sandbox snapshots too
+    c = await sbm.create("from-paused")
+    assert await c.files.read("shared.txt") == b"from the source"
+    await c.kill()
+    await sbm.delete_snapshot("indep-snap")
+    await sbm.delete_snapshot(paused_snap.name)
+    assert await sbm.list_snapshots() == []
+    with pytest.raises(SmartVMError) as err:
+        await sbm.create("indep-snap")
+    assert err.value.code is ErrorCode.TEMPLATE_NOT_FOUND
+
+
+async def test_timeouts_kill_or_pause_and_set_timeout_extends(sbm: Any) -> None:
+    doomed = await sbm.create("base", timeout=1)
+    sleeper = await sbm.create("base", timeout=1, auto_pause=True)
+    extended = await sbm.create("base", timeout=1)
+    await extended.set_timeout(60)
+    for _ in range(200):  # the manager's own reaper acts (every second)
+        if (doomed.state, sleeper.state) == (SandboxState.STOPPED, SandboxState.PAUSED):
+            break
+        await asyncio.sleep(0.05)
+    assert doomed.state is SandboxState.STOPPED
+    assert sleeper.state is SandboxState.PAUSED
+    assert extended.state is SandboxState.RUNNING
+    await sleeper.resume(timeout=60)
+    assert (await sleeper.commands.run("echo awake")).stdout == "awake\n"

@@ -1,0 +1,99 @@
+"""The process holding a SandboxManager is SIGKILLed with sandboxes running and paused: a new
+manager on the same data dir re-adopts the running ones, resumes the paused ones, leaks nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from sandbox_support import assert_no_sandbox_left, manager_for
+
+from smartvm.sandbox import SandboxState
+
+HOLDER = textwrap.dedent(
+    """
+    import asyncio, json, sys, time
+    sys.path.insert(0, sys.argv[3])
+    from sandbox_support import manager_for
+    from pathlib import Path
+
+    async def main():
+        mgr = manager_for(Path(sys.argv[1]), Path(sys.argv[2]))
+        await mgr.start()
+        running = await mgr.create("base", timeout=600)
+        await running.files.write("note.txt", b"survives the crash")
+        counter = await running.commands.run(
+            "i=0; while true; do i=$((i+1)); echo $i > count; sleep 0.1; done", background=True
+        )
+        paused = await mgr.create("base", timeout=600)
+        await paused.files.write("note.txt", b"paused before the crash")
+        await paused.pause()
+        print(json.dumps({"running": running.id, "paused": paused.id, "pid": counter.pid}), flush=True)
+        await asyncio.sleep(1000)  # SIGKILLed here
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_sigkilled_manager_loses_no_sandbox(sandbox_data: Path, runtime_root: Path) -> None:
+    tests_dir = str(Path(__file__).parent)
+    proc = subprocess.Popen(  # noqa: ASYNC220 - the manager's process, killed below
+        [sys.executable, "-c", HOLDER, str(sandbox_data), str(runtime_root), tests_dir],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ids = json.loads(proc.stdout.readline())
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    mgr = manager_for(sandbox_data, runtime_root)
+    try:
+        await mgr.start()
+        running, paused = await mgr.get(ids["running"]), await mgr.get(ids["paused"])
+        assert (running.state, paused.state) == (SandboxState.RUNNING, SandboxState.PAUSED)
+        assert await running.files.read("note.txt") == b"survives the crash"
+        assert (await running.commands.run("echo alive")).stdout == "alive\n"
+        assert ids["pid"] in [p.pid for p in await running.commands.list() if p.running]
+        await paused.resume()
+        assert await paused.files.read("note.txt") == b"paused before the crash"
+        # a second restart, this time after a clean close: everything is adopted again
+        await mgr.close()
+        mgr = manager_for(sandbox_data, runtime_root)
+        await mgr.start()
+        states = {s.id: s.state for s in await mgr.list()}
+        assert states == {ids["running"]: SandboxState.RUNNING, ids["paused"]: SandboxState.RUNNING}
+        for sbx in await mgr.list():
+            assert (await sbx.commands.run("true")).exit_code == 0
+            await sbx.kill()
+    finally:
+        for sbx in await mgr.list():
+            await sbx.kill()
+        await mgr.close()
+    assert_no_sandbox_left(sandbox_data, runtime_root)
+
+
+async def test_a_sandbox_whose_vm_died_while_no_manager_ran_is_failed_and_freed(
+    sandbox_data: Path, runtime_root: Path
+) -> None:
+    mgr = manager_for(sandbox_data, runtime_root)
+    async with mgr:
+        sbx = await mgr.create("base")
+        record: Any = mgr._svm.records.load(sbx.id)
+        assert record is not None
+    os.kill(record.pid, signal.SIGKILL)  # the VM dies while no manager watches
+    mgr = manager_for(sandbox_data, runtime_root)
+    async with mgr:
+        again = await mgr.get(sbx.id)
+        assert again.state is SandboxState.ERROR
+        assert "VM is gone" in ((await again.info()).error or "")
+        await again.kill()
+    assert_no_sandbox_left(sandbox_data, runtime_root)

@@ -1,0 +1,59 @@
+"""The blocking sandbox twin from a plain script (no event loop of its own)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from sandbox_support import assert_no_sandbox_left
+
+from smartvm.options import SmartVMOptions
+from smartvm.sandbox import blocking
+from smartvm.sandbox.commands import CommandHandle, Commands
+from smartvm.sandbox.files import SandboxFiles
+from smartvm.sandbox.manager import SandboxManager as AsyncManager
+from smartvm.sandbox.sandbox import Sandbox as AsyncSandbox
+from smartvm.sandbox.settings import SandboxSettings
+from smartvm.sync import SandboxManager
+
+
+def _public(cls: type) -> set[str]:
+    return {
+        n for n, v in vars(cls).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))
+    }
+
+
+def test_the_blocking_twin_has_every_public_call() -> None:
+    pairs = [
+        (AsyncManager, blocking.SandboxManager),
+        (AsyncSandbox, blocking.Sandbox),
+        (Commands, blocking.Commands),
+        (CommandHandle, blocking.CommandHandle),
+        (SandboxFiles, blocking.Files),
+    ]
+    for aio, sync in pairs:
+        missing = _public(aio) - _public(sync) - {"read_stream", "store", "pool"}
+        assert missing == set(), f"{sync.__name__} lacks {sorted(missing)}"
+        for name in _public(aio) & _public(sync):
+            a, b = getattr(aio, name), getattr(sync, name)
+            if callable(a) and not isinstance(a, property):
+                params = [p for p in inspect.signature(a).parameters if p != "self"]
+                assert [p for p in inspect.signature(b).parameters if p != "self"] == params, name
+
+
+def test_blocking_script(sandbox_data: Path, runtime_root: Path) -> None:
+    settings = SandboxSettings(data_dir=sandbox_data, slot_pool_size=0)
+    with SandboxManager(
+        options=SmartVMOptions(engine="qemu", runtime_dir=runtime_root), settings=settings
+    ) as mgr:
+        sbx = mgr.create("base", timeout=60)
+        assert sbx.commands.run("echo $((6*7))").stdout == "42\n"
+        sbx.files.write("a.txt", "x")
+        assert sbx.files.read("a.txt") == b"x"
+        handle = sbx.commands.run("sleep 30", background=True)
+        sbx.pause()
+        sbx.resume()
+        assert handle.kill() is True
+        assert [s.id for s in mgr.list()] == [sbx.id]
+        sbx.kill()
+    assert_no_sandbox_left(sandbox_data, runtime_root)
