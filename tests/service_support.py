@@ -45,9 +45,17 @@ class Served:
         return self.proc.returncode, err
 
 
-def start_serve(data_dir: Path, *args: str, timeout: float = 60.0) -> Served:
+def serve_command(data_dir: Path, runtime_dir: Path, *args: str) -> list[str]:
+    """``smartvm serve`` on the QEMU engine with a test's own data and runtime dirs."""
+    return [
+        *(sys.executable, "-m", "smartvm.cli", "serve", "--engine", "qemu"),
+        *("--data-dir", str(data_dir), "--runtime-dir", str(runtime_dir), *args),
+    ]
+
+
+def start_serve(data_dir: Path, runtime_dir: Path, *args: str, timeout: float = 60.0) -> Served:
     """Start ``smartvm serve --port 0`` and wait for its URL; raise with its stderr if it exits first."""
-    cmd = [sys.executable, "-m", "smartvm.cli", "serve", "--port", "0", "--data-dir", str(data_dir), *args]
+    cmd = serve_command(data_dir, runtime_dir, "--port", "0", *args)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     os.set_blocking(proc.stdout.fileno(), True)
@@ -75,8 +83,8 @@ def start_serve(data_dir: Path, *args: str, timeout: float = 60.0) -> Served:
 
 
 @contextmanager
-def serving(data_dir: Path, *args: str) -> Iterator[Served]:
-    served = start_serve(data_dir, *args)
+def serving(data_dir: Path, runtime_dir: Path, *args: str) -> Iterator[Served]:
+    served = start_serve(data_dir, runtime_dir, *args)
     try:
         yield served
     finally:

@@ -12,9 +12,9 @@ from service_support import Served, chromium_or_skip, make_key, screenshot_path,
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[tuple[Served, str]]:
+def service(tmp_path: Path, runtime_root: Path) -> Iterator[tuple[Served, str]]:
     key = make_key(tmp_path)
-    with serving(tmp_path) as served:
+    with serving(tmp_path, runtime_root) as served:
         yield served, key
 
 

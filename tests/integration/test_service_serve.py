@@ -13,8 +13,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from sandbox_support import slots_of
 
-from service_support import make_key, serving, start_serve
+from service_support import make_key, serve_command, serving, start_serve
 
 
 def _port_closed(url: str) -> bool:
@@ -25,9 +26,9 @@ def _port_closed(url: str) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_serve_answers_then_stops_cleanly_on_a_signal(tmp_path: Path, sig: int) -> None:
+def test_serve_answers_then_stops_cleanly_on_a_signal(tmp_path: Path, runtime_root: Path, sig: int) -> None:
     key = make_key(tmp_path)
-    served = start_serve(tmp_path)
+    served = start_serve(tmp_path, runtime_root)
     assert served.url.startswith("http://127.0.0.1:")
     try:
         assert httpx.get(f"{served.url}/health", timeout=10).json() == {"status": "ok"}
@@ -40,13 +41,14 @@ def test_serve_answers_then_stops_cleanly_on_a_signal(tmp_path: Path, sig: int) 
     assert time.monotonic() - t0 < 15
     assert "Traceback" not in err
     assert _port_closed(served.url)
+    assert slots_of(tmp_path) == [], "network slots of the stopped service were left"
     # the data dir is free again: a new service starts on it
-    with serving(tmp_path) as again:
+    with serving(tmp_path, runtime_root) as again:
         assert httpx.get(f"{again.url}/health", timeout=10).status_code == 200
 
 
-def test_keys_created_and_revoked_while_it_runs(tmp_path: Path) -> None:
-    with serving(tmp_path) as served:
+def test_keys_created_and_revoked_while_it_runs(tmp_path: Path, runtime_root: Path) -> None:
+    with serving(tmp_path, runtime_root) as served:
         url = f"{served.url}/v1/sandboxes"
         assert httpx.get(url, timeout=10).status_code == 401
         create = [sys.executable, "-m", "smartvm.cli", "keys", "create", "--name", "late"]
@@ -61,10 +63,10 @@ def test_keys_created_and_revoked_while_it_runs(tmp_path: Path) -> None:
         assert httpx.get(f"{served.url}/health", timeout=10).status_code == 200
 
 
-def test_a_second_service_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
-    with serving(tmp_path):
+def test_a_second_service_on_the_same_data_dir_is_refused(tmp_path: Path, runtime_root: Path) -> None:
+    with serving(tmp_path, runtime_root):
         res = subprocess.run(
-            [sys.executable, "-m", "smartvm.cli", "serve", "--port", "0", "--data-dir", str(tmp_path)],
+            serve_command(tmp_path, runtime_root, "--port", "0"),
             capture_output=True,
             text=True,
             timeout=60,
@@ -73,13 +75,13 @@ def test_a_second_service_on_the_same_data_dir_is_refused(tmp_path: Path) -> Non
     assert "DATA_DIR_IN_USE" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
+def test_a_taken_port_is_a_clear_error(tmp_path: Path, runtime_root: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         res = subprocess.run(
-            [sys.executable, "-m", "smartvm.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path)],
+            serve_command(tmp_path, runtime_root, "--port", str(port)),
             capture_output=True,
             text=True,
             timeout=60,
@@ -88,10 +90,10 @@ def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_a_request_in_flight_finishes_before_the_stop(tmp_path: Path) -> None:
+def test_a_request_in_flight_finishes_before_the_stop(tmp_path: Path, runtime_root: Path) -> None:
     """SIGTERM while a request body is still arriving: the client gets its answer, then exit 0."""
     key = make_key(tmp_path)
-    served = start_serve(tmp_path)
+    served = start_serve(tmp_path, runtime_root)
     try:
 
         def slow_body() -> Iterator[bytes]:

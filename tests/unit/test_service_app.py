@@ -1,7 +1,6 @@
-"""The service app in process (real SQLite state and keys): auth, the error mapping, limits, the page.
-
-The sandbox backend is the read-only store backend here; routes that need running sandboxes are
-tested with real guests in tests/integration/test_service_api.py.
+"""The service app in process over a real SandboxManager (no guest booted): auth, the error mapping,
+limits, list filters, metrics, the page. Routes that need running sandboxes are tested with real
+guests in tests/integration/test_service_api.py.
 """
 
 from __future__ import annotations
@@ -37,22 +36,19 @@ async def fail(code: str) -> None:
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
-    with SandboxStore(tmp_path) as store:
-        for sid, state, meta in (
-            ("sb-00000001", SandboxState.RUNNING, {"team": "a"}),
-            ("sb-00000002", SandboxState.PAUSED, {"team": "b"}),
-            ("sb-00000003", SandboxState.STOPPED, {"team": "a"}),
+    """Records of sandboxes that a previous manager left failed or stopped (reconcile keeps them)."""
+    data = tmp_path / "data"
+    with SandboxStore(data) as store:
+        for sid, meta in (
+            ("sb-00000001", {"team": "a"}),
+            ("sb-00000002", {"team": "b"}),
+            ("sb-00000003", {}),
         ):
             store.insert_sandbox(SandboxRecord(id=sid, template="base", metadata=meta))
-            if state is not SandboxState.STARTING:
-                store.transition(sid, SandboxState.RUNNING)
-            if state is SandboxState.PAUSED:
-                store.transition(sid, SandboxState.PAUSING)
-                store.transition(sid, SandboxState.PAUSED)
-            if state is SandboxState.STOPPED:
-                store.transition(sid, SandboxState.STOPPING)
-                store.transition(sid, SandboxState.STOPPED)
-    return tmp_path
+            store.transition(sid, SandboxState.ERROR, error="the test made it so")
+        store.transition("sb-00000003", SandboxState.STOPPING)
+        store.transition("sb-00000003", SandboxState.STOPPED)
+    return data
 
 
 @pytest.fixture
@@ -62,10 +58,11 @@ def key(data_dir: Path) -> str:
 
 
 @pytest.fixture
-def client(data_dir: Path, key: str) -> Iterator[TestClient]:
+def client(data_dir: Path, key: str, tmp_path: Path) -> Iterator[TestClient]:
+    backend = open_backend(data_dir, engine="qemu", runtime_dir=tmp_path / "run", slot_pool_size=0)
     ctx = ServiceContext(
         data_dir=data_dir,
-        backend=open_backend(data_dir),
+        backend=backend,
         limits=ServiceLimits(max_json_bytes=4096, max_upload_bytes=8192),
     )
     app = create_app(ctx, routers=[*native_routers(), failing])
@@ -134,19 +131,23 @@ def test_list_filters_by_state_and_metadata(client: TestClient) -> None:
         return [s["id"] for s in res.json()]
 
     assert ids() == ["sb-00000001", "sb-00000002"]  # stopped ones only on request
-    assert ids(state="paused") == ["sb-00000002"]
-    assert ids(state=["stopped", "running"]) == ["sb-00000001", "sb-00000003"]
-    assert ids(metadata="team=a") == ["sb-00000001"]
-    assert ids(metadata="team=a", state=["running", "stopped"]) == ["sb-00000001", "sb-00000003"]
+    assert ids(state="stopped") == ["sb-00000003"]
+    assert ids(state=["stopped", "error"]) == ["sb-00000001", "sb-00000002", "sb-00000003"]
+    assert ids(state="running") == []
+    assert ids(metadata="team=b") == ["sb-00000002"]
+    assert ids(metadata="team=a", state=["error", "stopped"]) == ["sb-00000001"]
     _error(client.get("/v1/sandboxes", params={"state": "asleep"}), 422, "VALIDATION_FAILED")
     _error(client.get("/v1/sandboxes", params={"metadata": "no-equals"}), 400, "INVALID_ARGUMENT")
 
 
 def test_get_and_events_of_one_sandbox(client: TestClient) -> None:
     got = client.get("/v1/sandboxes/sb-00000002").json()
-    assert (got["id"], got["state"], got["metadata"]) == ("sb-00000002", "paused", {"team": "b"})
-    kinds = [e["kind"] for e in client.get("/v1/sandboxes/sb-00000002/events").json()]
-    assert kinds[0] == "created" and kinds.count("state") == 3
+    assert (got["id"], got["state"], got["metadata"]) == ("sb-00000002", "error", {"team": "b"})
+    assert got["error"] == "the test made it so"
+    events = client.get("/v1/sandboxes/sb-00000002/events").json()
+    assert [e["kind"] for e in events] == ["created", "state"]
+    assert "the test made it so" in events[1]["detail"]
+    _error(client.get("/v1/sandboxes/sb-99999999/events"), 404, "SANDBOX_NOT_FOUND")
 
 
 def test_bad_ids_and_unknown_sandboxes(client: TestClient) -> None:
@@ -154,6 +155,9 @@ def test_bad_ids_and_unknown_sandboxes(client: TestClient) -> None:
         _error(client.get(f"/v1/sandboxes/{bad}"), 400, "INVALID_ARGUMENT")
     _error(client.get("/v1/sandboxes/sb-99999999"), 404, "SANDBOX_NOT_FOUND")
     _error(client.post("/v1/sandboxes/sb-99999999/pause"), 404, "SANDBOX_NOT_FOUND")
+    # a sandbox in the wrong state for the call
+    _error(client.post("/v1/sandboxes/sb-00000001/exec", json={"cmd": "true"}), 409, "SANDBOX_NOT_RUNNING")
+    _error(client.post("/v1/sandboxes/sb-00000003/timeout", json={"timeout": 5}), 409, "SANDBOX_NOT_RUNNING")
 
 
 def test_bad_bodies(client: TestClient) -> None:
@@ -165,8 +169,10 @@ def test_bad_bodies(client: TestClient) -> None:
     assert "template" in body["message"]
     _error(post("/v1/sandboxes", json={"bogus": 1}), 422, "VALIDATION_FAILED")
     _error(post("/v1/sandboxes", json={"metadata": {"k": 1}}), 422, "VALIDATION_FAILED")
-    # valid input reaches the backend, which (without a manager) cannot create
-    _error(post("/v1/sandboxes", json={"template": "base"}), 503, "SERVICE_UNAVAILABLE")
+    # valid input reaches the manager
+    _error(post("/v1/sandboxes", json={"template": "nope"}), 404, "TEMPLATE_NOT_FOUND")
+    _error(post("/v1/snapshots/nope", json={}), 405, "ROUTE_NOT_FOUND")
+    _error(client.delete("/v1/snapshots/nope"), 404, "SNAPSHOT_NOT_FOUND")
 
 
 def test_oversized_bodies_are_413_declared_or_streamed(client: TestClient) -> None:
@@ -211,8 +217,9 @@ def test_errors_are_counted_in_the_metrics(client: TestClient) -> None:
     client.get("/v1/sandboxes/sb-99999999")
     text = client.get("/metrics").text
     assert 'smartvm_errors_total{code="SANDBOX_NOT_FOUND"} 2.0' in text
-    assert 'smartvm_sandboxes{state="running"} 1.0' in text
-    assert 'smartvm_sandboxes{state="paused"} 1.0' in text
+    assert 'smartvm_sandboxes{state="error"} 2.0' in text
+    assert 'smartvm_sandboxes{state="stopped"} 1.0' in text
+    assert 'smartvm_sandboxes{state="running"} 0.0' in text
     assert "smartvm_operation_seconds_bucket" in text
     assert "smartvm_capacity_sandboxes_left" in text
 
@@ -260,8 +267,12 @@ def test_the_exec_socket_checks_the_key(client: TestClient, key: str) -> None:
     ) as ws:
         assert ws.accepted_subprotocol == "smartvm"
         ws.send_json({"cmd": "echo hi"})
-        msg = ws.receive_json()  # past the key check; the store backend cannot run commands
-        assert (msg["type"], msg["code"]) == ("error", "SERVICE_UNAVAILABLE")
+        msgs = [ws.receive_json(), ws.receive_json()]  # past the key check: the sandbox failed earlier
+        assert msgs[0] == {"type": "start"}
+        assert (msgs[1]["type"], msgs[1]["code"]) == ("error", "SANDBOX_NOT_RUNNING")
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 4409
     with client.websocket_connect("/v1/sandboxes/nope/exec/stream", headers={"X-API-Key": key}) as ws:
         msg = ws.receive_json()
         assert msg["code"] == "INVALID_ARGUMENT"

@@ -33,6 +33,10 @@ def register(app: typer.Typer) -> None:
             str,
             typer.Option(help="what stopping the service does to running sandboxes: keep, pause or kill"),
         ] = "keep",
+        engine: Annotated[str, typer.Option(help="auto, firecracker or qemu")] = "auto",
+        runtime_dir: Annotated[
+            Path | None, typer.Option(help="where VM runtime dirs go (default: /dev/shm/.smartvm/runtime)")
+        ] = None,
     ) -> None:
         """Serve sandboxes over HTTP (API at /v1, docs at /docs, a test page at /test) until SIGTERM.
 
@@ -43,7 +47,11 @@ def register(app: typer.Typer) -> None:
         if on_exit not in ("keep", "pause", "kill"):
             raise typer.BadParameter(f"{on_exit!r}: use keep, pause or kill", param_hint="--on-exit")
         mode: Literal["keep", "pause", "kill"] = on_exit  # type: ignore[assignment]
-        run_server(host=host, port=port, data_dir=data_dir, on_exit=mode)
+        if engine not in ("auto", "firecracker", "qemu"):
+            raise typer.BadParameter(f"{engine!r}: use auto, firecracker or qemu", param_hint="--engine")
+        run_server(
+            host=host, port=port, data_dir=data_dir, on_exit=mode, engine=engine, runtime_dir=runtime_dir
+        )
 
     keys = typer.Typer(help="API keys of the service (stored hashed in the data dir).", no_args_is_help=True)
 

@@ -3,6 +3,6 @@
 
 from pathlib import Path
 
-# Where `smartvm serve` and `smartvm keys` keep state by default: SmartVMOptions' data dir, so that
-# sandboxes, VM records and API keys of one user live together.
-DEFAULT_DATA_DIR = Path("/tmp/.smartvm")
+# Where `smartvm serve` and `smartvm keys` keep state by default: SandboxSettings' data dir, so that
+# the service and `SandboxManager()` see the same sandboxes, with the API keys beside them.
+DEFAULT_DATA_DIR = Path("/var/lib/smartvm")

@@ -13,10 +13,10 @@ import builtins
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from smartvm.agent.client import FileInfo, ProcessInfo
-from smartvm.sandbox.store import SandboxState, TemplateRecord
+from smartvm.sandbox.store import EventRecord, SandboxState, TemplateRecord
 
 OnExit = Literal["keep", "pause", "kill"]
 OutputCallback = Callable[[bytes], Awaitable[None] | None]
@@ -137,6 +137,10 @@ class SandboxHandle(Protocol):
     @property
     def id(self) -> str: ...
     @property
+    def state(self) -> SandboxState:
+        """As of the manager's last change (no I/O)."""
+
+    @property
     def commands(self) -> SandboxCommands: ...
     @property
     def files(self) -> SandboxFiles: ...
@@ -197,7 +201,7 @@ class SandboxBackend(Protocol):
         self, *, states: Sequence[SandboxState] | None = None, metadata: Mapping[str, str] | None = None
     ) -> builtins.list[SandboxHandle]: ...
 
-    async def events(self, sandbox_id: str) -> builtins.list[dict[str, Any]]: ...
+    async def events(self, sandbox_id: str) -> builtins.list[EventRecord]: ...
     async def list_snapshots(self) -> builtins.list[SnapshotInfoLike]: ...
     async def delete_snapshot(self, name: str) -> None: ...
     async def list_templates(self) -> builtins.list[TemplateRecord]: ...

@@ -27,12 +27,18 @@ class ServiceLimits:
     max_exec_stdin_bytes: int = 1 * MIB
 
 
-def open_backend(data_dir: Path, on_exit: OnExit = "keep") -> SandboxBackend:
-    """The sandbox backend for ``data_dir``: the read-only store backend until the manager lands."""
-    from smartvm.service.store_backend import StoreBackend
+def open_backend(
+    data_dir: Path,
+    on_exit: OnExit = "keep",
+    *,
+    engine: str = "auto",
+    runtime_dir: Path | None = None,
+    **settings: object,
+) -> SandboxBackend:
+    """The sandbox backend of the service: one SandboxManager on ``data_dir`` (not started yet)."""
+    from smartvm.service.manager_backend import ManagerBackend
 
-    del on_exit  # the store backend runs nothing, so there is nothing to keep, pause or kill
-    return StoreBackend(data_dir)
+    return ManagerBackend.open(data_dir, on_exit, engine=engine, runtime_dir=runtime_dir, **settings)
 
 
 @dataclass

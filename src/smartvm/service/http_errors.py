@@ -110,6 +110,9 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str], None] | None 
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
             code, message = ErrorCode.ROUTE_NOT_FOUND, f"no route {request.url.path}: see /docs for the API"
+        elif exc.status_code == 405:
+            code = ErrorCode.ROUTE_NOT_FOUND
+            message = f"{request.method} is not a method of {request.url.path}: see /docs for the API"
         elif exc.status_code == 413:
             code, message = ErrorCode.REQUEST_TOO_LARGE, str(exc.detail)
         elif exc.status_code == 401:

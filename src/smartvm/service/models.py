@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartvm.agent.client import FileInfo, ProcessInfo
-from smartvm.sandbox.store import SandboxState, TemplateRecord
+from smartvm.sandbox.store import EventRecord, SandboxState, TemplateRecord
 from smartvm.service.backend import (
     CommandResultLike,
     SandboxInfoLike,
@@ -244,8 +244,8 @@ class EventOut(BaseModel):
     detail: str
 
     @classmethod
-    def of(cls, e: dict[str, Any]) -> EventOut:
-        return cls(time=float(e["time"]), kind=str(e["kind"]), detail=str(e.get("detail", "")))
+    def of(cls, e: EventRecord) -> EventOut:
+        return cls(time=e.time, kind=e.kind, detail=e.detail)
 
 
 # What every protected route may answer besides its own body (shown in /docs).

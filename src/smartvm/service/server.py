@@ -95,12 +95,15 @@ def serve(
     port: int = 49999,
     data_dir: Path,
     on_exit: OnExit = "keep",
+    engine: str = "auto",
+    runtime_dir: Path | None = None,
     announce: Callable[[str], None] = _announce,
 ) -> None:
     """Run the service until a signal stops it. Raises SmartVMError when it cannot start."""
     sock = bind(host, port)
     try:
-        ctx = ServiceContext(data_dir=Path(data_dir), backend=open_backend(Path(data_dir), on_exit))
+        backend = open_backend(Path(data_dir), on_exit, engine=engine, runtime_dir=runtime_dir)
+        ctx = ServiceContext(data_dir=Path(data_dir), backend=backend)
         asyncio.run(_serve(ctx, sock, announce))
     finally:
         sock.close()
