@@ -68,3 +68,60 @@ def test_the_page_takes_a_key_and_shows_the_empty_list(service: tuple[Served, st
     page.click("#key-forget")
     expect(page.locator("#app")).to_be_hidden()
     assert page.evaluate("sessionStorage.getItem('smartvm.apiKey')") is None
+
+
+@pytest.mark.integration
+def test_a_person_drives_sandboxes_from_the_page(sandbox_data: Path, runtime_root: Path, page: Any) -> None:
+    """Key, create, exec `echo hi`, pause, resume, snapshot, create from it, errors shown, clean up."""
+    from playwright.sync_api import expect
+
+    key = make_key(sandbox_data, "browser")
+    with serving(sandbox_data, runtime_root) as served:
+        page.set_default_timeout(180_000)  # a create may build the base template first
+        page.goto(f"{served.url}/test")
+        page.fill("#api-key", key)
+        page.click("#key-save")
+        expect(page.locator("#app")).to_be_visible()
+
+        page.fill("#create-timeout", "600")
+        page.click("#create")
+        expect(page.locator("#create-status")).to_contain_text("created sb-")
+        sid = page.locator("#create-status").inner_text().split()[-1]
+        row = page.locator(f'#sandboxes tr[data-id="{sid}"]')
+        expect(row.locator(".state")).to_have_text("running")
+        expect(page.locator("#selected-id")).to_have_text(sid)
+
+        page.fill("#exec-cmd", "echo hi")
+        page.click("#exec")
+        expect(page.locator("#exec-status")).to_have_text("exit 0")
+        expect(page.locator("#exec-output")).to_contain_text("hi")
+
+        row.locator("[data-testid=pause]").click()
+        expect(row.locator(".state")).to_have_text("paused")
+        row.locator("[data-testid=pause]").click()  # a second pause is refused, and the page says so
+        expect(page.locator("#error-text")).to_contain_text("SANDBOX_ALREADY_PAUSED")
+        page.click("#error-close")
+        row.locator("[data-testid=resume]").click()
+        expect(row.locator(".state")).to_have_text("running")
+
+        page.fill("#snapshot-name", "page-snap")
+        page.click("#snapshot")
+        snap = page.locator('#snapshots tr[data-name="page-snap"]')
+        expect(snap).to_be_visible()
+        snap.locator("[data-testid=create-from]").click()
+        expect(page.locator("#sandboxes tbody tr")).to_have_count(2)
+        clone = page.locator(f'#sandboxes tbody tr:not([data-id="{sid}"])')
+        expect(clone.locator(".state")).to_have_text("running")
+        page.screenshot(path=str(screenshot_path("test-page-two-sandboxes")), full_page=True)
+
+        snap.locator("[data-testid=delete-snapshot]").click()  # still the template of the clone
+        expect(page.locator("#error-text")).to_contain_text("SNAPSHOT_IN_USE")
+        page.click("#error-close")
+        clone.locator("[data-testid=destroy]").click()
+        expect(page.locator("#sandboxes tbody tr")).to_have_count(1)
+        snap.locator("[data-testid=delete-snapshot]").click()
+        expect(page.locator("#snapshots-empty")).to_be_visible()
+        row.locator("[data-testid=destroy]").click()
+        expect(page.locator("#sandboxes-empty")).to_be_visible()
+        expect(page.locator("#error")).to_be_hidden()
+        page.screenshot(path=str(screenshot_path("test-page-done")), full_page=True)
