@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 HELP = "Firecracker microVMs (and QEMU microvm where Firecracker cannot run) from one command."
 
 # Sub-command modules; each exposes `register(app)`.
-_SUBCOMMAND_MODULES = ("smartvm.cli.images", "smartvm.cli.vm", "smartvm.cli.network")
+_SUBCOMMAND_MODULES = ("smartvm.cli.images", "smartvm.cli.vm", "smartvm.cli.network", "smartvm.cli.service")
 # The module registering each top-level command (cli.vm registers cli.detached's verbs too).
 COMMAND_MODULES = {
     "doctor": None,
@@ -31,6 +31,8 @@ COMMAND_MODULES = {
     "stop": "smartvm.cli.vm",
     "images": "smartvm.cli.images",
     "network": "smartvm.cli.network",
+    "serve": "smartvm.cli.service",
+    "keys": "smartvm.cli.service",
 }
 
 
