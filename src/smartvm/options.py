@@ -1,4 +1,7 @@
-"""SmartVMOptions: the knobs of one SmartVM instance, shared by the orchestrator and the engines."""
+"""SmartVMOptions: the knobs of one SmartVM instance, shared by the orchestrator and the engines.
+
+Bad values fail at construction with ``SmartVMError(INVALID_CONFIG)`` naming the field.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,9 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
+
+from smartvm.validation import Model
 
 EngineName = Literal["auto", "firecracker", "qemu"]
 Arch = Literal["x86_64", "aarch64"]
@@ -25,7 +30,7 @@ _CGROUP_KEY = re.compile(r"^[a-z0-9_]+\.[a-z0-9_.]+$")
 RESOURCE_LIMITS = ("fsize", "no-file")  # the only names the jailer accepts for --resource-limit
 
 
-class JailerOptions(BaseModel):
+class JailerOptions(Model):
     """Run Firecracker under its jailer (opt-in: ``SmartVMOptions.jailer``).
 
     The jailer chroots Firecracker into ``<chroot_base_dir>/firecracker/<vm id>/root`` and drops to
@@ -83,7 +88,7 @@ class JailerOptions(BaseModel):
         return v
 
 
-class SmartVMOptions(BaseModel):
+class SmartVMOptions(Model):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     data_dir: Path = Path("/tmp/.smartvm")

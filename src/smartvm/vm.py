@@ -26,14 +26,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from smartvm.config import MicroVMConfig, RateLimiter
-from smartvm.engine import (
-    Engine,
-    MemBackend,
-    NetworkOverride,
-    RestoreRequest,
-    engine_class,
-    override_interfaces,
-)
+from smartvm.engine import Engine, MemBackend, NetworkOverride, RestoreRequest, override_interfaces
+from smartvm.engines import engine_class
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.private_dirs import ensure_private_dir
 from smartvm.host.process import detachable as spawn_detachable
@@ -154,7 +148,7 @@ class MicroVM:
     def _engine_or_raise(self) -> Engine:
         if self._engine is None:
             raise SmartVMError(
-                ErrorCode.NO_CLIENT, f"VM {self.id!r} has no running hypervisor; start it first"
+                ErrorCode.INVALID_STATE, f"VM {self.id!r} has no running hypervisor; start it first"
             )
         return self._engine
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from smartvm.qemu import kvm_probe
+from smartvm import kvm_probe
 from smartvm.qemu.host_clock import host_tsc_khz, khz_from_kernel_log, measure_tsc_khz
 
 

@@ -59,3 +59,28 @@ def test_unknown_version_and_malformed(tmp_path: Path) -> None:
     (tmp_path / "snapshot.json").write_text(json.dumps({"manifest_version": 1, "bogus": 1}))
     with pytest.raises(SmartVMError, match="malformed"):
         Snapshot.load(tmp_path)
+
+
+def test_bad_manifest_values_name_the_field(tmp_path: Path) -> None:
+    """A hand-edited or damaged manifest fails with INVALID_CONFIG naming the field (also a ValueError)."""
+    _snap(tmp_path).save()
+    good = json.loads((tmp_path / "snapshot.json").read_text())
+    for field, value in (
+        ("snapshot_type", "Weird"),
+        ("state_file", 7),
+        ("disks", {"rootfs": None}),
+        ("created_at", "yesterday"),
+    ):
+        (tmp_path / "snapshot.json").write_text(json.dumps({**good, field: value}))
+        with pytest.raises(ValueError, match=field) as exc:
+            Snapshot.load(tmp_path)
+        assert isinstance(exc.value, SmartVMError) and exc.value.code is ErrorCode.INVALID_CONFIG
+    (tmp_path / "snapshot.json").write_text(json.dumps({**good, "bogus": 1}))
+    with pytest.raises(SmartVMError, match="bogus") as exc2:
+        Snapshot.load(tmp_path)
+    assert exc2.value.code is ErrorCode.INVALID_CONFIG
+    config = {**good["config"], "machine_config": {"vcpu_count": 99}}
+    (tmp_path / "snapshot.json").write_text(json.dumps({**good, "config": config}))
+    with pytest.raises(SmartVMError, match=r"machine_config\.vcpu_count") as exc3:
+        Snapshot.load(tmp_path).vm_config()
+    assert exc3.value.code is ErrorCode.INVALID_CONFIG

@@ -69,7 +69,7 @@ class FirecrackerEngine(Engine):
     def api(self) -> FirecrackerAPI:
         if self._api is None or not self.is_alive():
             raise SmartVMError(
-                ErrorCode.NO_CLIENT, f"VM {self.runtime.vm_id!r} has no running Firecracker process"
+                ErrorCode.INVALID_STATE, f"VM {self.runtime.vm_id!r} has no running Firecracker process"
             )
         return self._api
 

@@ -193,14 +193,22 @@ def run_probe(binary: str, kernel: Path | None, timeout: float = PROBE_TIMEOUT_S
     return KvmProbe(True, f"a probe guest ({payload}) ran under KVM in {took:.2f}s", payload, took)
 
 
+def kvm_device_problem() -> str | None:
+    """Why ``/dev/kvm`` cannot be used at all by this user, or None."""
+    if not KVM_DEVICE.exists():
+        return f"{KVM_DEVICE} does not exist"
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+        return f"{KVM_DEVICE} is not readable and writable by this user"
+    return None
+
+
 def probe_kvm(
     binary: str | os.PathLike[str] | None = None, kernel: Path | None = None, *, refresh: bool = False
 ) -> KvmProbe:
     """Whether QEMU can run a guest on KVM here (cached; at most a few seconds when not cached)."""
-    if not KVM_DEVICE.exists():
-        return KvmProbe(False, f"{KVM_DEVICE} does not exist")
-    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
-        return KvmProbe(False, f"{KVM_DEVICE} is not readable and writable by this user")
+    problem = kvm_device_problem()
+    if problem is not None:
+        return KvmProbe(False, problem)
     qemu = _qemu_binary(binary)
     if qemu is None or not os.path.exists(qemu):
         return KvmProbe(False, "qemu-system-x86_64 not found, so KVM could not be probed")
