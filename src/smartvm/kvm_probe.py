@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from smartvm.doctor import CheckResult, register_check
+from smartvm.host.atomic_write import write_atomic
 from smartvm.images.cache_paths import cache_root
 
 KVM_DEVICE = Path("/dev/kvm")
@@ -105,9 +106,7 @@ def _write_cache(key: str, result: KvmProbe) -> None:
         if len(data) > _CACHE_ENTRIES:  # keys name kernel files, some of them temporary: keep the newest
             newest = sorted(data, key=lambda k: data[k].get("at", 0) if isinstance(data[k], dict) else 0)
             data = {k: data[k] for k in newest[-_CACHE_ENTRIES:]}
-        tmp = path.with_name(f"{CACHE_NAME}.{os.getpid()}.part")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(data, indent=1), mode=0o644)
     except OSError:
         pass  # a cache we cannot write only costs a re-probe
 
