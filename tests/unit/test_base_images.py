@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from http_fixtures import BUCKET, FakeRemote, fill_ci_prefix, kernel_bytes, rootfs_bytes, serving, sha256_hex
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.images.base_images import BaseImageBundle, BaseImageManager, ci_candidates, pick_ci_artifacts
 from smartvm.images.download import http_client
@@ -505,7 +506,7 @@ async def test_offline_serves_the_cached_bundle(
     with pytest.raises(SmartVMError) as info:  # a forced download does not fall back
         await offline.ensure_base_image("lts", force_download=True)
     assert info.value.code == ErrorCode.DOWNLOAD_FAILED
-    with pytest.raises(SmartVMError):  # another preset has nothing cached
+    with raises_code(ErrorCode.VERSION_FETCH_FAILED):  # another preset has nothing cached
         await offline.ensure_base_image("latest")
 
 

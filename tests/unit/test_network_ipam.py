@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.ipam import LeaseStore, process_start_time, read_leases
 
@@ -85,7 +86,7 @@ def test_concurrent_allocation_across_processes_never_shares_an_index(tmp_path: 
     assert len(indices) == 100 and sorted(indices) == list(range(100))
     leases = read_leases(path)
     assert len(leases) == 100 and len({lease.index for lease in leases}) == 100
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.ADDRESS_EXHAUSTED):
         LeaseStore(path, 0, 99).allocate("one-more")
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from error_support import raises_code
 from smartvm import BootSource, MicroVMConfig, SmartVMError, Snapshot
 from smartvm.errors import ErrorCode
 
@@ -41,7 +42,7 @@ def test_missing_manifest_and_missing_file(tmp_path: Path) -> None:
     assert exc.value.code is ErrorCode.SNAPSHOT_INVALID
     _snap(tmp_path).save()
     (tmp_path / "disk-rootfs.img").unlink()
-    with pytest.raises(SmartVMError, match="missing"):
+    with raises_code(ErrorCode.SNAPSHOT_INVALID, match="missing"):
         Snapshot.load(tmp_path)
 
 
@@ -54,10 +55,10 @@ def test_paths_outside_directory_refused(tmp_path: Path) -> None:
 
 def test_unknown_version_and_malformed(tmp_path: Path) -> None:
     (tmp_path / "snapshot.json").write_text(json.dumps({"manifest_version": 99}))
-    with pytest.raises(SmartVMError, match="manifest_version"):
+    with raises_code(ErrorCode.SNAPSHOT_INVALID, match="manifest_version"):
         Snapshot.load(tmp_path)
     (tmp_path / "snapshot.json").write_text(json.dumps({"manifest_version": 1, "bogus": 1}))
-    with pytest.raises(SmartVMError, match="malformed"):
+    with raises_code(ErrorCode.INVALID_CONFIG, match="malformed"):
         Snapshot.load(tmp_path)
 
 
