@@ -25,10 +25,10 @@ from bench.guests import READY_TIMEOUT_S, guest, private_root, qemu_smartvm
 from smartvm.agent.protocol import HELLO, FrameDecoder, encode_frame
 from smartvm.config import MicroVMConfig
 from smartvm.host.runtime import VMRuntime
+from smartvm.kvm_probe import engine_accel
 from smartvm.qemu.cmdline import LaunchSpec, build_argv, detect_disk_format, on_tmpfs
 from smartvm.qemu.engine import RAM_FILE
 from smartvm.qemu.host_clock import host_tsc_khz
-from smartvm.qemu.kvm_probe import engine_accel
 
 RAW = "raw qemu-system-x86_64 (same argv)"
 CLI = "smartvm run --engine qemu -- true"

@@ -1,7 +1,8 @@
 """Every failure a user can hit, each with one stable code.
 
 Callers match on ``err.code`` (a :class:`ErrorCode`, which is also a plain ``str``);
-messages are for humans and say what to do next.
+messages are for humans and say what to do next. A bad value (``INVALID_CONFIG``,
+``INVALID_ARGUMENT``) is also a ``ValueError``, so ``except ValueError`` works for it too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ class ErrorCode(StrEnum):
     DUPLICATE_VM_ID = "DUPLICATE_VM_ID"
     BOOT_FAILED = "BOOT_FAILED"
     VM_EXITED = "VM_EXITED"
-    STOP_FAILED = "STOP_FAILED"
     STAGING_FAILED = "STAGING_FAILED"
     SNAPSHOT_FAILED = "SNAPSHOT_FAILED"
     SNAPSHOT_MISMATCH = "SNAPSHOT_MISMATCH"
@@ -32,7 +32,6 @@ class ErrorCode(StrEnum):
     # engines
     ENGINE_UNAVAILABLE = "ENGINE_UNAVAILABLE"
     UNSUPPORTED_BY_ENGINE = "UNSUPPORTED_BY_ENGINE"
-    KVM_UNAVAILABLE = "KVM_UNAVAILABLE"
     BINARY_NOT_FOUND = "BINARY_NOT_FOUND"
     FIRECRACKER_API_ERROR = "FIRECRACKER_API_ERROR"
     FIRECRACKER_EXITED = "FIRECRACKER_EXITED"
@@ -98,8 +97,14 @@ class SmartVMError(Exception):
     """The one exception type smartvm raises on purpose.
 
     ``code`` is stable and machine-readable; ``message`` tells the user what went wrong and
-    what to do about it.
+    what to do about it. ``SmartVMError(code, ...)`` with a code of :data:`VALUE_CODES` is an
+    :class:`InvalidValueError`, which is also a ``ValueError``.
     """
+
+    def __new__(cls, code: ErrorCode | str, message: str, *args: object, **kwargs: object) -> SmartVMError:
+        if cls is SmartVMError and ErrorCode(code) in VALUE_CODES:
+            cls = InvalidValueError
+        return super().__new__(cls, code, message, *args, **kwargs)
 
     def __init__(self, code: ErrorCode | str, message: str) -> None:
         self.code = ErrorCode(code)
@@ -108,6 +113,14 @@ class SmartVMError(Exception):
 
     def __reduce__(self) -> tuple[type[SmartVMError], tuple[str, str]]:
         return (type(self), (self.code.value, self.message))
+
+
+class InvalidValueError(SmartVMError, ValueError):
+    """A SmartVMError for a bad value (a code of :data:`VALUE_CODES`); also a ``ValueError``."""
+
+
+#: the codes of bad values: their SmartVMError is also a ValueError
+VALUE_CODES = frozenset({ErrorCode.INVALID_CONFIG, ErrorCode.INVALID_ARGUMENT})
 
 
 def all_codes() -> list[str]:

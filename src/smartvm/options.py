@@ -1,4 +1,7 @@
-"""SmartVMOptions: the knobs of one SmartVM instance, shared by the orchestrator and the engines."""
+"""SmartVMOptions: the knobs of one SmartVM instance, shared by the orchestrator and the engines.
+
+Bad values fail at construction with ``SmartVMError(INVALID_CONFIG)`` naming the field.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,12 @@ import ipaddress
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from smartvm.config import describe_validation_error
-from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.validation import Model
 
 EngineName = Literal["auto", "firecracker", "qemu"]
 Arch = Literal["x86_64", "aarch64"]
@@ -30,7 +32,7 @@ _CGROUP_KEY = re.compile(r"^[a-z0-9_]+\.[a-z0-9_.]+$")
 RESOURCE_LIMITS = ("fsize", "no-file")  # the only names the jailer accepts for --resource-limit
 
 
-class JailerOptions(BaseModel):
+class JailerOptions(Model):
     """Run Firecracker under its jailer (opt-in: ``SmartVMOptions.jailer``).
 
     The jailer chroots Firecracker into ``<chroot_base_dir>/firecracker/<vm id>/root`` and drops to
@@ -91,7 +93,7 @@ class JailerOptions(BaseModel):
 _BRIDGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 
 
-class SmartVMOptions(BaseModel):
+class SmartVMOptions(Model):
     """Every knob of one :class:`~smartvm.orchestrator.SmartVM`; each one is read (see docs/porting.md).
 
     ``bridge_name`` and ``subnet`` configure ``SmartVM.network_manager`` (the bridge VMs get TAP
@@ -102,12 +104,6 @@ class SmartVMOptions(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise SmartVMError(ErrorCode.INVALID_CONFIG, describe_validation_error(exc)) from None
 
     data_dir: Path = Path("/tmp/.smartvm")
     runtime_dir: Path = Field(default_factory=default_runtime_dir)

@@ -12,7 +12,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from smartvm.config import MicroVMConfig, new_vm_id, parse_config
-from smartvm.engine import NetworkOverride, select_engine
+from smartvm.engine import NetworkOverride
+from smartvm.engines import choose_engine
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.sweep import sweep as sweep_runtime_dirs
 from smartvm.options import SmartVMOptions
@@ -95,16 +96,16 @@ class SmartVM:
         )
 
     # --- engine and binaries --------------------------------------------------------------------
-    @property
-    def engine_name(self) -> str:
-        """The engine new VMs use (``auto`` resolved once per SmartVM)."""
+    async def select_engine(self) -> str:
+        """The engine new VMs use: ``auto`` is resolved once per SmartVM, off the event loop (deciding
+        may run a KVM probe guest for a few seconds)."""
         if self._engine_name is None:
-            self._engine_name = select_engine(self.options)
+            self._engine_name = await choose_engine(self.options)
         return self._engine_name
 
     async def ensure_binary(self) -> Path:
         """The hypervisor binary for the selected engine, downloading Firecracker if needed."""
-        if self.engine_name == "qemu":
+        if await self.select_engine() == "qemu":
             from smartvm.qemu.process import find_qemu
 
             return find_qemu(self.options)
@@ -158,7 +159,9 @@ class SmartVM:
                     "a detachable VM cannot use a TAP device or slot this SmartVM makes (they end with "
                     "it): give its interface an existing host_dev_name, or pass a NetworkSlot you own",
                 )
-        return self._new_vm(cfg, self.engine_name, netns=netns, detachable=detachable, network=attach)
+        return self._new_vm(
+            cfg, await self.select_engine(), netns=netns, detachable=detachable, network=attach
+        )
 
     async def restore_vm(
         self,

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from enum import StrEnum
 from pathlib import Path
@@ -26,14 +26,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from smartvm.config import MicroVMConfig, RateLimiter
-from smartvm.engine import (
-    Engine,
-    MemBackend,
-    NetworkOverride,
-    RestoreRequest,
-    engine_class,
-    override_interfaces,
-)
+from smartvm.engine import Engine, MemBackend, NetworkOverride, RestoreRequest, override_interfaces
+from smartvm.engines import engine_class
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.private_dirs import ensure_private_dir
 from smartvm.host.process import detachable as spawn_detachable
@@ -46,7 +40,7 @@ from smartvm.snapshot import MANIFEST_NAME, Snapshot, SnapshotType
 from smartvm.vm_network import require_host_devices
 
 if TYPE_CHECKING:
-    from smartvm.agent.client import AgentClient, ExecResult, Files, Processes
+    from smartvm.agent.client import AgentClient, ExecResult, Files, OutputCallback, Processes
     from smartvm.vm_network import VMNetwork
     from smartvm.vm_records import VMRecord
 
@@ -159,7 +153,7 @@ class MicroVM:
     def _engine_or_raise(self) -> Engine:
         if self._engine is None:
             raise SmartVMError(
-                ErrorCode.NO_CLIENT, f"VM {self.id!r} has no running hypervisor; start it first"
+                ErrorCode.INVALID_STATE, f"VM {self.id!r} has no running hypervisor; start it first"
             )
         return self._engine
 
@@ -591,11 +585,34 @@ class MicroVM:
         await self._ready_agent(timeout)
 
     async def exec(
-        self, cmd: str | Sequence[str], *, ready_timeout: float = 30.0, **kwargs: Any
+        self,
+        cmd: str | Sequence[str],
+        *,
+        ready_timeout: float = 30.0,
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | None = None,
+        user: int | str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output_bytes: int | None = None,
     ) -> ExecResult:
-        """Run a command in the guest; see :meth:`AgentClient.exec` for the options."""
+        """Run a command in the guest once its agent is ready (waiting up to ``ready_timeout``); see
+        :meth:`AgentClient.exec` for the options (``max_output_bytes=None``: the client's default)."""
         agent = await self._ready_agent(ready_timeout)
-        return await agent.exec(cmd, **kwargs)
+        limit = {} if max_output_bytes is None else {"max_output_bytes": max_output_bytes}
+        return await agent.exec(
+            cmd,
+            env=env,
+            cwd=cwd,
+            user=user,
+            stdin=stdin,
+            timeout=timeout,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            **limit,
+        )
 
     @property
     def files(self) -> Files:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from http_fixtures import RELEASES, FakeRemote, make_tar, serving, sha256_hex
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.storage import allocated_bytes
 from smartvm.images.releases import (
@@ -211,7 +212,7 @@ async def test_bad_versions_never_reach_a_path(manager: ImageManager, version: s
     with pytest.raises(SmartVMError) as info:
         await manager.download_firecracker(version)
     assert info.value.code == ErrorCode.INVALID_ARGUMENT
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.INVALID_ARGUMENT):
         manager.get_firecracker_path(version)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.images import rootfs_build
 from smartvm.images.rootfs_build import build_rootfs, rootfs_cache_key
@@ -128,7 +129,7 @@ def test_failed_step_leaves_nothing_behind(tmp_path: Path) -> None:
     (base / "data").mkdir(parents=True)
     (base / "data" / "big").write_bytes(os.urandom(3 << 20))
     cache = tmp_path / "cache"
-    with pytest.raises(SmartVMError) as info:
+    with raises_code(ErrorCode.BUILD_FAILED) as info:
         build_rootfs("dir", source=base, size_mib=1, cache_dir=cache, with_agent=False, progress=False)
     err = info.value
     assert err.code == ErrorCode.BUILD_FAILED

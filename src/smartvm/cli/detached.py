@@ -19,7 +19,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from smartvm.cli.common import EXIT_INTERRUPTED, Terminated, check_choices, exec_passthrough, run_unwinding
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.guests import GuestKind, guest_config
 from smartvm.options import SmartVMOptions
 from smartvm.orchestrator import SmartVM
 from smartvm.vm import MicroVM, VMState
@@ -44,19 +46,21 @@ def _options(data_dir: Path | None, runtime_dir: Path | None = None, engine: str
 
 # --- start -------------------------------------------------------------------------------------------
 async def start_detached(
-    options: SmartVMOptions, *, kind: Any, cpus: int, memory_mib: int, vm_id: str | None, boot_timeout: float
+    options: SmartVMOptions,
+    *,
+    kind: GuestKind,
+    cpus: int,
+    memory_mib: int,
+    vm_id: str | None,
+    boot_timeout: float,
 ) -> VMRecord:
     """Boot a VM, wait for its agent, detach it; nothing is left running if any step fails."""
-    from smartvm.cli.vm import guest_config
-
     if vm_id is not None and not _VM_ID.fullmatch(vm_id):
         raise SmartVMError(
             ErrorCode.INVALID_ARGUMENT,
             f"--id {vm_id!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
         )
-    config = await asyncio.to_thread(guest_config, kind, cpus=cpus, memory_mib=memory_mib)
-    if vm_id is not None:
-        config = config.model_copy(update={"id": vm_id})
+    config = await guest_config(kind, cpus=cpus, memory_mib=memory_mib, vm_id=vm_id)
     async with SmartVM(options) as svm:
         svm.prune_detached()
         if svm.records.load(config.id) is not None:
@@ -204,8 +208,6 @@ async def stop_vms(options: SmartVMOptions, vm_ids: list[str], timeout: float) -
 
 # --- commands ------------------------------------------------------------------------------------------
 def register(app: typer.Typer) -> None:
-    from smartvm.cli.vm import EXIT_INTERRUPTED, Terminated, check_choices, exec_passthrough, run_unwinding
-
     @app.command()
     def start(
         engine: Annotated[str, typer.Option(help="auto, firecracker or qemu")] = "auto",
@@ -218,12 +220,12 @@ def register(app: typer.Typer) -> None:
         runtime_dir: Annotated[Path | None, typer.Option(help="where per-VM runtime dirs go")] = None,
     ) -> None:
         """Boot a microVM that keeps running (use exec, cp, ps, stop); prints its id as the last line."""
-        check_choices(engine, image)
+        kind = check_choices(engine, image)
         options = _options(data_dir, runtime_dir, engine)
         try:
             record = run_unwinding(
                 start_detached(
-                    options, kind=image, cpus=cpus, memory_mib=memory, vm_id=vm_id, boot_timeout=boot_timeout
+                    options, kind=kind, cpus=cpus, memory_mib=memory, vm_id=vm_id, boot_timeout=boot_timeout
                 )
             )
         except Terminated as exc:

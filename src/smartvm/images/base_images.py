@@ -36,6 +36,7 @@ from typing import Literal, cast
 import httpx
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.atomic_write import write_atomic
 from smartvm.host.private_dirs import check_private_dir, ensure_private_dir
 from smartvm.host.storage import clone_file
 from smartvm.images.download import DEFAULT_TIMEOUT_S, download, http_client, sha256_file
@@ -563,7 +564,7 @@ class BaseImageManager:
                     "name": plan.name,
                 }
             )
-            _write_atomic(directory / MANIFEST_FILE, manifest.to_json())
+            write_atomic(directory / MANIFEST_FILE, manifest.to_json(), mode=0o644)
         self._touch(directory)
         return self._bundle_from(manifest, directory)
 
@@ -691,7 +692,7 @@ class BaseImageManager:
 
     def _touch(self, directory: Path) -> None:
         with contextlib.suppress(OSError):
-            _write_atomic(directory / _LAST_USED, f"{time.time_ns()}\n")
+            write_atomic(directory / _LAST_USED, f"{time.time_ns()}\n", mode=0o644)
 
     def _staging_dir(self, bundle_id: str) -> Path:
         """A private directory next to the bundles, so the final rename is atomic."""
@@ -788,15 +789,6 @@ def _try_flock(fd: int) -> bool:
             return False
         raise
     return True
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
-    try:
-        part.write_text(text)
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
 
 
 def _artifacts(manifest: BundleManifest) -> tuple[ManifestArtifact, ManifestArtifact]:

@@ -33,6 +33,7 @@ from smartvm.host.private_dirs import make_private
 from smartvm.host.process import tail
 from smartvm.host.runtime import VMRuntime
 from smartvm.host.storage import clone_file
+from smartvm.kvm_probe import engine_accel
 from smartvm.options import SmartVMOptions
 from smartvm.qemu.cmdline import (
     Accel,
@@ -44,7 +45,6 @@ from smartvm.qemu.cmdline import (
     ordered_drives,
 )
 from smartvm.qemu.host_clock import host_tsc_khz
-from smartvm.qemu.kvm_probe import engine_accel
 from smartvm.qemu.process import QemuProcess, find_qemu
 from smartvm.qemu.qmp import QMPClient
 from smartvm.snapshot import Snapshot, SnapshotType
@@ -242,7 +242,7 @@ class QemuEngine(Engine):
 
     def _require_process(self) -> QemuProcess:
         if self._process is None:
-            raise SmartVMError(ErrorCode.NO_CLIENT, "QEMU is not running for this VM")
+            raise SmartVMError(ErrorCode.INVALID_STATE, "QEMU is not running for this VM")
         return self._process
 
     async def _execute(
@@ -288,7 +288,7 @@ class QemuEngine(Engine):
             raise self._unsupported(f"{snapshot_type} snapshots")
         running = self._config
         if running is None:
-            raise SmartVMError(ErrorCode.NO_CLIENT, "QEMU is not running for this VM")
+            raise SmartVMError(ErrorCode.INVALID_STATE, "QEMU is not running for this VM")
         status = await self._status()
         if status not in ("paused", "postmigrate"):
             raise SmartVMError(
@@ -568,7 +568,7 @@ class QemuEngine(Engine):
 
     async def get_vm_config(self) -> dict[str, Any]:
         if self._config is None:
-            raise SmartVMError(ErrorCode.NO_CLIENT, "QEMU is not running for this VM")
+            raise SmartVMError(ErrorCode.INVALID_STATE, "QEMU is not running for this VM")
         return self._config.model_dump(mode="json")
 
     # --- balloon ----------------------------------------------------------------------------------------

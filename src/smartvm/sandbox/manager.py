@@ -172,6 +172,7 @@ class SandboxManager:
         self._templates: dict[str, BuiltTemplate] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
+        self.engine = ""  # the engine of every sandbox VM, chosen at start()
         self._warm = WarmPool(base.warm_pool_size, self._make_warm, self._discard_warm)
 
     # --- lifecycle of the manager ----------------------------------------------------------------
@@ -191,7 +192,7 @@ class SandboxManager:
                 transit=self.settings.slot_transit,
                 meta={"manager": str(self.data_dir)},
             )
-            engine = self._svm.engine_name
+            engine = self.engine = await self._svm.select_engine()
             if self.settings.cow_strategy is not None:
                 self._cow = strategy_named(self.settings.cow_strategy, engine, self.data_dir / "sandboxes")
                 status = self._cow.available()
@@ -330,7 +331,7 @@ class SandboxManager:
             return await self.store.call(self.store.get_template, spec.name)
 
     async def _ensure_image_template(self, spec: TemplateSpec, progress: Progress) -> BuiltTemplate:
-        engine = self._svm.engine_name
+        engine = self.engine
         key = await asyncio.to_thread(spec.key, engine)
         directory = self.data_dir / "templates" / spec.name / key
         built = BuiltTemplate(spec.name, directory)
@@ -451,7 +452,7 @@ class SandboxManager:
                 created_at=now,
                 end_at=now + end_in,
                 auto_pause=auto_pause,
-                engine=self._svm.engine_name,
+                engine=self.engine,
                 vm_id=sid,
                 network={
                     "egress": dataclasses.asdict(policy),
@@ -588,7 +589,7 @@ class SandboxManager:
                 )
                 undo.callback(disk.release)
             else:
-                strategy = strategy_named(layer.strategy, self._svm.engine_name, self.data_dir / "sandboxes")
+                strategy = strategy_named(layer.strategy, self.engine, self.data_dir / "sandboxes")
                 disk = await asyncio.to_thread(strategy.reopen, layer)
                 undo.callback(disk.detach)
             ports = {int(h): int(g) for h, g in dict(network.get("ports") or {}).items()}
@@ -647,9 +648,7 @@ class SandboxManager:
             if rec is not None and rec.disk_layer:
                 with contextlib.suppress(SmartVMError, OSError, ValueError, KeyError):
                     layer = CowLayer.from_json(rec.disk_layer)
-                    strategy = strategy_named(
-                        layer.strategy, self._svm.engine_name, self.data_dir / "sandboxes"
-                    )
+                    strategy = strategy_named(layer.strategy, self.engine, self.data_dir / "sandboxes")
                     disk = await asyncio.to_thread(strategy.reopen, layer)
                     await asyncio.to_thread(disk.release)
         await asyncio.to_thread(shutil.rmtree, self._sandbox_dir(sid), True)
@@ -871,7 +870,7 @@ class SandboxManager:
                 await asyncio.to_thread(clone_file, path, target / path.name, mode=0o600)
         dataclasses.replace(source, directory=target).save()
         layer = CowLayer.from_json(rec.disk_layer or "")
-        strategy = strategy_named(layer.strategy, self._svm.engine_name, self.data_dir / "sandboxes")
+        strategy = strategy_named(layer.strategy, self.engine, self.data_dir / "sandboxes")
         disk = await asyncio.to_thread(strategy.reopen, layer)
         try:
             await asyncio.to_thread(disk.flatten, work / DISK_FILE)
