@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     import os
 
     from smartvm.agent.client import ExecEvent, ExecResult, FileInfo, OutputCallback, ProcessInfo
+    from smartvm.host.netns import NetworkSlot, SlotPool
+    from smartvm.host.network import NetworkManager
+    from smartvm.images.base_images import BaseImageBundle, BaseImageManager, Preset
+    from smartvm.images.releases import ImageManager
     from smartvm.vm_records import VMRecord, VMRecordStore
 
 T = TypeVar("T")
@@ -104,13 +108,20 @@ class Files:
         mode: int | None = None,
         append: bool = False,
         parents: bool = True,
+        owner: int | str | None = None,
     ) -> int:
-        return _Loop.run(self.aio.write(path, data, mode=mode, append=append, parents=parents))
+        return _Loop.run(self.aio.write(path, data, mode=mode, append=append, parents=parents, owner=owner))
 
     def upload(
-        self, local: str | os.PathLike[str], path: str, *, mode: int | None = None, parents: bool = True
+        self,
+        local: str | os.PathLike[str],
+        path: str,
+        *,
+        mode: int | None = None,
+        parents: bool = True,
+        owner: int | str | None = None,
     ) -> int:
-        return _Loop.run(self.aio.upload(local, path, mode=mode, parents=parents))
+        return _Loop.run(self.aio.upload(local, path, mode=mode, parents=parents, owner=owner))
 
     def read(
         self, path: str, *, offset: int = 0, length: int | None = None, max_bytes: int = DEFAULT_READ_LIMIT
@@ -137,8 +148,16 @@ class Files:
     def exists(self, path: str) -> bool:
         return _Loop.run(self.aio.exists(path))
 
-    def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755, exist_ok: bool = True) -> FileInfo:
-        return _Loop.run(self.aio.mkdir(path, parents=parents, mode=mode, exist_ok=exist_ok))
+    def mkdir(
+        self,
+        path: str,
+        *,
+        parents: bool = True,
+        mode: int = 0o755,
+        exist_ok: bool = True,
+        owner: int | str | None = None,
+    ) -> FileInfo:
+        return _Loop.run(self.aio.mkdir(path, parents=parents, mode=mode, exist_ok=exist_ok, owner=owner))
 
     def remove(self, path: str, *, recursive: bool = False, missing_ok: bool = False) -> bool:
         return _Loop.run(self.aio.remove(path, recursive=recursive, missing_ok=missing_ok))
@@ -305,10 +324,16 @@ class MicroVM:
         snapshot_type: SnapshotType = "Full",
         *,
         pause_vm: bool = False,
+        copy_disks: bool = True,
     ) -> Snapshot:
         return _Loop.run(
-            self.aio.create_snapshot(snapshot_path, mem_file_path, snapshot_type, pause_vm=pause_vm)
+            self.aio.create_snapshot(
+                snapshot_path, mem_file_path, snapshot_type, pause_vm=pause_vm, copy_disks=copy_disks
+            )
         )
+
+    def record(self) -> VMRecord:
+        return _Loop.run(self.aio.record())
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         _Loop.run(self.aio.wait_ready(timeout))
@@ -420,10 +445,41 @@ class SmartVM:
     def ensure_binary(self) -> Path:
         return _Loop.run(self.aio.ensure_binary())
 
+    @property
+    def image_manager(self) -> ImageManager:
+        return self.aio.image_manager
+
+    @property
+    def base_image_manager(self) -> BaseImageManager:
+        return self.aio.base_image_manager
+
+    @property
+    def network_manager(self) -> NetworkManager:
+        return self.aio.network_manager
+
+    def ensure_base_image(
+        self,
+        preset: Preset = "latest",
+        arch: str | None = None,
+        force_download: bool = False,
+        manifest_url: str | None = None,
+        manifest_path: Path | None = None,
+    ) -> BaseImageBundle:
+        return _Loop.run(
+            self.aio.ensure_base_image(preset, arch, force_download, manifest_url, manifest_path)
+        )
+
     def create_vm(
-        self, config: MicroVMConfig | dict[str, Any], *, netns: str | None = None, detachable: bool = False
+        self,
+        config: MicroVMConfig | dict[str, Any],
+        *,
+        netns: str | None = None,
+        detachable: bool = False,
+        network: NetworkSlot | SlotPool | None = None,
     ) -> MicroVM:
-        return MicroVM(_Loop.run(self.aio.create_vm(config, netns=netns, detachable=detachable)))
+        return MicroVM(
+            _Loop.run(self.aio.create_vm(config, netns=netns, detachable=detachable, network=network))
+        )
 
     def restore_vm(
         self,
@@ -434,6 +490,7 @@ class SmartVM:
         network_overrides: Sequence[NetworkOverride] = (),
         netns: str | None = None,
         detachable: bool = False,
+        drive_paths: Mapping[str, str | Path] | None = None,
     ) -> MicroVM:
         return MicroVM(
             _Loop.run(
@@ -444,6 +501,7 @@ class SmartVM:
                     network_overrides=network_overrides,
                     netns=netns,
                     detachable=detachable,
+                    drive_paths=drive_paths,
                 )
             )
         )

@@ -124,9 +124,6 @@ class Commands:
     ) -> CommandHandle:
         return CommandHandle(_Loop.run(self.aio.start(cmd, envs=envs, user=user, cwd=cwd, stdin=stdin)))
 
-    def list(self) -> builtins.list[ProcessInfo]:
-        return _Loop.run(self.aio.list())
-
     def connect(self, pid: int) -> CommandHandle:
         return CommandHandle(self.aio.connect(pid))
 
@@ -135,6 +132,9 @@ class Commands:
 
     def send_stdin(self, pid: int, data: bytes | str, *, eof: bool = False) -> None:
         _Loop.run(self.aio.send_stdin(pid, data, eof=eof))
+
+    def list(self) -> list[ProcessInfo]:  # last: inside the class body ``list`` is this method
+        return _Loop.run(self.aio.list())
 
 
 class Files:
@@ -160,9 +160,6 @@ class Files:
     def download(self, path: str, local: str | os.PathLike[str]) -> int:
         return _Loop.run(self.aio.download(path, local))
 
-    def list(self, path: str = DEFAULT_HOME) -> builtins.list[FileInfo]:
-        return _Loop.run(self.aio.list(path))
-
     def stat(self, path: str) -> FileInfo:
         return _Loop.run(self.aio.stat(path))
 
@@ -177,6 +174,9 @@ class Files:
 
     def rename(self, src: str, dst: str) -> FileInfo:
         return _Loop.run(self.aio.rename(src, dst))
+
+    def list(self, path: str = DEFAULT_HOME) -> list[FileInfo]:  # last: ``list`` is this method below
+        return _Loop.run(self.aio.list(path))
 
 
 class Sandbox:
