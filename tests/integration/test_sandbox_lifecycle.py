@@ -153,3 +153,17 @@ async def test_sandboxes_from_the_warm_pool_are_fresh_and_their_own(
             await sbx.kill()
         del first
     assert_no_sandbox_left(sandbox_data, runtime_root)  # the warm sandbox went with the manager
+
+
+async def test_streamed_writes_and_reads_keep_every_byte(sbm: Any) -> None:
+    sbx = await sbm.create("base")
+    data = bytes(range(256)) * 12289  # ~3 MiB, in chunks of awkward sizes
+
+    async def chunks() -> Any:
+        for i in range(0, len(data), 100_003):
+            yield data[i : i + 100_003]
+
+    info = await sbx.files.write_stream("streamed.bin", chunks())
+    assert (info.size, info.uid) == (len(data), 1000)
+    back = b"".join([c async for c in sbx.files.read_stream("streamed.bin")])
+    assert back == data

@@ -22,6 +22,7 @@ def test_the_blocking_twin_has_every_public_call() -> None:
         "store": "the async SQLite store itself",
         "pool": "the async network slot pool itself",
         "read_stream": "an async iterator; sync code uses read or download",
+        "write_stream": "takes an async iterable; sync code uses write or upload",
     }
     pairs = [
         (AsyncManager, blocking.SandboxManager),

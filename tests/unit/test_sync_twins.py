@@ -17,7 +17,7 @@ PAIRS = [
         sync.MicroVM,
         {"agent": "the async AgentClient itself; sync code uses files, processes and exec"},
     ),
-    (Files, sync.Files, {}),
+    (Files, sync.Files, {"write_stream": "takes an async iterable; sync code uses write or upload"}),
     (Processes, sync.Processes, {}),
 ]
 

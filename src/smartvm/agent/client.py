@@ -17,7 +17,16 @@ import json
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -1072,10 +1081,23 @@ class Files:
         finally:
             os.close(fd)
 
+    async def write_stream(
+        self,
+        path: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        mode: int | None = None,
+        parents: bool = True,
+        owner: int | str | None = None,
+    ) -> int:
+        """Write the bytes ``chunks`` yields to `path` (atomically, as :meth:`write`) while they
+        arrive, e.g. an HTTP upload: never more than one chunk is held here."""
+        return await self._write_chunks(path, chunks, mode=mode, append=False, parents=parents, owner=owner)
+
     async def _write_chunks(
         self,
         path: str,
-        chunks: Iterable[bytes],
+        chunks: Iterable[bytes] | AsyncIterable[bytes],
         *,
         mode: int | None,
         append: bool,
@@ -1083,9 +1105,9 @@ class Files:
         owner: int | str | None = None,
     ) -> int:
         _guest_path(path)
-        it = iter(chunks)
-        first = next(it, b"")
-        nxt = next(it, None)
+        it = _frame_sized(chunks)
+        first = await anext(it, b"")
+        nxt = await anext(it, None)
         fields = {
             "path": path,
             "mode": mode,
@@ -1096,7 +1118,7 @@ class Files:
         }
         async with self._c._channel("file_write", fields, first) as ch:
             while nxt is not None:
-                cur, nxt = nxt, next(it, None)
+                cur, nxt = nxt, await anext(it, None)
                 await ch.send_data("file", cur, eof=nxt is None)
             deadline = time.monotonic() + self._c._request_timeout
             while True:
@@ -1220,3 +1242,16 @@ class Files:
 
     async def rename(self, src: str, dst: str, *, overwrite: bool = True) -> None:
         await self._c._call("file_rename", src=_guest_path(src), dst=_guest_path(dst), overwrite=overwrite)
+
+
+async def _frame_sized(chunks: Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """``chunks`` (sync or async) cut to at most CHUNK_SIZE bytes each, empty ones dropped."""
+    source = chunks if isinstance(chunks, AsyncIterable) else _async_of(chunks)
+    async for chunk in source:
+        for i in range(0, len(chunk), p.CHUNK_SIZE):
+            yield bytes(chunk[i : i + p.CHUNK_SIZE])
+
+
+async def _async_of(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk

@@ -21,7 +21,7 @@ from smartvm.sandbox import files as _files
 from smartvm.sandbox import manager as _manager
 from smartvm.sandbox import sandbox as _sandbox
 from smartvm.sandbox.commands import DEFAULT_COMMAND_TIMEOUT_S, CommandResult
-from smartvm.sandbox.manager import SnapshotInfo
+from smartvm.sandbox.manager import Capacity, SnapshotInfo
 from smartvm.sandbox.sandbox import SandboxInfo, SandboxMetrics
 from smartvm.sandbox.settings import DEFAULT_HOME, DEFAULT_USER, SandboxSettings
 from smartvm.sandbox.store import EventRecord, SandboxState, TemplateRecord
@@ -320,6 +320,9 @@ class SandboxManager:
 
     def events(self, sandbox_id: str) -> builtins.list[EventRecord]:
         return _Loop.run(self.aio.events(sandbox_id))
+
+    def capacity(self) -> Capacity:
+        return self.aio.capacity()
 
     def reap(self) -> builtins.list[str]:
         return _Loop.run(self.aio.reap())

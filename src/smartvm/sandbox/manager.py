@@ -88,6 +88,18 @@ class SnapshotInfo:
     size_bytes: int  # allocated on disk: flattened disk + memory + state
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """What the manager runs against its limits, and what the host has left."""
+
+    active: int  # sandboxes holding a VM (not paused, stopped or failed)
+    max_sandboxes: int
+    memory_used_mib: int  # guest memory of the active sandboxes
+    memory_limit_mib: int
+    host_available_mib: int
+    warm: int  # sandboxes restored ahead of time
+
+
 @dataclass
 class _Live:
     """What a running sandbox holds."""
@@ -541,6 +553,18 @@ class SandboxManager:
                 f"timeout must be between 0 and {self.settings.max_timeout_s:.0f} seconds, not {timeout}",
             )
         return value
+
+    def capacity(self) -> Capacity:
+        active = [r for r in self._recs.values() if r.state in _ACTIVE]
+        total, available = _host_memory_mib()
+        return Capacity(
+            active=len(active),
+            max_sandboxes=self.settings.max_sandboxes,
+            memory_used_mib=sum(r.memory_mib for r in active),
+            memory_limit_mib=self.settings.max_memory_mib or int(total * 0.8),
+            host_available_mib=available,
+            warm=len(self._warm.ids()),
+        )
 
     def _check_capacity(self, memory_mib: int) -> None:
         active = [r for r in self._recs.values() if r.state in _ACTIVE]
