@@ -25,6 +25,7 @@ from bench.common import BenchSkipped
 BENCHMARKS = [
     "cli_startup",
     "control_plane",
+    "connect_framing",
     "staging",
     "network_slots",
     "boot",

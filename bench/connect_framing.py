@@ -62,12 +62,22 @@ def _minimal_app(events: int) -> App:
                 break
         if scope["path"].endswith("/SendInput"):
             json.loads(body)
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
             await send({"type": "http.response.body", "body": b"{}"})
             return
         json.loads(body[5:])
         await send(
-            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/connect+json")]}
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/connect+json")],
+            }
         )
         start = json.dumps({"event": {"start": {"pid": 1}}}).encode()
         await send({"type": "http.response.body", "body": _envelope(0, start), "more_body": True})
@@ -113,11 +123,17 @@ async def _call(app: App, path: str, content_type: bytes, body: bytes) -> int:
 async def run(quick: bool) -> list[BenchTable]:
     rounds = 200 if quick else 2000
     events = 16
-    unary_body = json.dumps({"process": {"pid": 7}, "input": {"stdin": base64.b64encode(b"hi\n").decode()}})
+    unary_input = {"process": {"pid": 7}, "input": {"stdin": base64.b64encode(b"hi\n").decode()}}
+    unary_body = json.dumps(unary_input).encode()
     start_body = _envelope(0, json.dumps({"process": {"cmd": "/bin/true"}}).encode())
     tables = []
     for title, path, ctype, body in (
-        ("unary SendInput (Connect JSON)", "/process.Process/SendInput", b"application/json", unary_body.encode()),
+        (
+            "unary SendInput (Connect JSON)",
+            "/process.Process/SendInput",
+            b"application/json",
+            unary_body,
+        ),
         (
             f"server stream Start: start + {events} x 4 KiB stdout events",
             "/process.Process/Start",
@@ -126,7 +142,10 @@ async def run(quick: bool) -> list[BenchTable]:
         ),
     ):
         series = []
-        for label, app in (("connectrpc + protobuf-py", _connectrpc_app(events)), ("hand-written", _minimal_app(events))):
+        for label, app in (
+            ("connectrpc + protobuf-py", _connectrpc_app(events)),
+            ("hand-written", _minimal_app(events)),
+        ):
             s = Series(label)
             for _ in range(20):
                 await _call(app, path, ctype, body)

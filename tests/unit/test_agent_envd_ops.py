@@ -106,9 +106,15 @@ async def test_entries_depth_and_owner_names(agent: AgentClient, tmp_path: Path)
     _, level1 = await agent.files.entries(str(tmp_path), depth=1)
     assert [e.name for e in level1] == ["a.txt", "b", "link"]
     _, level2 = await agent.files.entries(str(tmp_path), depth=2)
-    assert [os.path.relpath(e.path, tmp_path) for e in level2] == ["a.txt", "b", "b/c.txt", "b/deep", "link"]
+    assert [str(Path(e.path).relative_to(tmp_path)) for e in level2] == [
+        "a.txt",
+        "b",
+        "b/c.txt",
+        "b/deep",
+        "link",
+    ]
     _, level9 = await agent.files.entries(str(tmp_path), depth=9)
-    assert "b/deep/deeper/d.txt" in [os.path.relpath(e.path, tmp_path) for e in level9]
+    assert "b/deep/deeper/d.txt" in [str(Path(e.path).relative_to(tmp_path)) for e in level9]
 
     with pytest.raises(AgentOpError) as exc:
         await agent.files.entries(str(tmp_path / "a.txt"), depth=1)

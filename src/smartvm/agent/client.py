@@ -18,7 +18,16 @@ import json
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -933,6 +942,18 @@ def _entries(h: dict[str, Any], key: str) -> list[dict[str, Any]]:
     return value
 
 
+async def _full_chunks(chunks: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
+    """`chunks` regrouped into CHUNK_SIZE pieces (the last one shorter): few, full frames."""
+    buf = bytearray()
+    async for chunk in chunks:
+        buf += chunk
+        while len(buf) >= p.CHUNK_SIZE:
+            yield bytes(buf[: p.CHUNK_SIZE])
+            del buf[: p.CHUNK_SIZE]
+    if buf:
+        yield bytes(buf)
+
+
 @_guest_answer("user")
 def _guest_user(h: dict[str, Any]) -> GuestUser:
     return GuestUser(name=str(h["name"]), uid=int(h["uid"]), gid=int(h["gid"]), home=str(h["home"]))
@@ -1173,6 +1194,38 @@ class Files:
                 frame = await ch.get(deadline)
                 if frame.type == p.RESULT:
                     return int(frame.header.get("size", 0))
+
+    async def write_stream(
+        self, path: str, chunks: AsyncIterable[bytes], *, mode: int | None = None, parents: bool = True
+    ) -> int:
+        """Write what `chunks` yields to `path` as it arrives (replacing it atomically when the last chunk
+        is in; a failure leaves the old file); returns the size written. Chunks of any size are fine."""
+        _guest_path(path)
+        it = aiter(_full_chunks(chunks))
+        first = await anext(it, b"")
+        nxt = await anext(it, None)
+        fields = {"path": path, "mode": mode, "parents": parents, "eof": True if nxt is None else None}
+        async with self._c._channel("file_write", fields, first) as ch:
+            while nxt is not None:
+                cur, nxt = nxt, await anext(it, None)
+                await ch.send_data("file", cur, eof=nxt is None)
+            deadline = time.monotonic() + self._c._request_timeout
+            while True:
+                frame = await ch.get(deadline)
+                if frame.type == p.RESULT:
+                    return int(frame.header.get("size", 0))
+
+    def read_stream(
+        self,
+        path: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        max_bytes: int = DEFAULT_DOWNLOAD_LIMIT,
+    ) -> AsyncGenerator[bytes, None]:
+        """The chunks of `path` as they come; GUEST_OUTPUT_TOO_LARGE past `max_bytes`. Close the
+        generator (``contextlib.aclosing``) to stop the read early."""
+        return self._read_stream(path, offset, length, max_bytes)
 
     async def _read_stream(
         self, path: str, offset: int, length: int | None, limit: int, opened: dict[str, Any] | None = None
