@@ -20,7 +20,9 @@ from smartvm.service.e2b import ENVD_PORT, ENVD_VERSION
 @contextlib.asynccontextmanager
 async def serve(app: Any) -> AsyncIterator[str]:
     """Run `app` under uvicorn on 127.0.0.1 (a free port) in this event loop; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="auto")
+    )
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(30):

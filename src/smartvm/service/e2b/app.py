@@ -92,24 +92,35 @@ class EnvdApp:
         headers = Headers(scope=scope)
         path: str = scope["path"]
         rpc = path.startswith(_RPC_PREFIXES)
-        admitted = await self._admit(headers, path, rpc)
+        sandbox_id = b.sandbox_id_of(headers)
+        admitted = await self._admit(sandbox_id, headers, path, rpc)
         if isinstance(admitted, Response):
             await admitted(scope, receive, send)
             return
-        token = b.bind(admitted)
+        assert sandbox_id is not None
+        gone = asyncio.Event()
+
+        async def watched() -> Message:  # lets silent streams notice a client that went away
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+            return message
+
+        token = b.bind(b.Request(sandbox_id, admitted, gone))
         try:
             if path.startswith("/process.Process/"):
-                await self._process(scope, receive, send)
+                await self._process(scope, watched, send)
             elif rpc:
-                await self._filesystem(scope, receive, send)
+                await self._filesystem(scope, watched, send)
             else:
-                await self._http(scope, receive, send)
+                await self._http(scope, watched, send)
         finally:
             b.unbind(token)
 
-    async def _admit(self, headers: Headers, path: str, rpc: bool) -> b.EnvdBinding | Response:
+    async def _admit(
+        self, sandbox_id: str | None, headers: Headers, path: str, rpc: bool
+    ) -> b.EnvdBinding | Response:
         """The request's sandbox binding, or the response that refuses it."""
-        sandbox_id = b.sandbox_id_of(headers)
         if not sandbox_id:
             return http_error(400, "name the sandbox with the E2b-Sandbox-Id header")
         try:

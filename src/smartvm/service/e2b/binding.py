@@ -8,6 +8,7 @@ id into an :class:`EnvdBinding`; this module never knows where sandboxes come fr
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextvars
@@ -54,19 +55,33 @@ class EnvdBinding:
 ResolveResult = EnvdBinding | tuple[str | None, EnvdTarget] | None
 Resolver = Callable[[str], ResolveResult | Awaitable[ResolveResult]]
 
-_current: contextvars.ContextVar[EnvdBinding] = contextvars.ContextVar("smartvm_envd_binding")
+
+@dataclass(frozen=True)
+class Request:
+    """The request being served: its sandbox, and an event set when its client has gone away."""
+
+    sandbox_id: str
+    binding: EnvdBinding
+    gone: asyncio.Event
+
+
+_current: contextvars.ContextVar[Request] = contextvars.ContextVar("smartvm_envd_request")
 
 
 def current() -> EnvdBinding:
     """The binding of the request being served (set by the router before any handler runs)."""
+    return _current.get().binding
+
+
+def current_request() -> Request:
     return _current.get()
 
 
-def bind(binding: EnvdBinding) -> contextvars.Token[EnvdBinding]:
-    return _current.set(binding)
+def bind(request: Request) -> contextvars.Token[Request]:
+    return _current.set(request)
 
 
-def unbind(token: contextvars.Token[EnvdBinding]) -> None:
+def unbind(token: contextvars.Token[Request]) -> None:
     _current.reset(token)
 
 

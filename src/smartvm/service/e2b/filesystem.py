@@ -90,7 +90,7 @@ async def _path(ctx: RequestContext[Any, Any], path: str, homes: b.UserHomes) ->
 
 @dataclass
 class _Watcher:
-    sandbox: object  # the target it watches: ids are only valid for their own sandbox
+    sandbox: str  # the sandbox it watches: watcher ids are only valid for their own sandbox
     task: asyncio.Task[None] | None = None
     events: deque[pb.FilesystemEvent] = field(default_factory=lambda: deque(maxlen=WATCHER_BUFFER))
     error: ConnectError | None = None
@@ -186,7 +186,8 @@ class FilesystemService(Filesystem):
     ) -> pb.CreateWatcherResponse:
         path, _ = await _path(ctx, request.path, self._homes)
         target = b.current().target
-        if sum(1 for w in self._watchers.values() if w.sandbox is target) >= MAX_WATCHERS:
+        sandbox = b.current_request().sandbox_id
+        if sum(1 for w in self._watchers.values() if w.sandbox == sandbox) >= MAX_WATCHERS:
             raise ConnectError(Code.RESOURCE_EXHAUSTED, f"{MAX_WATCHERS} watchers are open; remove some")
         events = target.files.watch(
             path,
@@ -194,7 +195,7 @@ class FilesystemService(Filesystem):
             include_entry=request.include_entry,
             allow_network_mounts=request.allow_network_mounts,
         )
-        watcher = _Watcher(target)
+        watcher = _Watcher(sandbox)
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def run() -> None:
@@ -224,7 +225,7 @@ class FilesystemService(Filesystem):
 
     def _watcher(self, watcher_id: str) -> _Watcher:
         watcher = self._watchers.get(watcher_id)
-        if watcher is None or watcher.sandbox is not b.current().target:
+        if watcher is None or watcher.sandbox != b.current_request().sandbox_id:
             raise ConnectError(Code.NOT_FOUND, f"watcher {watcher_id!r} not found")
         return watcher
 
@@ -253,10 +254,10 @@ class FilesystemService(Filesystem):
         for watcher in watchers:
             await _stop(watcher)
 
-    async def forget(self, target: object) -> None:
+    async def forget(self, sandbox_id: str) -> None:
         """Stop the watchers of one sandbox (it is gone)."""
         for watcher_id, watcher in list(self._watchers.items()):
-            if watcher.sandbox is target:
+            if watcher.sandbox == sandbox_id:
                 self._watchers.pop(watcher_id, None)
                 await _stop(watcher)
 

@@ -50,7 +50,8 @@ def _keepalive() -> Event:
 
 
 def _end(result: ExecResult) -> Event:
-    """envd's end event: Go's exit code (-1 when a signal ended the process) and ProcessState text."""
+    """envd's end event: Go's exit code (-1 when a signal ended the process), its ProcessState text,
+    and as ``error`` the same text when the command failed (Go's cmd.Wait() error)."""
     if result.signal:
         try:
             name = _signal.Signals(result.signal).name
@@ -59,9 +60,10 @@ def _end(result: ExecResult) -> Event:
         status = {"SIGKILL": "killed", "SIGTERM": "terminated", "SIGINT": "interrupt"}.get(name, name)
         end = Event.EndEvent(exit_code=-1, exited=False, status=f"signal: {status}")
     else:
-        end = Event.EndEvent(
-            exit_code=result.exit_code, exited=True, status=f"exit status {result.exit_code}"
-        )
+        code = result.exit_code
+        end = Event.EndEvent(exit_code=code, exited=True, status=f"exit status {code}")
+    if not result.ok:
+        end.error = end.status
     event: Oneof[Literal["end"], Event.EndEvent] = Oneof("end", end)
     return Event(event=event)
 

@@ -58,9 +58,11 @@ async def with_keepalive(
     source: AsyncGenerator[T, None], interval: float, deadline: float | None
 ) -> AsyncIterator[T | None]:
     """Items of `source`, with None after every `interval` seconds without one; DEADLINE_EXCEEDED at
-    `deadline`. `source` runs in its own task (a timed-out wait must not cancel it mid-step) and is
-    closed when this generator ends, however it ends; smartvm errors become Connect errors."""
+    `deadline`, CANCELED as soon as the client goes away (even while nothing is sent). `source` runs
+    in its own task (a timed-out wait must not cancel it mid-step) and is closed when this generator
+    ends, however it ends; smartvm errors become Connect errors."""
     queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue(maxsize=16)
+    gone = b.current_request().gone
 
     async def pump() -> None:
         try:
@@ -72,7 +74,15 @@ async def with_keepalive(
         finally:
             await source.aclose()
 
+    async def watch_client() -> None:
+        await gone.wait()
+        task.cancel()
+        while queue.full():  # the reader is not running now: make room for the last word
+            queue.get_nowait()
+        queue.put_nowait((False, ConnectError(Code.CANCELED, "the client went away")))
+
     task = asyncio.create_task(pump())
+    watcher = asyncio.create_task(watch_client())
     try:
         while True:
             wait = interval
@@ -94,6 +104,7 @@ async def with_keepalive(
                 return
             yield item
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for t in (watcher, task):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
