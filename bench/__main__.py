@@ -31,6 +31,7 @@ BENCHMARKS = [
     "boot",
     "restore",
     "exec_roundtrip",
+    "e2b_envd",
     "memory",
 ]
 
