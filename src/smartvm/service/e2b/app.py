@@ -71,7 +71,8 @@ class EnvdApp:
     def __init__(self, resolver: b.Resolver) -> None:
         self._resolver = resolver
         interceptors = (DeadlineInterceptor(),)
-        self.filesystem = FilesystemService(files_http.HOMES)
+        self.homes = b.UserHomes()
+        self.filesystem = FilesystemService()
         self._process = ProcessASGIApplication(ProcessService(), interceptors=interceptors)
         self._filesystem = FilesystemASGIApplication(self.filesystem, interceptors=interceptors)
         self._http = Router(
@@ -106,7 +107,7 @@ class EnvdApp:
                 gone.set()
             return message
 
-        token = b.bind(b.Request(sandbox_id, admitted, gone))
+        token = b.bind(b.Request(sandbox_id, admitted, gone, self.homes))
         try:
             if path.startswith("/process.Process/"):
                 await self._process(scope, watched, send)

@@ -56,13 +56,45 @@ ResolveResult = EnvdBinding | tuple[str | None, EnvdTarget] | None
 Resolver = Callable[[str], ResolveResult | Awaitable[ResolveResult]]
 
 
+class UserHomes:
+    """Home directories of guest users, asked once per sandbox and user (relative paths start there)."""
+
+    def __init__(self) -> None:
+        self._homes: weakref.WeakKeyDictionary[object, dict[str | None, GuestUser]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def home(self, target: EnvdTarget, user: str | None) -> str:
+        try:
+            known = self._homes.setdefault(target, {})
+        except TypeError:  # a target that cannot be weakly referenced: ask every time
+            known = {}
+        if user not in known:
+            known[user] = await target.processes.user(user)
+        return known[user].home
+
+    async def absolute(self, target: EnvdTarget, user: str | None, path: str) -> str:
+        """`path` as envd reads it: absolute, or relative to the user's home (``~`` too)."""
+        if not path:
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, "path is empty; give a file path")
+        if path.startswith("/"):
+            return path
+        home = await self.home(target, user)
+        if path == "~":
+            return home
+        rest = path[2:] if path.startswith("~/") else path
+        return home.rstrip("/") + "/" + rest
+
+
 @dataclass(frozen=True)
 class Request:
-    """The request being served: its sandbox, and an event set when its client has gone away."""
+    """The request being served: its sandbox, an event set when its client has gone away, and the
+    app's cache of user home directories."""
 
     sandbox_id: str
     binding: EnvdBinding
     gone: asyncio.Event
+    homes: UserHomes
 
 
 _current: contextvars.ContextVar[Request] = contextvars.ContextVar("smartvm_envd_request")
@@ -75,6 +107,12 @@ def current() -> EnvdBinding:
 
 def current_request() -> Request:
     return _current.get()
+
+
+async def absolute(user: str | None, path: str) -> str:
+    """`path` of the current request as envd reads it (relative paths start in `user`'s home)."""
+    request = _current.get()
+    return await request.homes.absolute(request.binding.target, user, path)
 
 
 def bind(request: Request) -> contextvars.Token[Request]:
@@ -124,33 +162,3 @@ def request_user(headers: Mapping[str, str], binding: EnvdBinding) -> str | None
         if user:
             return user
     return binding.default_user
-
-
-class UserHomes:
-    """Home directories of guest users, asked once per sandbox and user (relative paths start there)."""
-
-    def __init__(self) -> None:
-        self._homes: weakref.WeakKeyDictionary[object, dict[str | None, GuestUser]] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    async def home(self, target: EnvdTarget, user: str | None) -> str:
-        try:
-            known = self._homes.setdefault(target, {})
-        except TypeError:  # a target that cannot be weakly referenced: ask every time
-            known = {}
-        if user not in known:
-            known[user] = await target.processes.user(user)
-        return known[user].home
-
-    async def absolute(self, target: EnvdTarget, user: str | None, path: str) -> str:
-        """`path` as envd reads it: absolute, or relative to the user's home (``~`` too)."""
-        if not path:
-            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, "path is empty; give a file path")
-        if path.startswith("/"):
-            return path
-        home = await self.home(target, user)
-        if path == "~":
-            return home
-        rest = path[2:] if path.startswith("~/") else path
-        return home.rstrip("/") + "/" + rest

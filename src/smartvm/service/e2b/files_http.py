@@ -37,7 +37,7 @@ async def _target_path(request: Request, path: str | None) -> tuple[str, str | N
     user = request.query_params.get("username") or b.request_user(request.headers, binding)
     if not path:
         raise SmartVMError(ErrorCode.INVALID_ARGUMENT, "the path query parameter is missing; name the file")
-    return await HOMES.absolute(binding.target, user, path), user
+    return await b.absolute(user, path), user
 
 
 async def download(request: Request) -> Response:
@@ -172,7 +172,7 @@ async def _upload_multipart(request: Request, boundary: bytes) -> list[str]:
                 if kind == "begin":
                     _, disposition = parse_options_header(value.get("content-disposition", ""))
                     name = single or disposition.get(b"filename", b"").decode()
-                    path = await HOMES.absolute(binding.target, user, name)
+                    path = await b.absolute(user, name)
                     queue = asyncio.Queue(_QUEUE_CHUNKS)
                     writer = asyncio.create_task(_write(path, user, from_queue(queue)))
                 elif kind == "data" and queue is not None and writer is not None:
@@ -202,6 +202,3 @@ async def _put(queue: asyncio.Queue[bytes | None], writer: asyncio.Task[str], it
         put.cancel()
         writer.result()  # raises the writer's error
         raise SmartVMError(ErrorCode.AGENT_ERROR, "the guest write ended before the upload did")
-
-
-HOMES = b.UserHomes()

@@ -40,7 +40,7 @@ _EVENTS = {
 }
 _TYPE_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
 #: events a non-streaming watcher keeps until they are fetched (older ones are dropped past this)
-WATCHER_BUFFER = 65536
+WATCHER_BUFFER = 8192
 #: non-streaming watchers per sandbox
 MAX_WATCHERS = 256
 
@@ -79,11 +79,11 @@ def fs_event(event: FsEvent) -> pb.FilesystemEvent | None:
     return out
 
 
-async def _path(ctx: RequestContext[Any, Any], path: str, homes: b.UserHomes) -> tuple[str, str | None]:
+async def _path(ctx: RequestContext[Any, Any], path: str) -> tuple[str, str | None]:
     """The absolute path a request means, and the user it acts as."""
     user = user_of(ctx)
     try:
-        return await homes.absolute(b.current().target, user, path), user
+        return await b.absolute(user, path), user
     except SmartVMError as exc:
         raise to_connect(exc) from None
 
@@ -99,12 +99,11 @@ class _Watcher:
 class FilesystemService(Filesystem):
     """Handlers of ``filesystem.Filesystem``; the sandbox comes from the request (binding.current())."""
 
-    def __init__(self, homes: b.UserHomes) -> None:
-        self._homes = homes
+    def __init__(self) -> None:
         self._watchers: dict[str, _Watcher] = {}
 
     async def stat(self, request: pb.StatRequest, ctx: RequestContext[Any, Any], /) -> pb.StatResponse:
-        path, _ = await _path(ctx, request.path, self._homes)
+        path, _ = await _path(ctx, request.path)
         try:
             entry, _ = await b.current().target.files.entries(path)
         except SmartVMError as exc:
@@ -114,7 +113,7 @@ class FilesystemService(Filesystem):
     async def list_dir(
         self, request: pb.ListDirRequest, ctx: RequestContext[Any, Any], /
     ) -> pb.ListDirResponse:
-        path, _ = await _path(ctx, request.path, self._homes)
+        path, _ = await _path(ctx, request.path)
         try:
             _, entries = await b.current().target.files.entries(path, depth=request.depth or 1)
         except SmartVMError as exc:
@@ -124,7 +123,7 @@ class FilesystemService(Filesystem):
     async def make_dir(
         self, request: pb.MakeDirRequest, ctx: RequestContext[Any, Any], /
     ) -> pb.MakeDirResponse:
-        path, user = await _path(ctx, request.path, self._homes)
+        path, user = await _path(ctx, request.path)
         try:
             created, info = await b.current().target.files.prepare(path, kind="dir", user=user)
         except AgentOpError as exc:
@@ -138,8 +137,8 @@ class FilesystemService(Filesystem):
         return pb.MakeDirResponse(entry=entry_info(info))
 
     async def move(self, request: pb.MoveRequest, ctx: RequestContext[Any, Any], /) -> pb.MoveResponse:
-        source, _ = await _path(ctx, request.source, self._homes)
-        destination, _ = await _path(ctx, request.destination, self._homes)
+        source, _ = await _path(ctx, request.source)
+        destination, _ = await _path(ctx, request.destination)
         files = b.current().target.files
         try:
             await files.rename(source, destination)
@@ -149,7 +148,7 @@ class FilesystemService(Filesystem):
         return pb.MoveResponse(entry=entry_info(entry))
 
     async def remove(self, request: pb.RemoveRequest, ctx: RequestContext[Any, Any], /) -> pb.RemoveResponse:
-        path, _ = await _path(ctx, request.path, self._homes)
+        path, _ = await _path(ctx, request.path)
         try:  # envd removes like os.RemoveAll: whole trees, and nothing there is fine
             await b.current().target.files.remove(path, recursive=True, missing_ok=True)
         except SmartVMError as exc:
@@ -159,7 +158,7 @@ class FilesystemService(Filesystem):
     async def watch_dir(
         self, request: pb.WatchDirRequest, ctx: RequestContext[Any, Any], /
     ) -> AsyncIterator[pb.WatchDirResponse]:
-        path, _ = await _path(ctx, request.path, self._homes)
+        path, _ = await _path(ctx, request.path)
         events = b.current().target.files.watch(
             path,
             recursive=request.recursive,
@@ -184,7 +183,7 @@ class FilesystemService(Filesystem):
     async def create_watcher(
         self, request: pb.CreateWatcherRequest, ctx: RequestContext[Any, Any], /
     ) -> pb.CreateWatcherResponse:
-        path, _ = await _path(ctx, request.path, self._homes)
+        path, _ = await _path(ctx, request.path)
         target = b.current().target
         sandbox = b.current_request().sandbox_id
         if sum(1 for w in self._watchers.values() if w.sandbox == sandbox) >= MAX_WATCHERS:
