@@ -2,8 +2,8 @@
 and manages sandboxes, the envd face runs their commands and files. Configured only through the SDK's
 environment variables (E2B_API_URL, E2B_SANDBOX_URL, E2B_API_KEY), as a user would.
 
-Needs the sandbox layer (issue 12, ``smartvm.sandbox.manager``) and the service (issue 13,
-``smartvm serve``/``smartvm keys``); skipped with that reason until both are merged.
+Needs the sandbox layer (``smartvm.sandbox.manager``), the service (``smartvm serve``/``smartvm keys``)
+and the E2B REST face in it (``smartvm.service.e2b.rest``); skipped with that reason until all are there.
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(
         importlib.util.find_spec("smartvm.sandbox.manager") is None
-        or importlib.util.find_spec("smartvm.service.app") is None,
-        reason="needs the sandbox layer (smartvm.sandbox.manager, issue 12) and `smartvm serve` "
-        "(smartvm.service.app, issue 13); neither is merged yet",
+        or importlib.util.find_spec("smartvm.service.app") is None
+        or importlib.util.find_spec("smartvm.service.e2b.rest") is None,
+        reason="needs the sandbox layer (smartvm.sandbox.manager), `smartvm serve` (smartvm.service.app) "
+        "and the E2B REST face in it (smartvm.service.e2b.rest: /v2/sandboxes ... with EnvdMiddleware "
+        "mounted); the REST face is not written yet",
     ),
 ]
 
