@@ -80,9 +80,12 @@ __all__ = [
 class AgentOpError(SmartVMError):
     """An ERROR frame from the agent; ``agent_code`` is the agent's own error string (e.g. ``not_found``)."""
 
-    def __init__(self, code: ErrorCode | str, message: str, agent_code: str = E_INTERNAL) -> None:
+    def __init__(
+        self, code: ErrorCode | str, message: str, agent_code: str = E_INTERNAL, errno: str | None = None
+    ) -> None:
         super().__init__(code, message)
         self.agent_code = agent_code
+        self.errno = errno  # the errno name of a failed file operation (``ENOENT``, ``EEXIST``...)
 
 
 # Agent error strings -> stable host error codes.
@@ -109,4 +112,10 @@ def error_from_frame(op: str, header: dict[str, Any]) -> AgentOpError:
     agent_code = str(header.get("code", E_INTERNAL))
     code = _CODE_MAP.get(agent_code, ErrorCode.AGENT_ERROR)
     message = str(header.get("message", "no message"))
-    return AgentOpError(code, f"guest agent: {op} failed: {message} [{agent_code}]", agent_code)
+    errno = header.get("errno")
+    return AgentOpError(
+        code,
+        f"guest agent: {op} failed: {message} [{agent_code}]",
+        agent_code,
+        errno if isinstance(errno, str) else None,
+    )
