@@ -10,12 +10,13 @@ runs on that loop (e.g. ``on_stdout``) would wait for itself: it raises INVALID_
 from __future__ import annotations
 
 import asyncio
+import builtins
 import threading
 from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from smartvm.agent.client import DEFAULT_DOWNLOAD_LIMIT, DEFAULT_OUTPUT_LIMIT, DEFAULT_READ_LIMIT
 from smartvm.agent.client import Files as AsyncFiles
@@ -33,7 +34,15 @@ from smartvm.vm import VMState
 if TYPE_CHECKING:
     import os
 
-    from smartvm.agent.client import ExecEvent, ExecResult, FileInfo, OutputCallback, ProcessInfo
+    from smartvm.agent.client import (
+        ExecEvent,
+        ExecResult,
+        FileInfo,
+        FsEvent,
+        GuestUser,
+        OutputCallback,
+        ProcessInfo,
+    )
     from smartvm.host.netns import NetworkSlot, SlotPool
     from smartvm.host.network import NetworkManager
     from smartvm.images.base_images import BaseImageBundle, BaseImageManager, Preset
@@ -165,6 +174,43 @@ class Files:
     def rename(self, src: str, dst: str, *, overwrite: bool = True) -> None:
         _Loop.run(self.aio.rename(src, dst, overwrite=overwrite))
 
+    def read_stream(
+        self,
+        path: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        max_bytes: int = DEFAULT_DOWNLOAD_LIMIT,
+    ) -> Iterator[bytes]:
+        """The chunks of ``path`` as an ordinary iterator (see the async ``read_stream``)."""
+        return _iterate(self.aio.read_stream(path, offset=offset, length=length, max_bytes=max_bytes))
+
+    def entries(self, path: str, *, depth: int = 0) -> tuple[FileInfo, builtins.list[FileInfo]]:
+        return _Loop.run(self.aio.entries(path, depth=depth))
+
+    def prepare(
+        self, path: str, *, kind: Literal["file", "dir"] = "file", user: int | str | None = None
+    ) -> tuple[bool, FileInfo]:
+        return _Loop.run(self.aio.prepare(path, kind=kind, user=user))
+
+    def watch(
+        self,
+        path: str,
+        *,
+        recursive: bool = False,
+        include_entry: bool = False,
+        allow_network_mounts: bool = False,
+    ) -> Iterator[FsEvent]:
+        """Changes under ``path`` as an ordinary iterator (see the async ``watch``)."""
+        return _iterate(
+            self.aio.watch(
+                path,
+                recursive=recursive,
+                include_entry=include_entry,
+                allow_network_mounts=allow_network_mounts,
+            )
+        )
+
     def list(self, path: str) -> list[FileInfo]:  # last: inside the class body ``list`` is this method
         return _Loop.run(self.aio.list(path))
 
@@ -206,6 +252,25 @@ class Processes:
         self, pid: int, timeout: float | None = None, *, max_output_bytes: int = DEFAULT_OUTPUT_LIMIT
     ) -> ExecResult:
         return _Loop.run(self.aio.wait(pid, timeout, max_output_bytes=max_output_bytes))
+
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | None = None,
+        user: int | str | None = None,
+        stdin: bool = False,
+        timeout: float | None = None,
+        meta: Any = None,
+    ) -> Iterator[ExecEvent]:
+        """The events of a background run as an ordinary iterator (see the async ``run``)."""
+        return _iterate(
+            self.aio.run(cmd, env=env, cwd=cwd, user=user, stdin=stdin, timeout=timeout, meta=meta)
+        )
+
+    def user(self, user: int | str | None = None) -> GuestUser:
+        return _Loop.run(self.aio.user(user))
 
     def list(self) -> list[ProcessInfo]:  # last: inside the class body ``list`` is this method
         return _Loop.run(self.aio.list())
