@@ -92,6 +92,11 @@ class SmartVMError(Exception):
         return (type(self), (self.code.value, self.message))
 
 
+class AgentBusyError(SmartVMError):
+    """AGENT_UNAVAILABLE because every channel to the guest agent is held by other clients: unlike a
+    guest that is still booting, waiting for the agent does not help, so callers fail at once."""
+
+
 def all_codes() -> list[str]:
     """Every error code, for docs and for ``smartvm errors``."""
     return [code.value for code in ErrorCode]

@@ -1307,20 +1307,33 @@ def open_vsock(port: int) -> Any:
     return sock
 
 
-def find_virtio_port(name: str = VIRTIO_PORT_NAME, sysfs: str = "/sys/class/virtio-ports") -> str | None:
-    """The /dev node of the virtio-serial port called `name` (there is no udev symlink in the guest)."""
+def find_virtio_ports(name: str = VIRTIO_PORT_NAME, sysfs: str = "/sys/class/virtio-ports") -> dict[str, str]:
+    """Port name -> /dev node of the agent's virtio-serial ports: `name` and `name.N` (the QEMU engine
+    gives a VM several, one per concurrent host client; there is no udev symlink in the guest)."""
+    found: dict[str, str] = {}
     try:
         ports = sorted(os.listdir(sysfs))
     except OSError:
-        return None
+        return found
     for port in ports:
         try:
             with open(os.path.join(sysfs, port, "name")) as f:
-                if f.read().strip() == name:
-                    return "/dev/" + port
+                got = f.read().strip()
         except OSError:
             continue
-    return None
+        suffix = got[len(name) + 1 :] if got.startswith(name + ".") else ""
+        if got == name or suffix.isdigit():
+            found[got] = "/dev/" + port
+    return found
+
+
+def _serve_virtio_forever(agent: Agent, dev: str) -> None:
+    while True:
+        try:
+            serve_virtio(agent, dev)
+        except OSError as exc:
+            _log(f"virtio-serial port {dev} failed: {exc}; retrying")
+            time.sleep(0.5)
 
 
 def serve_virtio(agent: Agent, dev: str) -> None:
@@ -1376,15 +1389,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = value if mode == "virtio-port" else VIRTIO_PORT_NAME
     warned = False
+    served: dict[str, threading.Thread] = {}
+    found_at: float | None = None
     while True:
-        dev = find_virtio_port(name)
-        if dev is not None:
-            try:
-                serve_virtio(agent, dev)
-            except OSError as exc:
-                _log(f"virtio-serial port {dev} failed: {exc}; retrying")
-                time.sleep(0.5)
-                continue
+        for port, dev in find_virtio_ports(name).items():
+            if port not in served or not served[port].is_alive():
+                served[port] = threading.Thread(
+                    target=_serve_virtio_forever, args=(agent, dev), name=f"port-{port}", daemon=True
+                )
+                served[port].start()
+        if served:
+            # the ports appear together at driver probe; a late one is still picked up for a while
+            found_at = found_at or time.monotonic()
+            time.sleep(1.0 if time.monotonic() - found_at < 10 else 60.0)
+            continue
         if mode == "auto":
             try:
                 sock = open_vsock(AGENT_VSOCK_PORT)
