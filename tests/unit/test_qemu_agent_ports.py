@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from smartvm.agent.wire import VIRTIO_PORT_NAME
 from smartvm.errors import AgentBusyError, ErrorCode
 from smartvm.host.runtime import VMRuntime
 from smartvm.qemu.agent_ports import claim_port, port_name, port_socket
@@ -16,6 +17,7 @@ from smartvm.qemu.agent_ports import claim_port, port_name, port_socket
 def test_names_and_sockets_keep_port_zero_as_it_was(tmp_path: Path) -> None:
     rt = VMRuntime(vm_id="vm1", dir=tmp_path)
     assert [port_name(i) for i in range(3)] == ["smartvm.agent", "smartvm.agent.1", "smartvm.agent.2"]
+    assert port_name(0) == VIRTIO_PORT_NAME  # what the guest agent looks for
     assert port_socket(rt, 0) == rt.agent_socket == tmp_path / "agent.sock"
     assert port_socket(rt, 2) == tmp_path / "agent.2.sock"
 

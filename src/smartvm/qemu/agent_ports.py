@@ -19,7 +19,8 @@ from pathlib import Path
 from smartvm.errors import AgentBusyError, ErrorCode, SmartVMError
 from smartvm.host.runtime import VMRuntime
 
-#: virtio-serial name of port 0 (what agents older than multi-port serve); port N is ``smartvm.agent.N``
+#: virtio-serial name of port 0 (what agents older than multi-port serve); port N is ``smartvm.agent.N``.
+#: The guest's ``wire.VIRTIO_PORT_NAME`` (a unit test keeps them equal; engines do not import the agent).
 AGENT_PORT_NAME = "smartvm.agent"
 #: agent ports per VM: how many host clients (CLI processes, library clients) can talk to it at once
 AGENT_PORTS = 8
