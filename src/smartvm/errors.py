@@ -123,6 +123,11 @@ class InvalidValueError(SmartVMError, ValueError):
 VALUE_CODES = frozenset({ErrorCode.INVALID_CONFIG, ErrorCode.INVALID_ARGUMENT})
 
 
+class AgentBusyError(SmartVMError):
+    """AGENT_UNAVAILABLE because every channel to the guest agent is held by other clients: unlike a
+    guest that is still booting, waiting for the agent does not help, so callers fail at once."""
+
+
 def all_codes() -> list[str]:
     """Every error code, for docs and for ``smartvm errors``."""
     return [code.value for code in ErrorCode]

@@ -33,7 +33,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 from smartvm.agent import protocol as p
 from smartvm.agent.host_file import HostFileWriter
-from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.errors import AgentBusyError, ErrorCode, SmartVMError
 
 OpenStream = Callable[[float], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 OutputCallback = Callable[[bytes], Any]
@@ -652,7 +652,7 @@ class AgentClient:
                     assert self._conn.info is not None
                     return self._conn.info
                 except SmartVMError as exc:
-                    if exc.code == ErrorCode.AGENT_PROTOCOL_ERROR:
+                    if exc.code == ErrorCode.AGENT_PROTOCOL_ERROR or isinstance(exc, AgentBusyError):
                         raise
                     last = exc
                 await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
@@ -698,6 +698,8 @@ class AgentClient:
             self._conn = None
             try:
                 self._conn = await self._connect(self._connect_timeout)
+            except AgentBusyError:
+                raise
             except SmartVMError as exc:
                 raise SmartVMError(
                     ErrorCode.AGENT_UNAVAILABLE, f"guest agent is not reachable: {exc.message}"

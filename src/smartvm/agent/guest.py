@@ -2,10 +2,10 @@
 """smartvm guest agent: runs commands and moves files inside the guest for the host.
 
 This file is copied into the guest root filesystem as ``/opt/smartvm/agent.py`` and run by the guest's
-python3.11 with no arguments, so it is stdlib-only, self-contained and imports little at start (the
-guest may run under slow TCG emulation). It also owns the wire framing: the host side
-(:mod:`smartvm.agent.protocol`) imports the frame codec from here so it is defined exactly once.
-The protocol is documented in ``docs/agent-protocol.md``.
+python3.11 with no arguments, so it is stdlib-only and imports little at start (the guest may run
+under slow TCG emulation). The wire format (frames, limits, error codes) is in ``wire.py``, shared with
+the host and installed next to this file as ``/opt/smartvm/wire.py``. The protocol is documented in
+``docs/agent-protocol.md``.
 
 Transports (picked at start): the virtio-serial port named ``smartvm.agent`` (QEMU engine), else
 AF_VSOCK port 52 (Firecracker); ``--listen-unix PATH`` and ``--stdio`` exist for host-side tests.
@@ -22,178 +22,41 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-AGENT_VERSION = "0.1.0"
-PROTOCOL_VERSION = 1
-AGENT_VSOCK_PORT = 52
-VIRTIO_PORT_NAME = "smartvm.agent"
-
-# ---------------------------------------------------------------------------------------------- framing
-# Every frame: a fixed 20-byte header, then `header_len` bytes of UTF-8 JSON (an object, may be empty),
-# then `payload_len` raw bytes. Big-endian: magic, version, type, flags, channel, header_len, payload_len.
-MAGIC = b"SVMA"
-HEADER = struct.Struct("!4sBBHIII")
-HEADER_SIZE = HEADER.size
-MAX_HEADER_JSON = 256 * 1024
-MAX_PAYLOAD = 1024 * 1024
-CHUNK_SIZE = 256 * 1024
-# Lengths beyond this are not "a frame too large" but garbage: the decoder resynchronises on MAGIC.
-INSANE_LENGTH = 64 * 1024 * 1024
-
-HELLO = 1  # agent -> host: ready/identity (channel 0); host -> agent: "send me a hello"
-REQUEST = 2  # host -> agent: open channel N with {"op": ...}
-DATA = 3  # both ways: {"s": stream, "eof": bool} + payload bytes
-EVENT = 4  # agent -> host: progress on channel N (e.g. {"event": "started", "pid": 12})
-RESULT = 5  # agent -> host: final success; closes channel N
-ERROR = 6  # agent -> host: final failure {"code", "message"}; closes channel N (channel 0: stream-level)
-CANCEL = 7  # host -> agent: abandon channel N (kills an exec's process group)
-FRAME_TYPES = {
-    HELLO: "hello",
-    REQUEST: "request",
-    DATA: "data",
-    EVENT: "event",
-    RESULT: "result",
-    ERROR: "error",
-    CANCEL: "cancel",
-}
-
-# Error codes carried in ERROR frames (stable strings, see docs/agent-protocol.md).
-E_BAD_MAGIC = "bad_magic"
-E_BAD_FRAME = "bad_frame"
-E_BAD_JSON = "bad_json"
-E_TOO_LARGE = "frame_too_large"
-E_VERSION = "unsupported_version"
-E_BAD_REQUEST = "bad_request"
-E_UNKNOWN_OP = "unknown_op"
-E_CHANNEL = "bad_channel"
-E_NO_PROCESS = "no_such_process"
-E_FILE = "file_error"
-E_NOT_FOUND = "not_found"
-E_SPAWN = "spawn_failed"
-E_CANCELLED = "cancelled"
-E_INTERNAL = "internal"
-
-
-class Frame(NamedTuple):
-    """One decoded frame."""
-
-    type: int
-    channel: int
-    header: dict[str, Any]
-    payload: bytes
-
-
-class FrameError(NamedTuple):
-    """A framing problem the decoder found; the stream stays usable (skipped or resynchronised)."""
-
-    code: str
-    message: str
-    channel: int
-
-
-def encode_frame(
-    ftype: int,
-    channel: int,
-    header: dict[str, Any] | None = None,
-    payload: bytes = b"",
-    version: int = PROTOCOL_VERSION,
-) -> bytes:
-    """Serialise one frame. Raises ValueError if it would exceed the frame limits."""
-    hj = json.dumps(header, separators=(",", ":")).encode() if header else b""
-    if len(hj) > MAX_HEADER_JSON or len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"frame too large: header {len(hj)} B, payload {len(payload)} B")
-    return HEADER.pack(MAGIC, version, ftype, 0, channel, len(hj), len(payload)) + hj + payload
-
-
-class FrameDecoder:
-    """Incremental decoder: feed bytes, get frames and framing errors.
-
-    Oversized frames (within sane bounds) are skipped without buffering them; a bad magic or an
-    absurd header makes the decoder scan forward for the next MAGIC (one error per garbage run).
-    """
-
-    def __init__(self, max_header: int = MAX_HEADER_JSON, max_payload: int = MAX_PAYLOAD) -> None:
-        self._buf = bytearray()
-        self._skip = 0
-        self._resyncing = False
-        self._max_header = max_header
-        self._max_payload = max_payload
-
-    def feed(self, data: bytes) -> list[Frame | FrameError]:
-        buf = self._buf
-        buf += data
-        out: list[Frame | FrameError] = []
-        while True:
-            if self._skip:
-                n = min(self._skip, len(buf))
-                del buf[:n]
-                self._skip -= n
-                if self._skip:
-                    break
-            if len(buf) < HEADER_SIZE and (not self._resyncing or len(buf) < len(MAGIC)):
-                break
-            if buf[:4] != MAGIC:
-                self._garbage(out, "bytes that do not start a frame (bad magic)", E_BAD_MAGIC)
-                idx = buf.find(MAGIC, 1)
-                if idx < 0:
-                    del buf[: max(0, len(buf) - (len(MAGIC) - 1))]
-                    break
-                del buf[:idx]
-                continue
-            if len(buf) < HEADER_SIZE:
-                break
-            _, ver, ftype, _flags, channel, hlen, plen = HEADER.unpack_from(buf)
-            if hlen > INSANE_LENGTH or plen > INSANE_LENGTH or ftype == 0:
-                self._garbage(out, f"corrupt frame header (lengths {hlen}/{plen})", E_BAD_FRAME)
-                del buf[:1]
-                continue
-            self._resyncing = False
-            total = HEADER_SIZE + hlen + plen
-            if ver != PROTOCOL_VERSION:
-                out.append(
-                    FrameError(
-                        E_VERSION,
-                        f"protocol version {ver} is not supported (this side speaks {PROTOCOL_VERSION})",
-                        channel,
-                    )
-                )
-                self._skip = total
-                continue
-            if hlen > self._max_header or plen > self._max_payload:
-                out.append(
-                    FrameError(
-                        E_TOO_LARGE,
-                        f"frame of {hlen} B header + {plen} B payload exceeds "
-                        f"the limits ({self._max_header} B / {self._max_payload} B)",
-                        channel,
-                    )
-                )
-                self._skip = total
-                continue
-            if len(buf) < total:
-                break
-            raw = bytes(buf[HEADER_SIZE : HEADER_SIZE + hlen])
-            payload = bytes(buf[HEADER_SIZE + hlen : total])
-            del buf[:total]
-            header: Any = {}
-            if raw:
-                try:
-                    header = json.loads(raw)
-                except ValueError as exc:
-                    out.append(FrameError(E_BAD_JSON, f"frame header is not valid JSON: {exc}", channel))
-                    continue
-            if not isinstance(header, dict):
-                out.append(FrameError(E_BAD_JSON, "frame header must be a JSON object", channel))
-                continue
-            out.append(Frame(ftype, channel, header, payload))
-        return out
-
-    def _garbage(self, out: list[Frame | FrameError], message: str, code: str) -> None:
-        if not self._resyncing:
-            out.append(FrameError(code, message + "; resynchronising", 0))
-            self._resyncing = True
-
+if TYPE_CHECKING or __package__:  # imported as smartvm.agent.guest (host-side tests and tools)
+    from smartvm.agent.wire import (
+        AGENT_VERSION,
+        AGENT_VSOCK_PORT,
+        CANCEL,
+        CHUNK_SIZE,
+        DATA,
+        E_BAD_FRAME,
+        E_BAD_REQUEST,
+        E_CANCELLED,
+        E_CHANNEL,
+        E_FILE,
+        E_INTERNAL,
+        E_NO_PROCESS,
+        E_NOT_FOUND,
+        E_SPAWN,
+        E_UNKNOWN_OP,
+        ERROR,
+        EVENT,
+        HELLO,
+        MAX_HEADER_JSON,
+        MAX_PAYLOAD,
+        PROTOCOL_VERSION,
+        REQUEST,
+        RESULT,
+        VIRTIO_PORT_NAME,
+        Frame,
+        FrameDecoder,
+        FrameError,
+        encode_frame,
+    )
+else:  # the guest: wire.py is installed next to this file (sys.path[0]); same names, see wire.__all__
+    from wire import *  # noqa: F403
 
 # ------------------------------------------------------------------------------------------- agent core
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -1731,20 +1594,33 @@ def open_vsock(port: int) -> Any:
     return sock
 
 
-def find_virtio_port(name: str = VIRTIO_PORT_NAME, sysfs: str = "/sys/class/virtio-ports") -> str | None:
-    """The /dev node of the virtio-serial port called `name` (there is no udev symlink in the guest)."""
+def find_virtio_ports(name: str = VIRTIO_PORT_NAME, sysfs: str = "/sys/class/virtio-ports") -> dict[str, str]:
+    """Port name -> /dev node of the agent's virtio-serial ports: `name` and `name.N` (the QEMU engine
+    gives a VM several, one per concurrent host client; there is no udev symlink in the guest)."""
+    found: dict[str, str] = {}
     try:
         ports = sorted(os.listdir(sysfs))
     except OSError:
-        return None
+        return found
     for port in ports:
         try:
             with open(os.path.join(sysfs, port, "name")) as f:
-                if f.read().strip() == name:
-                    return "/dev/" + port
+                got = f.read().strip()
         except OSError:
             continue
-    return None
+        suffix = got[len(name) + 1 :] if got.startswith(name + ".") else ""
+        if got == name or suffix.isdigit():
+            found[got] = "/dev/" + port
+    return found
+
+
+def _serve_virtio_forever(agent: Agent, dev: str) -> None:
+    while True:
+        try:
+            serve_virtio(agent, dev)
+        except OSError as exc:
+            _log(f"virtio-serial port {dev} failed: {exc}; retrying")
+            time.sleep(0.5)
 
 
 def serve_virtio(agent: Agent, dev: str) -> None:
@@ -1800,15 +1676,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = value if mode == "virtio-port" else VIRTIO_PORT_NAME
     warned = False
+    served: dict[str, threading.Thread] = {}
+    found_at: float | None = None
     while True:
-        dev = find_virtio_port(name)
-        if dev is not None:
-            try:
-                serve_virtio(agent, dev)
-            except OSError as exc:
-                _log(f"virtio-serial port {dev} failed: {exc}; retrying")
-                time.sleep(0.5)
-                continue
+        for port, dev in find_virtio_ports(name).items():
+            if port not in served or not served[port].is_alive():
+                served[port] = threading.Thread(
+                    target=_serve_virtio_forever, args=(agent, dev), name=f"port-{port}", daemon=True
+                )
+                served[port].start()
+        if served:
+            # the ports appear together at driver probe; a late one is still picked up for a while
+            found_at = found_at or time.monotonic()
+            time.sleep(1.0 if time.monotonic() - found_at < 10 else 60.0)
+            continue
         if mode == "auto":
             try:
                 sock = open_vsock(AGENT_VSOCK_PORT)

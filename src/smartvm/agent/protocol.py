@@ -1,15 +1,15 @@
 """Host-side view of the guest agent protocol (see docs/agent-protocol.md).
 
-The frame codec lives in :mod:`smartvm.agent.guest` (it must be stdlib-only and self-contained inside
-the guest); this module re-exports it, so framing is defined exactly once, and adds what only the host
-needs: the mapping from the agent's error strings to stable :class:`~smartvm.errors.ErrorCode` values.
+The wire format itself is :mod:`smartvm.agent.wire`, the one small stdlib-only module the guest agent
+imports too; this module re-exports it and adds what only the host needs: the mapping from the agent's
+error strings to stable :class:`~smartvm.errors.ErrorCode` values.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from smartvm.agent.guest import (
+from smartvm.agent.wire import (
     AGENT_VERSION,
     AGENT_VSOCK_PORT,
     CANCEL,
