@@ -154,7 +154,8 @@ async def exec_stream(ws: WebSocket, sandbox_id: str) -> None:
             raise SmartVMError(
                 ErrorCode.INVALID_ARGUMENT, "background runs have no stream: use POST .../exec"
             )
-        await _stream(ws, sbx, body, ctx)
+        with ctx.metrics.stream("exec"):
+            await _stream(ws, sbx, body, ctx)
     except SmartVMError as exc:
         ctx.metrics.count_error(exc.code.value)
         await _send_error(ws, status_for(exc), exc.code.value, exc.message)
