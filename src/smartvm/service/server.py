@@ -97,12 +97,18 @@ def serve(
     on_exit: OnExit = "keep",
     engine: str = "auto",
     runtime_dir: Path | None = None,
+    max_sandboxes: int | None = None,
     announce: Callable[[str], None] = _announce,
 ) -> None:
-    """Run the service until a signal stops it. Raises SmartVMError when it cannot start."""
+    """Run the service until a signal stops it. Raises SmartVMError when it cannot start.
+
+    ``max_sandboxes`` caps the live sandboxes (default: SandboxSettings'); a create over it is
+    answered 429 at once.
+    """
+    settings: dict[str, object] = {} if max_sandboxes is None else {"max_sandboxes": max_sandboxes}
     sock = bind(host, port)
     try:
-        backend = open_backend(Path(data_dir), on_exit, engine=engine, runtime_dir=runtime_dir)
+        backend = open_backend(Path(data_dir), on_exit, engine=engine, runtime_dir=runtime_dir, **settings)
         ctx = ServiceContext(data_dir=Path(data_dir), backend=backend)
         asyncio.run(_serve(ctx, sock, announce))
     finally:
