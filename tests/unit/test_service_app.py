@@ -303,3 +303,25 @@ def test_the_exec_socket_checks_the_key(client: TestClient, key: str) -> None:
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_json()
         assert closed.value.code == 4400
+
+
+async def test_connections_to_the_bound_socket_have_tcp_nodelay() -> None:
+    """Else every response written in two parts waits 40 ms for the client's delayed ACK."""
+    import asyncio
+    import socket
+
+    from smartvm.service.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = writer.get_extra_info("socket")
+        accepted.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, sock=sock)  # as uvicorn serves it
+    async with server:
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        assert await asyncio.wait_for(accepted, 10) != 0
+        writer.close()
