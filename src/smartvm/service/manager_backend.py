@@ -86,6 +86,8 @@ class ManagerBackend:
         sbx = await self.manager.create(
             template, timeout=timeout, metadata=metadata, envs=envs, auto_pause=auto_pause, internet=internet
         )
+        if cpus is None and memory_mib is None:
+            return sbx
         info = await sbx.info()
         if not fits((info.cpus, info.memory_mib)):  # a template first built by this create
             await sbx.kill()
