@@ -32,6 +32,7 @@ BENCHMARKS = [
     "exec_roundtrip",
     "memory",
     "sandboxes",
+    "service_load",
 ]
 
 
