@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, WebSocket, Web
 from pydantic import ValidationError
 
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.service.auth import check_key, websocket_key, websocket_subprotocol
+from smartvm.service.auth import checked_key, websocket_key, websocket_subprotocol
 from smartvm.service.backend import SandboxHandle
 from smartvm.service.context import ServiceContext
 from smartvm.service.deps import check_sandbox_id, sandbox, service
@@ -147,7 +147,7 @@ async def exec_stream(ws: WebSocket, sandbox_id: str) -> None:
     ctx: ServiceContext = ws.app.state.ctx
     await ws.accept(subprotocol=websocket_subprotocol(ws))
     try:
-        await asyncio.to_thread(check_key, ctx, websocket_key(ws))
+        await checked_key(ctx, websocket_key(ws))
         sbx = await ctx.backend.get(check_sandbox_id(sandbox_id))
         body = ExecIn.model_validate_json(await ws.receive_text())
         if body.background:
