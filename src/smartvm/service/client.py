@@ -8,6 +8,7 @@ SERVICE_UNAVAILABLE saying where the client looked. Bodies come back as the API'
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -184,14 +185,15 @@ class ServiceClient:
         """Run ``cmd`` over the exec WebSocket, handing output to the callbacks as it comes; the
         ``exit`` event (``exit_code``, ``duration_s``, ...). Leaving early (an exception, Ctrl-C)
         closes the socket, and the service kills the command."""
-        from websockets.exceptions import InvalidHandshake, WebSocketException
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, WebSocketException
         from websockets.sync.client import connect
 
         ws_url = "ws" + self.url[len("http") :] + f"/v1/sandboxes/{sandbox_id}/exec/stream"
         request = {"cmd": cmd if isinstance(cmd, str) else list(cmd), "timeout": timeout}
         try:
             with connect(ws_url, additional_headers={KEY_HEADER: self.key}, open_timeout=10) as ws:
-                ws.send(json.dumps(request))
+                with contextlib.suppress(ConnectionClosed):  # a refusal (bad key...) may come first:
+                    ws.send(json.dumps(request))  # its error event is read below all the same
                 for message in ws:
                     event = json.loads(message)
                     kind = event.get("type")
