@@ -297,6 +297,16 @@ def test_the_exec_socket_checks_the_key(client: TestClient, key: str) -> None:
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_json()
         assert closed.value.code == 4409
+    for bad in ("{nope", '{"cmd": []}'):  # malformed JSON, an invalid request
+        with client.websocket_connect(
+            "/v1/sandboxes/sb-00000001/exec/stream", headers={"X-API-Key": key}
+        ) as ws:
+            ws.send_text(bad)
+            msg = ws.receive_json()
+            assert (msg["type"], msg["code"]) == ("error", "VALIDATION_FAILED") and msg["message"]
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+            assert closed.value.code == 4422
     with client.websocket_connect("/v1/sandboxes/nope/exec/stream", headers={"X-API-Key": key}) as ws:
         msg = ws.receive_json()
         assert msg["code"] == "INVALID_ARGUMENT"
