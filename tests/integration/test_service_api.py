@@ -120,11 +120,11 @@ def _part_files(api: Service, sid: str, directory: str = "/home/user") -> list[s
 
 def test_an_upload_reaches_the_guest_while_its_body_is_still_arriving(api: Service) -> None:
     sid = api.create()["id"]
-    chunk = os.urandom(64 << 10)
+    chunk = os.urandom(256 << 10)  # the agent client sends whole frames of up to 256 KiB
     seen: list[str] = []
 
     def body() -> Iterator[bytes]:
-        for _ in range(4):
+        for _ in range(4):  # 1 MiB: the guest has had a frame or more
             yield chunk
         deadline = time.monotonic() + 20  # the upload holds here until the guest shows the part file
         while not seen and time.monotonic() < deadline:
