@@ -34,6 +34,7 @@ BENCHMARKS = [
     "e2b_envd",
     "memory",
     "sandboxes",
+    "service_load",
 ]
 
 

@@ -10,13 +10,15 @@ holds one adapter object and nothing else.
 from __future__ import annotations
 
 import builtins
-import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from smartvm.agent.client import FileInfo, ProcessInfo
 from smartvm.sandbox.store import EventRecord, SandboxState, TemplateRecord
+
+if TYPE_CHECKING:
+    from smartvm.sandbox.manager import Capacity
 
 OnExit = Literal["keep", "pause", "kill"]
 OutputCallback = Callable[[bytes], Awaitable[None] | None]
@@ -73,7 +75,7 @@ class SandboxCommands(Protocol):
 
 class SandboxFiles(Protocol):
     def read_stream(self, path: str) -> AsyncIterator[bytes]: ...
-    async def upload(self, local: str | os.PathLike[str], path: str) -> FileInfo: ...
+    async def write_stream(self, path: str, chunks: AsyncIterable[bytes]) -> FileInfo: ...
     async def list(self, path: str = ...) -> list[FileInfo]: ...
     async def make_dir(self, path: str) -> FileInfo: ...
     async def remove(self, path: str) -> bool: ...
@@ -154,14 +156,6 @@ class SandboxHandle(Protocol):
 
 
 @dataclass(frozen=True)
-class Capacity:
-    """How much more the host takes: sandboxes and guest memory (None: no limit known)."""
-
-    sandboxes_left: int | None
-    memory_mib_left: int | None
-
-
-@dataclass(frozen=True)
 class TemplateBuild:
     """A template to build by name over the API (the backend picks kernel and root filesystem)."""
 
@@ -206,4 +200,5 @@ class SandboxBackend(Protocol):
     async def delete_snapshot(self, name: str) -> None: ...
     async def list_templates(self) -> builtins.list[TemplateRecord]: ...
     async def build_template(self, build: TemplateBuild) -> TemplateRecord: ...
-    async def capacity(self) -> Capacity: ...
+    def capacity(self) -> Capacity:
+        """Sandboxes and guest memory in use against the limits, and the host's memory left."""
