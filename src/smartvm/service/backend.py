@@ -13,10 +13,13 @@ import builtins
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from smartvm.agent.client import FileInfo, ProcessInfo
 from smartvm.sandbox.store import EventRecord, SandboxState, TemplateRecord
+
+if TYPE_CHECKING:
+    from smartvm.vm import MicroVM
 
 OnExit = Literal["keep", "pause", "kill"]
 OutputCallback = Callable[[bytes], Awaitable[None] | None]
@@ -141,9 +144,12 @@ class SandboxHandle(Protocol):
         """As of the manager's last change (no I/O)."""
 
     @property
+    def envs(self) -> Mapping[str, str]: ...
+    @property
     def commands(self) -> SandboxCommands: ...
     @property
     def files(self) -> SandboxFiles: ...
+    async def running_vm(self) -> MicroVM: ...
     async def info(self) -> SandboxInfoLike: ...
     async def metrics(self) -> SandboxMetricsLike: ...
     async def pause(self) -> None: ...
