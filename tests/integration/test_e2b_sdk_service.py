@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -254,11 +257,15 @@ async def test_snapshots(sandbox: Any, e2b_env: None) -> None:
 def test_sync_client(e2b_env: None) -> None:
     from e2b import Sandbox, SandboxQuery, SandboxState
 
-    sbx = Sandbox.create(timeout=120, metadata={"client": "sync"})
+    sbx = Sandbox.create(timeout=120, metadata={"client": "sync"}, lifecycle={"on_timeout": "pause"})
     try:
         sbx.files.write("s.txt", "sync")
         assert sbx.commands.run("cat s.txt").stdout == "sync"
-        assert sbx.get_info().sandbox_id == sbx.sandbox_id
+        info = sbx.get_info()
+        assert info.sandbox_id == sbx.sandbox_id and info.lifecycle == {
+            "on_timeout": "pause",
+            "auto_resume": False,
+        }
         sbx.set_timeout(300)
         assert sbx.get_metrics()[0].mem_total > 0
         found = Sandbox.list(query=SandboxQuery(metadata={"client": "sync"})).next_items()
@@ -290,3 +297,20 @@ async def test_token_survives_restart(service: Service, e2b_env: None) -> None:
         assert reconnected._envd_access_token == token
     finally:
         await AsyncSandbox.kill(sbx.sandbox_id, api_url=service.url)
+
+
+def test_the_readme_example_runs(service: Service) -> None:
+    """The README's "Use the E2B SDK" example, as written, with only the three variables set."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## Use the E2B SDK") :]
+    exports = re.findall(r"^export (E2B_\w+)=", section, re.M)
+    assert exports == ["E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY"]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code, "the README's E2B section has no python example"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("E2B_")}
+    env.update(E2B_API_URL=service.url, E2B_SANDBOX_URL=service.url, E2B_API_KEY=service.key)
+    res = subprocess.run(
+        [sys.executable, "-c", code.group(1)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "42\n\nkept\n"
