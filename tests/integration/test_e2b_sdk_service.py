@@ -27,6 +27,7 @@ from sandbox_support import assert_no_sandbox_left
 
 from e2b_support import sdk_sandbox
 from service_support import Served, make_key, start_serve
+from smartvm.service.e2b.rest.tokens import AccessTokens
 
 pytestmark = pytest.mark.integration
 
@@ -281,22 +282,35 @@ def test_sync_client(e2b_env: None) -> None:
 
 async def test_token_survives_restart(service: Service, e2b_env: None) -> None:
     """A sandbox's envd token is stored: after a restart of the service the SDK object made before it
-    still reaches the sandbox (its token is still valid), and a wrong token is still refused."""
+    still reaches the sandbox, and a wrong token is still refused. The token of a sandbox that ended
+    behind the E2B face's back (killed over /v1) goes with the first token issued after the start."""
     from e2b import AsyncSandbox, AuthenticationException
 
     sbx = await AsyncSandbox.create(timeout=300)
+    ended = await AsyncSandbox.create(timeout=300)
+    later = None
     try:
         token = sbx._envd_access_token
         assert token and len(token) >= 32
+        async with httpx.AsyncClient(base_url=service.url, headers={"X-API-Key": service.key}) as http:
+            assert (await http.delete(f"/v1/sandboxes/{ended.sandbox_id}")).status_code == 204
         service.restart()
         after = sdk_sandbox(service.url, sbx.sandbox_id, token)
         assert (await after.commands.run("echo still")).stdout == "still\n"
         with pytest.raises(AuthenticationException):
             await sdk_sandbox(service.url, sbx.sandbox_id, "wrong-token").commands.run("true")
-        reconnected = await AsyncSandbox.connect(sbx.sandbox_id, api_url=service.url, sandbox_url=service.url)
-        assert reconnected._envd_access_token == token
+        conn = {"api_url": service.url, "sandbox_url": service.url}
+        assert (await AsyncSandbox.connect(sbx.sandbox_id, **conn))._envd_access_token == token
+
+        later = await AsyncSandbox.create(timeout=300, **conn)  # issues a token: prunes first
+        with AccessTokens(service.data_dir) as tokens:
+            assert tokens.get(ended.sandbox_id) is None
+            assert tokens.get(sbx.sandbox_id) == token
+            assert tokens.get(later.sandbox_id) == later._envd_access_token
     finally:
-        await AsyncSandbox.kill(sbx.sandbox_id, api_url=service.url)
+        for one in (sbx, ended, later):
+            if one is not None:
+                await AsyncSandbox.kill(one.sandbox_id, api_url=service.url)
 
 
 def test_the_readme_example_runs(service: Service) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -43,6 +44,23 @@ def test_tokens_are_random_private_and_survive_a_reopen(tmp_path: Path) -> None:
         tokens.drop("sb-0000000b")
     with AccessTokens(tmp_path) as tokens:
         assert tokens.get("sb-0000000a") == fresh and tokens.get("sb-0000000b") is None
+
+
+def test_tokens_of_sandboxes_that_ended_are_pruned_but_not_newer_ones(tmp_path: Path) -> None:
+    with AccessTokens(tmp_path) as tokens:
+        for sid in ("sb-0000000a", "sb-0000000b", "sb-0000000c"):
+            tokens.issue(sid)
+        cut = time.time()
+        newer = tokens.issue("sb-0000000d")  # made after the list of live sandboxes was taken
+        assert tokens.keep_only({"sb-0000000a"}, issued_before=cut) == 2
+        assert [tokens.get(s) is not None for s in ("sb-0000000a", "sb-0000000b", "sb-0000000c")] == [
+            True,
+            False,
+            False,
+        ]
+        assert tokens.get("sb-0000000d") == newer
+    with AccessTokens(tmp_path) as tokens:
+        assert tokens.get("sb-0000000b") is None and tokens.get("sb-0000000d") == newer
 
 
 def test_token_store_refuses_a_planted_file(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from pathlib import Path
 
 from smartvm.errors import ErrorCode, SmartVMError
@@ -27,6 +28,7 @@ from smartvm.service.models import SANDBOX_ID_PATTERN
 S = SandboxState
 _SANDBOX_ID = re.compile(SANDBOX_ID_PATTERN)
 MIB = 1 << 20
+PRUNE_INTERVAL_S = 600.0
 
 
 class E2BFace:
@@ -37,6 +39,7 @@ class E2BFace:
         self.tokens = AccessTokens(ctx.data_dir)
         self.envd: EnvdApp | None = None  # set by the app that mounts the envd face
         self._cpu_seen: dict[str, tuple[float, float]] = {}  # sandbox -> (time, CPU seconds)
+        self._next_prune = 0.0  # time.monotonic() of the next prune of stale tokens
 
     async def sandbox(self, sandbox_id: str, *, failed_ok: bool = False) -> SandboxHandle:
         """The sandbox ``sandbox_id`` if it exists for E2B: SANDBOX_NOT_FOUND for an id of the wrong
@@ -61,7 +64,17 @@ class E2BFace:
         known = None if new else self.tokens.get(sandbox_id)
         if known is not None:
             return known
+        if time.monotonic() >= self._next_prune:
+            await self.prune_tokens()
         return await asyncio.to_thread(self.tokens.issue, sandbox_id, replace=new)
+
+    async def prune_tokens(self) -> int:
+        """Drop the tokens of sandboxes that ended without this face seeing it (timed out, killed over
+        /v1); done with the first token issued after a start and then every PRUNE_INTERVAL_S."""
+        self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
+        listed_at = time.time()
+        alive = {s.id for s in await self.ctx.backend.list(states=[s for s in S if s is not S.STOPPED])}
+        return await asyncio.to_thread(self.tokens.keep_only, alive, listed_at)
 
     async def forget(self, sandbox_id: str, *, gone: bool) -> None:
         """Drop what the faces hold for a sandbox that stopped running (and its token if ``gone``)."""

@@ -15,6 +15,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from smartvm.errors import ErrorCode, SmartVMError
@@ -50,12 +51,13 @@ class AccessTokens:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
-            rows = self._db.execute("SELECT sandbox_id, token FROM envd_tokens").fetchall()
+            rows = self._db.execute("SELECT sandbox_id, token, created_at FROM envd_tokens").fetchall()
         except sqlite3.Error as exc:
             raise SmartVMError(
                 ErrorCode.STATE_STORE_FAILED, f"cannot open the envd token store {self.path}: {exc}"
             ) from exc
-        self._tokens: dict[str, str] = {sid: token for sid, token in rows}
+        self._tokens: dict[str, str] = {sid: token for sid, token, _ in rows}
+        self._issued: dict[str, float] = {sid: at for sid, _, at in rows}
 
     def __enter__(self) -> AccessTokens:
         return self
@@ -87,16 +89,29 @@ class AccessTokens:
             known = self._tokens.get(sandbox_id)
             if known is not None and not replace:
                 return known
-            token = new_token()
+            token, now = new_token(), time.time()
             self._write(
                 "INSERT OR REPLACE INTO envd_tokens (sandbox_id, token, created_at) VALUES (?, ?, ?)",
-                (sandbox_id, token, time.time()),
+                (sandbox_id, token, now),
             )
             self._tokens[sandbox_id] = token
+            self._issued[sandbox_id] = now
             return token
 
     def drop(self, sandbox_id: str) -> None:
         """Forget the token of a sandbox that is gone."""
         with self._lock:
             if self._tokens.pop(sandbox_id, None) is not None:
+                self._issued.pop(sandbox_id, None)
                 self._write("DELETE FROM envd_tokens WHERE sandbox_id = ?", (sandbox_id,))
+
+    def keep_only(self, sandbox_ids: Collection[str], issued_before: float) -> int:
+        """Forget the tokens issued before ``issued_before`` of sandboxes not in ``sandbox_ids`` (those
+        that exist, as listed at that time: a token issued since is kept). Returns how many went."""
+        with self._lock:
+            gone = [sid for sid, at in self._issued.items() if at < issued_before and sid not in sandbox_ids]
+            for sid in gone:
+                self._write("DELETE FROM envd_tokens WHERE sandbox_id = ?", (sid,))
+                self._tokens.pop(sid, None)
+                self._issued.pop(sid, None)
+            return len(gone)
