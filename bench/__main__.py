@@ -32,6 +32,7 @@ BENCHMARKS = [
     "restore",
     "exec_roundtrip",
     "e2b_envd",
+    "e2b_rest",
     "memory",
     "sandboxes",
     "service_load",

@@ -20,9 +20,9 @@ from pathlib import Path
 import uvicorn
 
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.service.app import create_app
 from smartvm.service.backend import OnExit
 from smartvm.service.context import ServiceContext, open_backend
+from smartvm.service.e2b.rest import service_app
 
 GRACE_S = 10
 
@@ -95,8 +95,9 @@ def _cannot_listen(host: str, port: int, exc: OSError) -> SmartVMError:
 
 
 async def _serve(ctx: ServiceContext, sock: socket.socket, announce: Callable[[str], None]) -> None:
+    app = service_app(ctx)  # the native API with the E2B REST and envd faces
     config = uvicorn.Config(
-        create_app(ctx),
+        app,
         lifespan="off",  # the context is opened here, before listening
         log_level="warning",
         timeout_graceful_shutdown=GRACE_S,
@@ -106,7 +107,10 @@ async def _serve(ctx: ServiceContext, sock: socket.socket, announce: Callable[[s
     try:
         await _Server(config, announce).serve(sockets=[sock])
     finally:
-        await ctx.close()
+        try:
+            await app.aclose()
+        finally:
+            await ctx.close()
 
 
 def serve(
