@@ -107,8 +107,9 @@ def test_active_names_are_unique_and_checked(tmp_path: Path) -> None:
         with pytest.raises(SmartVMError) as err:
             store.create("dup")
         assert err.value.code is ErrorCode.INVALID_ARGUMENT
-        with pytest.raises(SmartVMError, match="key name"):
+        with pytest.raises(SmartVMError, match="key name") as err:
             store.create("has space")
+        assert err.value.code is ErrorCode.INVALID_ARGUMENT
 
 
 def test_last_use_is_recorded_but_not_on_every_request(tmp_path: Path) -> None:
