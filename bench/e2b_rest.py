@@ -1,11 +1,14 @@
-"""The cost of the E2B REST face: the official e2b SDK creating a sandbox and running ``true`` in it
-through ``smartvm serve``'s app (uvicorn on a loopback port, in this process) against the same
-operations on the in-process SandboxManager behind that app (QEMU engine).
+"""The cost of the E2B REST face: the official e2b SDK creating a sandbox, running ``true`` in it and
+asking for its info through ``smartvm serve``'s app (uvicorn on a loopback port, in this process),
+against the same calls on the in-process SandboxManager behind that app (QEMU engine).
 
-Both paths share one manager, one data dir and one warm pool (one sandbox restored ahead, the
-service's default), and every create waits (untimed) until the warm pool holds a sandbox again,
-so the difference is the compatibility layer: HTTP, JSON, the API key check, the access token,
-the SDK itself. ``commands.run("true")`` runs ``/bin/bash -l -c true`` as ``user`` on both paths.
+Both paths share one manager, one data dir and one warm pool, and calls are timed in turns, so the
+difference is the compatibility layer: HTTP, JSON, the API key check, the access token, the SDK.
+Creates are measured with a warm pool of one (the service's default; every create first waits,
+untimed, until it holds a sandbox again) and without one (a full restore per create). With the
+pool, a create starts the pool's next restore before it returns: the native call returns at once,
+the SDK's answer still has to travel while that restore takes the CPU. ``commands.run("true")``
+runs ``/bin/bash -l -c true`` as ``user`` on both paths.
 """
 
 from __future__ import annotations
@@ -23,17 +26,28 @@ from smartvm.sandbox.manager import SandboxManager
 from smartvm.sandbox.settings import SandboxSettings
 
 TESTS = str(Path(__file__).resolve().parents[1] / "tests")
-Kill = Callable[[], Awaitable[object]]
+Timed = Callable[[], Awaitable[object]]
 
 
 async def _warm_ready(mgr: SandboxManager) -> None:
     for _ in range(2400):
-        if mgr._warm.ids():
+        if mgr._warm.ids() or mgr.settings.warm_pool_size == 0:
             return
         await asyncio.sleep(0.05)
 
 
-async def run(quick: bool) -> list[BenchTable]:
+async def _turns(cases: list[tuple[Series, Timed]], n: int, before: Timed | None = None) -> None:
+    """Time the cases in turns (a, b, a, b, ...): a slow phase of the shared machine hits both alike."""
+    for _ in range(n):
+        for row, fn in cases:
+            if before is not None:
+                await before()
+            t0 = time.perf_counter()
+            await fn()
+            row.samples.append(time.perf_counter() - t0)
+
+
+async def _measure(warm: int, n: int, everything: bool) -> tuple[list[BenchTable], str]:
     sys.path.insert(0, TESTS)  # the uvicorn runner of the envd tests
     from e2b import AsyncSandbox
 
@@ -43,75 +57,64 @@ async def run(quick: bool) -> list[BenchTable]:
     from smartvm.service.keys import KeyStore
     from smartvm.service.manager_backend import ManagerBackend
 
-    n = 5 if quick else 20
-    labels = {
-        ("manager", "create"): "manager.create('base')",
-        ("SDK", "create"): "SDK Sandbox.create()",
-        ("manager", "run"): "sandbox.commands.run('true')",
-        ("SDK", "run"): "SDK commands.run('true')",
-        ("manager", "both"): "manager: create + run('true')",
-        ("SDK", "both"): "SDK: create + run('true')",
-    }
-    rows = {k: Series(label) for k, label in labels.items()}
-    accel = "?"
+    tables = []
     with private_root() as root:
         data = root / "data"
         options = SmartVMOptions(engine="qemu", runtime_dir=root / "run")
-        mgr = SandboxManager(options=options, settings=SandboxSettings(data_dir=data, warm_pool_size=1))
+        mgr = SandboxManager(options=options, settings=SandboxSettings(data_dir=data, warm_pool_size=warm))
         with KeyStore(data) as keys:
             key = keys.create("bench")[0]
         ctx = ServiceContext(data_dir=data, backend=ManagerBackend(mgr))
         async with serve(service_app(ctx)) as url:  # its lifespan starts and closes the manager
             await (await mgr.create("base")).kill()  # builds the template (untimed)
             conn = {"api_url": url, "sandbox_url": url, "api_key": key}
+            made: list[Callable[[], Awaitable[object]]] = []
 
-            async def native() -> tuple[float, float, Kill]:
-                t0 = time.perf_counter()
-                sbx = await mgr.create("base")
-                t1 = time.perf_counter()
-                assert (await sbx.commands.run("true")).exit_code == 0
-                return t1 - t0, time.perf_counter() - t1, sbx.kill
+            async def native_create() -> None:
+                made.append((await mgr.create("base")).kill)
 
-            async def sdk() -> tuple[float, float, Kill]:
-                t0 = time.perf_counter()
-                sbx = await AsyncSandbox.create(**conn)
-                t1 = time.perf_counter()
-                assert (await sbx.commands.run("true")).exit_code == 0
-                return t1 - t0, time.perf_counter() - t1, sbx.kill
+            async def sdk_create() -> None:
+                made.append((await AsyncSandbox.create(**conn)).kill)
 
-            for _ in range(n):  # in turns: a slow phase of the shared machine hits both alike
-                for path, case in (("manager", native), ("SDK", sdk)):
-                    await _warm_ready(mgr)
-                    create, cmd, kill = await case()
-                    rows[path, "create"].samples.append(create)
-                    rows[path, "run"].samples.append(cmd)
-                    rows[path, "both"].samples.append(create + cmd)
-                    await kill()
+            async def ready() -> None:
+                while made:
+                    await made.pop()()
+                await _warm_ready(mgr)
 
-            # more samples of a command alone, on one running sandbox
+            pool = f"warm pool of {warm}" if warm else "no warm pool"
+            create = [Series(f"manager.create('base'), {pool}"), Series(f"SDK Sandbox.create(), {pool}")]
+            await _turns(list(zip(create, (native_create, sdk_create), strict=True)), n, before=ready)
+            await ready()
+            tables.append(BenchTable(f"create, {pool}", create, baseline=create[0].label))
+
             sbx = await mgr.create("base")
             accel = (await engine_facts(await sbx.running_vm()))[1]
-            remote = await AsyncSandbox.connect(sbx.id, **conn)
-            for _ in range(2 * n):
-                for path, target in (("manager", sbx), ("SDK", remote)):
-                    t0 = time.perf_counter()
-                    await target.commands.run("true")
-                    rows[path, "run"].samples.append(time.perf_counter() - t0)
+            if everything:
+                remote = await AsyncSandbox.connect(sbx.id, **conn)
+                run = [Series("sandbox.commands.run('true')"), Series("SDK commands.run('true')")]
+                await _turns(
+                    [
+                        (run[0], lambda: sbx.commands.run("true")),
+                        (run[1], lambda: remote.commands.run("true")),
+                    ],
+                    3 * n,
+                )
+                info = [Series("sandbox.info()"), Series("SDK get_info()")]
+                await _turns([(info[0], sbx.info), (info[1], remote.get_info)], 3 * n)
+                tables += [
+                    BenchTable("commands.run('true') on a running sandbox", run, baseline=run[0].label),
+                    BenchTable("sandbox info", info, baseline=info[0].label),
+                ]
             await sbx.kill()
-    note = "one warm sandbox restored ahead; the SDK, the service and the manager share this process"
-    tables = []
-    for what, title in (
-        ("create", "create"),
-        ("run", "commands.run('true')"),
-        ("both", "create + run('true')"),
-    ):
-        pair = [rows["manager", what], rows["SDK", what]]
-        tables.append(
-            BenchTable(
-                f"E2B SDK through smartvm serve vs the in-process manager: {title} (QEMU, {accel})",
-                pair,
-                baseline=pair[0].label,
-                notes=[note] if what == "create" else [],
-            )
-        )
+    return tables, accel
+
+
+async def run(quick: bool) -> list[BenchTable]:
+    n = 5 if quick else 20
+    warm_tables, accel = await _measure(1, n, everything=True)
+    cold_tables, _ = await _measure(0, max(3, n // 4), everything=False)
+    tables = [*warm_tables[:1], *cold_tables, *warm_tables[1:]]
+    for t in tables:
+        t.title = f"E2B SDK through smartvm serve vs the in-process manager: {t.title} (QEMU, {accel})"
+    tables[0].notes.append("the SDK, the service and the manager share this process (and the 2 cores)")
     return tables

@@ -249,6 +249,9 @@ def test_envd_requests_go_to_the_envd_face_before_the_body_limit(client: TestCli
     for sid in ("sb-0000000e", "sb-0000000f", "sb-00000009"):
         res = client.get("/files", params={"path": "x"}, headers={"E2b-Sandbox-Id": sid})
         assert res.status_code == 502 and "was not found" in res.json()["message"], res.text
+    # the SDK's own addressing without E2B_SANDBOX_URL: https://49983-<id>.<E2B_DOMAIN> (through TLS)
+    res = client.get("/files", params={"path": "x"}, headers={"Host": "49983-sb-00000009.sandbox.example"})
+    assert res.status_code == 502 and "sb-00000009 was not found" in res.json()["message"], res.text
     upload = client.post(
         "/files",
         params={"path": "x"},
