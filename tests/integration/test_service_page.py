@@ -78,6 +78,7 @@ def test_a_person_drives_sandboxes_from_the_page(sandbox_data: Path, runtime_roo
     key = make_key(sandbox_data, "browser")
     with serving(sandbox_data, runtime_root) as served:
         page.set_default_timeout(180_000)  # a create may build the base template first
+        expect.set_options(timeout=60_000)  # guest operations on a loaded 2-core host, not page logic
         page.goto(f"{served.url}/test")
         page.fill("#api-key", key)
         page.click("#key-save")
