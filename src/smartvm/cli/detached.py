@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from smartvm.cli.vm import COLD_HELP
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.options import SmartVMOptions
 from smartvm.orchestrator import SmartVM
@@ -44,29 +45,43 @@ def _options(data_dir: Path | None, runtime_dir: Path | None = None, engine: str
 
 # --- start -------------------------------------------------------------------------------------------
 async def start_detached(
-    options: SmartVMOptions, *, kind: Any, cpus: int, memory_mib: int, vm_id: str | None, boot_timeout: float
+    options: SmartVMOptions,
+    *,
+    kind: Any,
+    cpus: int,
+    memory_mib: int,
+    vm_id: str | None,
+    boot_timeout: float,
+    cold: bool = False,
 ) -> VMRecord:
-    """Boot a VM, wait for its agent, detach it; nothing is left running if any step fails."""
-    from smartvm.cli.vm import guest_config
+    """Start a VM (restored from the cached snapshot of the guest, or booted when ``cold``), wait
+    for its agent, detach it; nothing is left running if any step fails."""
+    from smartvm.cli.vm import start_vm
+    from smartvm.config import new_vm_id
 
     if vm_id is not None and not _VM_ID.fullmatch(vm_id):
         raise SmartVMError(
             ErrorCode.INVALID_ARGUMENT,
             f"--id {vm_id!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
         )
-    config = await asyncio.to_thread(guest_config, kind, cpus=cpus, memory_mib=memory_mib)
-    if vm_id is not None:
-        config = config.model_copy(update={"id": vm_id})
+    vm_id = vm_id or new_vm_id()
     async with SmartVM(options) as svm:
         svm.prune_detached()
-        if svm.records.load(config.id) is not None:
+        if svm.records.load(vm_id) is not None:
             raise SmartVMError(
-                ErrorCode.DUPLICATE_VM_ID, f"VM {config.id!r} is already running; pick another --id"
+                ErrorCode.DUPLICATE_VM_ID, f"VM {vm_id!r} is already running; pick another --id"
             )
-        vm = await svm.create_vm(config, detachable=True)
+        vm = await start_vm(
+            svm,
+            kind,
+            cpus=cpus,
+            memory_mib=memory_mib,
+            vm_id=vm_id,
+            cold=cold,
+            detachable=True,
+            boot_timeout=boot_timeout,
+        )
         try:
-            await vm.start()
-            await vm.wait_ready(boot_timeout)
             return await vm.detach()
         except BaseException:
             await asyncio.shield(vm.stop())
@@ -216,14 +231,24 @@ def register(app: typer.Typer) -> None:
         boot_timeout: Annotated[float, typer.Option(help="seconds to wait for the guest agent")] = 60.0,
         data_dir: DataDir = None,
         runtime_dir: Annotated[Path | None, typer.Option(help="where per-VM runtime dirs go")] = None,
+        cold: Annotated[bool, typer.Option("--cold", help=COLD_HELP)] = False,
     ) -> None:
-        """Boot a microVM that keeps running (use exec, cp, ps, stop); prints its id as the last line."""
+        """Start a microVM that keeps running (use exec, cp, ps, stop); prints its id as the last line.
+
+        Restored from the cached snapshot of the ready guest, like smartvm run; --cold boots it.
+        """
         check_choices(engine, image)
         options = _options(data_dir, runtime_dir, engine)
         try:
             record = run_unwinding(
                 start_detached(
-                    options, kind=image, cpus=cpus, memory_mib=memory, vm_id=vm_id, boot_timeout=boot_timeout
+                    options,
+                    kind=image,
+                    cpus=cpus,
+                    memory_mib=memory,
+                    vm_id=vm_id,
+                    boot_timeout=boot_timeout,
+                    cold=cold,
                 )
             )
         except Terminated as exc:

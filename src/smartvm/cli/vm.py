@@ -1,7 +1,9 @@
-"""``smartvm run``: boot a microVM, run one command in it through the guest agent, stop it.
+"""``smartvm run``: start a microVM, run one command in it through the guest agent, stop it.
 
-The command's stdout/stderr pass through as they come, and smartvm exits with the command's exit
-code (124 when it outlives ``--timeout``). Ctrl-C, SIGTERM and SIGHUP stop the VM cleanly (exit
+The VM is restored from a cached snapshot of the ready guest (made by the first run of that guest
+and shape, see ``smartvm.sandbox.run_snapshots``), or booted with ``--cold``; both give the same
+output. The command's stdout/stderr pass through as they come, and smartvm exits with the command's
+exit code (124 when it outlives ``--timeout``). Ctrl-C, SIGTERM and SIGHUP stop the VM cleanly (exit
 codes 130, 143, 129). The commands for VMs that
 keep running (start, exec, cp, ps, stop) live in ``cli/detached.py`` and reuse the pieces here.
 """
@@ -17,16 +19,21 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import typer
 
-from smartvm.config import BootSource, Drive, Entropy, MachineConfig, MicroVMConfig
+from smartvm.config import BootSource, Drive, Entropy, MachineConfig, MicroVMConfig, new_vm_id
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.options import SmartVMOptions
 from smartvm.orchestrator import SmartVM
 
 if TYPE_CHECKING:
+    from smartvm.images.guest_image import GuestImage
     from smartvm.vm import MicroVM
 
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
+COLD_HELP = (
+    "boot the guest instead of restoring the cached snapshot of it (made by the first start of each "
+    "guest and shape, rebuilt when the kernel, root filesystem or shape change)"
+)
 
 ImageKind = Literal["busybox", "debian"]
 T = TypeVar("T")
@@ -75,9 +82,16 @@ def guest_config(kind: ImageKind, *, cpus: int, memory_mib: int) -> MicroVMConfi
     """A VM config booting the default guest image of ``kind`` (built and cached on first use)."""
     from smartvm.images.guest_image import ensure_default_guest
 
-    image = ensure_default_guest(kind=kind)
+    return image_config(ensure_default_guest(kind=kind), cpus=cpus, memory_mib=memory_mib)
+
+
+def image_config(
+    image: GuestImage, *, cpus: int, memory_mib: int, hostname: str | None = None
+) -> MicroVMConfig:
+    """A VM config booting ``image`` (the guest's hostname set at boot, when given)."""
+    boot_args = image.boot_args if hostname is None else f"{image.boot_args} smartvm.hostname={hostname}"
     return MicroVMConfig(
-        boot_source=BootSource(kernel_image_path=str(image.kernel_path), boot_args=image.boot_args),
+        boot_source=BootSource(kernel_image_path=str(image.kernel_path), boot_args=boot_args),
         machine_config=MachineConfig(vcpu_count=cpus, mem_size_mib=memory_mib),
         # virtio-rng: without it the guest's entropy pool starts empty and the agent's Python blocks
         # in getrandom() at start-up (measured under TCG: agent ready after 3.4 s without, 2.0 s with)
@@ -132,6 +146,72 @@ def check_choices(engine: str, image: str) -> None:
         raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"--image must be busybox or debian, not {image}")
 
 
+async def start_vm(
+    svm: SmartVM,
+    kind: ImageKind,
+    *,
+    cpus: int,
+    memory_mib: int,
+    vm_id: str,
+    cold: bool,
+    detachable: bool,
+    boot_timeout: float,
+) -> MicroVM:
+    """A running VM of the default guest ``kind`` whose agent answers, with hostname ``vm_id``:
+    restored from the cached snapshot of that guest and shape (made first if there is none), or
+    booted when ``cold``. Nothing is left running if a step fails."""
+    from smartvm.images.guest_image import ensure_default_guest
+
+    image = await asyncio.to_thread(ensure_default_guest, kind=kind)
+    if not cold:
+        from smartvm.sandbox.run_snapshots import start_from_snapshot
+        from smartvm.sandbox.templates import TemplateSpec
+
+        spec = TemplateSpec(
+            name="run",
+            kernel=image.kernel_path,
+            rootfs=image.rootfs_path,
+            boot_args=image.boot_args,
+            cpus=cpus,
+            memory_mib=memory_mib,
+        )
+        return await start_from_snapshot(
+            spec,
+            svm=svm,
+            vm_id=vm_id,
+            hostname=vm_id,
+            ready_timeout=boot_timeout,
+            detachable=detachable,
+            progress=_first_start_note(),
+        )
+    config = image_config(image, cpus=cpus, memory_mib=memory_mib, hostname=vm_id)
+    vm = await svm.create_vm(config.model_copy(update={"id": vm_id}), detachable=detachable)
+    try:
+        await vm.start()
+        await vm.wait_ready(boot_timeout)
+    except BaseException:
+        await asyncio.shield(vm.kill())
+        raise
+    return vm
+
+
+def _first_start_note() -> Callable[[str], None]:
+    """Say once, on a terminal, why the first start of a guest takes longer (output stays the same
+    otherwise: scripts see what a cold boot prints)."""
+    said: list[bool] = []
+
+    def note(step: str) -> None:
+        if not said and sys.stderr.isatty():
+            said.append(True)
+            sys.stderr.write(
+                "smartvm: first start of this guest and shape: booting it once to keep a ready "
+                "snapshot (later starts restore it; --cold always boots)\n"
+            )
+            sys.stderr.flush()
+
+    return note
+
+
 async def run_command(
     argv: list[str],
     *,
@@ -141,17 +221,26 @@ async def run_command(
     memory_mib: int,
     timeout: float | None,
     boot_timeout: float,
+    cold: bool = False,
 ) -> int:
-    """Boot, run ``argv`` with output passed through, end the VM; the command's exit code.
+    """Start a VM (:func:`start_vm`), run ``argv`` with output passed through, end the VM; the
+    command's exit code.
 
-    The VM is killed, not powered off: its only writable disk is a throwaway staged copy, so a
-    clean guest shutdown would protect nothing and cost about 2 s (TCG) of every run.
+    The VM is killed, not powered off: its only writable disk is a throwaway copy-on-write layer in
+    its runtime dir, so a clean guest shutdown would protect nothing and cost about 2 s (TCG).
     """
-    config = await asyncio.to_thread(guest_config, kind, cpus=cpus, memory_mib=memory_mib)
     async with SmartVM(options) as svm:
-        vm = await svm.create_vm(config)
+        vm = await start_vm(
+            svm,
+            kind,
+            cpus=cpus,
+            memory_mib=memory_mib,
+            vm_id=new_vm_id(),
+            cold=cold,
+            detachable=False,
+            boot_timeout=boot_timeout,
+        )
         try:
-            await vm.start()
             return await exec_passthrough(vm, argv, timeout=timeout, ready_timeout=boot_timeout)
         finally:
             await asyncio.shield(vm.kill())
@@ -168,8 +257,13 @@ def register(app: typer.Typer) -> None:
         timeout: Annotated[float | None, typer.Option(min=0.1, help="seconds the command may run")] = None,
         boot_timeout: Annotated[float, typer.Option(help="seconds to wait for the guest agent")] = 60.0,
         runtime_dir: Annotated[Path | None, typer.Option(help="where per-VM runtime dirs go")] = None,
+        cold: Annotated[bool, typer.Option("--cold", help=COLD_HELP)] = False,
     ) -> None:
-        """Boot a microVM, run CMD in it, stop it; exit with CMD's exit code: smartvm run -- uname -a"""
+        """Start a microVM, run CMD in it, stop it; exit with CMD's exit code: smartvm run -- uname -a
+
+        The VM is restored from a snapshot of the ready guest kept in the cache (the first run of a
+        guest and shape makes it: that run takes a boot longer); --cold boots it instead.
+        """
         argv = list(ctx.args)
         if not argv:
             raise SmartVMError(
@@ -190,6 +284,7 @@ def register(app: typer.Typer) -> None:
                     memory_mib=memory,
                     timeout=timeout,
                     boot_timeout=boot_timeout,
+                    cold=cold,
                 )
             )
         except KeyboardInterrupt:
