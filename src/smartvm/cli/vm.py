@@ -261,8 +261,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Start a microVM, run CMD in it, stop it; exit with CMD's exit code: smartvm run -- uname -a
 
-        The VM is restored from a snapshot of the ready guest kept in the cache (the first run of a
-        guest and shape makes it: that run takes a boot longer); --cold boots it instead.
+        The VM is restored from a cached snapshot of the ready guest (made by its first run); --cold boots.
         """
         argv = list(ctx.args)
         if not argv:

@@ -1,12 +1,13 @@
 """Snapshot-started VMs for ``smartvm run`` and ``smartvm start``: templates cached by their inputs.
 
 The first start of a guest (kernel, root filesystem with its agent, boot arguments, vCPUs, memory,
-engine and hypervisor binary) builds a template with :func:`build_template` (boot once, ready agent,
-snapshot without disk copies) into ``<cache>/run-snapshots/<key>/``. Every later start restores it
-with its own copy-on-write layer over the template's ``disk.img``, made inside the VM's runtime dir,
-so the layer goes with the VM (also when its process is killed: the sweep removes the dir). The
-restored guest's first agent request reseeds its RNG from the host and sets its clock and hostname
-(``MicroVM._prepare_agent``), so no two VMs share random state.
+engine, hypervisor binary, runtime dirs on tmpfs or not) builds a template with
+:func:`build_template` (boot once, ready agent, snapshot without disk copies) into
+``<cache>/run-snapshots/<key>/``. Every later start restores it with its own copy-on-write layer
+over the template's ``disk.img``, made inside the VM's runtime dir, so the layer goes with the VM
+(also when its process is killed: the sweep removes the dir). The restored guest's first agent
+request reseeds its RNG from the host and sets its clock and hostname (``MicroVM._prepare_agent``),
+so no two VMs share random state.
 
 An entry is used only while its seal (written after the build: size and mtime of every file, the
 sha256 of the small ones) still matches; a damaged entry, or one whose restore the hypervisor
@@ -37,6 +38,7 @@ from smartvm.host.private_dirs import ensure_private_dir
 from smartvm.images.build_steps import cache_lock, digest, file_identity, remove_stale
 from smartvm.images.cache_paths import cache_root
 from smartvm.orchestrator import SmartVM
+from smartvm.qemu.cmdline import on_tmpfs
 from smartvm.sandbox.cow import choose_strategy
 from smartvm.sandbox.templates import ROOT_DRIVE, BuiltTemplate, TemplateSpec, build_template
 from smartvm.vm import MicroVM
@@ -44,7 +46,7 @@ from smartvm.vm import MicroVM
 log = logging.getLogger(__name__)
 
 RUN_SNAPSHOTS = "run-snapshots"
-KEEP = 3  # entries kept (about 150 MiB each for the default guest)
+KEEP = 3  # entries kept (about 100 MiB each for the default guest)
 SEAL_FILE = "seal.json"
 SEAL_FORMAT = 1
 _LOCK = "run-snapshots"
@@ -71,10 +73,11 @@ def snapshots_dir(cache: Path | None = None) -> Path:
     return (cache or cache_root()) / RUN_SNAPSHOTS
 
 
-def entry_key(spec: TemplateSpec, engine: str, hypervisor: Path) -> str:
-    """The entry of ``spec``: its template key plus the hypervisor binary (a new QEMU may not load
-    an old QEMU's device state)."""
-    return digest(spec.key(engine), file_identity(hypervisor))
+def entry_key(spec: TemplateSpec, engine: str, hypervisor: Path, runtime_dir: Path) -> str:
+    """The entry of ``spec``: its template key, the hypervisor binary (a new QEMU may not load an old
+    QEMU's device state) and whether runtime dirs are on tmpfs (QEMU then keeps guest RAM in a file
+    of its own, which restores faster than RAM inside the state stream)."""
+    return digest(spec.key(engine), file_identity(hypervisor), str(on_tmpfs(runtime_dir)))
 
 
 def check_entry(directory: Path) -> RunSnapshot:
@@ -200,7 +203,7 @@ async def ensure_run_snapshot(
     ``failed_build``, whose restore failed). TEMPLATE_BUILD_FAILED when building fails."""
     cache = cache or cache_root()
     root = snapshots_dir(cache)
-    directory = root / entry_key(spec, svm.engine_name, await svm.ensure_binary())
+    directory = root / entry_key(spec, svm.engine_name, await svm.ensure_binary(), svm.options.runtime_dir)
     if failed_build is None:
         found = _usable(directory)
         if found is not None:
