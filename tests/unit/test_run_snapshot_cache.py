@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,11 @@ import pytest
 from smartvm.config import MicroVMConfig
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.images.build_steps import cache_lock
+from smartvm.options import SmartVMOptions
+from smartvm.orchestrator import SmartVM
 from smartvm.sandbox.cow import Availability, choose_strategy, strategies
-from smartvm.sandbox.run_snapshots import KEEP, check_entry, evict, locked_cache, seal
-from smartvm.sandbox.templates import BuiltTemplate
+from smartvm.sandbox.run_snapshots import KEEP, check_entry, ensure_run_snapshot, evict, locked_cache, seal
+from smartvm.sandbox.templates import BuiltTemplate, TemplateSpec
 from smartvm.snapshot import Snapshot
 from smartvm.vm import _with_layers
 
@@ -121,3 +124,18 @@ def test_a_layer_outside_the_runtime_dir_is_refused(tmp_path: Path) -> None:
     assert drive.path_on_host == str(tmp_path / "disk" / "l.qcow2") and drive.ephemeral is False
     with pytest.raises(SmartVMError, match="outside the VM's runtime dir"):
         _with_layers(config, tmp_path, {"rootfs": lambda d: d / ".." / "escaped"})
+
+
+async def test_an_unwritable_cache_is_a_clear_error(tmp_path: Path) -> None:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    for name in ("vmlinux", "rootfs.ext4"):
+        (tmp_path / name).write_bytes(b"x")
+    spec = TemplateSpec("run", kernel=tmp_path / "vmlinux", rootfs=tmp_path / "rootfs.ext4", boot_args="")
+    cache = tmp_path / "cache"
+    cache.write_text("a file where the cache directory should be")
+    svm = SmartVM(SmartVMOptions(engine="qemu", runtime_dir=tmp_path / "rt", data_dir=tmp_path / "data"))
+    with pytest.raises(SmartVMError) as info:
+        await ensure_run_snapshot(spec, svm=svm, ready_timeout=5, cache=cache)
+    assert info.value.code is ErrorCode.TEMPLATE_BUILD_FAILED
+    assert "SMARTVM_CACHE_DIR" in info.value.message and "--cold" in info.value.message

@@ -149,6 +149,16 @@ def _discard(directory: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _clear_for_build(directory: Path) -> None:
+    """Remove what processes killed while building or removing entries left, and the entry in
+    ``directory`` (damaged, or its restore failed). Call it holding the cache lock."""
+    for leftover in (".*.trash-*", ".*.build"):
+        remove_stale(directory.parent, leftover)
+    if directory.exists():
+        log.info("throwing away the run snapshot %s and building it again", directory)
+        _discard(directory)
+
+
 def _open_by_a_process(directory: Path) -> bool:
     """Whether any process has a file of ``directory`` open (a VM restored from it still runs)."""
     prefix = f"{directory.resolve()}/"
@@ -210,16 +220,31 @@ async def ensure_run_snapshot(
             with contextlib.suppress(OSError):
                 os.utime(directory)  # most recently used: evicted last
             return found
+    try:
+        return await _build_entry(spec, svm, cache, directory, ready_timeout, progress, failed_build)
+    except OSError as exc:  # the cache is not writable, or full
+        raise SmartVMError(
+            ErrorCode.TEMPLATE_BUILD_FAILED,
+            f"cannot keep the snapshot of this guest in {root}: {exc.strerror or exc}; free space there, "
+            "point SMARTVM_CACHE_DIR at a writable directory, or boot without a snapshot (--cold)",
+        ) from exc
+
+
+async def _build_entry(
+    spec: TemplateSpec,
+    svm: SmartVM,
+    cache: Path,
+    directory: Path,
+    ready_timeout: float,
+    progress: Progress,
+    failed_build: str | None,
+) -> RunSnapshot:
     async with locked_cache(cache):
-        ensure_private_dir(root)
+        root = ensure_private_dir(directory.parent)
         found = _usable(directory)
         if found is not None and found.build_id != failed_build:
             return found  # built (again) by another process while we waited
-        for leftover in (".*.trash-*", ".*.build"):  # of processes killed while removing or building
-            remove_stale(root, leftover)
-        if directory.exists():
-            log.info("throwing away the run snapshot %s and building it again", directory)
-            _discard(directory)
+        _clear_for_build(directory)
         template = await build_template(
             spec, directory, svm=svm, pool=None, ready_timeout=ready_timeout, progress=progress
         )
