@@ -32,11 +32,12 @@ from smartvm.agent.protocol import HELLO, FrameDecoder, encode_frame
 from smartvm.config import MicroVMConfig, new_vm_id
 from smartvm.host.runtime import VMRuntime
 from smartvm.images.cache_paths import CACHE_DIR_ENV, cache_root
+from smartvm.images.guest_image import ensure_default_guest
 from smartvm.qemu.cmdline import LaunchSpec, build_argv, detect_disk_format, on_tmpfs
 from smartvm.qemu.engine import RAM_FILE
 from smartvm.qemu.host_clock import host_tsc_khz
 from smartvm.qemu.kvm_probe import engine_accel
-from smartvm.sandbox.run_snapshots import start_from_snapshot
+from smartvm.sandbox.run_snapshots import spec_for, start_from_snapshot
 from smartvm.sandbox.templates import TemplateSpec
 
 RAW = "raw qemu-system-x86_64 (same argv), cold boot"
@@ -181,14 +182,9 @@ async def run(quick: bool) -> list[BenchTable]:
     config = await asyncio.to_thread(guest)
     raw, cli, cli_cold = Series(RAW), Series(CLI), Series(CLI_COLD)
     lib, lib_warm = Series(LIB), Series(LIB_WARM)
-    spec = TemplateSpec(
-        name="run",
-        kernel=Path(config.boot_source.kernel_image_path),
-        rootfs=Path(config.drives[0].path_on_host),
-        boot_args=config.boot_source.boot_args or "",
-        cpus=config.machine_config.vcpu_count,
-        memory_mib=config.machine_config.mem_size_mib,
-    )
+    image = await asyncio.to_thread(ensure_default_guest)  # what guest() booted
+    shape = config.machine_config
+    spec = spec_for(image, cpus=shape.vcpu_count, memory_mib=shape.mem_size_mib)
     with private_root() as root, private_cache() as cache:
         probe = VMRuntime.create(root / "probe", "probe")
         _argv, accel = raw_argv(config, probe)

@@ -164,19 +164,10 @@ async def start_vm(
 
     image = await asyncio.to_thread(ensure_default_guest, kind=kind)
     if not cold:
-        from smartvm.sandbox.run_snapshots import start_from_snapshot
-        from smartvm.sandbox.templates import TemplateSpec
+        from smartvm.sandbox.run_snapshots import spec_for, start_from_snapshot
 
-        spec = TemplateSpec(
-            name="run",
-            kernel=image.kernel_path,
-            rootfs=image.rootfs_path,
-            boot_args=image.boot_args,
-            cpus=cpus,
-            memory_mib=memory_mib,
-        )
         return await start_from_snapshot(
-            spec,
+            spec_for(image, cpus=cpus, memory_mib=memory_mib),
             svm=svm,
             vm_id=vm_id,
             hostname=vm_id,

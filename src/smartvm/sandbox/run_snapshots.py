@@ -31,6 +31,7 @@ import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.atomic_write import write_atomic
@@ -42,6 +43,9 @@ from smartvm.qemu.cmdline import on_tmpfs
 from smartvm.sandbox.cow import choose_strategy
 from smartvm.sandbox.templates import ROOT_DRIVE, BuiltTemplate, TemplateSpec, build_template
 from smartvm.vm import MicroVM
+
+if TYPE_CHECKING:
+    from smartvm.images.guest_image import GuestImage
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,20 @@ class RunSnapshot:
 
     template: BuiltTemplate
     build_id: str
+
+
+def spec_for(image: GuestImage, *, cpus: int, memory_mib: int) -> TemplateSpec:
+    """The template of ``image`` in a shape. Its warm-up runs as root, as ``smartvm run`` commands
+    do (an image need not have the sandboxes' unprivileged account: the Debian one has none)."""
+    return TemplateSpec(
+        name="run",
+        kernel=image.kernel_path,
+        rootfs=image.rootfs_path,
+        boot_args=image.boot_args,
+        cpus=cpus,
+        memory_mib=memory_mib,
+        user="root",
+    )
 
 
 def snapshots_dir(cache: Path | None = None) -> Path:
