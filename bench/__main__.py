@@ -25,11 +25,13 @@ from bench.common import BenchSkipped
 BENCHMARKS = [
     "cli_startup",
     "control_plane",
+    "connect_framing",
     "staging",
     "network_slots",
     "boot",
     "restore",
     "exec_roundtrip",
+    "e2b_envd",
     "memory",
     "sandboxes",
 ]

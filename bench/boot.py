@@ -33,10 +33,10 @@ from smartvm.config import MicroVMConfig, new_vm_id
 from smartvm.host.runtime import VMRuntime
 from smartvm.images.cache_paths import CACHE_DIR_ENV, cache_root
 from smartvm.images.guest_image import ensure_default_guest
+from smartvm.kvm_probe import engine_accel
 from smartvm.qemu.cmdline import LaunchSpec, build_argv, detect_disk_format, on_tmpfs
 from smartvm.qemu.engine import RAM_FILE
 from smartvm.qemu.host_clock import host_tsc_khz
-from smartvm.qemu.kvm_probe import engine_accel
 from smartvm.sandbox.run_snapshots import spec_for, start_from_snapshot
 from smartvm.sandbox.templates import TemplateSpec
 

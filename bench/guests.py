@@ -27,10 +27,10 @@ def guest(memory_mib: int = 256) -> MicroVMConfig:
     """The default busybox guest (what ``smartvm run`` boots), or skip when it cannot be had."""
     if shutil.which("qemu-system-x86_64") is None:
         raise BenchSkipped("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    from smartvm.cli.vm import guest_config
+    from smartvm.guests import build_guest_config
 
     try:
-        return guest_config("busybox", cpus=1, memory_mib=memory_mib)
+        return build_guest_config("busybox", cpus=1, memory_mib=memory_mib)
     except SmartVMError as exc:
         raise BenchSkipped(f"the default guest image cannot be built here: {exc}") from exc
 

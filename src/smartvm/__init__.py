@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     )
     from smartvm.engine import NetworkOverride
     from smartvm.errors import ErrorCode, SmartVMError
+    from smartvm.guests import guest_config
     from smartvm.host.nat import EgressPolicy
     from smartvm.host.netns import NetworkSlot, SlotPool
     from smartvm.host.network import NetworkManager, TapDevice
@@ -62,6 +63,7 @@ _LAZY = {
     "NetworkOverride": "smartvm.engine",
     "ErrorCode": "smartvm.errors",
     "SmartVMError": "smartvm.errors",
+    "guest_config": "smartvm.guests",
     "EgressPolicy": "smartvm.host.nat",
     "NetworkSlot": "smartvm.host.netns",
     "SlotPool": "smartvm.host.netns",
@@ -124,4 +126,5 @@ __all__ = [
     "VMState",
     "Vsock",
     "__version__",
+    "guest_config",
 ]

@@ -2,8 +2,8 @@
 
 Field names follow Firecracker's API (``firecracker.yaml``) so a model's :meth:`api_body` is the
 request body as is. Fields that are ours alone (``MicroVMConfig.id``, ``Drive.ephemeral``) are
-listed in ``_local_fields`` and never reach Firecracker. Bad values fail at construction with the
-field named.
+listed in ``_local_fields`` and never reach Firecracker. Bad values fail at construction (and
+assignment) with ``SmartVMError(INVALID_CONFIG)`` naming the field, which is also a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import re
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.validation import Model
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
@@ -32,7 +32,7 @@ def _check_id(value: str, what: str) -> str:
     return value
 
 
-class ApiModel(BaseModel):
+class ApiModel(Model):
     """Base of every config model: strict fields, and a body for Firecracker's API."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
@@ -120,8 +120,11 @@ class Drive(ApiModel):
 
 
 class NetworkInterface(ApiModel):
+    """A virtio-net device. Without ``host_dev_name``, ``SmartVM.create_vm`` gives it a TAP device
+    (on its bridge, or on the slot passed as ``network=``) and a MAC when none is set."""
+
     iface_id: str
-    host_dev_name: str = Field(min_length=1, max_length=15)
+    host_dev_name: str | None = Field(default=None, min_length=1, max_length=15)
     guest_mac: str | None = None
     mtu: int | None = Field(default=None, ge=68, le=65535)
     rx_rate_limiter: RateLimiter | None = None
@@ -236,17 +239,5 @@ class MicroVMConfig(ApiModel):
 
 
 def parse_config(data: dict[str, Any]) -> MicroVMConfig:
-    """Build a :class:`MicroVMConfig` from plain data, turning validation errors into SmartVMError."""
-    try:
-        return MicroVMConfig.model_validate(data)
-    except ValidationError as exc:
-        raise SmartVMError(ErrorCode.INVALID_CONFIG, describe_validation_error(exc)) from exc
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem, each naming the field path."""
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        lines.append(f"{where}: {err['msg']}")
-    return "invalid configuration: " + "; ".join(lines)
+    """Build a :class:`MicroVMConfig` from plain data (bad values: SmartVMError INVALID_CONFIG)."""
+    return MicroVMConfig.model_validate(data)

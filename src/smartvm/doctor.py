@@ -48,7 +48,7 @@ def _load_contributed_checks() -> None:
     """Import the modules that register checks of their own (engines, networking)."""
     import importlib
 
-    for module in ("smartvm.qemu.kvm_probe", "smartvm.host.network_doctor", "smartvm.firecracker.binary"):
+    for module in ("smartvm.kvm_probe", "smartvm.host.network_doctor", "smartvm.firecracker.binary"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -156,7 +156,7 @@ def check_netns() -> CheckResult:
 @register_check
 def check_cow_disks() -> CheckResult:
     """Which copy-on-write strategy sandboxes get here, and why the better ones are out."""
-    from smartvm.engine import select_engine
+    from smartvm.engines import select_engine
     from smartvm.options import SmartVMOptions
     from smartvm.sandbox.cow import report
 

@@ -1,4 +1,4 @@
-"""The Engine contract both hypervisor backends implement, and engine selection.
+"""The Engine contract both hypervisor backends implement (selection and the registry: engines.py).
 
 `MicroVM` (vm.py) owns the lifecycle state machine, the runtime dir and the undo stack; an Engine only
 knows how to drive one hypervisor process for one VM. A feature an engine lacks raises
@@ -8,7 +8,6 @@ knows how to drive one hypervisor process for one VM. A feature an engine lacks 
 from __future__ import annotations
 
 import asyncio
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -195,55 +194,6 @@ class Engine(ABC):
         raise SmartVMError(
             ErrorCode.UNSUPPORTED_BY_ENGINE, f"attach is not supported by the {cls.name} engine"
         )
-
-
-_ENGINE_CLASSES = {
-    "firecracker": ("smartvm.firecracker.engine", "FirecrackerEngine"),
-    "qemu": ("smartvm.qemu.engine", "QemuEngine"),
-}
-
-
-def engine_class(name: str) -> type[Engine]:
-    """The Engine class for ``"firecracker"`` or ``"qemu"`` (imported on first use)."""
-    try:
-        module_name, attr = _ENGINE_CLASSES[name]
-    except KeyError as exc:
-        raise SmartVMError(
-            ErrorCode.INVALID_ARGUMENT, f"unknown engine {name!r}: use auto, firecracker or qemu"
-        ) from exc
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise SmartVMError(
-            ErrorCode.ENGINE_UNAVAILABLE, f"the {name} engine is not available: {exc}"
-        ) from exc
-    cls: type[Engine] = getattr(module, attr)
-    return cls
-
-
-def firecracker_usable(options: SmartVMOptions) -> tuple[bool, str]:
-    """Whether the Firecracker engine can run a guest here, and why not."""
-    from smartvm.firecracker.binary import find_firecracker
-    from smartvm.qemu.kvm_probe import probe_kvm
-
-    binary = find_firecracker(options)
-    if binary is None:
-        return False, "no firecracker binary found (set firecracker_binary_path or SMARTVM_FIRECRACKER_BIN)"
-    kvm = probe_kvm()
-    if not kvm.usable:
-        return False, f"KVM cannot run a guest here: {kvm.reason}"
-    return True, f"firecracker at {binary} and a usable KVM"
-
-
-def select_engine(options: SmartVMOptions) -> str:
-    """Resolve ``options.engine``: ``auto`` picks Firecracker when it can run a guest, else QEMU."""
-    if options.engine != "auto":
-        return options.engine
-    try:
-        usable, _why = firecracker_usable(options)
-    except ModuleNotFoundError:
-        usable = False
-    return "firecracker" if usable else "qemu"
 
 
 def override_interfaces(

@@ -1,7 +1,8 @@
 """Every failure a user can hit, each with one stable code.
 
 Callers match on ``err.code`` (a :class:`ErrorCode`, which is also a plain ``str``);
-messages are for humans and say what to do next.
+messages are for humans and say what to do next. A bad value (``INVALID_CONFIG``,
+``INVALID_ARGUMENT``) is also a ``ValueError``, so ``except ValueError`` works for it too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ class ErrorCode(StrEnum):
     DUPLICATE_VM_ID = "DUPLICATE_VM_ID"
     BOOT_FAILED = "BOOT_FAILED"
     VM_EXITED = "VM_EXITED"
-    STOP_FAILED = "STOP_FAILED"
     STAGING_FAILED = "STAGING_FAILED"
     SNAPSHOT_FAILED = "SNAPSHOT_FAILED"
     SNAPSHOT_MISMATCH = "SNAPSHOT_MISMATCH"
@@ -32,7 +32,6 @@ class ErrorCode(StrEnum):
     # engines
     ENGINE_UNAVAILABLE = "ENGINE_UNAVAILABLE"
     UNSUPPORTED_BY_ENGINE = "UNSUPPORTED_BY_ENGINE"
-    KVM_UNAVAILABLE = "KVM_UNAVAILABLE"
     BINARY_NOT_FOUND = "BINARY_NOT_FOUND"
     FIRECRACKER_API_ERROR = "FIRECRACKER_API_ERROR"
     FIRECRACKER_EXITED = "FIRECRACKER_EXITED"
@@ -51,6 +50,7 @@ class ErrorCode(StrEnum):
     BASE_IMAGE_PREPARE_FAILED = "BASE_IMAGE_PREPARE_FAILED"
     BUILD_FAILED = "BUILD_FAILED"
     BUILD_TOOL_MISSING = "BUILD_TOOL_MISSING"
+    BASE_IMAGE_RESOLVE_FAILED = "BASE_IMAGE_RESOLVE_FAILED"
     # guest agent
     AGENT_TIMEOUT = "AGENT_TIMEOUT"
     AGENT_UNAVAILABLE = "AGENT_UNAVAILABLE"
@@ -64,6 +64,14 @@ class ErrorCode(StrEnum):
     NETWORK_SETUP_FAILED = "NETWORK_SETUP_FAILED"
     ADDRESS_EXHAUSTED = "ADDRESS_EXHAUSTED"
     NETWORK_PERMISSION_DENIED = "NETWORK_PERMISSION_DENIED"
+    # service (`smartvm serve`)
+    UNAUTHORIZED = "UNAUTHORIZED"
+    API_KEY_NOT_FOUND = "API_KEY_NOT_FOUND"
+    REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+    VALIDATION_FAILED = "VALIDATION_FAILED"
+    SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
+    ROUTE_NOT_FOUND = "ROUTE_NOT_FOUND"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
     # sandboxes
     DATA_DIR_IN_USE = "DATA_DIR_IN_USE"
     STATE_STORE_FAILED = "STATE_STORE_FAILED"
@@ -89,8 +97,14 @@ class SmartVMError(Exception):
     """The one exception type smartvm raises on purpose.
 
     ``code`` is stable and machine-readable; ``message`` tells the user what went wrong and
-    what to do about it.
+    what to do about it. ``SmartVMError(code, ...)`` with a code of :data:`VALUE_CODES` is an
+    :class:`InvalidValueError`, which is also a ``ValueError``.
     """
+
+    def __new__(cls, code: ErrorCode | str, message: str, *args: object, **kwargs: object) -> SmartVMError:
+        if cls is SmartVMError and ErrorCode(code) in VALUE_CODES:
+            cls = InvalidValueError
+        return super().__new__(cls, code, message, *args, **kwargs)
 
     def __init__(self, code: ErrorCode | str, message: str) -> None:
         self.code = ErrorCode(code)
@@ -99,6 +113,19 @@ class SmartVMError(Exception):
 
     def __reduce__(self) -> tuple[type[SmartVMError], tuple[str, str]]:
         return (type(self), (self.code.value, self.message))
+
+
+class InvalidValueError(SmartVMError, ValueError):
+    """A SmartVMError for a bad value (a code of :data:`VALUE_CODES`); also a ``ValueError``."""
+
+
+#: the codes of bad values: their SmartVMError is also a ValueError
+VALUE_CODES = frozenset({ErrorCode.INVALID_CONFIG, ErrorCode.INVALID_ARGUMENT})
+
+
+class AgentBusyError(SmartVMError):
+    """AGENT_UNAVAILABLE because every channel to the guest agent is held by other clients: unlike a
+    guest that is still booting, waiting for the agent does not help, so callers fail at once."""
 
 
 def all_codes() -> list[str]:

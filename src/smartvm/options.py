@@ -1,13 +1,20 @@
-"""SmartVMOptions: the knobs of one SmartVM instance, shared by the orchestrator and the engines."""
+"""SmartVMOptions: the knobs of one SmartVM instance, shared by the orchestrator and the engines.
+
+Bad values fail at construction with ``SmartVMError(INVALID_CONFIG)`` naming the field.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tempfile
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
+
+from smartvm.validation import Model
 
 EngineName = Literal["auto", "firecracker", "qemu"]
 Arch = Literal["x86_64", "aarch64"]
@@ -25,7 +32,7 @@ _CGROUP_KEY = re.compile(r"^[a-z0-9_]+\.[a-z0-9_.]+$")
 RESOURCE_LIMITS = ("fsize", "no-file")  # the only names the jailer accepts for --resource-limit
 
 
-class JailerOptions(BaseModel):
+class JailerOptions(Model):
     """Run Firecracker under its jailer (opt-in: ``SmartVMOptions.jailer``).
 
     The jailer chroots Firecracker into ``<chroot_base_dir>/firecracker/<vm id>/root`` and drops to
@@ -83,7 +90,19 @@ class JailerOptions(BaseModel):
         return v
 
 
-class SmartVMOptions(BaseModel):
+_BRIDGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+
+
+class SmartVMOptions(Model):
+    """Every knob of one :class:`~smartvm.orchestrator.SmartVM`; each one is read (see docs/porting.md).
+
+    ``bridge_name`` and ``subnet`` configure ``SmartVM.network_manager`` (the bridge VMs get TAP
+    devices on); ``base_image_*`` and ``max_stored_base_images`` configure
+    ``SmartVM.base_image_manager``; ``release_base_url``, ``ci_bucket_url`` and
+    ``allow_unverified_firecracker`` both image managers. A bad value raises
+    ``SmartVMError(INVALID_CONFIG)`` naming the field.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     data_dir: Path = Path("/tmp/.smartvm")
@@ -95,8 +114,8 @@ class SmartVMOptions(BaseModel):
     jailer_binary_path: Path | None = None
     jailer: JailerOptions | None = Field(default=None, description="None: run Firecracker without its jailer")
     bridge_name: str = Field(default="svbr0", max_length=15)
-    subnet: str = "172.30.0.0/24"
-    base_image_cache_dir: Path | None = None
+    subnet: str = Field(default="172.30.0.0/24", description="IPv4 network of the bridge, /1 to /30")
+    base_image_cache_dir: Path | None = Field(default=None, description="None: <data_dir>/base-images")
     max_stored_base_images: int = 2
     base_image_manifest_url: str | None = None
     base_image_manifest_path: Path | None = None
@@ -121,6 +140,31 @@ class SmartVMOptions(BaseModel):
         if not re.fullmatch(r"v?\d+\.\d+\.\d+", v):
             raise ValueError(f"firecracker_version {v!r} must look like v1.15.1")
         return v if v.startswith("v") else f"v{v}"
+
+    @field_validator("bridge_name")
+    @classmethod
+    def _bridge_name(cls, v: str) -> str:
+        if not _BRIDGE_RE.match(v):
+            raise ValueError(f"bridge_name {v!r} must be 1-15 letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, v: str) -> str:
+        try:
+            net = ipaddress.IPv4Network(v, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"subnet {v!r} is not an IPv4 network such as 172.30.0.0/24 ({exc})") from None
+        if not 1 <= net.prefixlen <= 30:
+            raise ValueError(f"subnet {v!r} needs a prefix length of 1 to 30 (room for a gateway and guests)")
+        return str(net)
+
+    @field_validator("base_image_manifest_url")
+    @classmethod
+    def _manifest_url(cls, v: str | None) -> str | None:
+        if v is not None and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).netloc):
+            raise ValueError(f"base_image_manifest_url {v!r} must be an http(s) URL")
+        return v
 
     @field_validator("max_stored_base_images")
     @classmethod

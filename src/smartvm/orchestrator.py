@@ -1,4 +1,4 @@
-"""SmartVM: options, the registry of live VMs, binaries, and creating, restoring or attaching VMs."""
+"""SmartVM: options, the registry of live VMs, its managers, and creating, restoring or attaching VMs."""
 
 from __future__ import annotations
 
@@ -6,18 +6,27 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smartvm.config import MicroVMConfig, new_vm_id, parse_config
-from smartvm.engine import NetworkOverride, select_engine
+from smartvm.engine import NetworkOverride
+from smartvm.engines import choose_engine
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.sweep import sweep as sweep_runtime_dirs
 from smartvm.options import SmartVMOptions
 from smartvm.snapshot import Snapshot
 from smartvm.vm import DriveLayer, MicroVM, VMState
+from smartvm.vm_network import BridgeNetwork, VMNetwork, needs_taps, network_for
 from smartvm.vm_records import VMRecord, VMRecordStore
+
+if TYPE_CHECKING:
+    from smartvm.host.netns import NetworkSlot, SlotPool
+    from smartvm.host.network import NetworkManager
+    from smartvm.images.base_images import BaseImageBundle, BaseImageManager, Preset
+    from smartvm.images.releases import ImageManager
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +42,70 @@ class SmartVM:
         self._vms: dict[str, MicroVM] = {}
         self._engine_name: str | None = None
 
+    # --- managers (built from the options on first use) --------------------------------------------
+    @cached_property
+    def image_manager(self) -> ImageManager:
+        """Firecracker binaries and loose kernels/root filesystems under ``options.data_dir``."""
+        from smartvm.images.releases import ImageManager
+
+        o = self.options
+        return ImageManager(
+            o.data_dir,
+            o.arch,
+            release_base_url=o.release_base_url,
+            ci_bucket_url=o.ci_bucket_url,
+            allow_unverified=o.allow_unverified_firecracker,
+        )
+
+    @cached_property
+    def base_image_manager(self) -> BaseImageManager:
+        """Base image bundles in ``options.base_image_cache_dir`` (default ``<data_dir>/base-images``)."""
+        from smartvm.images.base_images import BaseImageManager
+
+        o = self.options
+        return BaseImageManager(
+            o.base_image_cache_dir or o.data_dir / "base-images",
+            o.max_stored_base_images,
+            arch=o.arch,
+            ci_bucket_url=o.ci_bucket_url,
+            release_base_url=o.release_base_url,
+            manifest_url=o.base_image_manifest_url,
+            manifest_path=o.base_image_manifest_path,
+        )
+
+    @cached_property
+    def network_manager(self) -> NetworkManager:
+        """The bridge ``options.bridge_name`` on ``options.subnet``: VMs whose network interface has no
+        ``host_dev_name`` get a TAP device on it (leases in ``<data_dir>/network``)."""
+        from smartvm.host.network import NetworkManager
+
+        o = self.options
+        return NetworkManager(o.bridge_name, o.subnet, state_dir=o.data_dir / "network")
+
+    async def ensure_base_image(
+        self,
+        preset: Preset = "latest",
+        arch: str | None = None,
+        force_download: bool = False,
+        manifest_url: str | None = None,
+        manifest_path: Path | None = None,
+    ) -> BaseImageBundle:
+        """A verified base image bundle (see :meth:`BaseImageManager.ensure_base_image`)."""
+        return await self.base_image_manager.ensure_base_image(
+            preset, arch, force_download, manifest_url, manifest_path
+        )
+
     # --- engine and binaries --------------------------------------------------------------------
-    @property
-    def engine_name(self) -> str:
-        """The engine new VMs use (``auto`` resolved once per SmartVM)."""
+    async def select_engine(self) -> str:
+        """The engine new VMs use: ``auto`` is resolved once per SmartVM, off the event loop (deciding
+        may run a KVM probe guest for a few seconds)."""
         if self._engine_name is None:
-            self._engine_name = select_engine(self.options)
+            self._engine_name = await choose_engine(self.options)
         return self._engine_name
 
     async def ensure_binary(self) -> Path:
         """The hypervisor binary for the selected engine, downloading Firecracker if needed."""
-        if self.engine_name == "qemu":
+        if await self.select_engine() == "qemu":
             from smartvm.qemu.process import find_qemu
 
             return find_qemu(self.options)
@@ -52,15 +114,7 @@ class SmartVM:
         found = find_firecracker(self.options)
         if found is not None:
             return found
-        from smartvm.images.releases import ImageManager
-
-        images = ImageManager(
-            self.options.data_dir,
-            arch=self.options.arch,
-            release_base_url=self.options.release_base_url,
-            ci_bucket_url=self.options.ci_bucket_url,
-            allow_unverified=self.options.allow_unverified_firecracker,
-        )
+        images = self.image_manager
         version = self.options.firecracker_version or await images.get_latest_version()
         if not images.has_binary(version):
             await images.download_firecracker(version)
@@ -68,15 +122,46 @@ class SmartVM:
 
     # --- VMs ------------------------------------------------------------------------------------
     async def create_vm(
-        self, config: MicroVMConfig | dict[str, Any], *, netns: str | None = None, detachable: bool = False
+        self,
+        config: MicroVMConfig | dict[str, Any],
+        *,
+        netns: str | None = None,
+        detachable: bool = False,
+        network: NetworkSlot | SlotPool | None = None,
     ) -> MicroVM:
         """A new, not yet started VM (call ``await vm.start()``).
+
+        Networking when asked: a network interface without ``host_dev_name`` gets a TAP device on
+        :attr:`network_manager`'s bridge, the next free address and a MAC derived from it when the VM
+        starts (removed when it stops). ``network=slot`` runs the VM in that slot's namespace, and
+        ``network=pool`` in a slot of that pool for as long as it runs: the interface (``eth0`` when
+        the config has none), its MAC and the kernel's ``ip=`` argument are filled in either way.
 
         Its hypervisor dies with this process (even on SIGKILL) unless ``detachable``: only then may
         :meth:`MicroVM.detach` hand it over (a sweep cleans up if this process dies before that).
         """
         cfg = config if isinstance(config, MicroVMConfig) else parse_config(config)
-        return self._new_vm(cfg, self.engine_name, netns=netns, detachable=detachable)
+        attach: VMNetwork | None = None
+        if network is not None:
+            if netns is not None:
+                raise SmartVMError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    "pass either network= or netns=, not both (a slot has its own)",
+                )
+            attach = network_for(network)
+        elif needs_taps(cfg):
+            attach = BridgeNetwork(self.network_manager)
+        if attach is not None:
+            attach.check(cfg)
+            if detachable and attach.managed:
+                raise SmartVMError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    "a detachable VM cannot use a TAP device or slot this SmartVM makes (they end with "
+                    "it): give its interface an existing host_dev_name, or pass a NetworkSlot you own",
+                )
+        return self._new_vm(
+            cfg, await self.select_engine(), netns=netns, detachable=detachable, network=attach
+        )
 
     async def restore_vm(
         self,
@@ -196,10 +281,26 @@ class SmartVM:
             raise
         return vm
 
-    def _new_vm(self, config: MicroVMConfig, engine: str, *, netns: str | None, detachable: bool) -> MicroVM:
+    def _new_vm(
+        self,
+        config: MicroVMConfig,
+        engine: str,
+        *,
+        netns: str | None,
+        detachable: bool,
+        network: VMNetwork | None = None,
+    ) -> MicroVM:
         """A registered, not yet started MicroVM of this SmartVM."""
         return self._register(
-            MicroVM(config, self.options, engine, netns=netns, on_stopped=self._forget, detachable=detachable)
+            MicroVM(
+                config,
+                self.options,
+                engine,
+                netns=netns,
+                on_stopped=self._forget,
+                detachable=detachable,
+                network=network,
+            )
         )
 
     def _register(self, vm: MicroVM) -> MicroVM:
@@ -236,8 +337,11 @@ class SmartVM:
             raise errors[0]
 
     async def cleanup(self) -> None:
-        """Stop everything and remove the runtime root if nothing else uses it."""
+        """Stop everything, remove the bridge if this SmartVM made it and no VM of any process uses it
+        any more, and remove the runtime root if nothing else uses it."""
         await self.stop_all()
+        if "network_manager" in self.__dict__ and self.network_manager.in_use:
+            await self.network_manager.cleanup()
         root = self.options.runtime_dir
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()

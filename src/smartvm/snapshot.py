@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,18 @@ def _inside(directory: Path, name: str) -> Path:
     return path
 
 
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and bool(value) and "\x00" not in value
+
+
+def _is_str_map(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _is_name(v) for k, v in value.items())
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What a snapshot directory contains. File names are relative to ``directory``."""
@@ -45,6 +57,25 @@ class Snapshot:
     engine_data: dict[str, Any] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     base: str | None = None  # a Diff snapshot: the directory of the snapshot its memory is laid over
+
+    def __post_init__(self) -> None:
+        """Bad values (e.g. from a hand-edited manifest) fail here, naming the field."""
+        for name, ok, wanted in (
+            ("engine", isinstance(self.engine, str) and bool(self.engine), "an engine name"),
+            ("snapshot_type", self.snapshot_type in ("Full", "Diff"), "'Full' or 'Diff'"),
+            ("state_file", _is_name(self.state_file), "a file name"),
+            ("mem_file", self.mem_file is None or _is_name(self.mem_file), "a file name or null"),
+            ("config", isinstance(self.config, dict), "an object (a MicroVMConfig)"),
+            ("disks", _is_str_map(self.disks), "an object of drive id -> file name"),
+            ("engine_data", isinstance(self.engine_data, dict), "an object"),
+            ("created_at", _is_number(self.created_at), "a Unix time"),
+            ("base", self.base is None or _is_name(self.base), "a directory or null"),
+        ):
+            if not ok:
+                raise SmartVMError(
+                    ErrorCode.INVALID_CONFIG,
+                    f"snapshot field {name!r} must be {wanted}, not {getattr(self, name)!r}",
+                )
 
     @property
     def state_path(self) -> Path:
@@ -123,7 +154,13 @@ class Snapshot:
                 )
 
     def vm_config(self) -> MicroVMConfig:
-        return MicroVMConfig.model_validate(self.config)
+        """The config of the snapshotted VM (INVALID_CONFIG naming the field when it is damaged)."""
+        try:
+            return MicroVMConfig.model_validate(self.config)
+        except SmartVMError as exc:
+            raise SmartVMError(
+                ErrorCode.INVALID_CONFIG, f"snapshot in {self.directory}: field 'config': {exc.message}"
+            ) from exc
 
     def save(self) -> Path:
         """Write ``snapshot.json`` atomically."""
@@ -151,10 +188,23 @@ class Snapshot:
                 ErrorCode.SNAPSHOT_INVALID,
                 f"{manifest} has an unknown manifest_version (expected {MANIFEST_VERSION})",
             )
+        names = {f.name for f in fields(cls)} - {"directory"}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        unknown, missing = set(data) - names, required - {"directory"} - set(data)
+        if unknown or missing:
+            raise SmartVMError(
+                ErrorCode.INVALID_CONFIG,
+                f"{manifest} is malformed: "
+                + "; ".join(
+                    f"{what} field(s) {', '.join(map(repr, sorted(keys)))}"
+                    for what, keys in (("unknown", unknown), ("missing", missing))
+                    if keys
+                ),
+            )
         try:
             snap = cls(directory=directory, **data)
-        except TypeError as exc:
-            raise SmartVMError(ErrorCode.SNAPSHOT_INVALID, f"{manifest} is malformed: {exc}") from exc
+        except SmartVMError as exc:
+            raise SmartVMError(exc.code, f"{manifest}: {exc.message}") from exc
         for path in [snap.state_path, snap.mem_path, *(snap.disk_path(d) for d in snap.disks)]:
             if path is not None and not path.exists():
                 raise SmartVMError(ErrorCode.SNAPSHOT_INVALID, f"snapshot file {path} is missing")

@@ -26,14 +26,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from smartvm.config import MicroVMConfig, RateLimiter
-from smartvm.engine import (
-    Engine,
-    MemBackend,
-    NetworkOverride,
-    RestoreRequest,
-    engine_class,
-    override_interfaces,
-)
+from smartvm.engine import Engine, MemBackend, NetworkOverride, RestoreRequest, override_interfaces
+from smartvm.engines import engine_class
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.private_dirs import ensure_private_dir
 from smartvm.host.process import detachable as spawn_detachable
@@ -43,9 +37,11 @@ from smartvm.host.storage import apply_sparse_diffs
 from smartvm.host.sweep import clear_partial, note_partial
 from smartvm.options import SmartVMOptions
 from smartvm.snapshot import MANIFEST_NAME, Snapshot, SnapshotType
+from smartvm.vm_network import require_host_devices
 
 if TYPE_CHECKING:
-    from smartvm.agent.client import AgentClient, ExecResult, Files, Processes
+    from smartvm.agent.client import AgentClient, ExecResult, Files, OutputCallback, Processes
+    from smartvm.vm_network import VMNetwork
     from smartvm.vm_records import VMRecord
 
 log = logging.getLogger(__name__)
@@ -80,8 +76,11 @@ class MicroVM:
         netns: str | None = None,
         on_stopped: Callable[[MicroVM], None] | None = None,
         detachable: bool = False,
+        network: VMNetwork | None = None,
     ) -> None:
         self.config = config
+        # made when the VM starts (TAP devices on a bridge, or a slot), undone when it stops
+        self._network = network
         # decided at creation: only a detachable VM's hypervisor may outlive this process (else it gets
         # the parent-death signal, see host/process.py)
         self.detachable = detachable
@@ -156,7 +155,7 @@ class MicroVM:
     def _engine_or_raise(self) -> Engine:
         if self._engine is None:
             raise SmartVMError(
-                ErrorCode.NO_CLIENT, f"VM {self.id!r} has no running hypervisor; start it first"
+                ErrorCode.INVALID_STATE, f"VM {self.id!r} has no running hypervisor; start it first"
             )
         return self._engine
 
@@ -165,7 +164,7 @@ class MicroVM:
         """Boot the VM: runtime dir, staged drives, hypervisor, guest."""
         async with self._lock:
             self._require("start", VMState.CREATED)
-            await self._launch(lambda engine, config: engine.boot(config), self.config)
+            await self._launch(lambda engine, config: engine.boot(config), self.config, network=self._network)
 
     async def load_snapshot(
         self,
@@ -260,11 +259,17 @@ class MicroVM:
         config: MicroVMConfig,
         *,
         paused: bool = False,
+        network: VMNetwork | None = None,
         layers: Mapping[str, DriveLayer] | None = None,
     ) -> None:
         self._state = VMState.CONFIGURING
         try:
             async with AsyncExitStack() as stack:
+                if network is not None:  # the VM's config (and snapshots of it) name what was made
+                    attached = await network.attach(self.id, config, stack)
+                    config = self.config = attached.config
+                    self.netns = attached.netns or self.netns
+                require_host_devices(config)
                 runtime = VMRuntime.create(self.options.runtime_dir, self.id, netns=self.netns)
                 stack.callback(runtime.remove)
                 if layers:
@@ -587,11 +592,34 @@ class MicroVM:
         await self._ready_agent(timeout)
 
     async def exec(
-        self, cmd: str | Sequence[str], *, ready_timeout: float = 30.0, **kwargs: Any
+        self,
+        cmd: str | Sequence[str],
+        *,
+        ready_timeout: float = 30.0,
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | None = None,
+        user: int | str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output_bytes: int | None = None,
     ) -> ExecResult:
-        """Run a command in the guest; see :meth:`AgentClient.exec` for the options."""
+        """Run a command in the guest once its agent is ready (waiting up to ``ready_timeout``); see
+        :meth:`AgentClient.exec` for the options (``max_output_bytes=None``: the client's default)."""
         agent = await self._ready_agent(ready_timeout)
-        return await agent.exec(cmd, **kwargs)
+        limit = {} if max_output_bytes is None else {"max_output_bytes": max_output_bytes}
+        return await agent.exec(
+            cmd,
+            env=env,
+            cwd=cwd,
+            user=user,
+            stdin=stdin,
+            timeout=timeout,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            **limit,
+        )
 
     @property
     def files(self) -> Files:

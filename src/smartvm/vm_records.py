@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ConfigDict
 
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.atomic_write import write_atomic
@@ -30,6 +30,7 @@ from smartvm.host.private_dirs import check_private_dir, check_private_file, ens
 from smartvm.host.process import running_start_time
 from smartvm.host.runtime import sanitize_id
 from smartvm.host.sweep import hand_to_record, hypervisor_of, owner_of
+from smartvm.validation import Model
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def _alive(owner: dict[str, Any]) -> bool:
     return isinstance(pid, int) and running_start_time(pid) == owner.get("start_time")
 
 
-class VMRecord(BaseModel):
+class VMRecord(Model):
     """How to find a detached VM again."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -140,10 +141,16 @@ class VMRecordStore:
         except FileNotFoundError:
             return None
         try:
-            return VMRecord.model_validate(json.loads(raw))
-        except (ValueError, ValidationError) as exc:
+            data = json.loads(raw)
+        except ValueError as exc:
             raise SmartVMError(
-                ErrorCode.INVALID_STATE, f"VM record {path} is damaged ({exc}); remove it by hand"
+                ErrorCode.INVALID_CONFIG, f"VM record {path} is not JSON ({exc}); remove it by hand"
+            ) from exc
+        try:
+            return VMRecord.model_validate(data)
+        except SmartVMError as exc:
+            raise SmartVMError(
+                ErrorCode.INVALID_CONFIG, f"VM record {path} is damaged ({exc.message}); remove it by hand"
             ) from exc
 
     def remove(self, vm_id: str) -> None:
@@ -185,7 +192,7 @@ class VMRecordStore:
 
     def prune(self, record: VMRecord) -> None:
         """Forget a VM whose hypervisor is gone: what its engine left behind, its runtime dir, its record."""
-        from smartvm.engine import engine_class
+        from smartvm.engines import engine_class
 
         with contextlib.suppress(SmartVMError):  # a record of an engine this build does not know
             engine_class(record.engine).forget_record(record.engine_data)

@@ -33,7 +33,7 @@ def firecracker_bin() -> Path:
     path = Path(value)
     if not (path.is_file() and os.access(path, os.X_OK)):
         pytest.skip(f"SMARTVM_FIRECRACKER_BIN={value} is not an executable file")
-    from smartvm.qemu.kvm_probe import probe_kvm
+    from smartvm.kvm_probe import probe_kvm
 
     kvm = probe_kvm()
     if not kvm.usable:

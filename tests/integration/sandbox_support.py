@@ -19,7 +19,7 @@ from smartvm.sandbox.settings import SandboxSettings
 
 
 def manager_for(data_dir: Path, runtime_root: Path, **settings: object) -> SandboxManager:
-    values: dict[str, object] = {"data_dir": data_dir, "slot_pool_size": 1, **settings}
+    values: dict[str, object] = {"data_dir": data_dir, "slot_pool_size": 1, "warm_pool_size": 0, **settings}
     return SandboxManager(
         options=SmartVMOptions(engine="qemu", runtime_dir=runtime_root),
         settings=SandboxSettings.model_validate(values),

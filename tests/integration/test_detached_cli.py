@@ -5,6 +5,7 @@ Every CLI call is its own process, so each step really re-attaches to the VM thr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -138,3 +139,34 @@ def test_stop_of_an_unknown_vm(dirs: Dirs) -> None:
     res = dirs.cli("stop", "no-such-vm")
     assert res.returncode == 2
     assert b"VM_NOT_FOUND" in res.stderr
+
+
+def test_a_second_exec_and_cp_run_while_one_exec_runs(
+    guest_image: object, dirs: Dirs, tmp_path: Path
+) -> None:
+    """Each CLI process gets its own agent channel (QEMU: one of several virtio-serial ports), so a
+    long `exec` does not block the next `exec` or `cp` of the same detached VM."""
+    vm = dirs.start("busy")
+    argv = [*SMARTVM, "exec", "--data-dir", str(dirs.data), vm, "--", "sh", "-c", "echo started; sleep 5"]
+    long = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert long.stdout is not None
+        assert long.stdout.readline() == b"started\n"  # the long exec holds its channel now
+        blob = tmp_path / "blob.bin"
+        blob.write_bytes(bytes(range(256)) * 1000)
+        t0 = time.monotonic()
+        res = dirs.cli("exec", vm, "--", "echo", "second", timeout=60)
+        assert (res.returncode, res.stdout) == (0, b"second\n"), res.stderr
+        res = dirs.cli("cp", str(blob), f"{vm}:/tmp/blob.bin", timeout=60)
+        assert res.returncode == 0, res.stderr
+        took = time.monotonic() - t0
+        assert long.poll() is None, f"the second exec and cp took {took:.1f}s: they waited for the first"
+        assert long.wait(timeout=60) == 0, long.stderr.read() if long.stderr else b""
+    finally:
+        if long.poll() is None:
+            long.kill()
+        long.wait()
+    res = dirs.cli("exec", vm, "--", "md5sum", "/tmp/blob.bin", timeout=60)
+    assert res.stdout.split()[0].decode() == hashlib.md5(blob.read_bytes()).hexdigest(), res.stderr
+    assert dirs.cli("stop", vm).returncode == 0
+    dirs.assert_nothing_left()

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from guest_support import assert_nothing_left, boot_config
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.options import SmartVMOptions
 
@@ -159,7 +160,7 @@ async def test_full_runtime_tmpfs_is_named_as_the_cause(
     try:
         await vm.start()
         t0 = time.monotonic()
-        with pytest.raises(SmartVMError) as err:
+        with raises_code(ErrorCode.QEMU_EXITED) as err:
             await vm.exec("sleep 30", ready_timeout=60, timeout=60)
         assert time.monotonic() - t0 < FAST_S, err.value
         message = err.value.message

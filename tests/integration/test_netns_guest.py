@@ -29,7 +29,7 @@ from netns_support import (
 
 from smartvm import SlotPool
 from smartvm.config import MicroVMConfig
-from smartvm.host.netns import EgressPolicy, NetworkSlot
+from smartvm.host.netns import EgressPolicy
 
 pytestmark = [pytest.mark.integration, pytest.mark.network, requires_netns]
 
@@ -87,16 +87,19 @@ def net_guest(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return kernel, image
 
 
-def guest_config(guest: tuple[Path, Path], slot: NetworkSlot, hostname: str) -> MicroVMConfig:
+def guest_config(guest: tuple[Path, Path], hostname: str) -> MicroVMConfig:
+    """A VM without a network interface: ``create_vm(config, network=slot)`` adds it, with the slot's
+    TAP device and MAC and the kernel's ``ip=`` argument (the VM id is the guest's hostname)."""
     kernel, image = guest
-    boot_args = f"console=ttyS0 reboot=k panic=1 init=/init {slot.kernel_ip_arg(hostname)}"
-    nic = {"iface_id": "eth0", "host_dev_name": slot.tap_name, "guest_mac": slot.guest_mac}
     return MicroVMConfig.model_validate(
         {
-            "boot_source": {"kernel_image_path": str(kernel), "boot_args": boot_args},
+            "id": hostname,
+            "boot_source": {
+                "kernel_image_path": str(kernel),
+                "boot_args": "console=ttyS0 reboot=k panic=1 init=/init",
+            },
             "machine_config": {"vcpu_count": 1, "mem_size_mib": 128},
             "drives": [{"drive_id": "rootfs", "path_on_host": str(image), "is_root_device": True}],
-            "network_interfaces": [nic],
         }
     )
 
@@ -154,7 +157,7 @@ async def test_guests_on_slots_answer_ping_and_tcp_through_their_own_host_ip(
         slots = [await pool.acquire(), await pool.acquire()]
         vms = []
         for i, slot in enumerate(slots):
-            vm = await svm.create_vm(guest_config(net_guest, slot, f"guest{i}"), netns=slot.netns_name)
+            vm = await svm.create_vm(guest_config(net_guest, f"guest{i}"), network=slot)
             await vm.start()
             vms.append(vm)
         for vm, slot in zip(vms, slots, strict=True):
@@ -172,7 +175,7 @@ async def test_two_clones_of_one_snapshot_run_at_once_in_their_own_slots(
 ) -> None:
     async with SlotPool(3, prefix=env.prefix, transit=env.transit, state_dir=env.state_dir) as pool:
         origin = await pool.acquire()
-        vm = await svm.create_vm(guest_config(net_guest, origin, "clone"), netns=origin.netns_name)
+        vm = await svm.create_vm(guest_config(net_guest, "clone"), network=origin)
         await vm.start()
         await wait_console(vm, READY, timeout=120)
         assert await http_get(origin.host_ip) == "clone"
@@ -204,14 +207,7 @@ async def test_real_guest_egress_policy_and_port_forward(
     host_port = 20000 + os.getpid() % 10000
     async with SlotPool(1, prefix=env.prefix, transit=env.transit, state_dir=env.state_dir) as pool:
         slot = await pool.acquire(egress=EgressPolicy.deny_all(), port_forwards={host_port: 1234})
-        config = boot_config(
-            guest_image,
-            slot.kernel_ip_arg("egress"),
-            network_interfaces=[
-                {"iface_id": "eth0", "host_dev_name": slot.tap_name, "guest_mac": slot.guest_mac}
-            ],
-        )
-        vm = await svm.create_vm(config, netns=slot.netns_name)
+        vm = await svm.create_vm(boot_config(guest_image, vm_id="egress"), network=slot)
         await vm.start()
         try:
             await vm.wait_ready(120)

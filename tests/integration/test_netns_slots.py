@@ -28,6 +28,7 @@ from netns_support import (
     socket_in,
 )
 
+from error_support import raises_code
 from smartvm import EgressPolicy, SlotPool
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host import nat, netns
@@ -166,7 +167,7 @@ async def test_port_forward_from_outside_and_from_the_host(env: Env, servers: li
         assert (await ask(host_addr, host_port)).startswith("guest ")  # locally originated
         elements = nat.host_elements_sync()
         assert elements is not None and host_port in elements[1]
-        with pytest.raises(SmartVMError):  # one host port forwards to one sandbox only
+        with raises_code(ErrorCode.NETWORK_SETUP_FAILED):  # one host port forwards to one sandbox only
             await slot.forward_port(host_port, 1234)
         await slot.remove_port_forward(host_port)
         elements = nat.host_elements_sync()
@@ -233,7 +234,7 @@ async def test_names_in_use_are_refused_and_left_alone(env: Env) -> None:
     squatter = env.netns("ns0")  # what slot 0 of this prefix would be called
     ip("netns", "add", squatter)
     pool = _pool(env, 1)
-    with pytest.raises(SmartVMError) as info:
+    with raises_code(ErrorCode.NETWORK_SETUP_FAILED) as info:
         await pool.start()
     assert squatter in info.value.message
     assert _netns_exists(squatter)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from guest_support import boot_config, console_text, wait_console
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.qemu.cmdline import on_tmpfs
 
@@ -99,7 +100,7 @@ async def snapshot_counter_vm(svm: Any, guest: Any, tmp_path: Path, *, at_tick: 
     staged = staged_data_disk(vm)
     hidden = staged.with_name("hidden.img")
     staged.rename(hidden)
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.SNAPSHOT_FAILED):
         await vm.create_snapshot(tmp_path / "half" / "vm.state", tmp_path / "half" / "vm.mem", pause_vm=True)
     assert not (tmp_path / "half").exists()
     hidden.rename(staged)

@@ -110,3 +110,60 @@ async def test_bad_input_is_refused_before_anything_starts(sbm: Any) -> None:
         await sbm.get("sb-00000000")
     assert err.value.code is ErrorCode.SANDBOX_NOT_FOUND
     assert await sbm.list() == []
+
+
+async def _warm_ready(mgr: Any) -> None:
+    for _ in range(600):
+        if mgr._warm.ids():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("no warm sandbox was made")
+
+
+async def test_sandboxes_from_the_warm_pool_are_fresh_and_their_own(
+    sandbox_data: Path, runtime_root: Path
+) -> None:
+    import time
+
+    from sandbox_support import assert_no_sandbox_left
+
+    from smartvm.host.nat import EgressPolicy
+
+    mgr = manager_for(sandbox_data, runtime_root, warm_pool_size=1)
+    async with mgr:
+        first = await mgr.create("base")
+        seen = []
+        for kwargs in ({}, {"internet": False}):
+            await _warm_ready(mgr)
+            warm_id = next(iter(mgr._warm.ids()))
+            sbx = await mgr.create("base", **kwargs)
+            assert sbx.id == warm_id  # it came from the pool
+            out = await sbx.commands.run(
+                "hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"
+            )
+            name, rand, clock = out.stdout.split()
+            assert name == sbx.id and abs(int(clock) - time.time()) < 5
+            seen.append(rand)
+            live = mgr._live[sbx.id]
+            expected = EgressPolicy.deny_all() if kwargs else EgressPolicy.allow_all()
+            assert live.slot.egress == expected
+            assert mgr._svm.records.load(sbx.id) is not None  # recorded: it outlives the manager
+        assert seen[0] != seen[1]
+        for sbx in await mgr.list():
+            await sbx.kill()
+        del first
+    assert_no_sandbox_left(sandbox_data, runtime_root)  # the warm sandbox went with the manager
+
+
+async def test_streamed_writes_and_reads_keep_every_byte(sbm: Any) -> None:
+    sbx = await sbm.create("base")
+    data = bytes(range(256)) * 12289  # ~3 MiB, in chunks of awkward sizes
+
+    async def chunks() -> Any:
+        for i in range(0, len(data), 100_003):
+            yield data[i : i + 100_003]
+
+    info = await sbx.files.write_stream("streamed.bin", chunks())
+    assert (info.size, info.uid) == (len(data), 1000)
+    back = b"".join([c async for c in sbx.files.read_stream("streamed.bin")])
+    assert back == data

@@ -24,7 +24,7 @@ HOLDER = textwrap.dedent(
     from pathlib import Path
 
     async def main():
-        mgr = manager_for(Path(sys.argv[1]), Path(sys.argv[2]))
+        mgr = manager_for(Path(sys.argv[1]), Path(sys.argv[2]), warm_pool_size=1)
         await mgr.start()
         running = await mgr.create("base", timeout=600)
         await running.files.write("note.txt", b"survives the crash")
@@ -34,6 +34,10 @@ HOLDER = textwrap.dedent(
         paused = await mgr.create("base", timeout=600)
         await paused.files.write("note.txt", b"paused before the crash")
         await paused.pause()
+        for _ in range(600):  # a warm sandbox exists when the process dies: it must be swept
+            if mgr._warm.ids():
+                break
+            await asyncio.sleep(0.05)
         print(json.dumps({"running": running.id, "paused": paused.id, "pid": counter.pid}), flush=True)
         await asyncio.sleep(1000)  # SIGKILLed here
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-import smartvm.agent.guest as guest_module
+import smartvm.agent
 from smartvm.agent import AgentClient
 
-GUEST_PY = Path(guest_module.__file__)
+GUEST_PY = Path(smartvm.agent.__file__).with_name("guest.py")  # the program the guest runs
+WIRE_PY = GUEST_PY.with_name("wire.py")  # shipped next to it
 PYTHON = "/usr/bin/python3.11" if os.path.exists("/usr/bin/python3.11") else sys.executable
 
 

@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from agent_harness import agent_fixture, agent_server_fixture, pid_gone  # noqa: F401
+from agent_harness import AgentServer, agent_fixture, agent_server_fixture, pid_gone  # noqa: F401
 
 from smartvm.agent import AgentClient, ExecEvent, ExecTimeoutError
 from smartvm.errors import ErrorCode, SmartVMError
@@ -113,6 +113,22 @@ async def test_ten_commands_at_once(agent: AgentClient) -> None:
         assert r.stdout_text.splitlines() == [f"{i}-{j}" for j in range(1, 2001)]
 
     await asyncio.gather(*(one(i) for i in range(10)))
+
+
+async def test_separate_connections_run_at_the_same_time(agent_server: AgentServer) -> None:
+    """The socket transports (vsock on Firecracker, unix here: one accept loop) serve every connection
+    on its own thread, so separate clients (separate CLI processes) never wait for each other."""
+    first, second = agent_server.client(), agent_server.client()
+    try:
+        await first.wait_ready(30)
+        await second.wait_ready(30)
+        long = asyncio.ensure_future(first.exec(["sleep", "3"]))
+        assert (await second.exec(["echo", "second"])).stdout == b"second\n"
+        assert not long.done()
+        assert (await long).exit_code == 0
+    finally:
+        await first.close()
+        await second.close()
 
 
 async def test_timeout_kills_the_whole_process_group(agent: AgentClient) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from agent_harness import agent_fixture, agent_server_fixture  # noqa: F401
 
+from error_support import raises_code
 from smartvm.agent import AgentClient
 from smartvm.errors import ErrorCode, SmartVMError
 
@@ -45,7 +46,7 @@ async def test_upload_and_download_stream_host_files(agent: AgentClient, tmp_pat
     assert await agent.files.download(str(tmp_path / "in-guest.bin"), dest) == src.stat().st_size
     assert dest.read_bytes() == src.read_bytes()
     assert not (tmp_path / "down.bin.part").exists()
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.GUEST_FILE_ERROR):
         await agent.files.download(str(tmp_path / "missing"), tmp_path / "never")
     assert not (tmp_path / "never").exists() and not (tmp_path / "never.part").exists()
 

@@ -7,6 +7,7 @@ import signal
 import pytest
 from agent_harness import AgentServer, agent_fixture, agent_server_fixture, pid_gone  # noqa: F401
 
+from error_support import raises_code
 from smartvm.agent import AgentClient, ExecTimeoutError
 from smartvm.errors import ErrorCode, SmartVMError
 
@@ -72,5 +73,5 @@ async def test_unknown_pid_and_bad_signal(agent: AgentClient) -> None:
     with pytest.raises(SmartVMError) as exc:
         await agent.processes.signal(proc.pid, "SIGNOPE")
     assert exc.value.code == ErrorCode.INVALID_ARGUMENT
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.AGENT_ERROR):
         await agent.processes.start(["/no/such/binary"])

@@ -6,6 +6,7 @@ import ast
 import asyncio
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from agent_harness import (  # noqa: F401
     GUEST_PY,
     PYTHON,
+    WIRE_PY,
     AgentServer,
     agent_fixture,
     agent_server_fixture,
@@ -96,12 +98,38 @@ def test_encode_refuses_oversized_frames() -> None:
         encode_frame(DATA, 1, None, b"x" * (MAX_PAYLOAD + 1))
 
 
-def test_guest_agent_is_stdlib_only() -> None:
-    tree = ast.parse(GUEST_PY.read_text())
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert names - {"__future__"} <= set(sys.stdlib_module_names), names - set(sys.stdlib_module_names)
-    assert "smartvm" not in names
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return names | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+
+def test_wire_module_is_stdlib_only_and_the_agent_imports_nothing_else_of_smartvm() -> None:
+    wire = _imports(WIRE_PY)
+    assert {m.split(".")[0] for m in wire} - {"__future__"} <= set(sys.stdlib_module_names), wire
+    agent = _imports(GUEST_PY) - {"wire", "smartvm.agent.wire"}
+    assert {m.split(".")[0] for m in agent} - {"__future__"} <= set(sys.stdlib_module_names), agent
+
+
+def test_agent_runs_from_its_guest_layout_without_smartvm(tmp_path: Path) -> None:
+    """In the guest, agent.py and wire.py sit side by side in /opt/smartvm and smartvm is not installed."""
+    shutil.copy(GUEST_PY, tmp_path / "agent.py")
+    shutil.copy(WIRE_PY, tmp_path / "wire.py")
+    code = (  # like run-agent, with smartvm made unimportable
+        "import sys; sys.modules['smartvm'] = None; sys.path[0] = sys.argv[1]; import agent; "
+        "sys.exit(agent.main(['--version']))"
+    )
+    out = subprocess.run([PYTHON, "-I", "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (
+        out.stdout.strip() == f"smartvm-agent {protocol.AGENT_VERSION} protocol {protocol.PROTOCOL_VERSION}"
+    )
+
+
+def test_host_protocol_does_not_load_the_guest_program() -> None:
+    code = "import sys, smartvm.agent.client; print('smartvm.agent.guest' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_version_flag() -> None:

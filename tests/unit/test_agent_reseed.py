@@ -7,8 +7,9 @@ import asyncio
 import pytest
 from agent_harness import AgentServer, agent_fixture, agent_server_fixture  # noqa: F401
 
+from error_support import raises_code
 from smartvm.agent import AgentClient
-from smartvm.errors import SmartVMError
+from smartvm.errors import ErrorCode, SmartVMError
 
 
 async def test_reseed_dry_run_credits_the_host_bytes(agent: AgentClient) -> None:
@@ -20,7 +21,7 @@ async def test_reseed_dry_run_credits_the_host_bytes(agent: AgentClient) -> None
 
 @pytest.mark.parametrize(("entropy", "hostname"), [(b"short", None), (b"x" * 513, None), (b"x" * 64, "")])
 async def test_reseed_refuses_bad_input(agent: AgentClient, entropy: bytes, hostname: str | None) -> None:
-    with pytest.raises(SmartVMError, match=r"random bytes|hostname"):
+    with raises_code(ErrorCode.INVALID_ARGUMENT, match=r"random bytes|hostname"):
         await agent.reseed(entropy, hostname=hostname)
 
 
@@ -66,7 +67,7 @@ async def test_failed_prepare_fails_the_request_and_is_retried(agent_server: Age
 
     client = AgentClient(agent_server.open_stream, prepare=prepare)
     try:
-        with pytest.raises(SmartVMError, match="not yet"):
+        with raises_code(ErrorCode.AGENT_UNAVAILABLE, match="not yet"):
             await client.ping()
         await client.ping()
         await client.ping()

@@ -8,6 +8,7 @@ import logging
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,8 @@ async def test_empty_bucket(remote: FakeRemote, cache: Path) -> None:
     remote.put_object("firecracker-ci/v1.7/x86_64/README", b"nothing here")
     with pytest.raises(SmartVMError) as info:
         await manager(remote, cache).ensure_base_image("lts")
-    assert info.value.code == ErrorCode.BASE_IMAGE_PREPARE_FAILED
+    assert info.value.code == ErrorCode.BASE_IMAGE_RESOLVE_FAILED
+    assert "firecracker-ci/{v1.7}/x86_64/" in info.value.message
     assert entries(cache) == []
 
 
@@ -176,7 +178,9 @@ async def test_listing_failures_name_the_url(remote: FakeRemote, cache: Path, pa
     )
     with pytest.raises(SmartVMError) as info:
         await m.ensure_base_image("lts")
-    assert info.value.code == ErrorCode.DOWNLOAD_FAILED
+    assert info.value.code == ErrorCode.BASE_IMAGE_RESOLVE_FAILED
+    assert isinstance(info.value.__cause__, SmartVMError)
+    assert info.value.__cause__.code == ErrorCode.DOWNLOAD_FAILED
     assert remote.url + path in info.value.message
     assert ("timed out" if path == "/hang" else f"HTTP {path[-3:]}") in info.value.message
     assert entries(cache) == []
@@ -187,12 +191,11 @@ async def test_latest_needs_the_release_version(remote: FakeRemote, cache: Path)
     remote.latest = None  # /latest now 404s
     with pytest.raises(SmartVMError) as info:
         await manager(remote, cache).ensure_base_image("latest")
-    assert info.value.code == ErrorCode.VERSION_FETCH_FAILED
+    assert info.value.code == ErrorCode.BASE_IMAGE_RESOLVE_FAILED
+    assert "/gh/releases/latest" in info.value.message
 
 
-@pytest.mark.parametrize(
-    "arg", [{"preset": "newest"}, {"arch": "riscv64"}, {"manifest_url": "http://x.test/m"}]
-)
+@pytest.mark.parametrize("arg", [{"preset": "newest"}, {"arch": "riscv64"}])
 async def test_bad_arguments(remote: FakeRemote, cache: Path, arg: dict[str, Any]) -> None:
     with pytest.raises(SmartVMError) as info:
         await manager(remote, cache).ensure_base_image(**arg)
@@ -303,6 +306,94 @@ async def test_hosted_manifest_url(remote: FakeRemote, cache: Path) -> None:
     assert remote.hits["/hosted/files/rootfs.ext4"] == 1
 
 
+def original_manifest(remote: FakeRemote, bundle_id: str = "orig-1") -> str:
+    """A manifest in the original SmartVM's shape (artifacts at the top level), served over HTTP."""
+    kernel, rootfs = kernel_bytes("orig"), rootfs_bytes("orig")
+    remote.add("/orig/vmlinux", kernel)
+    remote.add("/orig/rootfs.squashfs", rootfs)
+    doc = {
+        "schemaVersion": 1,
+        "bundleId": bundle_id,
+        "name": "original-shape bundle",
+        "arch": "x86_64",
+        "firecrackerVersion": "v1.15.1",
+        "rootfsType": "squashfs",
+        "rootfsIsReadOnly": True,
+        "bootArgs": "console=ttyS0 reboot=k panic=1 pci=off ro rootfstype=squashfs custom=1",
+        "kernel": {
+            "url": f"{remote.url}/orig/vmlinux",
+            "sha256": sha256_hex(kernel),
+            "sizeBytes": len(kernel),
+        },
+        "rootfs": {"url": "rootfs.squashfs", "sha256": sha256_hex(rootfs), "fileName": "root_fs.squashfs"},
+    }
+    return remote.add(f"/orig/{bundle_id}.manifest.json", json.dumps(doc))
+
+
+async def test_original_shape_manifest_gives_the_original_bundle_fields(
+    remote: FakeRemote, cache: Path
+) -> None:
+    url = original_manifest(remote)
+    before = datetime.now(UTC).replace(microsecond=0)
+    bundle = await manager(remote, cache).ensure_base_image("hosted", manifest_url=url)
+    kernel, rootfs = kernel_bytes("orig"), rootfs_bytes("orig")
+    assert bundle.preset == "hosted" and bundle.arch == "x86_64" and bundle.ci_version is None
+    assert bundle.firecracker_version == "v1.15.1" and bundle.bundle_id == "orig-1"
+    assert bundle.bundle_dir == cache / "orig-1"
+    assert bundle.kernel_image_path == cache / "orig-1" / "vmlinux"
+    assert bundle.rootfs_path == cache / "orig-1" / "root_fs.squashfs"
+    assert bundle.rootfs_type == "squashfs" and bundle.rootfs_is_read_only is True
+    assert bundle.boot_args.endswith("custom=1")
+    assert (bundle.kernel_sha256, bundle.rootfs_sha256) == (sha256_hex(kernel), sha256_hex(rootfs))
+    assert (bundle.kernel_size_bytes, bundle.rootfs_size_bytes) == (len(kernel), len(rootfs))
+    assert before <= bundle.created_at <= bundle.last_accessed_at <= datetime.now(UTC)
+    # the present names still work
+    assert (bundle.kernel_path, bundle.directory, bundle.source) == (
+        bundle.kernel_image_path,
+        bundle.bundle_dir,
+        "hosted",
+    )
+    assert bundle.kernel_path.read_bytes() == kernel and bundle.rootfs_path.read_bytes() == rootfs
+    cached = json.loads((bundle.bundle_dir / "manifest.json").read_text())
+    assert cached["name"] == "original-shape bundle" and cached["rootfsIsReadOnly"] is True
+    again = await manager(remote, cache).ensure_base_image("hosted", manifest_url=url)
+    assert again == bundle and again.created_at == bundle.created_at
+    assert again.last_accessed_at >= bundle.last_accessed_at
+    assert remote.hits["/orig/rootfs.squashfs"] == 1
+
+
+async def test_ci_bundles_carry_their_ci_version(remote: FakeRemote, cache: Path) -> None:
+    fill_ci_prefix(remote, "v1.7")
+    bundle = await manager(remote, cache).ensure_base_image("lts")
+    assert bundle.preset == "lts" and bundle.ci_version == "v1.7" and bundle.rootfs_is_read_only is True
+    assert bundle.rootfs_size_bytes == bundle.rootfs_path.stat().st_size
+    assert bundle.kernel_sha256 == sha256_hex(bundle.kernel_path.read_bytes())
+    assert manager(remote, cache).list_cached_bundles() == [bundle]
+
+
+async def test_a_manifest_means_the_hosted_source_whatever_the_preset(
+    remote: FakeRemote, cache: Path, tmp_path: Path
+) -> None:
+    fill_ci_prefix(remote, "v1.7")
+    url = original_manifest(remote)
+    # given to the call: hosted, although the preset says lts (and the default says latest)
+    assert (await manager(remote, cache).ensure_base_image("lts", manifest_url=url)).bundle_id == "orig-1"
+    assert (await manager(remote, cache).ensure_base_image(manifest_url=url)).preset == "hosted"
+    # given to the manager: the same
+    assert (await manager(remote, cache, manifest_url=url).ensure_base_image()).bundle_id == "orig-1"
+    assert hits(remote, LTS_KEYS + "vmlinux-6.1.100") == 0
+    assert not any(entry["prefix"].startswith("firecracker-ci/") for entry in remote.listings)
+    # a path wins over a URL (the URL here would fail)
+    path = _local_manifest(tmp_path, "vmlinux")
+    dead = f"{remote.url}/status/404"
+    bundle = await manager(remote, cache).ensure_base_image(manifest_url=dead, manifest_path=path)
+    assert bundle.bundle_id == "local-manifest"
+    by_manager = manager(remote, cache, manifest_url=dead, manifest_path=path)
+    assert (await by_manager.ensure_base_image("latest")).bundle_id == "local-manifest"
+    # the call's manifest comes before the manager's
+    assert (await by_manager.ensure_base_image(manifest_url=url)).bundle_id == "orig-1"
+
+
 async def test_hosted_checksum_mismatch_leaves_nothing(remote: FakeRemote, cache: Path) -> None:
     url = hosted_manifest(remote, rootfs={"sha256": "0" * 64})
     with pytest.raises(SmartVMError) as info:
@@ -371,14 +462,12 @@ async def test_hosted_manifest_fetch_failures(remote: FakeRemote, cache: Path, p
     assert remote.url + path in info.value.message
 
 
-async def test_hosted_needs_a_manifest(remote: FakeRemote, cache: Path, tmp_path: Path) -> None:
-    m = manager(remote, cache)
+async def test_hosted_needs_a_manifest(remote: FakeRemote, cache: Path) -> None:
     with pytest.raises(SmartVMError) as info:
-        await m.ensure_base_image("hosted")
-    assert info.value.code == ErrorCode.INVALID_ARGUMENT
-    with pytest.raises(SmartVMError) as info:
-        await m.ensure_base_image("hosted", manifest_url="http://x.test/m", manifest_path=tmp_path / "m")
-    assert info.value.code == ErrorCode.INVALID_ARGUMENT
+        await manager(remote, cache).ensure_base_image("hosted")
+    assert info.value.code == ErrorCode.BASE_IMAGE_MANIFEST_FAILED
+    assert "manifest_url or manifest_path" in info.value.message
+    assert entries(cache) == []
 
 
 def _local_manifest(tmp_path: Path, kernel_path: str, **extra: Any) -> Path:
@@ -504,9 +593,10 @@ async def test_offline_serves_the_cached_bundle(
     assert any("serving cached bundle" in r.getMessage() for r in caplog.records)
     with pytest.raises(SmartVMError) as info:  # a forced download does not fall back
         await offline.ensure_base_image("lts", force_download=True)
-    assert info.value.code == ErrorCode.DOWNLOAD_FAILED
-    with pytest.raises(SmartVMError):  # another preset has nothing cached
+    assert info.value.code == ErrorCode.BASE_IMAGE_RESOLVE_FAILED
+    with pytest.raises(SmartVMError) as info:  # another preset has nothing cached
         await offline.ensure_base_image("latest")
+    assert info.value.code == ErrorCode.BASE_IMAGE_RESOLVE_FAILED
 
 
 # --- local bundles ---------------------------------------------------------------------------------

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.images.build_steps import BuildLog, digest, require_tool
 
 
 def test_failed_command_reports_exit_status_log_path_and_tail(tmp_path: Path) -> None:
     log_path = tmp_path / "logs" / "x.log"
-    with BuildLog(log_path) as log, pytest.raises(SmartVMError) as info:
+    with BuildLog(log_path) as log, raises_code(ErrorCode.BUILD_FAILED) as info:
         log.run(["sh", "-c", "echo first; echo the-real-problem >&2; exit 3"], "step one")
     err = info.value
     assert err.code == ErrorCode.BUILD_FAILED

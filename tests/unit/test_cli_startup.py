@@ -88,3 +88,15 @@ def test_an_unknown_command_gets_the_full_app_and_click_s_error() -> None:
     assert res.returncode == 2
     assert "No such command 'bogus'" in res.stderr
     assert _commands(build_app("bogus")) == set(COMMAND_MODULES)
+
+
+@pytest.mark.parametrize(("command", "other"), [("run", "smartvm.cli.detached"), ("start", "smartvm.cli.vm")])
+def test_run_and_the_detached_commands_do_not_import_each_other(command: str, other: str) -> None:
+    res = _python(
+        "import sys\n"
+        "from smartvm.cli.main import build_app\n"
+        f"build_app({command!r})\n"
+        f"assert {other!r} not in sys.modules, {other!r}\n"
+        "assert not [m for m in sys.modules if m.startswith('smartvm.images.')]\n"
+    )
+    assert res.returncode == 0, res.stderr

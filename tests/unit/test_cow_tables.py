@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.sandbox.cow import CowLayer, LoopRegistry, choose_strategy, report, strategies
 from smartvm.sandbox.cow.base import Availability, CowStrategy
@@ -29,7 +30,7 @@ def test_snapshot_table() -> None:
 
 def test_dm_name_and_cow_size() -> None:
     assert dm_name("sb-0123abcd") == "smartvm-sb-0123abcd"
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.COW_FAILED):
         dm_name("sb/../x")
     base = 256 << 20
     assert cow_file_bytes(base) >= base + base // 256 + 4096

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from http_fixtures import FakeRemote, make_tar, serving, sha256_hex
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.images.download import download, parse_sha256_file, safe_extract
 
@@ -73,7 +74,7 @@ async def test_failed_download_keeps_the_previous_file(remote: FakeRemote, tmp_p
     url = remote.add("/files/blob", DATA)
     dest = tmp_path / "blob"
     dest.write_bytes(b"old and good")
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.DOWNLOAD_FAILED):
         await download(url, dest, sha256="1" * 64)
     assert dest.read_bytes() == b"old and good"
     assert _leftovers(tmp_path) == ["blob"]

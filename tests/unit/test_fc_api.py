@@ -12,6 +12,7 @@ import pytest
 from fc_fake.server import ApiServer
 from fc_fake.spec import operations
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.firecracker.api import Call, FirecrackerAPI, Resource
 
@@ -64,13 +65,13 @@ async def test_unknown_field_is_rejected_with_fault_message(api: FirecrackerAPI)
 
 
 async def test_nested_unknown_field_and_wrong_type_are_rejected(api: FirecrackerAPI) -> None:
-    with pytest.raises(SmartVMError, match="'two' is not of type 'integer'"):
+    with raises_code(ErrorCode.FIRECRACKER_API_ERROR, match="'two' is not of type 'integer'"):
         await api.machine_config.put(vcpu_count="two", mem_size_mib=128)
-    with pytest.raises(SmartVMError, match="extra"):
+    with raises_code(ErrorCode.FIRECRACKER_API_ERROR, match="extra"):
         await api.entropy.put(rate_limiter={"bandwidth": {"size": 1, "refill_time": 1, "extra": 1}})
-    with pytest.raises(SmartVMError, match="is not one of"):
+    with raises_code(ErrorCode.FIRECRACKER_API_ERROR, match="is not one of"):
         await api.actions.put(action_type="Reboot")
-    with pytest.raises(SmartVMError, match="required"):
+    with raises_code(ErrorCode.FIRECRACKER_API_ERROR, match="required"):
         await api.boot.put(boot_args="console=ttyS0")
 
 
@@ -82,12 +83,12 @@ async def test_patch_bodies_need_no_required_fields_and_log_level_off_is_valid(a
 
 
 async def test_pre_boot_only_calls_are_refused_after_start(api: FirecrackerAPI, short_tmp: Path) -> None:
-    with pytest.raises(SmartVMError, match=r"PATCH /vm .*before starting"):
+    with raises_code(ErrorCode.FIRECRACKER_API_ERROR, match=r"PATCH /vm .*before starting"):
         await api.vm.patch(state="Paused")
-    with pytest.raises(SmartVMError, match="without kernel configuration"):
+    with raises_code(ErrorCode.FIRECRACKER_API_ERROR, match="without kernel configuration"):
         await api.actions.put(action_type="InstanceStart")
     await _boot(api, short_tmp / "vmlinux")
-    with pytest.raises(SmartVMError, match=r"PUT /machine-config .*after starting"):
+    with raises_code(ErrorCode.FIRECRACKER_API_ERROR, match=r"PUT /machine-config .*after starting"):
         await api.machine_config.put(vcpu_count=1, mem_size_mib=128)
     await api.vm.patch(state="Paused")
     assert (await api.describe_instance.get())["state"] == "Paused"
@@ -129,7 +130,7 @@ async def test_unreachable_socket_is_no_client(short_tmp: Path) -> None:
 
 
 async def test_path_and_body_ids_must_match(api: FirecrackerAPI, short_tmp: Path) -> None:
-    with pytest.raises(SmartVMError, match="does not match"):
+    with raises_code(ErrorCode.FIRECRACKER_API_ERROR, match="does not match"):
         await api.request("PUT", "/network-interfaces/eth0", {"iface_id": "eth1", "host_dev_name": "tap0"})
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.firecracker.binary import (
     check_firecracker_binary,
@@ -67,7 +68,7 @@ def test_version_and_doctor_check(fake_binary: Path, monkeypatch: pytest.MonkeyP
     broken = tmp_path / "broken"
     broken.write_text("#!/bin/sh\necho nonsense\n")
     broken.chmod(0o755)
-    with pytest.raises(SmartVMError, match="did not report a Firecracker version"):
+    with raises_code(ErrorCode.BINARY_NOT_FOUND, match="did not report a Firecracker version"):
         firecracker_version(broken)
     monkeypatch.setenv("SMARTVM_FIRECRACKER_BIN", str(broken))
     assert not check_firecracker_binary().ok

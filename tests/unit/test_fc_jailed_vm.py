@@ -32,7 +32,6 @@ from jailed_support import (
     proc_root,
     vm_config,
 )
-from pydantic import ValidationError
 
 import smartvm
 from smartvm import SmartVMError
@@ -70,8 +69,9 @@ def test_jailer_options_are_validated_and_exported() -> None:
         {"parent_cgroup": "../escape"},
         {"parent_cgroup": "/abs"},
     ):
-        with pytest.raises(ValidationError):
+        with pytest.raises(SmartVMError) as err:
             JailerOptions.model_validate({"uid": 1, "gid": 1, **bad})
+        assert err.value.code is ErrorCode.INVALID_CONFIG and next(iter(bad)) in err.value.message
 
 
 async def test_boot_runs_firecracker_chrooted_as_the_jail_user(

@@ -38,10 +38,9 @@ def test_argv_uses_firecrackers_flags() -> None:
         netns="ns1",
     )
     assert cmd.argv() == [
-        "ip",
-        "netns",
-        "exec",
-        "ns1",
+        "nsenter",
+        "--net=/run/netns/ns1",
+        "--",
         "/bin/fc",
         "--id",
         "vm1",

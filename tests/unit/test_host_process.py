@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from smartvm.host.process import HostProcess, proc_stat, running_start_time
+from smartvm.host.process import HostProcess, proc_stat, running_start_time, tail
 
 
 async def test_child_exit_code_and_signal(tmp_path: Path) -> None:
@@ -75,3 +75,12 @@ def test_only_released_children_outlive_the_python_process(release: bool) -> Non
         asyncio.run(adopted.wait(10))
     stat = proc_stat(pid)
     assert stat is None or stat[1] != start or stat[0] == "Z"
+
+
+def test_one_log_tail_for_every_log(tmp_path: Path) -> None:
+    """Hypervisor, console and build logs share one tail reader: bytes bound, then whole last lines."""
+    log = tmp_path / "engine.log"
+    log.write_text("".join(f"line {i}\n" for i in range(1000)))
+    assert tail(log, 64).splitlines()[0].startswith("line ")  # starts at a whole line
+    assert tail(log, 64 * 1024, lines=3) == "line 997\nline 998\nline 999"
+    assert tail(tmp_path / "missing.log", lines=3) == "" and tail(None) == ""

@@ -156,7 +156,24 @@ def test_size_bytes_must_be_a_non_negative_integer(value: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["../vmlinux", "a/b", "..", ".", ".hidden", "", "manifest.json", "/etc/passwd", "a\\b", "x\x00y"]
+    "value",
+    [
+        "../vmlinux",
+        "a/b",
+        "..",
+        ".",
+        ".hidden",
+        "",
+        "manifest.json",
+        "/etc/passwd",
+        "a\\b",
+        "x\x00y",
+        "vm linux",
+        "vmlinux+6.1",
+        "rootfs:1",
+        "ümlaut",
+        "a" * 256,
+    ],
 )
 def test_file_name_must_be_a_plain_name(value: str) -> None:
     assert "fileName" in invalid(with_change("artifacts.kernel.fileName", value))
@@ -264,3 +281,73 @@ def test_read_manifest(tmp_path: Path) -> None:
     assert info.value.code == ErrorCode.INVALID_BASE_IMAGE_MANIFEST
     path.write_text(json.dumps(with_change("artifacts.rootfs.url", "https://example.test/r.squashfs")))
     assert read_manifest(path, arch="x86_64").artifacts.rootfs.name == "rootfs.squashfs"
+
+
+# --- the original SmartVM's shape ----------------------------------------------------------------
+
+
+def original() -> dict[str, Any]:
+    """A manifest as the original SmartVM documents it: artifacts at the top level."""
+    return {
+        "schemaVersion": 1,
+        "bundleId": "smartvm-minimal-v1-x86_64",
+        "name": "SmartVM minimal x86_64 bundle",
+        "arch": "x86_64",
+        "firecrackerVersion": "v1.15.1",
+        "rootfsType": "ext4",
+        "rootfsIsReadOnly": True,
+        "bootArgs": "console=ttyS0 reboot=k panic=1 pci=off",
+        "kernel": {"url": "https://example.test/vmlinux", "sha256": SHA, "sizeBytes": 10},
+        "rootfs": {"url": "https://example.test/rootfs.ext4", "sha256": SHA, "fileName": "root_fs-1.ext4"},
+    }
+
+
+def test_the_original_shape_is_accepted_as_it_is() -> None:
+    m = parse_manifest(json.dumps(original()), where="test.json", arch="x86_64")
+    assert m.bundle_id == "smartvm-minimal-v1-x86_64" and m.name == "SmartVM minimal x86_64 bundle"
+    assert m.artifacts.kernel.name == "vmlinux" and m.artifacts.kernel.size_bytes == 10
+    assert m.artifacts.rootfs.name == "root_fs-1.ext4"
+    assert m.rootfs_type == "ext4" and m.rootfs_is_read_only is True and m.read_only_rootfs
+    assert m.effective_boot_args() == "console=ttyS0 reboot=k panic=1 pci=off"
+    # written back in smartvm's own shape, and read again to the same manifest
+    doc = json.loads(m.to_json())
+    assert "kernel" not in doc and doc["artifacts"]["rootfs"]["fileName"] == "root_fs-1.ext4"
+    assert doc["rootfsIsReadOnly"] is True and doc["name"] == m.name
+    assert parse_manifest(m.to_json(), where="again") == m
+
+
+def test_the_original_shape_needs_firecracker_version_and_both_artifacts() -> None:
+    doc = original()
+    del doc["firecrackerVersion"]
+    assert "firecrackerVersion is required" in invalid(doc)
+    doc = original()
+    del doc["rootfs"]
+    assert "rootfs" in invalid(doc)
+    doc = original()
+    doc["artifacts"] = valid()["artifacts"]
+    assert "either as top-level kernel/rootfs or under artifacts" in invalid(doc)
+    doc = original()
+    doc["kernel"]["fileName"] = "vmlinux+6.1"
+    assert "fileName" in invalid(doc)
+    doc = original()
+    doc["name"] = "two\nlines"
+    assert "name" in invalid(doc)
+
+
+@pytest.mark.parametrize(
+    ("rootfs", "rootfs_type", "read_only"),
+    [
+        ({"url": "https://example.test/ubuntu.squashfs", "sha256": SHA}, "squashfs", True),
+        ({"url": "https://example.test/x", "sha256": SHA, "fileName": "r.SQUASHFS"}, "squashfs", True),
+        ({"path": "images/rootfs.ext4"}, "ext4", False),
+        ({"path": "images/rootfs.img"}, "ext4", False),
+    ],
+)
+def test_rootfs_type_and_read_only_default_from_the_rootfs(
+    rootfs: dict[str, Any], rootfs_type: str, read_only: bool
+) -> None:
+    doc = original()
+    del doc["rootfsType"], doc["rootfsIsReadOnly"]
+    doc["rootfs"] = rootfs
+    m = parse_manifest(doc, where="t")
+    assert (m.rootfs_type, m.rootfs_is_read_only, m.read_only_rootfs) == (rootfs_type, None, read_only)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.ipam import LeaseStore, process_start_time, read_leases
 
@@ -85,7 +86,7 @@ def test_concurrent_allocation_across_processes_never_shares_an_index(tmp_path: 
     assert len(indices) == 100 and sorted(indices) == list(range(100))
     leases = read_leases(path)
     assert len(leases) == 100 and len({lease.index for lease in leases}) == 100
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.ADDRESS_EXHAUSTED):
         LeaseStore(path, 0, 99).allocate("one-more")
 
 
@@ -113,3 +114,16 @@ def test_owner_must_exist(tmp_path: Path) -> None:
     with pytest.raises(SmartVMError) as info:
         LeaseStore(tmp_path / "a.json", 0, 9).allocate("x", owner_pid=2**22 + 12345)
     assert info.value.code == ErrorCode.INVALID_ARGUMENT
+
+
+def test_lease_writes_never_go_through_a_planted_temp_file(tmp_path: Path) -> None:
+    """The lease file is replaced through a fresh temp file (host/atomic_write.py), never a fixed
+    ``.part`` name that a stale file or symlink could occupy."""
+    path = tmp_path / "state" / "bridge.json"
+    LeaseStore(path, 2, 10).allocate("vm-a")
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    (path.parent / "bridge.json.part").symlink_to(victim)
+    LeaseStore(path, 2, 10).allocate("vm-b")
+    assert victim.read_text() == "untouched"
+    assert [x.key for x in read_leases(path)] == ["vm-a", "vm-b"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from error_support import raises_code
 from smartvm import EgressPolicy, NetworkManager, TapDevice
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host import nat
@@ -29,7 +30,7 @@ def test_kernel_ip_arg() -> None:
     assert kernel_ip_arg(tap, "vm1") == "ip=172.30.0.2::172.30.0.1:255.255.255.0:vm1:eth0:off"
     assert tap.kernel_ip_arg("vm1") == kernel_ip_arg(tap, "vm1")
     for bad in ("", "a:b", "x" * 64, "-lead", "has space"):
-        with pytest.raises(SmartVMError):
+        with raises_code(ErrorCode.INVALID_ARGUMENT):
             kernel_ip_arg(tap, bad)
 
 
@@ -59,15 +60,15 @@ def test_netns_exec_argv_execs_the_engine_directly() -> None:
 
 
 def test_invalid_inputs_are_rejected_with_the_field_named() -> None:
-    with pytest.raises(SmartVMError, match="subnet"):
+    with raises_code(ErrorCode.INVALID_ARGUMENT, match="subnet"):
         NetworkManager(subnet="not-a-net")
-    with pytest.raises(SmartVMError, match="too small"):
+    with raises_code(ErrorCode.INVALID_ARGUMENT, match="too small"):
         NetworkManager(subnet="10.0.0.0/31")
-    with pytest.raises(SmartVMError, match="bridge_name"):
+    with raises_code(ErrorCode.INVALID_ARGUMENT, match="bridge_name"):
         NetworkManager(bridge_name="a-name-much-too-long")
-    with pytest.raises(SmartVMError, match="prefix"):
+    with raises_code(ErrorCode.INVALID_ARGUMENT, match="prefix"):
         NetworkManager(name_prefix="Bad-Prefix")
-    with pytest.raises(SmartVMError, match="transit"):
+    with raises_code(ErrorCode.INVALID_ARGUMENT, match="transit"):
         SlotPool(1, transit="10.0.0.0/31")
     with pytest.raises(SmartVMError) as info:
         SlotPool(-1)
@@ -88,7 +89,7 @@ def test_egress_policy_normalises_and_validates() -> None:
     with pytest.raises(SmartVMError) as info:
         EgressPolicy.deny_only(["example.com"])
     assert info.value.code == ErrorCode.INVALID_ARGUMENT and "egress deny" in info.value.message
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.INVALID_ARGUMENT):
         EgressPolicy("maybe")  # type: ignore[arg-type]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.firecracker.binary import find_firecracker
 from smartvm.host.private_dirs import ensure_private_dir
@@ -80,7 +81,7 @@ def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
     err = _refused(planted)
     assert str(planted) in err.message and f"uid {OTHER_UID}" in err.message and "0755" in err.message
     assert "remove it" in err.message and "--data-dir" in err.message
-    with pytest.raises(SmartVMError):  # a level below it is refused too: the parent is theirs
+    with raises_code(ErrorCode.UNSAFE_DIRECTORY):  # a level below it is refused too: the parent is theirs
         ensure_private_dir(planted / "bin")
     assert not (planted / "bin").exists()
 
@@ -97,7 +98,7 @@ def test_a_symlink_is_refused_even_to_our_directory(tmp_path: Path) -> None:
     link.symlink_to(ours)
     os.chown(link, OTHER_UID, -1, follow_symlinks=False)
     assert "symlink" in _refused(link).message
-    with pytest.raises(SmartVMError):  # the symlink as a parent: owned by another user
+    with raises_code(ErrorCode.UNSAFE_DIRECTORY):  # the symlink as a parent: owned by another user
         ensure_private_dir(link / "x")
 
 
@@ -106,7 +107,7 @@ def test_a_sticky_world_writable_parent_is_fine(tmp_path: Path) -> None:
     shared = _planted_dir(tmp_path / "shm", uid=0, mode=0o1777)
     assert ensure_private_dir(shared / ".smartvm" / "runtime").is_dir()
     shared.chmod(0o777)  # without the sticky bit others could swap our directory
-    with pytest.raises(SmartVMError) as info:
+    with raises_code(ErrorCode.UNSAFE_DIRECTORY) as info:
         ensure_private_dir(shared / ".smartvm" / "runtime")
     assert "without the sticky bit" in info.value.message
 
@@ -154,7 +155,7 @@ def test_forged_records_delete_nothing(tmp_path: Path) -> None:
     with pytest.raises(SmartVMError) as info:
         svm.prune_detached()
     assert info.value.code is ErrorCode.UNSAFE_DIRECTORY
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.UNSAFE_DIRECTORY):
         svm.detached_vms()  # 'smartvm ps'
     assert (victim / "precious").exists()
     # 2. our records dir, a record file another user owns (a hard link or a leftover of theirs)
@@ -177,12 +178,12 @@ def test_a_planted_firecracker_is_never_run(tmp_path: Path) -> None:
     with pytest.raises(SmartVMError) as info:
         find_firecracker(options)
     assert info.value.code is ErrorCode.UNSAFE_DIRECTORY and "v99.0.0" in info.value.message
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.UNSAFE_DIRECTORY):
         find_firecracker(options.model_copy(update={"firecracker_version": "v99.0.0"}))
     manager = ImageManager(data)
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.UNSAFE_DIRECTORY):
         manager.has_binary("v99.0.0")
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.UNSAFE_DIRECTORY):
         manager.list_versions()
     assert not marker.exists()
 
@@ -217,5 +218,5 @@ def test_planted_lease_state_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SmartVMError) as info:
         all_stores(state)
     assert info.value.code is ErrorCode.UNSAFE_DIRECTORY
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.UNSAFE_DIRECTORY):
         LeaseStore(state / "slots.json", 1, 4).leases()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from smartvm.config import MicroVMConfig
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.runtime import VMRuntime
+from smartvm.qemu.agent_ports import AGENT_PORTS
 from smartvm.qemu.cmdline import LaunchSpec, build_argv, detect_disk_format, kernel_cmdline, on_tmpfs
 
 RUNTIME = VMRuntime(vm_id="vm1", dir=Path("/run/sv/vm1"))
@@ -52,11 +54,24 @@ def test_console_qmp_and_agent_channel_live_in_the_runtime_dir() -> None:
     assert "file,id=console,path=/run/sv/vm1/console.log" in chardevs
     assert "socket,id=qmp,path=/run/sv/vm1/qmp.sock,server=on,wait=off" in chardevs
     assert "socket,id=agent,path=/run/sv/vm1/agent.sock,server=on,wait=off" in chardevs
+    assert "socket,id=agent7,path=/run/sv/vm1/agent.7.sock,server=on,wait=off" in chardevs
     assert option_values(argv, "-serial") == ["chardev:console"]
     assert option_values(argv, "-mon") == ["chardev=qmp,mode=control"]
     devices = option_values(argv, "-device")
-    assert "virtio-serial-device,id=vser0,max_ports=2" in devices
+    assert f"virtio-serial-device,id=vser0,max_ports={AGENT_PORTS + 1}" in devices
     assert "virtserialport,bus=vser0.0,chardev=agent,name=smartvm.agent" in devices
+    assert "virtserialport,bus=vser0.0,chardev=agent7,name=smartvm.agent.7" in devices
+    assert len([d for d in devices if d.startswith("virtserialport,")]) == AGENT_PORTS == 8
+
+
+def test_a_single_agent_port_is_the_layout_of_older_snapshots() -> None:
+    """Restoring a snapshot taken before multi-port agents needs exactly its device set back."""
+    argv = build_argv(config(), RUNTIME, dataclasses.replace(TCG, agent_ports=1))
+    devices = option_values(argv, "-device")
+    assert "virtio-serial-device,id=vser0,max_ports=2" in devices
+    assert [d for d in devices if d.startswith("virtserialport,")] == [
+        "virtserialport,bus=vser0.0,chardev=agent,name=smartvm.agent"
+    ]
 
 
 def test_tcg_boot_args_are_added_but_never_override_the_user() -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
 
 import pytest
 
-from smartvm.qemu import kvm_probe
+from smartvm import kvm_probe
 from smartvm.qemu.host_clock import host_tsc_khz, khz_from_kernel_log, measure_tsc_khz
 
 
@@ -104,3 +105,17 @@ def test_no_kvm_device_means_tcg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert kvm_probe.engine_accel("kvm")[0] == "kvm"  # an explicit choice is honoured
     check = kvm_probe.check_kvm_guest()
     assert check.name == "kvm guest" and "TCG" in check.detail
+
+
+def test_probe_cache_is_written_through_a_fresh_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never a predictable ``kvm-probe.json.<pid>.part`` that a stale file or symlink could occupy."""
+    monkeypatch.setenv("SMARTVM_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    (tmp_path / "cache" / f"{kvm_probe.CACHE_NAME}.{os.getpid()}.part").symlink_to(victim)
+    kvm_probe._write_cache("key", kvm_probe.KvmProbe(True, "ok"))
+    assert victim.read_text() == "untouched"
+    assert json.loads((tmp_path / "cache" / kvm_probe.CACHE_NAME).read_text())["key"]["usable"] is True

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.qemu.qmp import QMPClient, QMPError
 
@@ -107,7 +108,7 @@ async def test_quit_fails_waiting_commands_instead_of_hanging(
     with pytest.raises(SmartVMError) as err:
         await client.execute("query-status", timeout=5)
     assert err.value.code == ErrorCode.QMP_ERROR
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.QMP_ERROR):
         await client.wait_event("STOP", timeout=5)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from http_fixtures import RELEASES, FakeRemote, make_tar, serving, sha256_hex
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.storage import allocated_bytes
 from smartvm.images.releases import (
@@ -211,7 +212,7 @@ async def test_bad_versions_never_reach_a_path(manager: ImageManager, version: s
     with pytest.raises(SmartVMError) as info:
         await manager.download_firecracker(version)
     assert info.value.code == ErrorCode.INVALID_ARGUMENT
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.INVALID_ARGUMENT):
         manager.get_firecracker_path(version)
 
 
@@ -367,3 +368,44 @@ def test_cli_installs_an_unverified_release_only_when_told(
     allowed = runner.invoke(app, [*args, "--insecure-no-checksum"])
     assert allowed.exit_code == 0, allowed.output
     assert Path(allowed.stdout.strip().splitlines()[-1]) == data / "bin" / VERSION / "firecracker"
+
+
+# --- the original's constructor and directories ------------------------------------------------
+
+
+def test_arch_is_the_second_positional_argument(tmp_path: Path) -> None:
+    manager = ImageManager(tmp_path / "data", "aarch64")
+    assert manager.arch == "aarch64" and manager.data_dir == tmp_path / "data"
+
+
+def test_ensure_directories_makes_private_dirs(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    manager = ImageManager(data)
+    manager.ensure_directories()
+    manager.ensure_directories()  # idempotent
+    for sub in ("bin", "kernels", "rootfs"):
+        assert (data / sub).is_dir() and (data / sub).stat().st_mode & 0o777 == 0o700
+    assert data.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_data_dir_others_can_write_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "bin" / "v1.15.1").mkdir(parents=True)
+    for name in ("firecracker", "jailer"):
+        binary = data / "bin" / "v1.15.1" / name
+        binary.write_text("#!/bin/sh\n")
+        binary.chmod(0o755)
+    for d in (data, data / "bin", data / "bin" / "v1.15.1"):
+        d.chmod(0o700)
+    manager = ImageManager(data)
+    assert manager.has_binary("v1.15.1")
+    data.chmod(0o777)  # anyone could have swapped the binaries
+    for call in (manager.ensure_directories, lambda: manager.has_binary("v1.15.1")):
+        with pytest.raises(SmartVMError) as info:
+            call()
+        assert info.value.code == ErrorCode.UNSAFE_DIRECTORY and str(data) in info.value.message
+    data.chmod(0o700)
+    (data / "bin" / "v1.15.1" / "jailer").chmod(0o777)
+    with pytest.raises(SmartVMError) as info:
+        manager.has_binary("v1.15.1")
+    assert info.value.code == ErrorCode.UNSAFE_DIRECTORY and "jailer" in info.value.message

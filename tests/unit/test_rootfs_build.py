@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.images import rootfs_build
 from smartvm.images.rootfs_build import build_rootfs, rootfs_cache_key
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.skipif(
     reason="needs busybox-static and e2fsprogs (scripts/setup installs them)",
 )
 
-AGENT = Path(rootfs_build.__file__).resolve().parent.parent / "agent" / "guest.py"
+AGENT = rootfs_build.AGENT_DIR / "guest.py"
+WIRE = rootfs_build.AGENT_DIR / "wire.py"
 
 
 def debugfs(image: Path, request: str) -> str:
@@ -48,10 +50,10 @@ def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_rootfs("busybox", cache_dir=cache, progress=False)
 
 
-def assert_agent_bytecode_matches(image: Path, tmp_path: Path) -> None:
-    """The agent ships as hash-checked bytecode of exactly the shipped source (PEP 552 header)."""
+def assert_bytecode_matches(image: Path, tmp_path: Path, module: str, source: Path) -> None:
+    """An agent file ships as hash-checked bytecode of exactly the shipped source (PEP 552 header)."""
     ls = debugfs(image, "ls /opt/smartvm/__pycache__")
-    [name] = re.findall(r"agent\.cpython-\d+\.pyc", ls)
+    [name] = re.findall(module + r"\.cpython-\d+\.pyc", ls)
     pyc = tmp_path / name
     debugfs(image, f"dump /opt/smartvm/__pycache__/{name} {pyc}")
     header = pyc.read_bytes()[:16]
@@ -63,7 +65,7 @@ def assert_agent_bytecode_matches(image: Path, tmp_path: Path) -> None:
             "-c",
             "import importlib.util, sys; src = open(sys.argv[1], 'rb').read(); "
             "print(importlib.util.MAGIC_NUMBER.hex(), importlib.util.source_hash(src).hex())",
-            str(AGENT),
+            str(source),
         ],
         capture_output=True,
         text=True,
@@ -97,9 +99,11 @@ def test_busybox_image_has_init_python_and_agent(busybox_image: Path, tmp_path: 
     if AGENT.is_file():
         assert "::respawn:/opt/smartvm/run-agent" in inittab
         assert debugfs(busybox_image, "cat /opt/smartvm/agent.py") == AGENT.read_text()
+        assert debugfs(busybox_image, "cat /opt/smartvm/wire.py") == WIRE.read_text()
         runner = debugfs(busybox_image, "cat /opt/smartvm/run-agent")
         assert "/usr/bin/python3 -c" in runner and "import agent" in runner
-        assert_agent_bytecode_matches(busybox_image, tmp_path)
+        assert_bytecode_matches(busybox_image, tmp_path, "agent", AGENT)
+        assert_bytecode_matches(busybox_image, tmp_path, "wire", WIRE)
     else:
         assert "run-agent" not in inittab
 
@@ -123,12 +127,29 @@ def test_cache_key_follows_inputs() -> None:
     assert rootfs_cache_key("busybox", size_mib=300) != base
 
 
+def test_cache_key_follows_each_agent_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest runs agent.py and the wire module beside it: a change to either is a new image."""
+    agent_dir = tmp_path / "agent"
+    agent_dir.mkdir()
+    for name in ("guest.py", "wire.py"):
+        shutil.copy(rootfs_build.AGENT_DIR / name, agent_dir / name)
+    base = rootfs_cache_key("busybox")
+    monkeypatch.setattr(rootfs_build, "AGENT_DIR", agent_dir)
+    assert rootfs_cache_key("busybox") == base
+    keys = {base}
+    for name in ("guest.py", "wire.py"):
+        with (agent_dir / name).open("a") as f:
+            f.write("# changed\n")
+        keys.add(rootfs_cache_key("busybox"))
+    assert len(keys) == 3
+
+
 def test_failed_step_leaves_nothing_behind(tmp_path: Path) -> None:
     base = tmp_path / "base"
     (base / "data").mkdir(parents=True)
     (base / "data" / "big").write_bytes(os.urandom(3 << 20))
     cache = tmp_path / "cache"
-    with pytest.raises(SmartVMError) as info:
+    with raises_code(ErrorCode.BUILD_FAILED) as info:
         build_rootfs("dir", source=base, size_mib=1, cache_dir=cache, with_agent=False, progress=False)
     err = info.value
     assert err.code == ErrorCode.BUILD_FAILED

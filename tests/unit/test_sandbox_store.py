@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.sandbox.store import (
     MIGRATIONS,
@@ -81,7 +82,7 @@ def test_sandbox_crud_transitions_and_events(store: SandboxStore, tmp_path: Path
     rec = SandboxRecord(sid, "base", metadata={"k": "v"}, envs={"A": "1"}, end_at=5.0, auto_pause=True)
     store.insert_sandbox(rec)
     assert store.get_sandbox(sid) == rec
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.INVALID_ARGUMENT):
         store.insert_sandbox(rec)
     store.transition(sid, S.RUNNING, expect=S.STARTING)
     updated = store.update_sandbox(sid, vm_id="vm1", network_slot=3, end_at=9.0)
@@ -89,7 +90,7 @@ def test_sandbox_crud_transitions_and_events(store: SandboxStore, tmp_path: Path
     with pytest.raises(SmartVMError) as err:
         store.transition(sid, S.RESUMING)  # running -> resuming is not a move
     assert err.value.code == ErrorCode.INVALID_SANDBOX_TRANSITION
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.INVALID_SANDBOX_TRANSITION):
         store.transition(sid, S.PAUSING, expect=S.PAUSED)  # stale expectation
     store.transition(sid, S.PAUSING)
     store.transition(sid, S.PAUSED)
@@ -156,7 +157,7 @@ def test_manager_lock_refused_from_second_process(tmp_path: Path) -> None:
         proc.kill()
         proc.wait()
     # the holder died: the lock is free again, but a second holder in this process is refused
-    with acquire_manager_lock(data), pytest.raises(SmartVMError):
+    with acquire_manager_lock(data), raises_code(ErrorCode.DATA_DIR_IN_USE):
         acquire_manager_lock(data)
     acquire_manager_lock(data).release()
 

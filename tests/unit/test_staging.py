@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from error_support import raises_code
 from smartvm import BootSource, Drive, MicroVMConfig, SmartVMError
 from smartvm.errors import ErrorCode
 from smartvm.host.runtime import VMRuntime, sanitize_id
@@ -80,10 +81,10 @@ def test_clone_refuses_existing_target_and_leaves_nothing_on_failure(tmp_path: P
     src.write_bytes(b"data")
     dst = tmp_path / "d"
     dst.write_bytes(b"old")
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.STAGING_FAILED):
         clone_file(src, dst)
     assert dst.read_bytes() == b"old"
-    with pytest.raises(SmartVMError):
+    with raises_code(ErrorCode.STAGING_FAILED):
         clone_file(tmp_path / "missing", tmp_path / "new")
     assert not (tmp_path / "new").exists()
 

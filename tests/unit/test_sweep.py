@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from smartvm.host.process import running_start_time
@@ -34,6 +35,10 @@ def test_an_orphan_dir_goes_with_its_own_hypervisor(tmp_path: Path) -> None:
     naps = "import time; time.sleep(300)"
     hyp = subprocess.Popen([sys.executable, "-c", naps, str(vm / "qmp.sock")])  # names its runtime dir
     try:
+        for _ in range(500):  # until the child has exec'd (before that it has the parent's cmdline)
+            if str(vm).encode() in Path(f"/proc/{hyp.pid}/cmdline").read_bytes():
+                break
+            time.sleep(0.01)
         start = running_start_time(hyp.pid)
         (vm / HYPERVISOR_FILE).write_text(json.dumps({"pid": hyp.pid, "start_time": start}))
         assert sweep(tmp_path, set(), _never) == [vm] and not vm.exists()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from fc_fake.helpers import fake_vm_config, logged_requests, processes_running
 
+from error_support import raises_code
 from smartvm import SmartVMError
 from smartvm.config import Balloon, MachineConfig, MicroVMConfig, Mmds, NetworkInterface
 from smartvm.errors import ErrorCode
@@ -108,7 +109,9 @@ async def test_full_lifecycle(svm: SmartVM, fake_binary: Path, short_tmp: Path) 
     clone = await svm.create_vm(_config(short_tmp, "vm2"))
     await clone.load_snapshot(short_tmp / "snap" / "vm.state", short_tmp / "snap" / "vm.mem")
     assert clone.state is VMState.RUNNING
-    with pytest.raises(SmartVMError, match="GET /mmds"):  # Firecracker does not save MMDS data in snapshots
+    with raises_code(
+        ErrorCode.FIRECRACKER_API_ERROR, match="GET /mmds"
+    ):  # Firecracker does not save MMDS data in snapshots
         await clone.get_metadata()
     await clone.put_metadata({"restored": True})
     restored = await svm.restore_vm(short_tmp / "snap", vm_id="vm3", resume_vm=False)

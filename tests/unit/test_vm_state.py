@@ -60,3 +60,38 @@ async def test_load_snapshot_without_manifest_on_qemu(svm: SmartVM, tmp_path: Pa
         await vm.load_snapshot(tmp_path / "vm.state", tmp_path / "vm.mem")
     assert exc.value.code is ErrorCode.SNAPSHOT_INVALID
     assert vm.state is VMState.CREATED
+
+
+async def test_not_running_is_one_code(svm: SmartVM) -> None:
+    """Whatever needs a running VM says INVALID_STATE when it is not (no NO_CLIENT here, VM_EXITED
+    only when the hypervisor died on its own)."""
+    vm = await svm.create_vm(_cfg())
+    calls = {
+        "exec": lambda: vm.exec("true"),
+        "wait_ready": lambda: vm.wait_ready(1),
+        "files": lambda: vm.files.read("/etc/hostname"),
+        "processes": lambda: vm.processes.list(),
+        "detach": vm.detach,
+        "update_drive": lambda: vm.update_drive("rootfs", "/x"),
+        "put_metadata": lambda: vm.put_metadata({}),
+    }
+    for name, call in calls.items():
+        with pytest.raises(SmartVMError) as exc:
+            await call()
+        assert exc.value.code is ErrorCode.INVALID_STATE, name
+
+
+@pytest.mark.parametrize("engine_name", ["firecracker", "qemu"])
+async def test_not_running_is_one_code_on_every_engine(tmp_path: Path, engine_name: str) -> None:
+    from smartvm.engines import engine_class
+    from smartvm.host.runtime import VMRuntime
+
+    runtime = VMRuntime.create(tmp_path / "rt", "vm-engine")
+    try:
+        engine = engine_class(engine_name)(runtime, SmartVMOptions(runtime_dir=tmp_path / "rt"))
+        for call in (engine.pause, engine.resume, engine.get_vm_config):
+            with pytest.raises(SmartVMError) as exc:
+                await call()
+            assert exc.value.code is ErrorCode.INVALID_STATE, call.__name__
+    finally:
+        runtime.remove()

@@ -8,6 +8,7 @@ or vsock, obtained from the engine's ``open_agent_stream``). Every failure is a
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import contextvars
 import dataclasses
@@ -17,13 +18,22 @@ import json
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from smartvm.agent import protocol as p
 from smartvm.agent.host_file import HostFileWriter
-from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.errors import AgentBusyError, ErrorCode, SmartVMError
 
 OpenStream = Callable[[float], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 OutputCallback = Callable[[bytes], Any]
@@ -152,11 +162,13 @@ class ProcessInfo:
     started: float
     ended: float | None
     stdin_open: bool
+    meta: Any = None  # what the starter attached (Processes.run), as it gave it
 
     @classmethod
     @_guest_answer("process info")
     def from_header(cls, h: dict[str, Any]) -> ProcessInfo:
         return cls(
+            meta=h.get("meta"),
             pid=int(h["pid"]),
             cmd=list(h.get("cmd", [])),
             running=bool(h.get("running")),
@@ -181,10 +193,13 @@ class FileInfo:
     gid: int
     mtime: float
     target: str | None = None
+    owner: str | None = None  # user and group names, where the op reports them (Files.entries)
+    group: str | None = None
 
     @classmethod
     @_guest_answer("file info")
     def from_header(cls, h: dict[str, Any]) -> FileInfo:
+        owner, group = h.get("owner"), h.get("group")
         return cls(
             name=str(h["name"]),
             path=str(h["path"]),
@@ -195,7 +210,30 @@ class FileInfo:
             gid=int(h["gid"]),
             mtime=float(h["mtime"]),
             target=h.get("target"),
+            owner=None if owner is None else str(owner),
+            group=None if group is None else str(group),
         )
+
+
+@dataclass(frozen=True)
+class GuestUser:
+    """A guest account (:meth:`Processes.user`)."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+@dataclass(frozen=True)
+class FsEvent:
+    """One change seen by :meth:`Files.watch`: ``name`` relative to the watched directory, ``type``
+    ``start`` (first, once the watch is in place), ``create``, ``write``, ``remove``, ``rename``,
+    ``chmod`` or ``overflow`` (the guest dropped events); ``entry`` with ``include_entry``."""
+
+    name: str
+    type: str
+    entry: FileInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -614,7 +652,7 @@ class AgentClient:
                     assert self._conn.info is not None
                     return self._conn.info
                 except SmartVMError as exc:
-                    if exc.code == ErrorCode.AGENT_PROTOCOL_ERROR:
+                    if exc.code == ErrorCode.AGENT_PROTOCOL_ERROR or isinstance(exc, AgentBusyError):
                         raise
                     last = exc
                 await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
@@ -660,6 +698,8 @@ class AgentClient:
             self._conn = None
             try:
                 self._conn = await self._connect(self._connect_timeout)
+            except AgentBusyError:
+                raise
             except SmartVMError as exc:
                 raise SmartVMError(
                     ErrorCode.AGENT_UNAVAILABLE, f"guest agent is not reachable: {exc.message}"
@@ -904,6 +944,33 @@ def _entries(h: dict[str, Any], key: str) -> list[dict[str, Any]]:
     return value
 
 
+async def _full_chunks(chunks: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
+    """`chunks` regrouped into CHUNK_SIZE pieces (the last one shorter): few, full frames."""
+    buf = bytearray()
+    async for chunk in chunks:
+        buf += chunk
+        while len(buf) >= p.CHUNK_SIZE:
+            yield bytes(buf[: p.CHUNK_SIZE])
+            del buf[: p.CHUNK_SIZE]
+    if buf:
+        yield bytes(buf)
+
+
+@_guest_answer("user")
+def _guest_user(h: dict[str, Any]) -> GuestUser:
+    return GuestUser(name=str(h["name"]), uid=int(h["uid"]), gid=int(h["gid"]), home=str(h["home"]))
+
+
+@_guest_answer("file event")
+def _fs_event(h: dict[str, Any]) -> FsEvent:
+    entry = h.get("entry")
+    return FsEvent(
+        name=str(h["name"]),
+        type=str(h["type"]),
+        entry=FileInfo.from_header(entry) if isinstance(entry, dict) else None,
+    )
+
+
 @_guest_answer("exec result")
 def _result(h: dict[str, Any]) -> ExecResult:
     code = h.get("exit_code")
@@ -940,6 +1007,51 @@ class Processes:
         if h.get("pid") is None:  # the program does not exist: the agent answered like a shell would
             raise SmartVMError(ErrorCode.AGENT_ERROR, f"cannot start {cmd!r}: exit code {h.get('exit_code')}")
         return ProcessInfo.from_header(h)
+
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | None = None,
+        user: int | str | None = None,
+        stdin: bool = False,
+        timeout: float | None = None,
+        meta: Any = None,
+    ) -> AsyncGenerator[ExecEvent, None]:
+        """Start `cmd` in the background and stream ``started``, ``stdout``/``stderr`` and ``exit``.
+
+        Unlike :meth:`AgentClient.exec_stream`, leaving the loop early only detaches: the process keeps
+        running (listed, and reachable with :meth:`attach`, :meth:`send_stdin`, :meth:`signal`) until
+        it exits or `timeout` seconds kill its process group. `meta` (JSON) is kept with the process
+        and returned by :meth:`list` as ``ProcessInfo.meta``. A program that does not exist ends with
+        an ``exit`` event (code 127) and no ``started``.
+        """
+        fields = _spawn_fields(cmd, env, cwd, user)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < 1e9):
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT, f"timeout {timeout!r}: give a positive number of seconds"
+            )
+        fields.update(stdin=stdin or None, timeout=timeout, meta=meta)
+        async with self._c._channel("proc_run", fields) as ch:
+            while True:
+                frame = await ch.get(None)
+                if frame.type == p.DATA:
+                    stream = frame.header.get("s")
+                    if stream in ("stdout", "stderr") and frame.payload:
+                        yield ExecEvent(stream, frame.payload)
+                elif frame.type == p.EVENT and frame.header.get("event") == "started":
+                    yield ExecEvent("started", pid=frame.header.get("pid"))
+                elif frame.type == p.RESULT:
+                    yield ExecEvent("exit", pid=frame.header.get("pid"), result=_result(frame.header))
+                    return
+
+    async def user(self, user: int | str | None = None) -> GuestUser:
+        """The guest account `user` (a name or uid; None: the agent's own), e.g. for its home directory."""
+        if isinstance(user, str):
+            _text(user, "user")
+        h = await self._c._call("user_info", user=user)
+        return _guest_user(h)
 
     async def list(self) -> list[ProcessInfo]:
         h = await self._c._call("proc_list")
@@ -1072,10 +1184,24 @@ class Files:
         finally:
             os.close(fd)
 
+    async def write_stream(
+        self,
+        path: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        mode: int | None = None,
+        parents: bool = True,
+        owner: int | str | None = None,
+    ) -> int:
+        """Write what `chunks` yields to `path` as it arrives (replacing it atomically when the last
+        chunk is in; a failure leaves the old file), e.g. an HTTP upload; returns the size written.
+        Chunks of any size are fine: they go out in full frames."""
+        return await self._write_chunks(path, chunks, mode=mode, append=False, parents=parents, owner=owner)
+
     async def _write_chunks(
         self,
         path: str,
-        chunks: Iterable[bytes],
+        chunks: Iterable[bytes] | AsyncIterable[bytes],
         *,
         mode: int | None,
         append: bool,
@@ -1083,9 +1209,9 @@ class Files:
         owner: int | str | None = None,
     ) -> int:
         _guest_path(path)
-        it = iter(chunks)
-        first = next(it, b"")
-        nxt = next(it, None)
+        it = _full_chunks(_as_async(chunks))
+        first = await anext(it, b"")
+        nxt = await anext(it, None)
         fields = {
             "path": path,
             "mode": mode,
@@ -1096,13 +1222,25 @@ class Files:
         }
         async with self._c._channel("file_write", fields, first) as ch:
             while nxt is not None:
-                cur, nxt = nxt, next(it, None)
+                cur, nxt = nxt, await anext(it, None)
                 await ch.send_data("file", cur, eof=nxt is None)
             deadline = time.monotonic() + self._c._request_timeout
             while True:
                 frame = await ch.get(deadline)
                 if frame.type == p.RESULT:
                     return int(frame.header.get("size", 0))
+
+    def read_stream(
+        self,
+        path: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        max_bytes: int = DEFAULT_DOWNLOAD_LIMIT,
+    ) -> AsyncGenerator[bytes, None]:
+        """The chunks of `path` as they come; GUEST_OUTPUT_TOO_LARGE past `max_bytes`. Close the
+        generator (``contextlib.aclosing``) to stop the read early."""
+        return self._read_stream(path, offset, length, max_bytes)
 
     async def _read_stream(
         self, path: str, offset: int, length: int | None, limit: int, opened: dict[str, Any] | None = None
@@ -1220,3 +1358,62 @@ class Files:
 
     async def rename(self, src: str, dst: str, *, overwrite: bool = True) -> None:
         await self._c._call("file_rename", src=_guest_path(src), dst=_guest_path(dst), overwrite=overwrite)
+
+    async def entries(self, path: str, *, depth: int = 0) -> tuple[FileInfo, builtins.list[FileInfo]]:
+        """`path` itself (a final symlink not followed) and, with `depth` > 0, the tree below it down to
+        `depth` levels (depth first, in name order), with ``owner``/``group`` names filled in."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, "depth must be a non-negative integer")
+        h = await self._c._call("file_entries", path=_guest_path(path), depth=depth)
+        top = h.get("entry")
+        if not isinstance(top, dict):
+            raise SmartVMError(ErrorCode.AGENT_PROTOCOL_ERROR, "file_entries: the answer has no entry")
+        return FileInfo.from_header(top), [FileInfo.from_header(e) for e in _entries(h, "entries")]
+
+    async def prepare(
+        self, path: str, *, kind: Literal["file", "dir"] = "file", user: int | str | None = None
+    ) -> tuple[bool, FileInfo]:
+        """Create the directory or empty file `path` and its missing parents, owned by `user`; returns
+        whether `path` was created. A following :meth:`write` keeps that owner (writing as a user)."""
+        if isinstance(user, str):
+            _text(user, "user")
+        h = await self._c._call("file_prepare", path=_guest_path(path), kind=kind, user=user)
+        return bool(h.get("created")), FileInfo.from_header(h)
+
+    async def watch(
+        self,
+        path: str,
+        *,
+        recursive: bool = False,
+        include_entry: bool = False,
+        allow_network_mounts: bool = False,
+    ) -> AsyncGenerator[FsEvent, None]:
+        """Changes under the directory `path` as they happen (inotify in the guest), first a ``start``
+        event once the watch is in place. Ends when the directory is gone; leaving the loop stops it."""
+        fields = {
+            "path": _guest_path(path),
+            "recursive": recursive or None,
+            "include_entry": include_entry or None,
+            "allow_network_mounts": allow_network_mounts or None,
+        }
+        async with self._c._channel("file_watch", fields) as ch:
+            while True:
+                frame = await ch.get(None)
+                if frame.type == p.RESULT:
+                    return
+                if frame.type != p.EVENT:
+                    continue
+                if frame.header.get("event") == "started":
+                    yield FsEvent("", "start")
+                elif frame.header.get("event") == "fs":
+                    for event in _entries(frame.header, "events"):
+                        yield _fs_event(event)
+
+
+async def _as_async(chunks: Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    if isinstance(chunks, AsyncIterable):
+        async for chunk in chunks:
+            yield chunk
+    else:
+        for chunk in chunks:
+            yield chunk

@@ -2,10 +2,10 @@
 """smartvm guest agent: runs commands and moves files inside the guest for the host.
 
 This file is copied into the guest root filesystem as ``/opt/smartvm/agent.py`` and run by the guest's
-python3.11 with no arguments, so it is stdlib-only, self-contained and imports little at start (the
-guest may run under slow TCG emulation). It also owns the wire framing: the host side
-(:mod:`smartvm.agent.protocol`) imports the frame codec from here so it is defined exactly once.
-The protocol is documented in ``docs/agent-protocol.md``.
+python3.11 with no arguments, so it is stdlib-only and imports little at start (the guest may run
+under slow TCG emulation). The wire format (frames, limits, error codes) is in ``wire.py``, shared with
+the host and installed next to this file as ``/opt/smartvm/wire.py``. The protocol is documented in
+``docs/agent-protocol.md``.
 
 Transports (picked at start): the virtio-serial port named ``smartvm.agent`` (QEMU engine), else
 AF_VSOCK port 52 (Firecracker); ``--listen-unix PATH`` and ``--stdio`` exist for host-side tests.
@@ -22,178 +22,41 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-AGENT_VERSION = "0.1.0"
-PROTOCOL_VERSION = 1
-AGENT_VSOCK_PORT = 52
-VIRTIO_PORT_NAME = "smartvm.agent"
-
-# ---------------------------------------------------------------------------------------------- framing
-# Every frame: a fixed 20-byte header, then `header_len` bytes of UTF-8 JSON (an object, may be empty),
-# then `payload_len` raw bytes. Big-endian: magic, version, type, flags, channel, header_len, payload_len.
-MAGIC = b"SVMA"
-HEADER = struct.Struct("!4sBBHIII")
-HEADER_SIZE = HEADER.size
-MAX_HEADER_JSON = 256 * 1024
-MAX_PAYLOAD = 1024 * 1024
-CHUNK_SIZE = 256 * 1024
-# Lengths beyond this are not "a frame too large" but garbage: the decoder resynchronises on MAGIC.
-INSANE_LENGTH = 64 * 1024 * 1024
-
-HELLO = 1  # agent -> host: ready/identity (channel 0); host -> agent: "send me a hello"
-REQUEST = 2  # host -> agent: open channel N with {"op": ...}
-DATA = 3  # both ways: {"s": stream, "eof": bool} + payload bytes
-EVENT = 4  # agent -> host: progress on channel N (e.g. {"event": "started", "pid": 12})
-RESULT = 5  # agent -> host: final success; closes channel N
-ERROR = 6  # agent -> host: final failure {"code", "message"}; closes channel N (channel 0: stream-level)
-CANCEL = 7  # host -> agent: abandon channel N (kills an exec's process group)
-FRAME_TYPES = {
-    HELLO: "hello",
-    REQUEST: "request",
-    DATA: "data",
-    EVENT: "event",
-    RESULT: "result",
-    ERROR: "error",
-    CANCEL: "cancel",
-}
-
-# Error codes carried in ERROR frames (stable strings, see docs/agent-protocol.md).
-E_BAD_MAGIC = "bad_magic"
-E_BAD_FRAME = "bad_frame"
-E_BAD_JSON = "bad_json"
-E_TOO_LARGE = "frame_too_large"
-E_VERSION = "unsupported_version"
-E_BAD_REQUEST = "bad_request"
-E_UNKNOWN_OP = "unknown_op"
-E_CHANNEL = "bad_channel"
-E_NO_PROCESS = "no_such_process"
-E_FILE = "file_error"
-E_NOT_FOUND = "not_found"
-E_SPAWN = "spawn_failed"
-E_CANCELLED = "cancelled"
-E_INTERNAL = "internal"
-
-
-class Frame(NamedTuple):
-    """One decoded frame."""
-
-    type: int
-    channel: int
-    header: dict[str, Any]
-    payload: bytes
-
-
-class FrameError(NamedTuple):
-    """A framing problem the decoder found; the stream stays usable (skipped or resynchronised)."""
-
-    code: str
-    message: str
-    channel: int
-
-
-def encode_frame(
-    ftype: int,
-    channel: int,
-    header: dict[str, Any] | None = None,
-    payload: bytes = b"",
-    version: int = PROTOCOL_VERSION,
-) -> bytes:
-    """Serialise one frame. Raises ValueError if it would exceed the frame limits."""
-    hj = json.dumps(header, separators=(",", ":")).encode() if header else b""
-    if len(hj) > MAX_HEADER_JSON or len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"frame too large: header {len(hj)} B, payload {len(payload)} B")
-    return HEADER.pack(MAGIC, version, ftype, 0, channel, len(hj), len(payload)) + hj + payload
-
-
-class FrameDecoder:
-    """Incremental decoder: feed bytes, get frames and framing errors.
-
-    Oversized frames (within sane bounds) are skipped without buffering them; a bad magic or an
-    absurd header makes the decoder scan forward for the next MAGIC (one error per garbage run).
-    """
-
-    def __init__(self, max_header: int = MAX_HEADER_JSON, max_payload: int = MAX_PAYLOAD) -> None:
-        self._buf = bytearray()
-        self._skip = 0
-        self._resyncing = False
-        self._max_header = max_header
-        self._max_payload = max_payload
-
-    def feed(self, data: bytes) -> list[Frame | FrameError]:
-        buf = self._buf
-        buf += data
-        out: list[Frame | FrameError] = []
-        while True:
-            if self._skip:
-                n = min(self._skip, len(buf))
-                del buf[:n]
-                self._skip -= n
-                if self._skip:
-                    break
-            if len(buf) < HEADER_SIZE and (not self._resyncing or len(buf) < len(MAGIC)):
-                break
-            if buf[:4] != MAGIC:
-                self._garbage(out, "bytes that do not start a frame (bad magic)", E_BAD_MAGIC)
-                idx = buf.find(MAGIC, 1)
-                if idx < 0:
-                    del buf[: max(0, len(buf) - (len(MAGIC) - 1))]
-                    break
-                del buf[:idx]
-                continue
-            if len(buf) < HEADER_SIZE:
-                break
-            _, ver, ftype, _flags, channel, hlen, plen = HEADER.unpack_from(buf)
-            if hlen > INSANE_LENGTH or plen > INSANE_LENGTH or ftype == 0:
-                self._garbage(out, f"corrupt frame header (lengths {hlen}/{plen})", E_BAD_FRAME)
-                del buf[:1]
-                continue
-            self._resyncing = False
-            total = HEADER_SIZE + hlen + plen
-            if ver != PROTOCOL_VERSION:
-                out.append(
-                    FrameError(
-                        E_VERSION,
-                        f"protocol version {ver} is not supported (this side speaks {PROTOCOL_VERSION})",
-                        channel,
-                    )
-                )
-                self._skip = total
-                continue
-            if hlen > self._max_header or plen > self._max_payload:
-                out.append(
-                    FrameError(
-                        E_TOO_LARGE,
-                        f"frame of {hlen} B header + {plen} B payload exceeds "
-                        f"the limits ({self._max_header} B / {self._max_payload} B)",
-                        channel,
-                    )
-                )
-                self._skip = total
-                continue
-            if len(buf) < total:
-                break
-            raw = bytes(buf[HEADER_SIZE : HEADER_SIZE + hlen])
-            payload = bytes(buf[HEADER_SIZE + hlen : total])
-            del buf[:total]
-            header: Any = {}
-            if raw:
-                try:
-                    header = json.loads(raw)
-                except ValueError as exc:
-                    out.append(FrameError(E_BAD_JSON, f"frame header is not valid JSON: {exc}", channel))
-                    continue
-            if not isinstance(header, dict):
-                out.append(FrameError(E_BAD_JSON, "frame header must be a JSON object", channel))
-                continue
-            out.append(Frame(ftype, channel, header, payload))
-        return out
-
-    def _garbage(self, out: list[Frame | FrameError], message: str, code: str) -> None:
-        if not self._resyncing:
-            out.append(FrameError(code, message + "; resynchronising", 0))
-            self._resyncing = True
-
+if TYPE_CHECKING or __package__:  # imported as smartvm.agent.guest (host-side tests and tools)
+    from smartvm.agent.wire import (
+        AGENT_VERSION,
+        AGENT_VSOCK_PORT,
+        CANCEL,
+        CHUNK_SIZE,
+        DATA,
+        E_BAD_FRAME,
+        E_BAD_REQUEST,
+        E_CANCELLED,
+        E_CHANNEL,
+        E_FILE,
+        E_INTERNAL,
+        E_NO_PROCESS,
+        E_NOT_FOUND,
+        E_SPAWN,
+        E_UNKNOWN_OP,
+        ERROR,
+        EVENT,
+        HELLO,
+        MAX_HEADER_JSON,
+        MAX_PAYLOAD,
+        PROTOCOL_VERSION,
+        REQUEST,
+        RESULT,
+        VIRTIO_PORT_NAME,
+        Frame,
+        FrameDecoder,
+        FrameError,
+        encode_frame,
+    )
+else:  # the guest: wire.py is installed next to this file (sys.path[0]); same names, see wire.__all__
+    from wire import *  # noqa: F403
 
 # ------------------------------------------------------------------------------------------- agent core
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -201,6 +64,7 @@ EXIT_LINGER = 2.0  # after the leader exits, how long we keep reading pipes held
 REPLAY_BYTES = 1024 * 1024  # output kept per background process for attach(replay=True)
 MAX_FINISHED_PROCS = 64
 STDIN_QUEUE_LIMIT = 64 * 1024 * 1024
+MAX_ENTRIES = 200_000  # file_entries answers at most this many entries
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2]): add bytes to the pool and credit them
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07): reseed the CRNG from the pool now
 RESEED_MAX_BYTES = 512
@@ -349,42 +213,55 @@ def _str_list(value: Any, field: str) -> list[str]:
     return value
 
 
+class GuestUser(NamedTuple):
+    """A guest account as commands and file ownership need it."""
+
+    uid: int
+    gid: int
+    name: str
+    home: str
+    groups: list[int]
+
+
+def _lookup_user(user: Any) -> GuestUser:
+    """`user` (a uid, a numeric string or a name) from the guest's passwd; None is the agent's own user.
+    An unknown uid is still usable (no name, home ``/``); an unknown name is a bad request."""
+    import pwd
+
+    try:
+        if user is None:
+            uid = os.getuid()
+            if uid == 0:
+                return GuestUser(0, 0, "root", "/root", [])
+            pw = pwd.getpwuid(uid)
+            return GuestUser(uid, pw.pw_gid, pw.pw_name, pw.pw_dir, [])
+        if isinstance(user, int) or (isinstance(user, str) and user.isdigit()):
+            uid = int(user)
+            try:
+                pw = pwd.getpwuid(uid)
+            except KeyError:
+                return GuestUser(uid, uid, str(uid), "/", [])
+        elif isinstance(user, str):
+            pw = pwd.getpwnam(user)
+        else:
+            raise AgentError(E_BAD_REQUEST, "user must be a uid (int) or a user name (str)")
+    except KeyError:
+        if user is None:
+            return GuestUser(os.getuid(), os.getgid(), str(os.getuid()), "/", [])
+        raise AgentError(E_BAD_REQUEST, f"unknown user {user!r} in the guest") from None
+    return GuestUser(pw.pw_uid, pw.pw_gid, pw.pw_name, pw.pw_dir, os.getgrouplist(pw.pw_name, pw.pw_gid))
+
+
 def _spawn_spec(req: dict[str, Any]) -> dict[str, Any]:
     """Turn an exec/proc_start request into Popen keyword arguments (validating every field)."""
     cmd = req.get("cmd")
     argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else _str_list(cmd, "cmd")
     kwargs: dict[str, Any] = {"args": argv}
-    home, uname = "/root", "root"
     user = req.get("user")
+    account = _lookup_user(user)
+    home, uname = account.home, account.name
     if user is not None:
-        import pwd
-
-        try:
-            if isinstance(user, int) or (isinstance(user, str) and user.isdigit()):
-                uid = int(user)
-                try:
-                    pw = pwd.getpwuid(uid)
-                    gid, home, uname = pw.pw_gid, pw.pw_dir, pw.pw_name
-                    groups = os.getgrouplist(uname, gid)
-                except KeyError:
-                    gid, home, uname, groups = uid, "/", str(uid), []
-            elif isinstance(user, str):
-                pw = pwd.getpwnam(user)
-                uid, gid, home, uname = pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_name
-                groups = os.getgrouplist(uname, gid)
-            else:
-                raise AgentError(E_BAD_REQUEST, "user must be a uid (int) or a user name (str)")
-        except KeyError:
-            raise AgentError(E_BAD_REQUEST, f"unknown user {user!r} in the guest") from None
-        kwargs.update(user=uid, group=gid, extra_groups=groups)
-    elif os.getuid() != 0:
-        import pwd
-
-        try:
-            pw = pwd.getpwuid(os.getuid())
-            home, uname = pw.pw_dir, pw.pw_name
-        except KeyError:
-            home, uname = "/", str(os.getuid())
+        kwargs.update(user=account.uid, group=account.gid, extra_groups=account.groups)
     env = {
         "PATH": DEFAULT_PATH,
         "HOME": home,
@@ -447,6 +324,7 @@ class Proc:
         self._replay: list[tuple[str, bytes]] = []
         self._replay_size = 0
         self.dropped = 0
+        self.meta: Any = req.get("meta")  # opaque host data (proc_run), returned as is by info()
 
     def start_pump(self) -> None:
         threading.Thread(target=self._pump, name=f"pump-{self.pid}", daemon=True).start()
@@ -577,6 +455,7 @@ class Proc:
             "duration": self.duration if self.done.is_set() else None,
             "stdin_open": stdin is not None and not stdin.closed,
             "dropped": self.dropped,
+            "meta": self.meta,
         }
 
 
@@ -632,6 +511,11 @@ class Agent:
             "set_time": self.op_set_time,
             "reseed": self.op_reseed,
             "shutdown": self.op_shutdown,
+            "proc_run": self.op_proc_run,
+            "user_info": self.op_user_info,
+            "file_entries": self.op_file_entries,
+            "file_prepare": self.op_file_prepare,
+            "file_watch": self.op_file_watch,
         }
 
     # --- connection loop
@@ -966,12 +850,16 @@ class Agent:
         if proc is None:
             return
         proc.start_pump()
+        self._register(proc)
+        ch.result(proc.info())
+
+    def _register(self, proc: Proc) -> None:
+        """Track a background process; only the newest MAX_FINISHED_PROCS finished ones are kept."""
         with self.procs_lock:
             self.procs[proc.pid] = proc
             finished = [p for p in self.procs.values() if p.done.is_set()]
             for old in finished[: max(0, len(finished) - MAX_FINISHED_PROCS)]:
                 del self.procs[old.pid]
-        ch.result(proc.info())
 
     def op_proc_list(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
         with self.procs_lock:
@@ -1203,6 +1091,182 @@ class Agent:
             raise _os_error(exc, f"{src} -> {dst}") from None
         ch.result({"src": src, "dst": dst})
 
+    # --- envd-style ops: a process streamed until it exits, users, trees of entries, watches
+    def op_proc_run(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        """Start a background process and stream its output on this channel until it exits.
+
+        Unlike exec, leaving the channel (CANCEL) only detaches: the process keeps running, stays in
+        proc_list and can be attached, fed and signalled. `timeout` kills its process group whether
+        or not anyone is attached (E2B envd's Start semantics).
+        """
+        timeout = req.get("timeout")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise AgentError(E_BAD_REQUEST, "timeout must be a positive number of seconds")
+        replay = req.get("replay_bytes", 0)
+        if not isinstance(replay, int) or replay < 0:
+            raise AgentError(E_BAD_REQUEST, "replay_bytes must be a non-negative integer")
+        proc = _spawn(req, ch, keep_stdin=bool(req.get("stdin")), replay_bytes=replay)
+        if proc is None:
+            return
+        wake = threading.Event()
+        expired = threading.Event()
+        proc.attach(ch.data, replay=False)
+        proc.on_done(wake.set)
+        ch.on_cancel(wake.set)
+        self._register(proc)
+        ch.event({"event": "started", "pid": proc.pid})
+        if timeout is not None:
+
+            def expire() -> None:
+                if not proc.done.is_set():
+                    expired.set()
+                    proc.kill_group()
+
+            timer = threading.Timer(timeout, expire)
+            timer.daemon = True
+            proc.on_done(timer.cancel)
+            timer.start()
+        proc.start_pump()
+        wake.wait()
+        proc.detach(ch.data)
+        info = proc.info()
+        info["timed_out"] = expired.is_set()
+        if ch.cancelled.is_set():
+            info["detached"] = True
+        ch.result(info)
+
+    def op_user_info(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        account = _lookup_user(req.get("user"))
+        ch.result({"uid": account.uid, "gid": account.gid, "name": account.name, "home": account.home})
+
+    def op_file_entries(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        """The entry at `path` (not following a final symlink) and, with `depth` > 0, the tree below it
+        (a symlink to a directory is listed through), depth first in name order, with owner and group
+        names: what envd's Stat and ListDir answer."""
+        import stat as _stat
+
+        path = _path(req)
+        depth = req.get("depth", 0)
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+            raise AgentError(E_BAD_REQUEST, "depth must be a non-negative integer")
+        names = _OwnerNames()
+        try:
+            top = names.entry(path, os.lstat(path))
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        if not depth:
+            ch.result({"entry": top})
+            return
+        try:
+            if not _stat.S_ISDIR(os.stat(path).st_mode):
+                raise AgentError(E_FILE, f"{path}: not a directory (ENOTDIR)", errno="ENOTDIR")
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        entries: list[dict[str, Any]] = []
+
+        def walk(directory: str, level: int) -> None:
+            with os.scandir(directory) as it:
+                children = sorted(it, key=lambda e: e.name)
+            for child in children:
+                if ch.cancelled.is_set():
+                    raise AgentError(E_CANCELLED, "request cancelled")
+                try:
+                    st = child.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if len(entries) >= MAX_ENTRIES:
+                    raise AgentError(
+                        E_BAD_REQUEST,
+                        f"{path} has more than {MAX_ENTRIES} entries; list with a smaller depth",
+                    )
+                entries.append(names.entry(child.path, st))
+                if level < depth and _stat.S_ISDIR(st.st_mode):
+                    with contextlib.suppress(OSError):  # unreadable subdirectory: listed, not entered
+                        walk(child.path, level + 1)
+
+        try:
+            walk(path, 1)
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        ch.result({"entry": top, "entries": entries})
+
+    def op_file_prepare(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        """Create a directory (`kind` "dir") or an empty file (`kind` "file") and the missing parent
+        directories, each owned by `user`; an existing one is left as it is (``created`` false).
+
+        This is how the host writes as a user: a following file_write replaces the file atomically and
+        keeps the owner and mode of the file it replaces.
+        """
+        import stat as _stat
+
+        path = _path(req)
+        kind = req.get("kind", "file")
+        if kind not in ("file", "dir"):
+            raise AgentError(E_BAD_REQUEST, "kind must be 'file' or 'dir'")
+        account = _lookup_user(req.get("user"))
+        owner = (account.uid, account.gid) if req.get("user") is not None else None
+        path = os.path.normpath(path)
+        created = False
+        try:
+            missing = []
+            cur = path if kind == "dir" else os.path.dirname(path)
+            while cur and not os.path.isdir(cur):
+                if os.path.lexists(cur) and not os.path.islink(cur):
+                    errno = "EEXIST" if cur == path else "ENOTDIR"  # the target, or one of its parents
+                    raise AgentError(E_FILE, f"{cur}: exists and is not a directory ({errno})", errno=errno)
+                missing.append(cur)
+                cur = os.path.dirname(cur)
+            for directory in reversed(missing):
+                with contextlib.suppress(FileExistsError):  # created meanwhile: fine
+                    os.mkdir(directory, 0o755)
+                    if owner is not None:
+                        os.chown(directory, *owner)
+            created = kind == "dir" and path in missing
+            if kind == "file":
+                st = os.stat(path) if os.path.lexists(path) else None
+                if st is not None and _stat.S_ISDIR(st.st_mode):
+                    raise AgentError(E_FILE, f"{path}: is a directory (EISDIR)", errno="EISDIR")
+                if st is None:
+                    with contextlib.suppress(FileExistsError):
+                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                        try:
+                            if owner is not None:
+                                os.fchown(fd, *owner)
+                        finally:
+                            os.close(fd)
+                        created = True
+            info = _stat_info(path, os.stat(path))
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        ch.result({"created": created, **info})
+
+    def op_file_watch(self, ch: Channel, req: dict[str, Any], payload: bytes) -> None:
+        """Watch the directory `path` (with `recursive`, its whole tree, new subdirectories included)
+        with inotify until CANCEL. EVENT ``started`` once the watch is in place, then EVENT ``fs`` with
+        ``events``: ``[{"name": path relative to the watched dir, "type": create|write|remove|rename|chmod,
+        "entry"?: with include_entry}]``. The agent's own atomic writes (a part file renamed over the
+        target) show as one ``write`` of the target; the part files themselves are not reported."""
+        path = _path(req)
+        try:
+            import stat as _stat
+
+            if not _stat.S_ISDIR(os.stat(path).st_mode):
+                raise AgentError(E_FILE, f"{path}: not a directory (ENOTDIR)", errno="ENOTDIR")
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        if not req.get("allow_network_mounts") and _on_network_mount(path):
+            raise AgentError(
+                E_BAD_REQUEST, f"{path} is on a network filesystem; watching it needs allow_network_mounts"
+            )
+        watcher = _Watcher(path, bool(req.get("recursive")), bool(req.get("include_entry")))
+        try:
+            ch.on_cancel(watcher.wake)
+            ch.event({"event": "started"})
+            watcher.run(lambda events: ch.event({"event": "fs", "events": events}))
+        finally:
+            watcher.close()
+        ch.result({"path": path, "ended": "cancelled" if ch.cancelled.is_set() else "removed"})
+
 
 def _owner(req: dict[str, Any]) -> tuple[int, int] | None:
     """(uid, gid) that new files and directories of this request get (``owner``: a name or uid)."""
@@ -1276,6 +1340,191 @@ def _stat_info(path: str, st: os.stat_result) -> dict[str, Any]:
     return info
 
 
+class _OwnerNames:
+    """Entry dicts with owner and group names, each uid/gid looked up once per request."""
+
+    def __init__(self) -> None:
+        self._users: dict[int, str] = {}
+        self._groups: dict[int, str] = {}
+
+    def entry(self, path: str, st: os.stat_result) -> dict[str, Any]:
+        import grp
+        import pwd
+
+        if st.st_uid not in self._users:
+            try:
+                self._users[st.st_uid] = pwd.getpwuid(st.st_uid).pw_name
+            except KeyError:
+                self._users[st.st_uid] = str(st.st_uid)
+        if st.st_gid not in self._groups:
+            try:
+                self._groups[st.st_gid] = grp.getgrgid(st.st_gid).gr_name
+            except KeyError:
+                self._groups[st.st_gid] = str(st.st_gid)
+        return {**_stat_info(path, st), "owner": self._users[st.st_uid], "group": self._groups[st.st_gid]}
+
+
+# statfs f_type of network and FUSE filesystems (linux/magic.h): inotify misses changes made elsewhere
+NETWORK_FS_MAGIC = frozenset({0x6969, 0xFF534D42, 0x517B, 0xFE534D42, 0x65735546})
+
+
+def _on_network_mount(path: str) -> bool:
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs (120 bytes on x86_64/aarch64); f_type first
+    if ctypes.CDLL(None, use_errno=True).statfs(path.encode(), buf) != 0:
+        return False
+    return struct.unpack_from("l", buf.raw)[0] in NETWORK_FS_MAGIC
+
+
+# inotify (linux/inotify.h)
+IN_MODIFY, IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO = 0x2, 0x4, 0x40, 0x80
+IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
+IN_Q_OVERFLOW, IN_IGNORED, IN_ONLYDIR, IN_ISDIR = 0x4000, 0x8000, 0x01000000, 0x40000000
+WATCH_MASK = IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+WATCH_MASK |= IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+INOTIFY_EVENT = struct.Struct("iIII")
+# fsnotify's names for inotify bits, as E2B envd reports them
+WATCH_TYPES = (
+    (IN_CREATE | IN_MOVED_TO, "create"),
+    (IN_MOVED_FROM | IN_MOVE_SELF, "rename"),
+    (IN_ATTRIB, "chmod"),
+    (IN_MODIFY, "write"),
+    (IN_DELETE | IN_DELETE_SELF, "remove"),
+)
+
+
+def _is_part_file(name: str) -> bool:
+    """A temporary file of file_write (``.NAME.<pid>-<channel>.smartvm-part``)."""
+    return name.startswith(".") and name.endswith(".smartvm-part")
+
+
+class _Watcher:
+    """inotify watches on one directory (or tree) and the events they produce, as relative names."""
+
+    def __init__(self, root: str, recursive: bool, include_entry: bool) -> None:
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.root = root
+        self.recursive = recursive
+        self.include_entry = include_entry
+        self.dirs: dict[int, str] = {}  # watch descriptor -> directory relative to root ("" = root)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe()
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            err = ctypes.get_errno()
+            self.close()
+            raise _os_error(OSError(err, os.strerror(err)), root)
+        try:
+            self._add("")
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, rel: str) -> None:
+        """Watch `rel` (and with `recursive` every directory below it)."""
+        import ctypes
+
+        full = os.path.join(self.root, rel) if rel else self.root
+        wd = self._libc.inotify_add_watch(self.fd, full.encode(), WATCH_MASK)
+        if wd < 0:
+            err = ctypes.get_errno()
+            if rel:  # a subdirectory that vanished or cannot be read: watch the rest
+                return
+            raise _os_error(OSError(err, os.strerror(err)), full)
+        self.dirs[wd] = rel
+        if self.recursive:
+            with contextlib.suppress(OSError), os.scandir(full) as it:
+                subdirs = [e.name for e in it if e.is_dir(follow_symlinks=False)]
+            for name in subdirs:
+                self._add(os.path.join(rel, name) if rel else name)
+
+    def wake(self) -> None:
+        """Make run() return (from another thread)."""
+        with self._lock:
+            if not self._closed:
+                os.write(self._wake_w, b"x")
+
+    def run(self, emit: Callable[[list[dict[str, Any]]], None]) -> None:
+        """Read events until woken or the watched directory is gone; each read is one `emit`."""
+        import select
+
+        moved_parts: dict[int, bool] = {}  # rename cookie -> the source was a part file
+        while self.dirs:
+            ready, _, _ = select.select([self.fd, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
+            try:
+                data = os.read(self.fd, 256 * 1024)
+            except BlockingIOError:
+                continue
+            events: list[dict[str, Any]] = []
+            for wd, mask, cookie, name in self._parse(data):
+                rel_dir = self.dirs.get(wd)
+                if mask & IN_IGNORED:
+                    self.dirs.pop(wd, None)
+                    continue
+                if rel_dir is None:
+                    continue
+                if mask & IN_Q_OVERFLOW:
+                    events.append({"name": "", "type": "overflow"})
+                    continue
+                if mask & (IN_DELETE_SELF | IN_MOVE_SELF) and rel_dir:
+                    continue  # its parent reports the same change by name
+                rel = os.path.join(rel_dir, name) if name else rel_dir
+                if _is_part_file(name):
+                    if mask & IN_MOVED_FROM:
+                        moved_parts[cookie] = True
+                    continue
+                kinds = [kind for bits, kind in WATCH_TYPES if mask & bits]
+                if mask & IN_MOVED_TO and moved_parts.pop(cookie, False):
+                    kinds = ["write"]  # file_write's atomic replace: the content of `rel` changed
+                if self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
+                    self._add(rel)
+                entry = self._entry(rel) if self.include_entry and kinds else None
+                for kind in kinds:
+                    event: dict[str, Any] = {"name": rel, "type": kind}
+                    if entry is not None:
+                        event["entry"] = entry
+                    events.append(event)
+            if len(moved_parts) > 1024:  # renames whose other half never came
+                moved_parts.clear()
+            if events:
+                emit(events)
+
+    @staticmethod
+    def _parse(data: bytes) -> list[tuple[int, int, int, str]]:
+        out = []
+        offset = 0
+        while offset + INOTIFY_EVENT.size <= len(data):
+            wd, mask, cookie, length = INOTIFY_EVENT.unpack_from(data, offset)
+            raw = data[offset + INOTIFY_EVENT.size : offset + INOTIFY_EVENT.size + length]
+            name = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            out.append((wd, mask, cookie, name))
+            offset += INOTIFY_EVENT.size + length
+        return out
+
+    def _entry(self, rel: str) -> dict[str, Any] | None:
+        full = os.path.join(self.root, rel) if rel else self.root
+        try:
+            return _OwnerNames().entry(full, os.lstat(full))
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self.fd >= 0:
+            os.close(self.fd)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
 def _boot_time() -> float | None:
     try:
         with open("/proc/stat") as f:
@@ -1345,20 +1594,33 @@ def open_vsock(port: int) -> Any:
     return sock
 
 
-def find_virtio_port(name: str = VIRTIO_PORT_NAME, sysfs: str = "/sys/class/virtio-ports") -> str | None:
-    """The /dev node of the virtio-serial port called `name` (there is no udev symlink in the guest)."""
+def find_virtio_ports(name: str = VIRTIO_PORT_NAME, sysfs: str = "/sys/class/virtio-ports") -> dict[str, str]:
+    """Port name -> /dev node of the agent's virtio-serial ports: `name` and `name.N` (the QEMU engine
+    gives a VM several, one per concurrent host client; there is no udev symlink in the guest)."""
+    found: dict[str, str] = {}
     try:
         ports = sorted(os.listdir(sysfs))
     except OSError:
-        return None
+        return found
     for port in ports:
         try:
             with open(os.path.join(sysfs, port, "name")) as f:
-                if f.read().strip() == name:
-                    return "/dev/" + port
+                got = f.read().strip()
         except OSError:
             continue
-    return None
+        suffix = got[len(name) + 1 :] if got.startswith(name + ".") else ""
+        if got == name or suffix.isdigit():
+            found[got] = "/dev/" + port
+    return found
+
+
+def _serve_virtio_forever(agent: Agent, dev: str) -> None:
+    while True:
+        try:
+            serve_virtio(agent, dev)
+        except OSError as exc:
+            _log(f"virtio-serial port {dev} failed: {exc}; retrying")
+            time.sleep(0.5)
 
 
 def serve_virtio(agent: Agent, dev: str) -> None:
@@ -1414,15 +1676,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = value if mode == "virtio-port" else VIRTIO_PORT_NAME
     warned = False
+    served: dict[str, threading.Thread] = {}
+    found_at: float | None = None
     while True:
-        dev = find_virtio_port(name)
-        if dev is not None:
-            try:
-                serve_virtio(agent, dev)
-            except OSError as exc:
-                _log(f"virtio-serial port {dev} failed: {exc}; retrying")
-                time.sleep(0.5)
-                continue
+        for port, dev in find_virtio_ports(name).items():
+            if port not in served or not served[port].is_alive():
+                served[port] = threading.Thread(
+                    target=_serve_virtio_forever, args=(agent, dev), name=f"port-{port}", daemon=True
+                )
+                served[port].start()
+        if served:
+            # the ports appear together at driver probe; a late one is still picked up for a while
+            found_at = found_at or time.monotonic()
+            time.sleep(1.0 if time.monotonic() - found_at < 10 else 60.0)
+            continue
         if mode == "auto":
             try:
                 sock = open_vsock(AGENT_VSOCK_PORT)

@@ -1,15 +1,15 @@
 """Host-side view of the guest agent protocol (see docs/agent-protocol.md).
 
-The frame codec lives in :mod:`smartvm.agent.guest` (it must be stdlib-only and self-contained inside
-the guest); this module re-exports it, so framing is defined exactly once, and adds what only the host
-needs: the mapping from the agent's error strings to stable :class:`~smartvm.errors.ErrorCode` values.
+The wire format itself is :mod:`smartvm.agent.wire`, the one small stdlib-only module the guest agent
+imports too; this module re-exports it and adds what only the host needs: the mapping from the agent's
+error strings to stable :class:`~smartvm.errors.ErrorCode` values.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from smartvm.agent.guest import (
+from smartvm.agent.wire import (
     AGENT_VERSION,
     AGENT_VSOCK_PORT,
     CANCEL,
@@ -80,9 +80,12 @@ __all__ = [
 class AgentOpError(SmartVMError):
     """An ERROR frame from the agent; ``agent_code`` is the agent's own error string (e.g. ``not_found``)."""
 
-    def __init__(self, code: ErrorCode | str, message: str, agent_code: str = E_INTERNAL) -> None:
+    def __init__(
+        self, code: ErrorCode | str, message: str, agent_code: str = E_INTERNAL, errno: str | None = None
+    ) -> None:
         super().__init__(code, message)
         self.agent_code = agent_code
+        self.errno = errno  # the errno name of a failed file operation (``ENOENT``, ``EEXIST``...)
 
 
 # Agent error strings -> stable host error codes.
@@ -109,4 +112,10 @@ def error_from_frame(op: str, header: dict[str, Any]) -> AgentOpError:
     agent_code = str(header.get("code", E_INTERNAL))
     code = _CODE_MAP.get(agent_code, ErrorCode.AGENT_ERROR)
     message = str(header.get("message", "no message"))
-    return AgentOpError(code, f"guest agent: {op} failed: {message} [{agent_code}]", agent_code)
+    errno = header.get("errno")
+    return AgentOpError(
+        code,
+        f"guest agent: {op} failed: {message} [{agent_code}]",
+        agent_code,
+        errno if isinstance(errno, str) else None,
+    )

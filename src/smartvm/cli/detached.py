@@ -19,8 +19,17 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from smartvm.cli.vm import COLD_HELP
+from smartvm.cli.common import (
+    COLD_HELP,
+    EXIT_INTERRUPTED,
+    Terminated,
+    check_choices,
+    exec_passthrough,
+    first_start_note,
+    run_unwinding,
+)
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.guests import GuestKind, start_guest
 from smartvm.options import SmartVMOptions
 from smartvm.orchestrator import SmartVM
 from smartvm.vm import MicroVM, VMState
@@ -47,7 +56,7 @@ def _options(data_dir: Path | None, runtime_dir: Path | None = None, engine: str
 async def start_detached(
     options: SmartVMOptions,
     *,
-    kind: Any,
+    kind: GuestKind,
     cpus: int,
     memory_mib: int,
     vm_id: str | None,
@@ -56,7 +65,6 @@ async def start_detached(
 ) -> VMRecord:
     """Start a VM (restored from the cached snapshot of the guest, or booted when ``cold``), wait
     for its agent, detach it; nothing is left running if any step fails."""
-    from smartvm.cli.vm import start_vm
     from smartvm.config import new_vm_id
 
     if vm_id is not None and not _VM_ID.fullmatch(vm_id):
@@ -71,7 +79,7 @@ async def start_detached(
             raise SmartVMError(
                 ErrorCode.DUPLICATE_VM_ID, f"VM {vm_id!r} is already running; pick another --id"
             )
-        vm = await start_vm(
+        vm = await start_guest(
             svm,
             kind,
             cpus=cpus,
@@ -79,7 +87,8 @@ async def start_detached(
             vm_id=vm_id,
             cold=cold,
             detachable=True,
-            boot_timeout=boot_timeout,
+            ready_timeout=boot_timeout,
+            progress=first_start_note(),
         )
         try:
             return await vm.detach()
@@ -219,8 +228,6 @@ async def stop_vms(options: SmartVMOptions, vm_ids: list[str], timeout: float) -
 
 # --- commands ------------------------------------------------------------------------------------------
 def register(app: typer.Typer) -> None:
-    from smartvm.cli.vm import EXIT_INTERRUPTED, Terminated, check_choices, exec_passthrough, run_unwinding
-
     @app.command()
     def start(
         engine: Annotated[str, typer.Option(help="auto, firecracker or qemu")] = "auto",
@@ -237,13 +244,13 @@ def register(app: typer.Typer) -> None:
 
         Restored from the cached snapshot of the ready guest, like smartvm run; --cold boots it.
         """
-        check_choices(engine, image)
+        kind = check_choices(engine, image)
         options = _options(data_dir, runtime_dir, engine)
         try:
             record = run_unwinding(
                 start_detached(
                     options,
-                    kind=image,
+                    kind=kind,
                     cpus=cpus,
                     memory_mib=memory,
                     vm_id=vm_id,

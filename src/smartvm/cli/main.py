@@ -19,18 +19,26 @@ if TYPE_CHECKING:
 HELP = "Firecracker microVMs (and QEMU microvm where Firecracker cannot run) from one command."
 
 # Sub-command modules; each exposes `register(app)`.
-_SUBCOMMAND_MODULES = ("smartvm.cli.images", "smartvm.cli.vm", "smartvm.cli.network")
-# The module registering each top-level command (cli.vm registers cli.detached's verbs too).
+_SUBCOMMAND_MODULES = (
+    "smartvm.cli.images",
+    "smartvm.cli.vm",
+    "smartvm.cli.detached",
+    "smartvm.cli.network",
+    "smartvm.cli.service",
+)
+# The module registering each top-level command.
 COMMAND_MODULES = {
     "doctor": None,
     "run": "smartvm.cli.vm",
-    "start": "smartvm.cli.vm",
-    "exec": "smartvm.cli.vm",
-    "cp": "smartvm.cli.vm",
-    "ps": "smartvm.cli.vm",
-    "stop": "smartvm.cli.vm",
+    "start": "smartvm.cli.detached",
+    "exec": "smartvm.cli.detached",
+    "cp": "smartvm.cli.detached",
+    "ps": "smartvm.cli.detached",
+    "stop": "smartvm.cli.detached",
     "images": "smartvm.cli.images",
     "network": "smartvm.cli.network",
+    "serve": "smartvm.cli.service",
+    "keys": "smartvm.cli.service",
 }
 
 

@@ -33,9 +33,10 @@ from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.firecracker.api import FirecrackerAPI
 from smartvm.firecracker.binary import require_firecracker
 from smartvm.firecracker.jailed import VSOCK_IN_JAIL, VMJail, open_jail, remove_recorded_jail
-from smartvm.firecracker.process import FirecrackerCommand, FirecrackerProcess, socket_accepts, tail
+from smartvm.firecracker.process import LOG_TAIL_LINES, FirecrackerCommand, FirecrackerProcess, socket_accepts
 from smartvm.firecracker.vsock import connect_vsock
 from smartvm.host.private_dirs import make_private
+from smartvm.host.process import tail
 from smartvm.host.runtime import VMRuntime, sanitize_id
 from smartvm.host.storage import clone_file
 from smartvm.options import SmartVMOptions
@@ -69,7 +70,7 @@ class FirecrackerEngine(Engine):
     def api(self) -> FirecrackerAPI:
         if self._api is None or not self.is_alive():
             raise SmartVMError(
-                ErrorCode.NO_CLIENT, f"VM {self.runtime.vm_id!r} has no running Firecracker process"
+                ErrorCode.INVALID_STATE, f"VM {self.runtime.vm_id!r} has no running Firecracker process"
             )
         return self._api
 
@@ -123,11 +124,12 @@ class FirecrackerEngine(Engine):
             await self._process.wait_exited(_DYING_GRACE_S if exc.code is ErrorCode.NO_CLIENT else 0)
         if self._process is not None and not self._process.is_alive():
             code = self._process.returncode
+            logs = (self.runtime.engine_log, self.runtime.console_log)
+            last = next((t for log in logs if (t := tail(log, 16384, lines=LOG_TAIL_LINES))), "(empty log)")
             return SmartVMError(
                 ErrorCode.FIRECRACKER_EXITED,
                 f"firecracker exited{'' if code is None else f' with code {code}'} ({exc.message}); "
-                "last log lines:\n"
-                f"{tail(self.runtime.engine_log) or tail(self.runtime.console_log) or '(empty log)'}",
+                f"last log lines:\n{last}",
             )
         return exc
 

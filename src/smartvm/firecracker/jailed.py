@@ -231,7 +231,9 @@ class VMJail:
                 )
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise SmartVMError(ErrorCode.INVALID_STATE, f"damaged jail record {dict(data)!r}: {exc}") from exc
+            raise SmartVMError(
+                ErrorCode.INVALID_CONFIG, f"damaged jail record {dict(data)!r}: {exc}"
+            ) from exc
         if str(jail.jail_dir) != data.get("jail_dir"):
             raise SmartVMError(
                 ErrorCode.UNSAFE_PATH, f"jail record names {data.get('jail_dir')!r}, not {jail.jail_dir}"

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.firecracker.jailer import API_SOCKET_IN_JAIL, Jail
-from smartvm.host.process import HostProcess, running_start_time
-from smartvm.host.process import tail as log_tail
+from smartvm.host.netlink_batch import netns_exec_argv
+from smartvm.host.process import HostProcess, running_start_time, tail
 
 _POLL_S = 0.01
 LOG_TAIL_LINES = 20
@@ -77,13 +77,8 @@ class FirecrackerCommand:
                 )
             return self.jail.argv(args[1:])
         if self.netns:
-            return ["ip", "netns", "exec", self.netns, *args]
+            return netns_exec_argv(self.netns, args)
         return args
-
-
-def tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
-    """The last ``lines`` lines of a log file ('' when it is missing)."""
-    return "\n".join(log_tail(path, 16384).splitlines()[-lines:]) if path is not None else ""
 
 
 class FirecrackerProcess:
@@ -240,7 +235,7 @@ class FirecrackerProcess:
 
     def _log_tail(self) -> str:
         """The end of an error message that explains an early exit."""
-        return f"last log lines:\n{tail(self.engine_log) or '(empty log)'}"
+        return f"last log lines:\n{tail(self.engine_log, 16384, lines=LOG_TAIL_LINES) or '(empty log)'}"
 
     async def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the process to exit; its exit code, or None after ``timeout``."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.atomic_write import write_atomic
 from smartvm.host.private_dirs import check_private_dir, ensure_private_dir
 
 DEFAULT_DATA_DIR = Path("/tmp/.smartvm")  # SmartVMOptions.data_dir's default
@@ -111,17 +112,11 @@ class LeaseStore:
         return {item["key"]: Lease(**item) for item in raw.get("leases", [])}
 
     def _write(self, leases: dict[str, Lease]) -> None:
-        part = self.path.with_name(self.path.name + ".part")
         ordered = sorted(leases.values(), key=lambda x: x.index)
         data = json.dumps({"version": 1, "leases": [asdict(v) for v in ordered]}, indent=1)
-        # No fsync: the rename alone keeps a crashed process from leaving a torn file, and a power
+        # Not durable: the rename alone keeps a crashed process from leaving a torn file, and a power
         # loss also wipes every namespace and TAP a lease describes (sweep releases those leases).
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data.encode())
-        finally:
-            os.close(fd)
-        os.replace(part, self.path)
+        write_atomic(self.path, data)
 
     # -- public API
 

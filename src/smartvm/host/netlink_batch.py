@@ -153,6 +153,13 @@ def netns_path(netns: str) -> str:
     return os.path.join(NETNS_RUN_DIR, netns)
 
 
+def netns_exec_argv(netns: str, argv: list[str]) -> list[str]:
+    """``argv`` run inside the network namespace ``netns``, the one way smartvm starts a program there
+    (hypervisors, tools): nsenter joins the namespace and execs in place, so the pid you get, and the
+    parent-death signal set before the exec, are the program's own."""
+    return ["nsenter", f"--net={netns_path(netns)}", "--", *argv]
+
+
 _libc: ctypes.CDLL | None = None
 
 

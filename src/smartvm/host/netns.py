@@ -30,7 +30,7 @@ from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host import nat
 from smartvm.host.ipam import Lease, LeaseStore, default_state_dir
 from smartvm.host.nat import EgressPolicy
-from smartvm.host.netlink_batch import IpBatch, netns_path, setup_netns_inside
+from smartvm.host.netlink_batch import IpBatch, netns_exec_argv, netns_path, setup_netns_inside
 from smartvm.host.network import (
     TapDevice,
     check_prefix,
@@ -57,12 +57,6 @@ _VETH_GONE_TIMEOUT = 1.0  # seconds the kernel gets to destroy a deleted namespa
 def slot_names(prefix: str, index: int) -> tuple[str, str]:
     """(namespace name, host-side veth name) of slot ``index``; the veth name fits 15 characters."""
     return f"{prefix}-ns{index}", f"{prefix}v{index}"
-
-
-def netns_exec_argv(netns_name: str, argv: list[str]) -> list[str]:
-    """``argv`` run inside ``netns_name``: nsenter joins the namespace and execs, so the PID you
-    get is the engine's own."""
-    return ["nsenter", f"--net={netns_path(netns_name)}", "--", *argv]
 
 
 def _transit(transit: str) -> ipaddress.IPv4Network:

@@ -266,6 +266,11 @@ class NetworkManager:
     def taps(self) -> list[str]:
         return sorted(self._taps)
 
+    @property
+    def in_use(self) -> bool:
+        """Whether this manager set up its bridge or holds TAP devices (so :meth:`cleanup` has work)."""
+        return self._bridge_ready or bool(self._taps)
+
     async def cleanup(self) -> None:
         """Remove every TAP this manager created. Once no live VM of any process leases an address
         on the bridge, also remove the bridge's NAT element, and the bridge itself if smartvm

@@ -94,8 +94,11 @@ def running_start_time(pid: int) -> int | None:
     return stat[1]
 
 
-def tail(path: Path, limit: int = TAIL_BYTES) -> str:
-    """The last ``limit`` bytes of a hypervisor or console log, from its first whole line ("" if none)."""
+def tail(path: Path | None, limit: int = TAIL_BYTES, *, lines: int | None = None) -> str:
+    """The end of a log (hypervisor, console, build): its last ``limit`` bytes from the first whole
+    line, at most its last ``lines`` lines ("" when there is no such file). The one log tail reader."""
+    if path is None:
+        return ""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -107,7 +110,8 @@ def tail(path: Path, limit: int = TAIL_BYTES) -> str:
     text = data.decode(errors="replace")
     if size > limit and "\n" in text:
         text = text.split("\n", 1)[1]
-    return text.strip()
+    text = text.strip()
+    return text if lines is None else "\n".join(text.splitlines()[-lines:])
 
 
 def _posix_spawn(argv: Sequence[str], *, stdout: int, stderr: int, new_session: bool) -> int:

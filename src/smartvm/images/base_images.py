@@ -28,13 +28,15 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, cast
 
 import httpx
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.atomic_write import write_atomic
 from smartvm.host.private_dirs import check_private_dir, ensure_private_dir
 from smartvm.host.storage import clone_file
 from smartvm.images.download import DEFAULT_TIMEOUT_S, download, http_client, sha256_file
@@ -76,21 +78,43 @@ _ROOTFS_RE = re.compile(r"^ubuntu-(\d+(?:\.\d+)*)\.(squashfs|ext4)$")
 
 @dataclass(frozen=True)
 class BaseImageBundle:
-    """A ready kernel and rootfs pair, wherever it came from (``source``)."""
+    """A ready, verified kernel and rootfs pair in ``bundle_dir``, with what the original SmartVM's
+    bundle carries. ``preset`` is where it came from (``latest``, ``lts``, ``hosted`` or ``local``);
+    ``ci_version`` the Firecracker CI prefix of a ``latest``/``lts`` bundle. ``kernel_path``,
+    ``directory`` and ``source`` are the older names of ``kernel_image_path``, ``bundle_dir`` and
+    ``preset``."""
 
-    bundle_id: str
+    preset: BundleSource
     arch: str
-    kernel_path: Path
+    ci_version: str | None
+    firecracker_version: str | None
+    bundle_id: str
+    bundle_dir: Path
+    kernel_image_path: Path
     rootfs_path: Path
     rootfs_type: RootfsType
+    rootfs_is_read_only: bool
     boot_args: str
-    firecracker_version: str | None
-    source: BundleSource
+    kernel_sha256: str
+    rootfs_sha256: str
+    kernel_size_bytes: int
+    rootfs_size_bytes: int
+    # times are not part of a bundle's identity (equal bundles hold the same files and settings)
+    created_at: datetime = field(compare=False)
+    last_accessed_at: datetime = field(compare=False)
+
+    @property
+    def kernel_path(self) -> Path:
+        return self.kernel_image_path
 
     @property
     def directory(self) -> Path:
         """The bundle's cache directory (holds ``manifest.json``)."""
-        return self.kernel_path.parent
+        return self.bundle_dir
+
+    @property
+    def source(self) -> BundleSource:
+        return self.preset
 
 
 @dataclass(frozen=True)
@@ -115,6 +139,20 @@ class _Plan:
     source: BundleSource
     kernel: _PlannedFile
     rootfs: _PlannedFile
+    rootfs_is_read_only: bool | None = None
+    ci_version: str | None = None
+    name: str | None = None
+
+    def recorded(self) -> tuple[object, ...]:
+        """What the cached manifest must say besides the files (rewritten in place when it differs)."""
+        return (
+            self.boot_args,
+            self.firecracker_version,
+            self.source,
+            self.rootfs_is_read_only,
+            self.ci_version,
+            self.name,
+        )
 
 
 @dataclass(frozen=True)
@@ -189,38 +227,45 @@ class BaseImageManager:
     ) -> BaseImageBundle:
         """A verified bundle for ``preset``: from the cache when intact, else freshly prepared.
 
-        ``latest`` and ``lts`` come from the Firecracker CI bucket; ``hosted`` from
-        ``manifest_url`` or ``manifest_path`` (call arguments first, then the constructor's).
-        When the remote cannot be reached, the newest intact cached bundle of the same preset is
-        served with a warning. Preparation failures raise BASE_IMAGE_PREPARE_FAILED and leave
-        nothing behind.
+        ``latest`` and ``lts`` come from the Firecracker CI bucket (BASE_IMAGE_RESOLVE_FAILED when
+        its listing yields no bundle). A manifest (call arguments first, then the constructor's; a
+        path wins over a URL) means the hosted source whatever the preset; ``hosted`` without one
+        is BASE_IMAGE_MANIFEST_FAILED. When the CI bucket cannot be reached, the newest intact
+        cached bundle of the same preset is served with a warning. Preparation failures raise
+        BASE_IMAGE_PREPARE_FAILED and leave nothing behind.
         """
         arch = check_arch(arch or self.arch)
         if preset not in PRESETS:
             raise SmartVMError(
                 ErrorCode.INVALID_ARGUMENT, f"preset {preset!r} is unknown; use one of {PRESETS}"
             )
-        if preset != "hosted" and (manifest_url is not None or manifest_path is not None):
-            raise SmartVMError(
-                ErrorCode.INVALID_ARGUMENT, "manifest_url/manifest_path only apply to preset 'hosted'"
-            )
+        source = self._manifest_source(manifest_url, manifest_path)
         async with http_client(self.timeout) as client:
-            try:
-                plan = await self._plan(preset, arch, client, manifest_url, manifest_path)
-            except SmartVMError as exc:
-                fallback = None
-                if preset != "hosted" and not force_download and _is_unreachable(exc):
-                    fallback = await asyncio.to_thread(self._newest_intact, preset, arch)
-                if fallback is None:
-                    raise
-                logger.warning(
-                    "cannot resolve base image preset %r (%s); serving cached bundle %s",
-                    preset,
-                    exc.message,
-                    fallback.bundle_id,
+            if source is not None:
+                plan = await self._plan_hosted(arch, client, *source)
+            elif preset == "hosted":
+                raise SmartVMError(
+                    ErrorCode.BASE_IMAGE_MANIFEST_FAILED,
+                    "preset 'hosted' needs a manifest: pass manifest_url or manifest_path (or set "
+                    "base_image_manifest_url / base_image_manifest_path in SmartVMOptions)",
                 )
-                self._touch(fallback.directory)
-                return fallback
+            else:
+                try:
+                    plan = await self._plan_ci_preset(preset, arch, client)
+                except SmartVMError as exc:
+                    fallback = None
+                    if not force_download and _is_unreachable(exc):
+                        fallback = await asyncio.to_thread(self._newest_intact, preset, arch)
+                    if fallback is None:
+                        raise _resolve_failed(preset, self.ci_bucket_url, exc) from exc
+                    logger.warning(
+                        "cannot resolve base image preset %r (%s); serving cached bundle %s",
+                        preset,
+                        exc.message,
+                        fallback.bundle_id,
+                    )
+                    self._touch(fallback.directory)
+                    return self._read_bundle(fallback.directory) or fallback
             bundle = await self._ensure_plan(plan, client, force_download)
         await asyncio.to_thread(self.prune_base_image_cache, bundle.bundle_id)
         return bundle
@@ -319,16 +364,19 @@ class BaseImageManager:
 
     # --- planning --------------------------------------------------------------------------
 
-    async def _plan(
-        self,
-        preset: Preset,
-        arch: str,
-        client: httpx.AsyncClient,
-        manifest_url: str | None,
-        manifest_path: Path | None,
-    ) -> _Plan:
-        if preset == "hosted":
-            return await self._plan_hosted(arch, client, manifest_url, manifest_path)
+    def _manifest_source(
+        self, manifest_url: str | None, manifest_path: Path | None
+    ) -> tuple[str | None, Path | None] | None:
+        """The manifest to use: the call's, else the constructor's; a path wins over a URL."""
+        if manifest_url is None and manifest_path is None:
+            manifest_url, manifest_path = self.manifest_url, self.manifest_path
+        if manifest_path is not None:
+            if manifest_url is not None:
+                logger.info("both a manifest path and URL are set; using the path %s", manifest_path)
+            return None, Path(manifest_path)
+        return None if manifest_url is None else (manifest_url, None)
+
+    async def _plan_ci_preset(self, preset: Preset, arch: str, client: httpx.AsyncClient) -> _Plan:
         if preset == "lts":
             return await self._plan_ci(preset, arch, client, [LTS_PREFIX], LTS_FIRECRACKER_VERSION)
         version = await self._releases.get_latest_version()
@@ -354,7 +402,7 @@ class BaseImageManager:
             try:
                 check_bundle_id(bundle_id)
             except ValueError as exc:
-                raise SmartVMError(ErrorCode.BASE_IMAGE_PREPARE_FAILED, str(exc)) from exc
+                raise SmartVMError(ErrorCode.BASE_IMAGE_RESOLVE_FAILED, str(exc)) from exc
             return _Plan(
                 bundle_id=bundle_id,
                 arch=arch,
@@ -364,9 +412,10 @@ class BaseImageManager:
                 source=preset,
                 kernel=_ci_file(self.ci_bucket_url, kernel, kernel_name),
                 rootfs=_ci_file(self.ci_bucket_url, rootfs, rootfs_name),
+                ci_version=prefix,
             )
         raise SmartVMError(
-            ErrorCode.BASE_IMAGE_PREPARE_FAILED,
+            ErrorCode.BASE_IMAGE_RESOLVE_FAILED,
             f"no {arch} kernel (vmlinux-X.Y.Z) and ubuntu rootfs found in {self.ci_bucket_url} under "
             f"{CI_ROOT}{{{','.join(candidates[:MAX_CI_CANDIDATES])}}}/{arch}/; try another preset or a "
             "hosted manifest, or build images locally",
@@ -375,13 +424,6 @@ class BaseImageManager:
     async def _plan_hosted(
         self, arch: str, client: httpx.AsyncClient, manifest_url: str | None, manifest_path: Path | None
     ) -> _Plan:
-        if manifest_url is None and manifest_path is None:
-            manifest_url, manifest_path = self.manifest_url, self.manifest_path
-        if (manifest_url is None) == (manifest_path is None):
-            raise SmartVMError(
-                ErrorCode.INVALID_ARGUMENT,
-                "preset 'hosted' needs exactly one of manifest_url or manifest_path",
-            )
         path: Path | None = None
         if manifest_url is not None:
             manifest = await fetch_manifest(manifest_url, client=client, arch=arch)
@@ -413,6 +455,8 @@ class BaseImageManager:
             source="hosted",
             kernel=files[0],
             rootfs=files[1],
+            rootfs_is_read_only=manifest.rootfs_is_read_only,
+            name=manifest.name,
         )
 
     # --- preparing ---------------------------------------------------------------------------
@@ -509,16 +553,18 @@ class BaseImageManager:
                 "cached base image bundle %s is damaged (%s); downloading it again", plan.bundle_id, problem
             )
             return None
-        wanted = (plan.boot_args, plan.firecracker_version, plan.source)
-        if (manifest.effective_boot_args(), manifest.firecracker_version, manifest.source) != wanted:
+        if _recorded(manifest) != plan.recorded():
             manifest = manifest.model_copy(
                 update={
                     "boot_args": plan.boot_args,
                     "firecracker_version": plan.firecracker_version,
                     "source": plan.source,
+                    "rootfs_is_read_only": plan.rootfs_is_read_only,
+                    "ci_version": plan.ci_version,
+                    "name": plan.name,
                 }
             )
-            _write_atomic(directory / MANIFEST_FILE, manifest.to_json())
+            write_atomic(directory / MANIFEST_FILE, manifest.to_json(), mode=0o644)
         self._touch(directory)
         return self._bundle_from(manifest, directory)
 
@@ -611,15 +657,28 @@ class BaseImageManager:
         return None if manifest is None else self._bundle_from(manifest, directory)
 
     def _bundle_from(self, manifest: BundleManifest, directory: Path) -> BaseImageBundle:
+        """The bundle a cached (checked) manifest describes."""
+        kernel, rootfs = _artifacts(manifest)
+        assert kernel.sha256 and rootfs.sha256 and kernel.size_bytes is not None  # checked on read
+        assert rootfs.size_bytes is not None
         return BaseImageBundle(
-            bundle_id=manifest.bundle_id,
+            preset=manifest.source or "hosted",
             arch=manifest.arch,
-            kernel_path=directory / manifest.artifacts.kernel.name,
-            rootfs_path=directory / manifest.artifacts.rootfs.name,
-            rootfs_type=manifest.rootfs_type,
-            boot_args=manifest.effective_boot_args(),
+            ci_version=manifest.ci_version,
             firecracker_version=manifest.firecracker_version,
-            source=manifest.source or "hosted",
+            bundle_id=manifest.bundle_id,
+            bundle_dir=directory,
+            kernel_image_path=directory / kernel.name,
+            rootfs_path=directory / rootfs.name,
+            rootfs_type=manifest.rootfs_type,
+            rootfs_is_read_only=manifest.read_only_rootfs,
+            boot_args=manifest.effective_boot_args(),
+            kernel_sha256=kernel.sha256,
+            rootfs_sha256=rootfs.sha256,
+            kernel_size_bytes=kernel.size_bytes,
+            rootfs_size_bytes=rootfs.size_bytes,
+            created_at=_created_at(manifest, directory / kernel.name),
+            last_accessed_at=_from_ns(self._last_used(directory)),
         )
 
     def _last_used(self, directory: Path) -> int:
@@ -633,7 +692,7 @@ class BaseImageManager:
 
     def _touch(self, directory: Path) -> None:
         with contextlib.suppress(OSError):
-            _write_atomic(directory / _LAST_USED, f"{time.time_ns()}\n")
+            write_atomic(directory / _LAST_USED, f"{time.time_ns()}\n", mode=0o644)
 
     def _staging_dir(self, bundle_id: str) -> Path:
         """A private directory next to the bundles, so the final rename is atomic."""
@@ -732,15 +791,6 @@ def _try_flock(fd: int) -> bool:
     return True
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
-    try:
-        part.write_text(text)
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
-
-
 def _artifacts(manifest: BundleManifest) -> tuple[ManifestArtifact, ManifestArtifact]:
     return manifest.artifacts.kernel, manifest.artifacts.rootfs
 
@@ -758,11 +808,53 @@ def _manifest_for(plan: _Plan, results: list[tuple[int, str]]) -> BundleManifest
         arch=plan.arch,
         firecrackerVersion=plan.firecracker_version,
         rootfsType=plan.rootfs_type,
+        rootfsIsReadOnly=plan.rootfs_is_read_only,
         bootArgs=plan.boot_args,
         source=plan.source,
+        ciVersion=plan.ci_version,
+        name=plan.name,
+        createdAt=datetime.now(UTC).isoformat(timespec="seconds"),
         artifacts=ManifestArtifacts(
             kernel=local(plan.kernel, results[0]), rootfs=local(plan.rootfs, results[1])
         ),
+    )
+
+
+def _recorded(manifest: BundleManifest) -> tuple[object, ...]:
+    """The fields :meth:`_Plan.recorded` compares, as the cached manifest has them."""
+    return (
+        manifest.effective_boot_args(),
+        manifest.firecracker_version,
+        manifest.source,
+        manifest.rootfs_is_read_only,
+        manifest.ci_version,
+        manifest.name,
+    )
+
+
+def _from_ns(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC)
+
+
+def _created_at(manifest: BundleManifest, kernel: Path) -> datetime:
+    """``createdAt`` of the manifest; for bundles cached before it was recorded, the kernel's mtime."""
+    if manifest.created_at is not None:
+        try:
+            return datetime.fromisoformat(manifest.created_at)
+        except ValueError:
+            pass
+    try:
+        return _from_ns(kernel.stat().st_mtime_ns)
+    except OSError:
+        return _from_ns(0)
+
+
+def _resolve_failed(preset: str, bucket: str, exc: SmartVMError) -> SmartVMError:
+    if exc.code is ErrorCode.BASE_IMAGE_RESOLVE_FAILED:
+        return exc
+    return SmartVMError(
+        ErrorCode.BASE_IMAGE_RESOLVE_FAILED,
+        f"cannot resolve base image preset {preset!r} from the Firecracker CI bucket {bucket}: {exc.message}",
     )
 
 

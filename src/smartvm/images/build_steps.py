@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.process import tail
 from smartvm.images.cache_paths import cache_root
 
 LOG_TAIL_LINES = 40
@@ -99,18 +100,6 @@ def remove_stale(directory: Path, pattern: str) -> None:
                 stale.unlink(missing_ok=True)
 
 
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last ``lines`` lines of a log file ('' if it cannot be read)."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
 class BuildLog:
     """A log file that external build commands write into, and the error raised when one fails."""
 
@@ -135,9 +124,10 @@ class BuildLog:
     def failure(self, what: str) -> SmartVMError:
         """The ``BUILD_FAILED`` error for a failed step, with the log path and its tail."""
         self._file.flush()
+        last = tail(self.path, 64 * 1024, lines=LOG_TAIL_LINES)
         return SmartVMError(
             ErrorCode.BUILD_FAILED,
-            f"{what} failed; full log: {self.path}\n--- last lines of the log ---\n{log_tail(self.path)}",
+            f"{what} failed; full log: {self.path}\n--- last lines of the log ---\n{last}",
         )
 
     def run(

@@ -6,16 +6,19 @@ to the bundle directory, always with ``sha256`` and ``sizeBytes``). Rule violati
 ``INVALID_BASE_IMAGE_MANIFEST`` naming the field; a manifest that cannot be read or fetched
 raises ``BASE_IMAGE_MANIFEST_FAILED``.
 
-Example::
+Two shapes are accepted. The original SmartVM's, with the artifacts at the top level (there
+``firecrackerVersion`` is required)::
 
-    {"schemaVersion": 1, "bundleId": "ubuntu-24.04-fc", "arch": "x86_64",
-     "firecrackerVersion": "v1.15.1", "rootfsType": "squashfs",
-     "artifacts": {
-       "kernel": {"url": "https://example.com/vmlinux-6.1.155", "sha256": "<64 hex>", "sizeBytes": 1234},
-       "rootfs": {"url": "ubuntu-24.04.squashfs", "sha256": "<64 hex>", "fileName": "rootfs.squashfs"}}}
+    {"schemaVersion": 1, "bundleId": "minimal-v1-x86_64", "name": "minimal bundle",
+     "arch": "x86_64", "firecrackerVersion": "v1.15.1", "rootfsType": "ext4",
+     "rootfsIsReadOnly": false, "bootArgs": "console=ttyS0 reboot=k panic=1 pci=off",
+     "kernel": {"url": "https://example.com/vmlinux", "sha256": "<64 hex>", "sizeBytes": 1234},
+     "rootfs": {"url": "rootfs.ext4", "sha256": "<64 hex>", "fileName": "rootfs.ext4"}}
 
-A relative ``url`` resolves against the manifest's URL; a relative ``path`` against the manifest
-file's directory and must stay inside it.
+and smartvm's own, with both under ``"artifacts": {"kernel": ..., "rootfs": ...}`` (what the cache
+writes). ``rootfsType`` defaults from the rootfs file name (``.squashfs`` or else ext4) and
+``rootfsIsReadOnly`` to true for squashfs. A relative ``url`` resolves against the manifest's URL;
+a relative ``path`` against the manifest file's directory and must stay inside it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ RootfsType = Literal["ext4", "squashfs"]
 BundleSource = Literal["latest", "lts", "hosted", "local"]
 
 _BUNDLE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$")
 _FC_VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _MAX_MANIFEST_BYTES = 1 << 20
@@ -54,19 +58,12 @@ def check_bundle_id(value: str) -> str:
 
 
 def check_file_name(value: str) -> str:
-    """A plain file name: no directory part, no ``..``, not hidden, not the manifest itself."""
-    if (
-        not value
-        or "/" in value
-        or "\\" in value
-        or "\x00" in value
-        or value in (".", "..")
-        or value.startswith(".")
-        or value == MANIFEST_FILE
-        or len(value) > 255
-    ):
+    """Letters, digits, ``.``, ``_`` and ``-`` only (as the original SmartVM allowed), not starting
+    with a dot and not the manifest itself: safe as one file name in a bundle directory."""
+    if not _FILE_NAME_RE.match(value) or value == MANIFEST_FILE:
         raise ValueError(
-            f"fileName {value!r} must be a plain file name (no '/', '..', leading '.', or {MANIFEST_FILE!r})"
+            f"fileName {value!r} must be 1-255 letters, digits, '.', '_' or '-', not starting with '.' "
+            f"and not {MANIFEST_FILE!r}"
         )
     return value
 
@@ -160,16 +157,58 @@ class ManifestArtifacts(_Model):
 
 
 class BundleManifest(_Model):
-    """A bundle: id, architecture, Firecracker version, rootfs type, boot args and two artifacts."""
+    """A bundle: id, architecture, Firecracker version, rootfs type, boot args and two artifacts.
+
+    ``ci_version`` (the CI bucket prefix a ``latest``/``lts`` bundle came from) and ``created_at``
+    are smartvm's own, written into the cached ``manifest.json``.
+    """
 
     schema_version: int = Field(alias="schemaVersion")
     bundle_id: str = Field(alias="bundleId")
+    name: str | None = Field(default=None, max_length=256)
     arch: str
     firecracker_version: str | None = Field(default=None, alias="firecrackerVersion")
     rootfs_type: RootfsType = Field(alias="rootfsType")
+    rootfs_is_read_only: bool | None = Field(default=None, alias="rootfsIsReadOnly")
     boot_args: str | None = Field(default=None, alias="bootArgs")
     source: BundleSource | None = None
+    ci_version: str | None = Field(default=None, alias="ciVersion", max_length=128)
+    created_at: str | None = Field(default=None, alias="createdAt", max_length=64)
     artifacts: ManifestArtifacts
+
+    @model_validator(mode="before")
+    @classmethod
+    def _original_shape(cls, data: Any) -> Any:
+        """Move top-level ``kernel``/``rootfs`` (the original SmartVM's shape) under ``artifacts``,
+        and default ``rootfsType`` from the rootfs file name."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "kernel" in data or "rootfs" in data:
+            if "artifacts" in data:
+                raise ValueError("give the artifacts either as top-level kernel/rootfs or under artifacts")
+            if "firecrackerVersion" not in data:
+                raise ValueError("firecrackerVersion is required (the Firecracker version tested with it)")
+            data["artifacts"] = {k: data.pop(k) for k in ("kernel", "rootfs") if k in data}
+        if "rootfsType" not in data:
+            rootfs = (
+                data.get("artifacts", {}).get("rootfs") if isinstance(data.get("artifacts"), dict) else None
+            )
+            if isinstance(rootfs, dict):
+                named = next(
+                    (v for k in ("fileName", "path", "url") if isinstance(v := rootfs.get(k), str)), ""
+                )
+                data["rootfsType"] = "squashfs" if named.lower().endswith(".squashfs") else "ext4"
+        return data
+
+    @property
+    def read_only_rootfs(self) -> bool:
+        """Whether the rootfs is attached read-only: ``rootfsIsReadOnly``, else true for squashfs."""
+        return (
+            self.rootfs_is_read_only
+            if self.rootfs_is_read_only is not None
+            else self.rootfs_type == "squashfs"
+        )
 
     @field_validator("schema_version")
     @classmethod
@@ -190,11 +229,11 @@ class BundleManifest(_Model):
             raise ValueError(f"firecrackerVersion {value!r} must look like v1.15.1")
         return value
 
-    @field_validator("boot_args")
+    @field_validator("boot_args", "name")
     @classmethod
-    def _boot_args(cls, value: str | None) -> str | None:
+    def _one_line(cls, value: str | None) -> str | None:
         if value is not None and ("\n" in value or "\x00" in value or len(value) > 2048):
-            raise ValueError("bootArgs must be one line of at most 2048 characters")
+            raise ValueError("must be one line of at most 2048 characters")
         return value
 
     def effective_boot_args(self) -> str:

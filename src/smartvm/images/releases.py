@@ -90,13 +90,18 @@ async def _require_release(client: httpx.AsyncClient, url: str) -> None:
 
 
 class ImageManager:
-    """Downloads Firecracker binaries and loose artifacts into ``data_dir``; async first."""
+    """Downloads Firecracker binaries and loose artifacts into ``data_dir``; async first.
+
+    ``ImageManager(data_dir, arch)`` as in the original SmartVM. Every directory it uses is created
+    ``0700`` and a binary is used only when it and every directory above it are the current user's
+    and not writable by others (``UNSAFE_DIRECTORY`` otherwise; the default data dir is in ``/tmp``).
+    """
 
     def __init__(
         self,
         data_dir: Path = Path("/tmp/.smartvm"),
-        *,
         arch: str = "x86_64",
+        *,
         release_base_url: str | None = None,
         ci_bucket_url: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
@@ -125,6 +130,12 @@ class ImageManager:
     @property
     def rootfs_dir(self) -> Path:
         return self.data_dir / "rootfs"
+
+    def ensure_directories(self) -> None:
+        """Create ``bin/``, ``kernels/`` and ``rootfs/`` in the data dir (each ``0700``), or check the
+        ones found (UNSAFE_DIRECTORY when another user could have planted them)."""
+        for directory in (self.bin_dir, self.kernels_dir, self.rootfs_dir):
+            ensure_private_dir(directory)
 
     def get_firecracker_path(self, version: str) -> Path:
         return self.bin_dir / check_version(version) / "firecracker"

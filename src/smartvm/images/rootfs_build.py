@@ -12,8 +12,9 @@ Every image gets ``/opt/smartvm`` (busybox with all applet links, ``rcS``, ``rcK
 runner, the power-button action), ``/etc/inittab`` and ``/sbin/init`` -> busybox, per the guest
 contract. Results are cached under ``<cache>/rootfs/<key>/rootfs.<fmt>``; the key hashes every
 input (kind, format, size, source identity, busybox and python identity, the sha256 of each guest
-file and of ``smartvm/agent/guest.py``). A build runs in a temporary directory that is removed
-whatever happens; the artifact directory appears by one rename, so nothing half-written remains.
+file and of both agent files, ``smartvm/agent/guest.py`` and ``smartvm/agent/wire.py``). A build runs
+in a temporary directory that is removed whatever happens; the artifact directory appears by one
+rename, so nothing half-written remains.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ HOST_BASH = Path("/bin/bash")
 USER_UID = 1000  # the guest's unprivileged ``user`` (etc/passwd)
 GUEST_PYTHON = "/usr/bin/python3"
 AGENT_IN_GUEST = "opt/smartvm/agent.py"
+#: the agent's program files: where each goes in the guest <- its name in AGENT_DIR
+AGENT_FILES = {AGENT_IN_GUEST: "guest.py", "opt/smartvm/wire.py": "wire.py"}
+AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
 BUILD_INFO = "build-info.json"
 KEEP_BUILDS = 2  # per recipe: the current image and the one before it
 MIN_SIZE_MIB = 64
@@ -75,10 +79,10 @@ def _guest_file(name: str) -> Traversable:
     return resources.files("smartvm.images") / "guest_files" / name
 
 
-def _agent_source() -> Path | None:
-    """``smartvm/agent/guest.py`` if it exists (another component writes it)."""
-    path = Path(__file__).resolve().parent.parent / "agent" / "guest.py"
-    return path if path.is_file() else None
+def _agent_sources() -> dict[str, Path] | None:
+    """In-guest path -> host file of the agent (:data:`AGENT_FILES`), or None if it is not there."""
+    found = {dest: AGENT_DIR / name for dest, name in AGENT_FILES.items()}
+    return found if all(path.is_file() for path in found.values()) else None
 
 
 def _guest_files_digest() -> str:
@@ -151,8 +155,11 @@ def rootfs_cache_key(
     """The cache key :func:`build_rootfs` uses for these arguments (cheap: stats and small hashes)."""
     parts = [BUILDER_VERSION, kind, fmt, str(size_mib), str(with_agent), file_identity(BUSYBOX)]
     parts.append(_guest_files_digest())
-    agent = _agent_source()
-    parts.append(sha256_file(agent) if with_agent and agent is not None else "no-agent")
+    agent = _agent_sources()
+    if with_agent and agent is not None:
+        parts += [f"{dest}={sha256_file(path)}" for dest, path in sorted(agent.items())]
+    else:
+        parts.append("no-agent")
     if kind == "debian":
         parts += _debian_source()
     elif kind == "dir" and source is not None:
@@ -384,9 +391,9 @@ def _install_guest_pieces(staging: Path, *, with_agent: bool, busybox_base: bool
         if _absent(staging / d):  # a base's symlinked /run etc. stays as it is
             (staging / d).mkdir()
     inittab = _guest_file("inittab").read_text()
-    agent = _agent_source()
+    agent = _agent_sources()
     if with_agent and agent is not None:
-        _compile_agent(_put(staging, AGENT_IN_GUEST, agent.read_bytes()))
+        _compile_agent([_put(staging, dest, path.read_bytes()) for dest, path in sorted(agent.items())])
         inittab += _guest_file("inittab-agent").read_text()
     _put(staging, "etc/inittab", inittab.encode())
     _put(staging, "sbin/init", symlink="/opt/smartvm/bin/busybox")
@@ -440,17 +447,19 @@ def _in_root(staging: Path, rel: str) -> Path:
     return current / name
 
 
-def _compile_agent(source: Path) -> None:
+def _compile_agent(sources: list[Path]) -> None:
     """Ship the agent's bytecode next to it (``__pycache__``, hash-checked against the source):
     compiling it at every start costs about 0.2 s of a TCG guest's boot. Compiled by the host's
     python3, which the busybox image carries; a guest Python of another version ignores the file."""
     if not HOST_PYTHON.is_file():
         return
     code = (
-        "import py_compile, sys; py_compile.compile(sys.argv[1], doraise=True, "
+        "import py_compile, sys\n"
+        "for src in sys.argv[1:]:\n"
+        "    py_compile.compile(src, doraise=True, "
         "invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)"
     )
-    argv = [str(HOST_PYTHON), "-c", code, str(source)]
+    argv = [str(HOST_PYTHON), "-c", code, *map(str, sources)]
     out = subprocess.run(argv, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         said = (out.stderr or out.stdout).strip()[-500:]

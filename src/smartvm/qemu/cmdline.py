@@ -16,11 +16,11 @@ from typing import Literal
 from smartvm.config import Drive, MicroVMConfig, RateLimiter, TokenBucket
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.runtime import VMRuntime
+from smartvm.qemu.agent_ports import AGENT_PORTS, port_args
 
 Accel = Literal["kvm", "tcg"]
 DiskFormat = Literal["raw", "qcow2"]
 
-AGENT_PORT_NAME = "smartvm.agent"
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1"
 # Measured on TCG: skip crypto self-tests and loop setup, and do not print every boot line to a
 # slow emulated UART (about 1.4 s -> 1.0 s to init).
@@ -41,6 +41,7 @@ class LaunchSpec:
     # a private copy-on-write mapping of a snapshot's memory file (``share=off``). None: anonymous.
     ram_file: Path | None = None
     ram_shared: bool = True
+    agent_ports: int = AGENT_PORTS  # a restore uses the snapshot's count
 
 
 RAM_BACKEND_ID = "ram"  # the same RAM block name in every mode, so any snapshot fits any restore
@@ -269,22 +270,19 @@ def build_argv(config: MicroVMConfig, runtime: VMRuntime, spec: LaunchSpec) -> l
             "-device",
             ",".join(["virtio-rng-device", "rng=rng0", *(f"{k}={v}" for k, v in limits.items())]),
         ]
-    argv += [
-        "-device",
-        "virtio-serial-device,id=vser0,max_ports=2",
-        "-chardev",
-        f"socket,id=agent,path={qemu_escape(runtime.agent_socket)},server=on,wait=off",
-        "-device",
-        f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
-    ]
+    argv += port_args(runtime, spec.agent_ports)
     if spec.incoming:
         argv += ["-incoming", "defer"]
     return argv
 
 
-def device_layout(config: MicroVMConfig) -> dict[str, object]:
-    """What must match between a snapshot and its restore (stored in the manifest's engine_data)."""
+def device_layout(config: MicroVMConfig, ports: int = AGENT_PORTS) -> dict[str, object]:
+    """What must match between a snapshot and its restore (stored in the manifest's engine_data).
+
+    ``agent_ports`` is not the config's: a restore takes it from the snapshot (absent in snapshots
+    from before multi-port agents: one port)."""
     return {
+        "agent_ports": ports,
         "mem_size_mib": config.machine_config.mem_size_mib,
         "vcpu_count": config.machine_config.vcpu_count,
         "drives": [d.drive_id for d in ordered_drives(config)],

@@ -33,7 +33,15 @@ from smartvm.host.private_dirs import make_private
 from smartvm.host.process import tail
 from smartvm.host.runtime import VMRuntime
 from smartvm.host.storage import clone_file
+from smartvm.kvm_probe import engine_accel
 from smartvm.options import SmartVMOptions
+from smartvm.qemu.agent_ports import (
+    AGENT_PORTS,
+    check_port_count,
+    claim_port,
+    open_claimed,
+    port_socket,
+)
 from smartvm.qemu.cmdline import (
     Accel,
     LaunchSpec,
@@ -44,7 +52,6 @@ from smartvm.qemu.cmdline import (
     ordered_drives,
 )
 from smartvm.qemu.host_clock import host_tsc_khz
-from smartvm.qemu.kvm_probe import engine_accel
 from smartvm.qemu.process import QemuProcess, find_qemu
 from smartvm.qemu.qmp import QMPClient
 from smartvm.snapshot import Snapshot, SnapshotType
@@ -86,6 +93,9 @@ def _free_mib(directory: Path) -> int | None:
 class QemuEngine(Engine):
     name: ClassVar[str] = "qemu"
     supports_diff_snapshots: ClassVar[bool] = False
+    #: virtio-serial agent ports of a booted VM (one per concurrent host client); restores keep the
+    #: snapshot's count, whatever this says
+    agent_ports: ClassVar[int] = AGENT_PORTS
 
     def __init__(self, runtime: VMRuntime, options: SmartVMOptions) -> None:
         super().__init__(runtime, options)
@@ -97,6 +107,7 @@ class QemuEngine(Engine):
         self._formats: dict[str, str] = {}
         self._shared_ram: Path | None = None  # the guest RAM file when it is shared (share=on)
         self._free_at_launch_mib: int | None = None  # free space of the runtime dir's filesystem
+        self._agent_ports = self.agent_ports  # virtio-serial agent ports of the running QEMU
 
     # --- start ---------------------------------------------------------------------------------
     async def _choose_accel(self, binary: str, kernel: Path, snapshot_accel: object = None) -> None:
@@ -119,6 +130,7 @@ class QemuEngine(Engine):
         snapshot_accel: object = None,
         ram_file: Path | None = None,
         ram_shared: bool = True,
+        agent_ports: int,
     ) -> LaunchSpec:
         """Check the files the guest needs, pick the accelerator, detect disk formats."""
         binary = str(find_qemu(self.options))
@@ -134,11 +146,13 @@ class QemuEngine(Engine):
             incoming=incoming,
             ram_file=ram_file,
             ram_shared=ram_shared,
+            agent_ports=agent_ports,
         )
 
     async def _start(self, config: MicroVMConfig, spec: LaunchSpec, *, paused: bool, what: str) -> None:
         """Spawn QEMU and connect QMP; on any failure nothing is left running."""
         argv = build_argv(config, self.runtime, spec)
+        self._agent_ports = spec.agent_ports
         if paused:
             argv.append("-S")
         self._config = config
@@ -163,6 +177,11 @@ class QemuEngine(Engine):
         exited = asyncio.ensure_future(process.wait())
         try:
             await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: the connection attempt goes too, its error retrieved
+            connect.cancel()
+            with contextlib.suppress(BaseException):
+                await connect
+            raise
         finally:
             exited.cancel()
         if connect.done() and not connect.cancelled() and connect.exception() is None:
@@ -183,7 +202,9 @@ class QemuEngine(Engine):
         # Guest RAM in a shared file on tmpfs: snapshots then skip RAM in the migration stream
         # (x-ignore-shared) and copy the file instead. Off tmpfs it would be disk-backed RAM.
         self._shared_ram = self.runtime.dir / RAM_FILE if on_tmpfs(self.runtime.dir) else None
-        spec = await self._launch_spec(config, incoming=False, ram_file=self._shared_ram)
+        spec = await self._launch_spec(
+            config, incoming=False, ram_file=self._shared_ram, agent_ports=self.agent_ports
+        )
         await self._start(config, spec, paused=False, what="booting the guest failed")
         try:
             await self._apply_balloon(config)
@@ -237,7 +258,7 @@ class QemuEngine(Engine):
 
     def _require_process(self) -> QemuProcess:
         if self._process is None:
-            raise SmartVMError(ErrorCode.NO_CLIENT, "QEMU is not running for this VM")
+            raise SmartVMError(ErrorCode.INVALID_STATE, "QEMU is not running for this VM")
         return self._process
 
     async def _execute(
@@ -283,7 +304,7 @@ class QemuEngine(Engine):
             raise self._unsupported(f"{snapshot_type} snapshots")
         running = self._config
         if running is None:
-            raise SmartVMError(ErrorCode.NO_CLIENT, "QEMU is not running for this VM")
+            raise SmartVMError(ErrorCode.INVALID_STATE, "QEMU is not running for this VM")
         status = await self._status()
         if status not in ("paused", "postmigrate"):
             raise SmartVMError(
@@ -329,7 +350,7 @@ class QemuEngine(Engine):
             engine_data={
                 "accel": self._accel,
                 "memory": "file" if shared_ram is not None else "stream",
-                "layout": device_layout(running),
+                "layout": device_layout(running, self._agent_ports),
                 "drive_formats": {k: v for k, v in self._formats.items() if k in disks},
                 "qemu_version": (self._qmp.greeting.get("QMP", {}).get("version", {}) if self._qmp else {}),
             },
@@ -378,7 +399,7 @@ class QemuEngine(Engine):
         if request.mem_backend != "File":
             raise self._unsupported(f"mem_backend={request.mem_backend!r}")
         config = request.config
-        self._check_layout(snapshot, config)
+        ports = self._check_layout(snapshot, config)
         mem_bytes = config.machine_config.mem_size_mib << 20
         snapshot.check_files(state_magic=STATE_MAGIC, mem_bytes=mem_bytes if snapshot.mem_file else None)
         # A memory file is mapped privately (copy-on-write): clones share its unmodified pages.
@@ -389,6 +410,7 @@ class QemuEngine(Engine):
             ram_file=memory,
             ram_shared=False,
             snapshot_accel=snapshot.engine_data.get("accel"),
+            agent_ports=ports,
         )
         await self._start(config, spec, paused=not request.resume_vm, what="restoring the snapshot failed")
         try:
@@ -400,18 +422,21 @@ class QemuEngine(Engine):
             await self.kill()
             raise
 
-    def _check_layout(self, snapshot: Snapshot, config: MicroVMConfig) -> None:
-        """Refuse device sets QEMU would misread; memory size is left to QEMU's own check."""
+    def _check_layout(self, snapshot: Snapshot, config: MicroVMConfig) -> int:
+        """Refuse device sets QEMU would misread; memory size is left to QEMU's own check. Returns the
+        snapshot's agent port count: the restoring QEMU must have exactly its virtio-serial ports."""
         saved = snapshot.engine_data.get("layout")
         if not isinstance(saved, dict):
             raise SmartVMError(
                 ErrorCode.SNAPSHOT_INVALID,
                 f"{snapshot.directory} has no QEMU device layout; it was not made by this engine",
             )
-        wanted = device_layout(config)
+        where = f"the manifest of {snapshot.directory}"
+        ports = check_port_count(saved.get("agent_ports"), where, ErrorCode.SNAPSHOT_INVALID)
+        wanted = device_layout(config, ports)
         # With RAM in the stream QEMU checks the memory size itself (its message is the error);
         # a memory file must be checked here, before QEMU maps it.
-        skip = {"mem_size_mib"} if snapshot.mem_file is None else set()
+        skip = {"agent_ports"} | ({"mem_size_mib"} if snapshot.mem_file is None else set())
         diffs = [
             f"{key}: snapshot has {saved.get(key)!r}, restore has {value!r}"
             for key, value in wanted.items()
@@ -424,6 +449,7 @@ class QemuEngine(Engine):
                 + "; ".join(diffs)
                 + "; restore with the snapshot's memory size and devices",
             )
+        return ports
 
     async def _migrate_from(self, state_path: Path, *, ignore_shared: bool) -> None:
         what = f"restoring {state_path}"
@@ -516,6 +542,7 @@ class QemuEngine(Engine):
             "pid_start_time": process.start_time,
             "qmp_socket": str(self.runtime.qmp_socket),
             "agent_socket": str(self.runtime.agent_socket),
+            "agent_ports": self._agent_ports,
             "accel": self._accel,
             "accel_reason": self._accel_reason,
             "shared_ram": str(self._shared_ram) if self._shared_ram else None,
@@ -542,6 +569,8 @@ class QemuEngine(Engine):
         engine._accel_reason = str(record.get("accel_reason", ""))
         engine._shared_ram = Path(record["shared_ram"]) if record.get("shared_ram") else None
         engine._formats = {str(k): str(v) for k, v in dict(record.get("drive_formats") or {}).items()}
+        where = f"the record of VM {runtime.vm_id!r}"
+        engine._agent_ports = check_port_count(record.get("agent_ports"), where, ErrorCode.INVALID_CONFIG)
         config = record.get("config")
         engine._config = MicroVMConfig.model_validate(config) if config else None
         return engine
@@ -563,7 +592,7 @@ class QemuEngine(Engine):
 
     async def get_vm_config(self) -> dict[str, Any]:
         if self._config is None:
-            raise SmartVMError(ErrorCode.NO_CLIENT, "QEMU is not running for this VM")
+            raise SmartVMError(ErrorCode.INVALID_STATE, "QEMU is not running for this VM")
         return self._config.model_dump(mode="json")
 
     # --- balloon ----------------------------------------------------------------------------------------
@@ -598,22 +627,28 @@ class QemuEngine(Engine):
 
     # --- agent channel ----------------------------------------------------------------------------------
     async def open_agent_stream(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Connect to the virtio-serial port's host socket (QEMU listens on it; one client at a time)."""
+        """Connect to the host socket of a free virtio-serial agent port (QEMU serves one client per
+        port); the port stays claimed until the stream is closed. AgentBusyError when none is free."""
         process = self._require_process()
         deadline = time.monotonic() + timeout
         last: Exception | None = None
-        while True:
-            if not process.is_alive():
-                await process.wait(0)
-                raise process.exited_error("the guest agent channel is gone", ErrorCode.AGENT_UNAVAILABLE)
-            try:
-                return await asyncio.open_unix_connection(str(self.runtime.agent_socket))
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                last = exc
-            if time.monotonic() >= deadline:
-                raise SmartVMError(
-                    ErrorCode.AGENT_TIMEOUT,
-                    f"agent socket {self.runtime.agent_socket} did not accept a connection "
-                    f"within {timeout:.1f}s ({last})",
-                )
-            await asyncio.sleep(0.02)
+        claim = claim_port(self.runtime, self._agent_ports)
+        path = port_socket(self.runtime, claim.index)
+        try:
+            while True:
+                if not process.is_alive():
+                    await process.wait(0)
+                    raise process.exited_error("the guest agent channel is gone", ErrorCode.AGENT_UNAVAILABLE)
+                try:
+                    return await open_claimed(path, claim)
+                except (FileNotFoundError, ConnectionRefusedError) as exc:
+                    last = exc
+                if time.monotonic() >= deadline:
+                    raise SmartVMError(
+                        ErrorCode.AGENT_TIMEOUT,
+                        f"agent socket {path} did not accept a connection within {timeout:.1f}s ({last})",
+                    )
+                await asyncio.sleep(0.02)
+        except BaseException:
+            claim.release()
+            raise

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.netlink_batch import netns_exec_argv
 from smartvm.host.process import HostProcess, tail
 from smartvm.host.sweep import note_hypervisor
 from smartvm.options import SmartVMOptions
@@ -48,10 +49,10 @@ class QemuProcess:
     async def spawn(
         cls, argv: list[str], *, engine_log: Path, console_log: Path, netns: str | None = None
     ) -> QemuProcess:
-        """Start QEMU. With ``netns`` it runs inside that network namespace (``ip netns exec``
-        execs QEMU in place, so the pid we hold is QEMU's)."""
+        """Start QEMU. With ``netns`` it runs inside that network namespace (entered in place, so the
+        pid we hold is QEMU's)."""
         if netns is not None:
-            argv = ["ip", "netns", "exec", netns, *argv]
+            argv = netns_exec_argv(netns, argv)
         with _open_log(engine_log) as log:
             try:
                 proc = HostProcess.spawn(argv, stdout=log.fileno(), stderr=log.fileno())

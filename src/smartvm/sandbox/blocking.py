@@ -21,7 +21,7 @@ from smartvm.sandbox import files as _files
 from smartvm.sandbox import manager as _manager
 from smartvm.sandbox import sandbox as _sandbox
 from smartvm.sandbox.commands import DEFAULT_COMMAND_TIMEOUT_S, CommandResult
-from smartvm.sandbox.manager import SnapshotInfo
+from smartvm.sandbox.manager import Capacity, SnapshotInfo
 from smartvm.sandbox.sandbox import SandboxInfo, SandboxMetrics
 from smartvm.sandbox.settings import DEFAULT_HOME, DEFAULT_USER, SandboxSettings
 from smartvm.sandbox.store import EventRecord, SandboxState, TemplateRecord
@@ -124,9 +124,6 @@ class Commands:
     ) -> CommandHandle:
         return CommandHandle(_Loop.run(self.aio.start(cmd, envs=envs, user=user, cwd=cwd, stdin=stdin)))
 
-    def list(self) -> builtins.list[ProcessInfo]:
-        return _Loop.run(self.aio.list())
-
     def connect(self, pid: int) -> CommandHandle:
         return CommandHandle(self.aio.connect(pid))
 
@@ -135,6 +132,9 @@ class Commands:
 
     def send_stdin(self, pid: int, data: bytes | str, *, eof: bool = False) -> None:
         _Loop.run(self.aio.send_stdin(pid, data, eof=eof))
+
+    def list(self) -> list[ProcessInfo]:  # last: inside the class body ``list`` is this method
+        return _Loop.run(self.aio.list())
 
 
 class Files:
@@ -160,9 +160,6 @@ class Files:
     def download(self, path: str, local: str | os.PathLike[str]) -> int:
         return _Loop.run(self.aio.download(path, local))
 
-    def list(self, path: str = DEFAULT_HOME) -> builtins.list[FileInfo]:
-        return _Loop.run(self.aio.list(path))
-
     def stat(self, path: str) -> FileInfo:
         return _Loop.run(self.aio.stat(path))
 
@@ -177,6 +174,9 @@ class Files:
 
     def rename(self, src: str, dst: str) -> FileInfo:
         return _Loop.run(self.aio.rename(src, dst))
+
+    def list(self, path: str = DEFAULT_HOME) -> list[FileInfo]:  # last: ``list`` is this method below
+        return _Loop.run(self.aio.list(path))
 
 
 class Sandbox:
@@ -320,6 +320,9 @@ class SandboxManager:
 
     def events(self, sandbox_id: str) -> builtins.list[EventRecord]:
         return _Loop.run(self.aio.events(sandbox_id))
+
+    def capacity(self) -> Capacity:
+        return self.aio.capacity()
 
     def reap(self) -> builtins.list[str]:
         return _Loop.run(self.aio.reap())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from smartvm.agent.client import DEFAULT_READ_LIMIT, FileInfo
@@ -55,6 +55,15 @@ class SandboxFiles:
         vm = await self._vm()
         target = guest_path(path)
         await vm.files.write(target, data, mode=mode, owner=self._owner if owner is None else owner)
+        return await vm.files.stat(target)
+
+    async def write_stream(
+        self, path: str, chunks: AsyncIterable[bytes], *, mode: int | None = None
+    ) -> FileInfo:
+        """Write the bytes ``chunks`` yields (e.g. an HTTP upload) as they arrive, atomically."""
+        vm = await self._vm()
+        target = guest_path(path)
+        await vm.files.write_stream(target, chunks, mode=mode, owner=self._owner)
         return await vm.files.stat(target)
 
     async def upload(self, local: str | os.PathLike[str], path: str, *, mode: int | None = None) -> FileInfo:

@@ -60,6 +60,7 @@ from smartvm.sandbox.templates import (
     base_template_spec,
     build_template,
 )
+from smartvm.sandbox.warm import WarmPool, WarmSandbox, warm_up
 from smartvm.snapshot import Snapshot
 from smartvm.vm import MicroVM, VMState
 
@@ -85,6 +86,18 @@ class SnapshotInfo:
     source_sandbox: str | None
     created_at: float
     size_bytes: int  # allocated on disk: flattened disk + memory + state
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the manager runs against its limits, and what the host has left."""
+
+    active: int  # sandboxes holding a VM (not paused, stopped or failed)
+    max_sandboxes: int
+    memory_used_mib: int  # guest memory of the active sandboxes
+    memory_limit_mib: int
+    host_available_mib: int
+    warm: int  # sandboxes restored ahead of time
 
 
 @dataclass
@@ -171,6 +184,8 @@ class SandboxManager:
         self._templates: dict[str, BuiltTemplate] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
+        self.engine = ""  # the engine of every sandbox VM, chosen at start()
+        self._warm = WarmPool(base.warm_pool_size, self._make_warm, self._discard_warm)
 
     # --- lifecycle of the manager ----------------------------------------------------------------
     async def start(self) -> None:
@@ -189,7 +204,7 @@ class SandboxManager:
                 transit=self.settings.slot_transit,
                 meta={"manager": str(self.data_dir)},
             )
-            engine = self._svm.engine_name
+            engine = self.engine = await self._svm.select_engine()
             if self.settings.cow_strategy is not None:
                 self._cow = strategy_named(self.settings.cow_strategy, engine, self.data_dir / "sandboxes")
                 status = self._cow.available()
@@ -214,11 +229,11 @@ class SandboxManager:
         if self._closed or self._store is None:
             self._closed = True
             return
-        self._closed = True
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        await self._warm.close()
         mode = self.settings.on_close
         for sid in list(self._live):
             try:
@@ -232,6 +247,7 @@ class SandboxManager:
             with contextlib.suppress(SmartVMError):
                 await live.vm.detach()  # the VM and its record stay for the next manager
             self._live.pop(sid, None)
+        self._closed = True
         await self._shutdown_resources(keep=True)
 
     async def _shutdown_resources(self, *, keep: bool) -> None:
@@ -289,9 +305,17 @@ class SandboxManager:
         return rec
 
     async def _transition(
-        self, sid: str, new: SandboxState, *, error: str | None = None, detail: str = ""
+        self,
+        sid: str,
+        new: SandboxState,
+        *,
+        error: str | None = None,
+        detail: str = "",
+        changes: Mapping[str, Any] | None = None,
     ) -> None:
-        self._recs[sid] = await self.store.call(self.store.transition, sid, new, error=error, detail=detail)
+        self._recs[sid] = await self.store.call(
+            self.store.transition, sid, new, error=error, detail=detail, changes=changes
+        )
 
     async def _update(self, sid: str, **changes: Any) -> None:
         self._recs[sid] = await self.store.call(self.store.update_sandbox, sid, **changes)
@@ -319,7 +343,7 @@ class SandboxManager:
             return await self.store.call(self.store.get_template, spec.name)
 
     async def _ensure_image_template(self, spec: TemplateSpec, progress: Progress) -> BuiltTemplate:
-        engine = self._svm.engine_name
+        engine = self.engine
         key = await asyncio.to_thread(spec.key, engine)
         directory = self.data_dir / "templates" / spec.name / key
         built = BuiltTemplate(spec.name, directory)
@@ -427,7 +451,8 @@ class SandboxManager:
         built, trec = await self._template(template)
         async with self._admission:
             self._check_capacity(trec.memory_mib)
-            sid = await store.call(store.allocate_sandbox_id)
+            warm = self._warm.take(template, built.snapshot_dir)
+            sid = warm.sid if warm is not None else await self._new_id()
             now = time.time()
             rec = SandboxRecord(
                 id=sid,
@@ -439,7 +464,7 @@ class SandboxManager:
                 created_at=now,
                 end_at=now + end_in,
                 auto_pause=auto_pause,
-                engine=self._svm.engine_name,
+                engine=self.engine,
                 vm_id=sid,
                 network={
                     "egress": dataclasses.asdict(policy),
@@ -450,20 +475,75 @@ class SandboxManager:
             self._recs[sid] = rec
         async with self._lock(sid):
             try:
-                live = await self._launch(sid, built.snapshot_dir, built.disk, None, rec.network)
-                await self._update(
-                    sid,
-                    disk_path=str(live.disk.device_path),
-                    disk_strategy=live.disk.layer.strategy,
-                    disk_layer=live.disk.layer.to_json(),
-                    network={**rec.network, "lease": live.slot.lease_key},
-                )
+                if warm is not None:
+                    live = await self._activate(warm, policy, forwards)
+                else:
+                    live = await self._launch(sid, built.snapshot_dir, built.disk, None, rec.network)
                 self._live[sid] = live
-                await self._transition(sid, S.RUNNING)
+                await self._transition(
+                    sid,
+                    S.RUNNING,
+                    changes={
+                        "disk_path": str(live.disk.device_path),
+                        "disk_strategy": live.disk.layer.strategy,
+                        "disk_layer": live.disk.layer.to_json(),
+                        "network": {**rec.network, "lease": live.slot.lease_key},
+                    },
+                )
             except BaseException as exc:
                 await self._fail(sid, exc, "create")
                 raise _wrap(exc, f"creating sandbox {sid}") from exc
+        self._warm.refill(template)
         return Sandbox(self, sid)
+
+    async def _new_id(self) -> str:
+        taken = self._warm.ids()
+        while True:
+            sid = await self.store.call(self.store.allocate_sandbox_id)
+            if sid not in taken:
+                return sid
+
+    async def _make_warm(self, template: str) -> WarmSandbox | None:
+        """A sandbox of ``template`` restored, warmed up and paused, for a later create."""
+        built, trec = await self._template(template)
+        if _host_memory_mib()[1] < 2 * trec.memory_mib + 512:
+            return None  # leave the memory to real sandboxes
+        sid = await self._new_id()
+        live = await self._launch(sid, built.snapshot_dir, built.disk, None, {}, record=False)
+        warm = WarmSandbox(sid, built.snapshot_dir, live)
+        try:
+            await warm_up(live)
+        except BaseException:
+            await self._discard_warm(warm)
+            raise
+        return warm
+
+    async def _discard_warm(self, warm: WarmSandbox) -> None:
+        live = warm.live
+        with contextlib.suppress(SmartVMError):
+            await live.vm.kill()
+        with contextlib.suppress(SmartVMError):
+            await self.pool.release(live.slot)
+        await asyncio.to_thread(live.disk.release)
+        await asyncio.to_thread(shutil.rmtree, self._sandbox_dir(warm.sid), True)
+
+    async def _activate(self, warm: WarmSandbox, policy: EgressPolicy, forwards: Mapping[int, int]) -> _Live:
+        """Hand out a warm sandbox: running again, its own network policy, fresh randomness, the
+        host's clock, its hostname, and recorded (it outlives this process from now on)."""
+        live = warm.live
+        try:
+            await live.vm.resume()
+            if policy != live.slot.egress:
+                await live.slot.set_egress(policy)
+            for host_port, guest_port in forwards.items():
+                await live.slot.forward_port(host_port, guest_port)
+            agent = live.vm.agent
+            await asyncio.gather(agent.reseed(hostname=warm.sid), agent.set_time())
+            await live.vm.record()
+        except BaseException:
+            await self._discard_warm(warm)
+            raise
+        return live
 
     def _timeout(self, timeout: float | None) -> float:
         value = self.settings.default_timeout_s if timeout is None else float(timeout)
@@ -473,6 +553,18 @@ class SandboxManager:
                 f"timeout must be between 0 and {self.settings.max_timeout_s:.0f} seconds, not {timeout}",
             )
         return value
+
+    def capacity(self) -> Capacity:
+        active = [r for r in self._recs.values() if r.state in _ACTIVE]
+        total, available = _host_memory_mib()
+        return Capacity(
+            active=len(active),
+            max_sandboxes=self.settings.max_sandboxes,
+            memory_used_mib=sum(r.memory_mib for r in active),
+            memory_limit_mib=self.settings.max_memory_mib or int(total * 0.8),
+            host_available_mib=available,
+            warm=len(self._warm.ids()),
+        )
 
     def _check_capacity(self, memory_mib: int) -> None:
         active = [r for r in self._recs.values() if r.state in _ACTIVE]
@@ -505,11 +597,15 @@ class SandboxManager:
         base_disk: Path,
         layer: CowLayer | None,
         network: Mapping[str, Any],
+        *,
+        record: bool = True,
     ) -> _Live:
         """Disk, network slot and a restored, ready, recorded VM; on failure all of it is undone
         (a reopened ``layer`` is only detached: its files keep the paused sandbox's disk)."""
         assert self._cow is not None
         async with AsyncExitStack() as undo:
+            if layer is None:  # a new sandbox: its directory goes too if this fails
+                undo.callback(shutil.rmtree, self._sandbox_dir(sid), True)
             ensure_private_dir(self._sandbox_dir(sid))
             if layer is None:
                 disk = await asyncio.to_thread(
@@ -517,7 +613,7 @@ class SandboxManager:
                 )
                 undo.callback(disk.release)
             else:
-                strategy = strategy_named(layer.strategy, self._svm.engine_name, self.data_dir / "sandboxes")
+                strategy = strategy_named(layer.strategy, self.engine, self.data_dir / "sandboxes")
                 disk = await asyncio.to_thread(strategy.reopen, layer)
                 undo.callback(disk.detach)
             ports = {int(h): int(g) for h, g in dict(network.get("ports") or {}).items()}
@@ -533,7 +629,8 @@ class SandboxManager:
             undo.push_async_callback(vm.kill)
             vm.hostname = sid
             await vm.wait_ready(self.settings.ready_timeout_s)  # reseed, clock, hostname
-            await vm.record()  # it outlives this process on purpose; the next manager adopts it
+            if record:
+                await vm.record()  # it outlives this process on purpose; the next manager adopts it
             undo.pop_all()
             return _Live(vm, slot, disk)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -575,9 +672,7 @@ class SandboxManager:
             if rec is not None and rec.disk_layer:
                 with contextlib.suppress(SmartVMError, OSError, ValueError, KeyError):
                     layer = CowLayer.from_json(rec.disk_layer)
-                    strategy = strategy_named(
-                        layer.strategy, self._svm.engine_name, self.data_dir / "sandboxes"
-                    )
+                    strategy = strategy_named(layer.strategy, self.engine, self.data_dir / "sandboxes")
                     disk = await asyncio.to_thread(strategy.reopen, layer)
                     await asyncio.to_thread(disk.release)
         await asyncio.to_thread(shutil.rmtree, self._sandbox_dir(sid), True)
@@ -799,7 +894,7 @@ class SandboxManager:
                 await asyncio.to_thread(clone_file, path, target / path.name, mode=0o600)
         dataclasses.replace(source, directory=target).save()
         layer = CowLayer.from_json(rec.disk_layer or "")
-        strategy = strategy_named(layer.strategy, self._svm.engine_name, self.data_dir / "sandboxes")
+        strategy = strategy_named(layer.strategy, self.engine, self.data_dir / "sandboxes")
         disk = await asyncio.to_thread(strategy.reopen, layer)
         try:
             await asyncio.to_thread(disk.flatten, work / DISK_FILE)

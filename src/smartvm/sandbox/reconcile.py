@@ -99,7 +99,7 @@ async def _adopt(mgr: SandboxManager, rec: SandboxRecord) -> None:
         slot = mgr.pool.adopt(str(lease), egress=_policy(rec.network))
         slot.port_forwards = {int(h): int(g) for h, g in dict(rec.network.get("ports") or {}).items()}
         layer = CowLayer.from_json(rec.disk_layer)
-        strategy = strategy_named(layer.strategy, mgr._svm.engine_name, mgr.data_dir / "sandboxes")
+        strategy = strategy_named(layer.strategy, mgr.engine, mgr.data_dir / "sandboxes")
         disk = await asyncio.to_thread(strategy.reopen, layer)
     except BaseException:
         await vm.kill()

@@ -231,7 +231,9 @@ async def ensure_run_snapshot(
     ``failed_build``, whose restore failed). TEMPLATE_BUILD_FAILED when building fails."""
     cache = cache or cache_root()
     root = snapshots_dir(cache)
-    directory = root / entry_key(spec, svm.engine_name, await svm.ensure_binary(), svm.options.runtime_dir)
+    directory = root / entry_key(
+        spec, await svm.select_engine(), await svm.ensure_binary(), svm.options.runtime_dir
+    )
     if failed_build is None:
         found = _usable(directory)
         if found is not None:
@@ -302,7 +304,7 @@ async def _restore(
     snap: RunSnapshot, svm: SmartVM, vm_id: str, hostname: str, ready_timeout: float, detachable: bool
 ) -> MicroVM:
     root = ensure_private_dir(svm.options.runtime_dir)
-    strategy = choose_strategy(svm.engine_name, root, files_only=True)
+    strategy = choose_strategy(await svm.select_engine(), root, files_only=True)
     base = snap.template.disk
 
     def layer(runtime_dir: Path) -> Path:

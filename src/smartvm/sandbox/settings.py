@@ -33,6 +33,9 @@ class SandboxSettings(BaseModel):
     ready_timeout_s: float = Field(default=30.0, gt=0, description="for the guest agent after a restore")
     template_build_timeout_s: float = Field(default=300.0, gt=0)
     slot_pool_size: int = Field(default=2, ge=0, description="network slots kept ready")
+    warm_pool_size: int = Field(
+        default=1, ge=0, description="sandboxes per template restored ahead of time (paused) for fast creates"
+    )
     slot_prefix: str = Field(default=SLOT_PREFIX, min_length=1, max_length=6)
     slot_transit: str = SLOT_TRANSIT
     cow_strategy: StrategyName | None = Field(default=None, description="None: the best available")

@@ -340,15 +340,21 @@ class SandboxStore:
             row = db.execute("SELECT * FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
             if row is None:
                 raise _not_found(ErrorCode.SANDBOX_NOT_FOUND, "sandbox", sandbox_id)
-            old = _from_row(SandboxRecord, row)
-            try:
-                new = SandboxRecord(**{**{f.name: getattr(old, f.name) for f in fields(old)}, **changes})
-            except TypeError as exc:
-                raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"bad sandbox field: {exc}") from exc
-            self._upsert(db, "sandboxes", "id", _to_row(new))
-            return new
+            return self._apply_changes(db, _from_row(SandboxRecord, row), changes)
 
         return self._tx(run)
+
+    def _apply_changes(
+        self, db: sqlite3.Connection, old: SandboxRecord, changes: dict[str, Any]
+    ) -> SandboxRecord:
+        if "state" in changes or "id" in changes:
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, "use transition() to change a sandbox's state")
+        try:
+            new = SandboxRecord(**{**{f.name: getattr(old, f.name) for f in fields(old)}, **changes})
+        except TypeError as exc:
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"bad sandbox field: {exc}") from exc
+        self._upsert(db, "sandboxes", "id", _to_row(new))
+        return new
 
     def transition(
         self,
@@ -358,8 +364,10 @@ class SandboxStore:
         expect: SandboxState | Iterable[SandboxState] | None = None,
         error: str | None = None,
         detail: str = "",
+        changes: Mapping[str, Any] | None = None,
     ) -> SandboxRecord:
-        """Move a sandbox to ``new`` and log a ``state`` event, in one transaction.
+        """Move a sandbox to ``new`` and log a ``state`` event, in one transaction (with ``changes``
+        to other fields, as :meth:`update_sandbox` makes them).
 
         ``expect`` (a state or several) guards against a concurrent change; an illegal move raises
         INVALID_SANDBOX_TRANSITION and changes nothing. ``error`` is recorded with ERROR.
@@ -378,6 +386,8 @@ class SandboxStore:
                     f"sandbox {sandbox_id} is {old}, it cannot become {new}",
                 )
             reason = error if new is S.ERROR else None
+            if changes:
+                self._apply_changes(db, _from_row(SandboxRecord, row), dict(changes))
             db.execute(
                 "UPDATE sandboxes SET state = ?, error = ? WHERE id = ?", (new.value, reason, sandbox_id)
             )

@@ -54,7 +54,9 @@ class TemplateSpec:
     user: str = DEFAULT_USER
 
     def key(self, engine: str) -> str:
-        """The cache key: every input that changes the snapshot (files by path, size and mtime)."""
+        """The cache key: every input that changes the snapshot (files by path, size and mtime).
+        TEMPLATE_BUILD_FAILED when the kernel or root filesystem is missing."""
+        self.check_files()
         return digest(
             TEMPLATE_FORMAT,
             engine,
@@ -68,6 +70,14 @@ class TemplateSpec:
             self.ready_command or "",
             self.user,
         )
+
+    def check_files(self) -> None:
+        for path, what in ((self.kernel, "kernel"), (self.rootfs, "root filesystem")):
+            if not path.is_file():
+                raise SmartVMError(
+                    ErrorCode.TEMPLATE_BUILD_FAILED,
+                    f"the {what} {path} of template {self.name!r} does not exist: build or fetch it first",
+                )
 
 
 async def base_template_spec(cpus: int = 1, memory_mib: int = 256) -> TemplateSpec:
@@ -193,11 +203,7 @@ async def _build_into(
     ready_timeout: float,
     progress: Progress,
 ) -> None:
-    for path, what in ((spec.kernel, "kernel"), (spec.rootfs, "root filesystem")):
-        if not path.is_file():
-            raise SmartVMError(
-                ErrorCode.TEMPLATE_BUILD_FAILED, f"the {what} {path} of template {spec.name!r} does not exist"
-            )
+    spec.check_files()
     progress("copying the root filesystem")
     disk = work / DISK_FILE
     await asyncio.to_thread(clone_file, spec.rootfs, disk, mode=0o600)

@@ -9,6 +9,10 @@ Failure behaviours for tests, chosen with environment variables:
   FAKE_FC_IGNORE_SIGTERM=1            ignore SIGTERM (needs SIGKILL)
   FAKE_FC_REQUEST_LOG=path            append every request as a JSON line
   FAKE_FC_VERSION=1.16.1              the version to report (API and --version)
+  FAKE_FC_AGENT_SOCKET=path           vsock port 52 leads to the real guest agent listening there
+                                      (else the vsock echoes), refused for FAKE_FC_AGENT_DELAY seconds
+                                      after start/restore like a booting guest; FAKE_FC_AGENT_LOG=path
+                                      gets every byte the host sent to it
 
 Like Firecracker it refuses a flag given twice. Run under the fake jailer (jailer.py) it is chrooted
 and sees only the jail's paths.
@@ -26,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .server import VERSION, ApiServer, FakeFirecracker, serve_vsock_echo
+from .server import VERSION, ApiServer, FakeFirecracker, serve_vsock_agent, serve_vsock_echo
 
 # Firecracker's config file keys -> (method, path, id field) of the API call that applies them.
 _CONFIG_FILE_KEYS = {
@@ -123,7 +127,14 @@ def main(argv: list[str]) -> int:
     def on_start(fake: FakeFirecracker) -> None:
         print("SMARTVM_INIT_READY", flush=True)  # the guest's serial console is our stdout
         vsock = fake.state.config.get("vsock")
-        if vsock:
+        agent = os.environ.get("FAKE_FC_AGENT_SOCKET")
+        if vsock and agent:
+            log = os.environ.get("FAKE_FC_AGENT_LOG")
+            delay = float(os.environ.get("FAKE_FC_AGENT_DELAY", "0"))
+            serve_vsock_agent(
+                Path(vsock["uds_path"]), Path(agent), ready_after=delay, log=Path(log) if log else None
+            )
+        elif vsock:
             serve_vsock_echo(Path(vsock["uds_path"]))
 
     def on_ctrl_alt_del(_fake: FakeFirecracker) -> None:

@@ -7,6 +7,7 @@ tests can assert that everything our client sent validated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import socketserver
@@ -452,6 +453,59 @@ class ApiServer:
         self._server.server_close()
         self._thread.join()
         self.socket_path.unlink(missing_ok=True)
+
+
+def serve_vsock_agent(
+    uds_path: Path, agent_socket: Path, *, ready_after: float = 0.0, log: Path | None = None, port: int = 52
+) -> threading.Thread:
+    """Firecracker's host-initiated vsock in front of a real guest agent (listening on the Unix socket
+    ``agent_socket``): like a booting guest, ``CONNECT`` is refused (connection closed) until
+    ``ready_after`` seconds have passed, then every connection is spliced to the agent. ``log`` gets
+    every byte the host sent, so tests can see which requests went out in which order."""
+    ready_at = time.monotonic() + ready_after
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(uds_path))
+    listener.listen(8)
+    lock = threading.Lock()
+
+    def pump(src: socket.socket, dst: socket.socket, record: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if record and log is not None:
+                    with lock, open(log, "ab") as f:
+                        f.write(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def peer(conn: socket.socket) -> None:
+        with conn:
+            f = conn.makefile("rb")
+            if f.readline() != f"CONNECT {port}\n".encode() or time.monotonic() < ready_at:
+                return  # like Firecracker: no guest listener (yet) -> connection closed
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as agent:
+                agent.connect(str(agent_socket))
+                conn.sendall(b"OK 1073741824\n")  # the host sends nothing more before this answer
+                back = threading.Thread(target=pump, args=(agent, conn, False), daemon=True)
+                back.start()
+                pump(conn, agent, True)
+                back.join()
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=peer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    return thread
 
 
 def serve_vsock_echo(uds_path: Path, port: int = 52) -> threading.Thread:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from smartvm.doctor import CheckResult, register_check
+from smartvm.host.atomic_write import write_atomic
 from smartvm.images.cache_paths import cache_root
 
 KVM_DEVICE = Path("/dev/kvm")
@@ -105,9 +106,7 @@ def _write_cache(key: str, result: KvmProbe) -> None:
         if len(data) > _CACHE_ENTRIES:  # keys name kernel files, some of them temporary: keep the newest
             newest = sorted(data, key=lambda k: data[k].get("at", 0) if isinstance(data[k], dict) else 0)
             data = {k: data[k] for k in newest[-_CACHE_ENTRIES:]}
-        tmp = path.with_name(f"{CACHE_NAME}.{os.getpid()}.part")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(data, indent=1), mode=0o644)
     except OSError:
         pass  # a cache we cannot write only costs a re-probe
 
@@ -193,14 +192,22 @@ def run_probe(binary: str, kernel: Path | None, timeout: float = PROBE_TIMEOUT_S
     return KvmProbe(True, f"a probe guest ({payload}) ran under KVM in {took:.2f}s", payload, took)
 
 
+def kvm_device_problem() -> str | None:
+    """Why ``/dev/kvm`` cannot be used at all by this user, or None."""
+    if not KVM_DEVICE.exists():
+        return f"{KVM_DEVICE} does not exist"
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+        return f"{KVM_DEVICE} is not readable and writable by this user"
+    return None
+
+
 def probe_kvm(
     binary: str | os.PathLike[str] | None = None, kernel: Path | None = None, *, refresh: bool = False
 ) -> KvmProbe:
     """Whether QEMU can run a guest on KVM here (cached; at most a few seconds when not cached)."""
-    if not KVM_DEVICE.exists():
-        return KvmProbe(False, f"{KVM_DEVICE} does not exist")
-    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
-        return KvmProbe(False, f"{KVM_DEVICE} is not readable and writable by this user")
+    problem = kvm_device_problem()
+    if problem is not None:
+        return KvmProbe(False, problem)
     qemu = _qemu_binary(binary)
     if qemu is None or not os.path.exists(qemu):
         return KvmProbe(False, "qemu-system-x86_64 not found, so KVM could not be probed")

@@ -1,0 +1,264 @@
+"""Request and response bodies of the ``/v1`` API (pydantic: bad input fails naming the field)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from smartvm.agent.client import FileInfo, ProcessInfo
+from smartvm.sandbox.store import EventRecord, SandboxState, TemplateRecord
+from smartvm.service.backend import (
+    CommandResultLike,
+    SandboxInfoLike,
+    SandboxMetricsLike,
+    SnapshotInfoLike,
+)
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+SANDBOX_ID_PATTERN = r"^sb-[0-9a-f]{8}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lowercase letters, digits, '.', '_', '-'")]
+StringMap = dict[Annotated[str, Field(min_length=1, max_length=256)], Annotated[str, Field(max_length=4096)]]
+Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600, description="seconds")]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class CreateSandboxIn(_In):
+    template: Name = "base"
+    timeout: Seconds | None = Field(default=None, description="seconds until the sandbox ends")
+    metadata: StringMap = Field(default_factory=dict)
+    envs: StringMap = Field(default_factory=dict)
+    auto_pause: bool = Field(default=False, description="pause instead of kill at the end time")
+    cpus: Annotated[int, Field(ge=1, le=64)] | None = None
+    memory_mib: Annotated[int, Field(ge=64, le=1 << 20)] | None = None
+    internet: bool = True
+
+
+class SandboxOut(BaseModel):
+    id: str
+    template: str
+    state: SandboxState
+    metadata: dict[str, str]
+    cpus: int
+    memory_mib: int
+    created_at: float
+    end_at: float
+    auto_pause: bool
+    disk_bytes: int
+    error: str | None
+
+    @classmethod
+    def of(cls, info: SandboxInfoLike) -> SandboxOut:
+        return cls(
+            id=info.id,
+            template=info.template,
+            state=info.state,
+            metadata=dict(info.metadata),
+            cpus=info.cpus,
+            memory_mib=info.memory_mib,
+            created_at=info.created_at,
+            end_at=info.end_at,
+            auto_pause=info.auto_pause,
+            disk_bytes=info.disk_bytes,
+            error=info.error,
+        )
+
+
+class TimeoutIn(_In):
+    timeout: Seconds
+
+
+class ResumeIn(_In):
+    timeout: Seconds | None = None
+
+
+class ExecIn(_In):
+    cmd: str | Annotated[list[str], Field(min_length=1)] = Field(
+        description="a string runs through bash -l -c, a list runs directly"
+    )
+    envs: StringMap = Field(default_factory=dict)
+    cwd: str | None = None
+    user: str | int | None = Field(default=None, description="default: the sandbox user")
+    timeout: Seconds | None = 60.0
+    stdin: str | None = None
+    background: bool = Field(default=False, description="start it and return its pid at once")
+
+
+class ExecOut(BaseModel):
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration_s: float
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+    @classmethod
+    def of(cls, r: CommandResultLike) -> ExecOut:
+        return cls(
+            exit_code=r.exit_code,
+            stdout=r.stdout,
+            stderr=r.stderr,
+            duration_s=r.duration_s,
+            stdout_truncated=r.stdout_truncated,
+            stderr_truncated=r.stderr_truncated,
+        )
+
+
+class BackgroundOut(BaseModel):
+    pid: int
+
+
+class ProcessOut(BaseModel):
+    pid: int
+    cmd: list[str]
+    running: bool
+    exit_code: int | None
+    signal: int | None
+    started: float
+    ended: float | None
+    stdin_open: bool
+
+    @classmethod
+    def of(cls, p: ProcessInfo) -> ProcessOut:
+        return cls(
+            pid=p.pid,
+            cmd=list(p.cmd),
+            running=p.running,
+            exit_code=p.exit_code,
+            signal=p.signal,
+            started=p.started,
+            ended=p.ended,
+            stdin_open=p.stdin_open,
+        )
+
+
+class StdinIn(_In):
+    data: str = ""
+    eof: bool = False
+
+
+class KilledOut(BaseModel):
+    pid: int
+    signalled: bool = Field(description="false when the process had already exited")
+
+
+class FileOut(BaseModel):
+    name: str
+    path: str
+    type: str
+    size: int
+    mode: int
+    mtime: float
+    target: str | None = None
+
+    @classmethod
+    def of(cls, f: FileInfo) -> FileOut:
+        return cls(
+            name=f.name, path=f.path, type=f.type, size=f.size, mode=f.mode, mtime=f.mtime, target=f.target
+        )
+
+
+GuestPath = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class PathIn(_In):
+    path: GuestPath
+
+
+class RenameIn(_In):
+    src: GuestPath
+    dst: GuestPath
+
+
+class SnapshotIn(_In):
+    name: Name
+
+
+class SnapshotOut(BaseModel):
+    name: str
+    source_sandbox: str | None
+    created_at: float
+    size_bytes: int
+
+    @classmethod
+    def of(cls, s: SnapshotInfoLike) -> SnapshotOut:
+        return cls(
+            name=s.name, source_sandbox=s.source_sandbox, created_at=s.created_at, size_bytes=s.size_bytes
+        )
+
+
+class TemplateIn(_In):
+    name: Name
+    cpus: Annotated[int, Field(ge=1, le=64)] = 1
+    memory_mib: Annotated[int, Field(ge=64, le=1 << 20)] = 256
+    envs: StringMap = Field(default_factory=dict)
+    start_command: str | None = None
+    ready_command: str | None = None
+
+
+class TemplateOut(BaseModel):
+    name: str
+    cpus: int
+    memory_mib: int
+    status: str
+    created_at: float
+
+    @classmethod
+    def of(cls, t: TemplateRecord) -> TemplateOut:
+        return cls(
+            name=t.name, cpus=t.cpus, memory_mib=t.memory_mib, status=t.status, created_at=t.created_at
+        )
+
+
+class MetricsOut(BaseModel):
+    cpu_seconds: float
+    cpu_count: int
+    memory_rss_bytes: int
+    memory_mib: int
+    disk_bytes: int
+    timestamp: float
+
+    @classmethod
+    def of(cls, m: SandboxMetricsLike) -> MetricsOut:
+        return cls(
+            cpu_seconds=m.cpu_seconds,
+            cpu_count=m.cpu_count,
+            memory_rss_bytes=m.memory_rss_bytes,
+            memory_mib=m.memory_mib,
+            disk_bytes=m.disk_bytes,
+            timestamp=m.timestamp,
+        )
+
+
+class EventOut(BaseModel):
+    time: float
+    kind: str
+    detail: str
+
+    @classmethod
+    def of(cls, e: EventRecord) -> EventOut:
+        return cls(time=e.time, kind=e.kind, detail=e.detail)
+
+
+# What every protected route may answer besides its own body (shown in /docs).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": why}
+    for status, why in (
+        (400, "bad input"),
+        (401, "missing or invalid API key"),
+        (404, "no such sandbox, snapshot, template or file"),
+        (409, "wrong state"),
+        (413, "too large"),
+        (422, "validation failed"),
+        (429, "over a limit"),
+        (503, "host out of capacity"),
+    )
+}

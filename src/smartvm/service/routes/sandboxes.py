@@ -1,0 +1,106 @@
+"""``/v1/sandboxes``: create, list (by state and metadata), get, delete, pause, resume, timeout,
+metrics and the event log of one sandbox."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.sandbox.store import SandboxState
+from smartvm.service.backend import SandboxHandle
+from smartvm.service.deps import backend, sandbox, service
+from smartvm.service.models import (
+    CreateSandboxIn,
+    EventOut,
+    MetricsOut,
+    ResumeIn,
+    SandboxOut,
+    TimeoutIn,
+)
+
+router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
+Sandbox = Annotated[SandboxHandle, Depends(sandbox)]
+
+
+def _metadata_filter(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"metadata filter {pair!r}: write it as key=value (repeat for more)",
+            )
+        out[key] = value
+    return out
+
+
+@router.post("", status_code=201, summary="Create a sandbox from a template or snapshot")
+async def create_sandbox(body: CreateSandboxIn, request: Request) -> SandboxOut:
+    ctx = service(request)
+    with ctx.metrics.timed("create"):
+        sbx = await ctx.backend.create(
+            body.template,
+            timeout=body.timeout,
+            metadata=body.metadata,
+            envs=body.envs,
+            auto_pause=body.auto_pause,
+            cpus=body.cpus,
+            memory_mib=body.memory_mib,
+            internet=body.internet,
+        )
+    return SandboxOut.of(await sbx.info())
+
+
+@router.get("", summary="List sandboxes (default: all but stopped)")
+async def list_sandboxes(
+    request: Request,
+    state: Annotated[list[SandboxState] | None, Query(description="repeat for several states")] = None,
+    metadata: Annotated[list[str] | None, Query(description="key=value; repeat for several")] = None,
+) -> list[SandboxOut]:
+    found = await backend(request).list(states=state, metadata=_metadata_filter(metadata or []))
+    return [SandboxOut.of(await s.info()) for s in found]
+
+
+@router.get("/{sandbox_id}", summary="One sandbox")
+async def get_sandbox(sbx: Sandbox) -> SandboxOut:
+    return SandboxOut.of(await sbx.info())
+
+
+@router.delete("/{sandbox_id}", status_code=204, summary="Kill a sandbox and free all it holds")
+async def delete_sandbox(sbx: Sandbox, request: Request) -> Response:
+    with service(request).metrics.timed("kill"):
+        await sbx.kill()
+    return Response(status_code=204)
+
+
+@router.post("/{sandbox_id}/pause", summary="Pause to disk (memory and processes kept)")
+async def pause_sandbox(sbx: Sandbox, request: Request) -> SandboxOut:
+    with service(request).metrics.timed("pause"):
+        await sbx.pause()
+    return SandboxOut.of(await sbx.info())
+
+
+@router.post("/{sandbox_id}/resume", summary="Resume a paused sandbox")
+async def resume_sandbox(sbx: Sandbox, request: Request, body: ResumeIn | None = None) -> SandboxOut:
+    with service(request).metrics.timed("resume"):
+        await sbx.resume(timeout=body.timeout if body else None)
+    return SandboxOut.of(await sbx.info())
+
+
+@router.post("/{sandbox_id}/timeout", summary="End the sandbox this many seconds from now")
+async def set_timeout(sbx: Sandbox, body: TimeoutIn) -> SandboxOut:
+    await sbx.set_timeout(body.timeout)
+    return SandboxOut.of(await sbx.info())
+
+
+@router.get("/{sandbox_id}/metrics", summary="CPU, memory and disk use of one sandbox")
+async def sandbox_metrics(sbx: Sandbox) -> MetricsOut:
+    return MetricsOut.of(await sbx.metrics())
+
+
+@router.get("/{sandbox_id}/events", summary="The sandbox's event log, oldest first")
+async def sandbox_events(sbx: Sandbox, request: Request) -> list[EventOut]:
+    return [EventOut.of(e) for e in await backend(request).events(sbx.id)]

@@ -1,0 +1,249 @@
+"""The /v1 API with real guests: `smartvm serve` (QEMU engine) driven over HTTP and WebSocket.
+
+One service per module on the session's sandbox data dir (the ``base`` template is built once);
+each test kills what it made, and at the end nothing may be left on the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sandbox_support import assert_no_sandbox_left
+
+from service_support import Served, make_key, start_serve
+
+pytestmark = pytest.mark.integration
+LONG = 180.0  # a create builds the base template the first time, under TCG on a shared machine
+
+
+class Service:
+    """The module's service; ``restart`` SIGKILLs it and starts a new one on the same dirs."""
+
+    def __init__(self, data_dir: Path, runtime_dir: Path) -> None:
+        self.data_dir, self.runtime_dir = data_dir, runtime_dir
+        self.key = make_key(data_dir, f"api-{os.getpid()}-{time.monotonic_ns()}")
+        self.served: Served = start_serve(data_dir, runtime_dir)
+        self.http = httpx.Client(base_url=self.served.url, headers={"X-API-Key": self.key}, timeout=LONG)
+
+    def restart(self) -> None:
+        self.served.proc.send_signal(signal.SIGKILL)
+        self.served.proc.wait(30)
+        self.served = start_serve(self.data_dir, self.runtime_dir)
+        self.http.base_url = httpx.URL(self.served.url)
+
+    def __call__(self, method: str, path: str, status: int, **kwargs: Any) -> Any:
+        res = self.http.request(method, path, **kwargs)
+        assert res.status_code == status, f"{method} {path}: {res.status_code} {res.text}"
+        if res.headers.get("content-type", "").startswith("application/json"):
+            return res.json()
+        return res
+
+    def create(self, **body: Any) -> dict[str, Any]:
+        sb: dict[str, Any] = self("POST", "/v1/sandboxes", 201, json={"timeout": 600, **body})
+        return sb
+
+    def run(self, sid: str, cmd: str | list[str], **body: Any) -> dict[str, Any]:
+        out: dict[str, Any] = self("POST", f"/v1/sandboxes/{sid}/exec", 200, json={"cmd": cmd, **body})
+        return out
+
+
+@pytest.fixture(scope="module")
+def api(sandbox_data: Path) -> Iterator[Service]:
+    runtime = Path(tempfile.mkdtemp(prefix="sv", dir="/tmp"))
+    service = Service(sandbox_data, runtime)
+    try:
+        yield service
+    finally:
+        try:
+            for sb in service.http.get("/v1/sandboxes").json():
+                service.http.delete(f"/v1/sandboxes/{sb['id']}")
+            code, err = service.served.stop()
+            assert code == 0, err
+            assert_no_sandbox_left(sandbox_data, runtime)
+        finally:
+            shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _error(res: httpx.Response, status: int, code: str) -> None:
+    assert (res.status_code, res.json().get("code")) == (status, code), res.text
+
+
+def test_lifecycle_over_http(api: Service) -> None:
+    sb = api.create(metadata={"suite": "api"}, envs={"GREETING": "hello"})
+    sid = sb["id"]
+    assert sb["state"] == "running" and sb["metadata"] == {"suite": "api"} and sb["template"] == "base"
+    assert [s["id"] for s in api("GET", "/v1/sandboxes", 200, params={"metadata": "suite=api"})] == [sid]
+    assert api("GET", f"/v1/sandboxes/{sid}", 200)["state"] == "running"
+
+    r = api.run(sid, "echo $GREETING; whoami; pwd")
+    assert (r["exit_code"], r["stdout"]) == (0, "hello\nuser\n/home/user\n")
+    assert api.run(sid, "exit 7")["exit_code"] == 7  # a failing command is a result
+    assert api.run(sid, ["/no/such/program"])["exit_code"] == 127
+    _error(
+        api.http.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "sleep 10", "timeout": 1}),
+        504,
+        "EXEC_TIMEOUT",
+    )
+
+    api.run(sid, "echo kept > note.txt")
+    assert api("POST", f"/v1/sandboxes/{sid}/pause", 200)["state"] == "paused"
+    _error(api.http.post(f"/v1/sandboxes/{sid}/pause"), 409, "SANDBOX_ALREADY_PAUSED")
+    _error(api.http.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "true"}), 409, "SANDBOX_NOT_RUNNING")
+    assert api("POST", f"/v1/sandboxes/{sid}/resume", 200)["state"] == "running"
+    _error(api.http.post(f"/v1/sandboxes/{sid}/resume"), 409, "SANDBOX_NOT_PAUSED")
+    assert api.run(sid, "cat note.txt")["stdout"] == "kept\n"
+
+    before = api("GET", f"/v1/sandboxes/{sid}", 200)["end_at"]
+    moved = api("POST", f"/v1/sandboxes/{sid}/timeout", 200, json={"timeout": 3600})["end_at"]
+    assert moved > before + 1000
+    _error(api.http.post(f"/v1/sandboxes/{sid}/timeout", json={"timeout": -1}), 422, "VALIDATION_FAILED")
+
+    m = api("GET", f"/v1/sandboxes/{sid}/metrics", 200)
+    assert m["memory_rss_bytes"] > 0 and m["cpu_seconds"] > 0 and m["disk_bytes"] > 0
+    details = [e["detail"] for e in api("GET", f"/v1/sandboxes/{sid}/events", 200)]
+    assert any("paused" in d for d in details) and any("timeout" in d or "3600" in d for d in details)
+
+    assert api("DELETE", f"/v1/sandboxes/{sid}", 204).status_code == 204
+    assert api("GET", f"/v1/sandboxes/{sid}", 200)["state"] == "stopped"
+    api("DELETE", f"/v1/sandboxes/{sid}", 204)  # idempotent
+    assert sid not in [s["id"] for s in api("GET", "/v1/sandboxes", 200)]
+
+
+def test_bad_creates(api: Service) -> None:
+    _error(api.http.post("/v1/sandboxes", json={"template": "no-such"}), 404, "TEMPLATE_NOT_FOUND")
+    _error(api.http.post("/v1/sandboxes", json={"template": "base", "cpus": 7}), 400, "INVALID_ARGUMENT")
+    _error(api.http.post("/v1/sandboxes", json={"timeout": 0}), 422, "VALIDATION_FAILED")
+    names = [t["name"] for t in api("GET", "/v1/templates", 200)]
+    assert "base" in names
+
+
+def test_files_over_http(api: Service) -> None:
+    sid = api.create()["id"]
+    data = os.urandom(3 << 20)
+
+    def chunks() -> Iterator[bytes]:
+        step = 256 << 10
+        for i in range(0, len(data), step):
+            yield data[i : i + step]
+
+    up = api("PUT", f"/v1/sandboxes/{sid}/files/content", 201, params={"path": "big.bin"}, content=chunks())
+    assert (up["path"], up["size"]) == ("/home/user/big.bin", len(data))
+    with api.http.stream("GET", f"/v1/sandboxes/{sid}/files/content", params={"path": "big.bin"}) as res:
+        assert res.status_code == 200
+        digest = hashlib.sha256()
+        for chunk in res.iter_bytes():
+            digest.update(chunk)
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert api.run(sid, "stat -c %U big.bin")["stdout"] == "user\n"
+
+    api("POST", f"/v1/sandboxes/{sid}/files/mkdir", 201, json={"path": "d/e"})
+    moved = api("POST", f"/v1/sandboxes/{sid}/files/rename", 200, json={"src": "big.bin", "dst": "d/e/b.bin"})
+    assert moved["path"] == "/home/user/d/e/b.bin"
+    names = {
+        f["name"]: f["type"] for f in api("GET", f"/v1/sandboxes/{sid}/files", 200, params={"path": "d/e"})
+    }
+    assert names == {"b.bin": "file"}
+    api("DELETE", f"/v1/sandboxes/{sid}/files", 204, params={"path": "d"})
+    _error(api.http.get(f"/v1/sandboxes/{sid}/files", params={"path": "d"}), 404, "GUEST_FILE_ERROR")
+    _error(
+        api.http.get(f"/v1/sandboxes/{sid}/files/content", params={"path": "nope"}), 404, "GUEST_FILE_ERROR"
+    )
+    assert os.listdir(api.data_dir / "service" / "uploads") == []  # spools are removed
+    api("DELETE", f"/v1/sandboxes/{sid}", 204)
+
+
+def _ws_url(api: Service, sid: str) -> str:
+    return api.served.url.replace("http://", "ws://") + f"/v1/sandboxes/{sid}/exec/stream"
+
+
+def test_exec_streams_over_a_websocket_and_a_gone_client_kills_the_command(api: Service) -> None:
+    from websockets.sync.client import connect
+
+    sid = api.create()["id"]
+    with connect(_ws_url(api, sid), additional_headers={"X-API-Key": api.key}, open_timeout=30) as ws:
+        ws.send(json.dumps({"cmd": "echo out; echo err >&2; sleep 0.2; echo more; exit 3"}))
+        events = [json.loads(m) for m in ws]  # until the service closes
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "exit"
+    assert "".join(e["data"] for e in events if e["type"] == "stdout") == "out\nmore\n"
+    assert "".join(e["data"] for e in events if e["type"] == "stderr") == "err\n"
+    assert events[-1]["exit_code"] == 3
+
+    with connect(_ws_url(api, sid), subprotocols=["smartvm", f"key.{api.key}"], open_timeout=30) as ws:  # type: ignore[list-item]
+        ws.send(json.dumps({"cmd": "echo $$ > /tmp/ws.pid; echo go; sleep 300"}))
+        while json.loads(ws.recv(timeout=60)).get("data") != "go\n":
+            pass
+    # the client left: the command's process group must die in the guest
+    deadline = time.monotonic() + 30
+    while api.run(sid, "kill -0 $(cat /tmp/ws.pid) 2>/dev/null")["exit_code"] == 0:
+        assert time.monotonic() < deadline, "the command outlived its WebSocket client"
+        time.sleep(0.5)
+    api("DELETE", f"/v1/sandboxes/{sid}", 204)
+
+
+def test_background_processes(api: Service) -> None:
+    sid = api.create()["id"]
+    cat = api("POST", f"/v1/sandboxes/{sid}/exec", 200, json={"cmd": "cat > in.txt", "background": True})
+    api(
+        "POST",
+        f"/v1/sandboxes/{sid}/processes/{cat['pid']}/stdin",
+        204,
+        json={"data": "piped\n", "eof": True},
+    )
+    sleeper = api("POST", f"/v1/sandboxes/{sid}/exec", 200, json={"cmd": "sleep 300", "background": True})
+    procs = {p["pid"]: p for p in api("GET", f"/v1/sandboxes/{sid}/processes", 200)}
+    assert procs[sleeper["pid"]]["running"]
+    killed = api("DELETE", f"/v1/sandboxes/{sid}/processes/{sleeper['pid']}", 200)
+    assert killed == {"pid": sleeper["pid"], "signalled": True}
+    deadline = time.monotonic() + 30
+    while api.run(sid, "cat in.txt")["stdout"] != "piped\n":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    procs = {p["pid"]: p for p in api("GET", f"/v1/sandboxes/{sid}/processes", 200)}
+    assert not procs[sleeper["pid"]]["running"]
+    res = api.http.delete(f"/v1/sandboxes/{sid}/processes/{sleeper['pid']}", params={"signal": "SIGBOGUS"})
+    _error(res, 422, "VALIDATION_FAILED")
+    api("DELETE", f"/v1/sandboxes/{sid}", 204)
+
+
+def test_snapshots_over_http(api: Service) -> None:
+    sid = api.create()["id"]
+    api.run(sid, "echo from-the-source > mark.txt")
+    snap = api("POST", f"/v1/sandboxes/{sid}/snapshots", 201, json={"name": "api-snap"})
+    assert snap["name"] == "api-snap" and snap["source_sandbox"] == sid
+    listed = {s["name"]: s for s in api("GET", "/v1/snapshots", 200)}
+    assert listed["api-snap"]["size_bytes"] > 0
+    clone = api.create(template="api-snap")["id"]
+    assert api.run(clone, "cat mark.txt")["stdout"] == "from-the-source\n"
+    _error(api.http.delete("/v1/snapshots/api-snap"), 409, "SNAPSHOT_IN_USE")
+    api("DELETE", f"/v1/sandboxes/{clone}", 204)
+    api("DELETE", "/v1/snapshots/api-snap", 204)
+    _error(api.http.delete("/v1/snapshots/api-snap"), 404, "SNAPSHOT_NOT_FOUND")
+    api("DELETE", f"/v1/sandboxes/{sid}", 204)
+
+
+def test_sigkill_and_restart_keep_running_and_paused_sandboxes(api: Service) -> None:
+    running = api.create()["id"]
+    paused = api.create()["id"]
+    api.run(running, "echo alive > r.txt")
+    api.run(paused, "echo asleep > p.txt")
+    api("POST", f"/v1/sandboxes/{paused}/pause", 200)
+    api.restart()
+    assert api("GET", f"/v1/sandboxes/{running}", 200)["state"] == "running"
+    assert api("GET", f"/v1/sandboxes/{paused}", 200)["state"] == "paused"
+    assert api.run(running, "cat r.txt")["stdout"] == "alive\n"
+    api("POST", f"/v1/sandboxes/{paused}/resume", 200)
+    assert api.run(paused, "cat p.txt")["stdout"] == "asleep\n"
+    api("DELETE", f"/v1/sandboxes/{running}", 204)
+    api("DELETE", f"/v1/sandboxes/{paused}", 204)
