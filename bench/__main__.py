@@ -32,8 +32,10 @@ BENCHMARKS = [
     "restore",
     "exec_roundtrip",
     "e2b_envd",
+    "e2b_rest",
     "memory",
     "sandboxes",
+    "service_load",
 ]
 
 

@@ -17,8 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from smartvm.service.keys import KeyStore
+
+LONG = 180.0  # a create builds the base template the first time, under TCG on a shared machine
 
 
 def make_key(data_dir: Path, name: str = "test") -> str:
@@ -90,6 +95,57 @@ def serving(data_dir: Path, runtime_dir: Path, *args: str) -> Iterator[Served]:
     finally:
         if served.proc.poll() is None:
             served.stop()
+
+
+class Service:
+    """A `smartvm serve` of a test module with its key and an HTTP client; ``restart`` SIGKILLs it
+    and starts a new one on the same dirs."""
+
+    def __init__(self, data_dir: Path, runtime_dir: Path) -> None:
+        self.data_dir, self.runtime_dir = data_dir, runtime_dir
+        self.key = make_key(data_dir, f"api-{os.getpid()}-{time.monotonic_ns()}")
+        self.served: Served = start_serve(data_dir, runtime_dir)
+        self.http = httpx.Client(base_url=self.served.url, headers={"X-API-Key": self.key}, timeout=LONG)
+
+    @property
+    def url(self) -> str:
+        return self.served.url
+
+    def restart(self) -> None:
+        self.served.proc.send_signal(signal.SIGKILL)
+        self.served.proc.wait(30)
+        self.served = start_serve(self.data_dir, self.runtime_dir)
+        self.http.base_url = httpx.URL(self.served.url)
+
+    def __call__(self, method: str, path: str, status: int, **kwargs: Any) -> Any:
+        res = self.http.request(method, path, **kwargs)
+        assert res.status_code == status, f"{method} {path}: {res.status_code} {res.text}"
+        if res.headers.get("content-type", "").startswith("application/json"):
+            return res.json()
+        return res
+
+    def create(self, **body: Any) -> dict[str, Any]:
+        sb: dict[str, Any] = self("POST", "/v1/sandboxes", 201, json={"timeout": 600, **body})
+        return sb
+
+    def run(self, sid: str, cmd: str | list[str], **body: Any) -> dict[str, Any]:
+        out: dict[str, Any] = self("POST", f"/v1/sandboxes/{sid}/exec", 200, json={"cmd": cmd, **body})
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """The service's metrics by series (``name{labels}``)."""
+        import re
+
+        text = self("GET", "/metrics", 200).text
+        found = re.findall(r"^(smartvm_[a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.MULTILINE)
+        return {name: float(value) for name, value in found}
+
+    def stop(self) -> tuple[int, str]:
+        """Kill what the module left running and stop the service; its exit code and stderr."""
+        for sb in self.http.get("/v1/sandboxes").json():
+            self.http.delete(f"/v1/sandboxes/{sb['id']}")
+        self.http.close()
+        return self.served.stop()
 
 
 CHROMIUM = Path("/usr/bin/chromium")

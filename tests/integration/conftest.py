@@ -85,3 +85,26 @@ async def sbm(sandbox_data: Path, runtime_root: Path) -> AsyncIterator[Any]:
         finally:
             await mgr.close()
         assert_no_sandbox_left(sandbox_data, runtime_root)
+
+
+@pytest.fixture(scope="module")
+def api(sandbox_data: Path) -> Iterator[Any]:
+    """`smartvm serve` on the session's sandbox data dir for one test module (a ``Service``); at the
+    end what the module left is killed, the service must stop cleanly without a traceback, and
+    nothing may be left on the host."""
+    from sandbox_support import assert_no_sandbox_left
+
+    from service_support import Service
+
+    runtime = Path(tempfile.mkdtemp(prefix="sv", dir="/tmp"))
+    service = Service(sandbox_data, runtime)
+    try:
+        yield service
+    finally:
+        try:
+            code, err = service.stop()
+            assert code == 0, err
+            assert "Traceback" not in err, err
+            assert_no_sandbox_left(sandbox_data, runtime)
+        finally:
+            shutil.rmtree(runtime, ignore_errors=True)

@@ -1,20 +1,21 @@
-"""The official e2b SDK, unchanged, against ``smartvm serve`` started by the test: the REST face creates
-and manages sandboxes, the envd face runs their commands and files. Configured only through the SDK's
-environment variables (E2B_API_URL, E2B_SANDBOX_URL, E2B_API_KEY), as a user would.
+"""The official e2b SDK, unchanged, against ``smartvm serve`` started by the test (QEMU guests): the REST
+face creates and manages sandboxes, the envd face runs their commands and files. Configured only
+through the SDK's environment variables (E2B_API_URL, E2B_SANDBOX_URL, E2B_API_KEY), as a user would.
 
-Needs the sandbox layer (``smartvm.sandbox.manager``), the service (``smartvm serve``/``smartvm keys``)
-and the E2B REST face in it (``smartvm.service.e2b.rest``); skipped with that reason until all are there.
+One service per module on the session's sandbox data dir (the ``base`` template is built once); each
+test kills what it made, and at the end nothing may be left on the host.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import io
 import os
-import signal
-import socket
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,76 +23,61 @@ from typing import Any
 
 import httpx
 import pytest
+from sandbox_support import assert_no_sandbox_left
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        importlib.util.find_spec("smartvm.sandbox.manager") is None
-        or importlib.util.find_spec("smartvm.service.app") is None
-        or importlib.util.find_spec("smartvm.service.e2b.rest") is None,
-        reason="needs the sandbox layer (smartvm.sandbox.manager), `smartvm serve` (smartvm.service.app) "
-        "and the E2B REST face in it (smartvm.service.e2b.rest: /v2/sandboxes ... with EnvdMiddleware "
-        "mounted); the REST face is not written yet",
-    ),
-]
+from e2b_support import sdk_sandbox
+from service_support import Served, make_key, start_serve
+from smartvm.service.e2b.rest.tokens import AccessTokens
 
-SMARTVM = [str(Path(sys.executable).parent / "smartvm")]
+pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Service:
+    """The module's ``smartvm serve``; ``restart`` stops it (SIGTERM, sandboxes kept) and starts anew."""
+
+    def __init__(self, data_dir: Path, runtime_dir: Path) -> None:
+        self.data_dir, self.runtime_dir = data_dir, runtime_dir
+        self.key = make_key(data_dir, f"e2b-{os.getpid()}-{time.monotonic_ns()}")
+        self.served: Served = start_serve(data_dir, runtime_dir)
+
+    @property
+    def url(self) -> str:
+        return self.served.url
+
+    def restart(self) -> None:
+        code, err = self.served.stop()
+        assert code == 0, err
+        self.served = start_serve(self.data_dir, self.runtime_dir)
+
+    def kill_all(self) -> None:
+        with httpx.Client(base_url=self.url, headers={"X-API-Key": self.key}, timeout=120) as http:
+            for sb in http.get("/v1/sandboxes").json():
+                http.delete(f"/v1/sandboxes/{sb['id']}")
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """`smartvm serve` on a loopback port with a fresh data dir and API key; (url, key)."""
-    data = tmp_path_factory.mktemp("serve")
-    created = subprocess.run(
-        [*SMARTVM, "keys", "create", "--name", "e2b-test", "--data-dir", str(data)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    key = created.stdout.strip().splitlines()[-1]
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [*SMARTVM, "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def service(sandbox_data: Path) -> Iterator[Service]:
+    runtime = Path(tempfile.mkdtemp(prefix="sv", dir="/tmp"))
+    svc = Service(sandbox_data, runtime)
     try:
-        deadline = time.monotonic() + 300  # the first start builds the base template
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                out = proc.stdout.read() if proc.stdout else ""
-                raise AssertionError(f"smartvm serve did not become healthy:\n{out[-3000:]}")
-            time.sleep(0.5)
-        yield url, key
+        yield svc
     finally:
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
+            svc.kill_all()
+            code, err = svc.served.stop()
+            assert code == 0, err
+            assert_no_sandbox_left(sandbox_data, runtime)
+        finally:
+            shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture
-def e2b_env(service: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    url, key = service
-    monkeypatch.setenv("E2B_API_URL", url)
-    monkeypatch.setenv("E2B_SANDBOX_URL", url)
-    monkeypatch.setenv("E2B_API_KEY", key)
+def e2b_env(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("E2B_API_URL", service.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", service.url)
+    monkeypatch.setenv("E2B_API_KEY", service.key)
     monkeypatch.delenv("E2B_DEBUG", raising=False)
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
     monkeypatch.delenv("E2B_ACCESS_TOKEN", raising=False)
 
 
@@ -131,8 +117,6 @@ async def test_commands(sandbox: Any) -> None:
 
 
 async def test_files(sandbox: Any) -> None:
-    import io
-
     from e2b import FilesystemEventType
 
     await sandbox.files.write("t.txt", "text")
@@ -163,36 +147,58 @@ async def test_files(sandbox: Any) -> None:
 
 
 async def test_lifecycle(e2b_env: None) -> None:
-    from e2b import AsyncSandbox, AuthenticationException, SandboxNotFoundException, SandboxQuery
+    from e2b import AsyncSandbox, SandboxQuery, SandboxState
 
-    tag = f"lifecycle-{os.getpid()}"
-    first = await AsyncSandbox.create(timeout=120, metadata={"tag": tag})
-    second = await AsyncSandbox.create(timeout=120, metadata={"tag": tag})
+    tag = f"lifecycle-{os.getpid()}-{time.monotonic_ns()}"
+    first = await AsyncSandbox.create(timeout=120, metadata={"tag": tag, "n": "1"})
+    second = await AsyncSandbox.create(timeout=120, metadata={"tag": tag, "n": "2"})
     try:
         info = await first.get_info()
-        assert info.metadata["tag"] == tag and info.template_id
+        assert info.metadata == {"tag": tag, "n": "1"} and info.template_id == "base"
+        assert info.state == SandboxState.RUNNING and info.cpu_count >= 1 and info.memory_mb >= 128
+        assert info.end_at > info.started_at
+
+        # metadata filter and paging through the x-next-token header, one item per page
         paginator = AsyncSandbox.list(query=SandboxQuery(metadata={"tag": tag}), limit=1)
         ids = []
         while paginator.has_next:
-            ids += [s.sandbox_id for s in await paginator.next_items()]
+            page = await paginator.next_items()
+            assert len(page) <= 1
+            ids += [s.sandbox_id for s in page]
         assert sorted(ids) == sorted([first.sandbox_id, second.sandbox_id])
+        only = await AsyncSandbox.list(query=SandboxQuery(metadata={"tag": tag, "n": "2"})).next_items()
+        assert [s.sandbox_id for s in only] == [second.sandbox_id]
+
+        before = (await first.get_info()).end_at
         await first.set_timeout(600)
+        assert ((await first.get_info()).end_at - before).total_seconds() > 400
+
+        metrics = await first.get_metrics()
+        assert len(metrics) == 1 and metrics[0].cpu_count >= 1
+        assert 0 < metrics[0].mem_used <= metrics[0].mem_total and metrics[0].disk_total > 0
 
         # a command running across pause and resume, and a file that survives
         await first.files.write("keep.txt", "kept")
         runner = await first.commands.run(
             "i=0; while true; do i=$((i+1)); echo $i > n; sleep 0.2; done", background=True
         )
-        assert await first.pause()
+        assert await first.pause() is True
+        assert await AsyncSandbox.pause(first.sandbox_id) is False  # 409: already paused
+        assert (await AsyncSandbox.get_info(first.sandbox_id)).state == SandboxState.PAUSED
+        paused = AsyncSandbox.list(query=SandboxQuery(metadata={"tag": tag}, state=[SandboxState.PAUSED]))
+        assert [s.sandbox_id for s in await paused.next_items()] == [first.sandbox_id]
         resumed = await AsyncSandbox.connect(first.sandbox_id)
+        assert (await resumed.get_info()).state == SandboxState.RUNNING
         assert await resumed.files.read("keep.txt") == "kept"
         n1 = int(await resumed.files.read("n"))
         await asyncio.sleep(1)
         assert int(await resumed.files.read("n")) > n1
         await resumed.commands.kill(runner.pid)
+        again = await AsyncSandbox.connect(first.sandbox_id)  # running: 200, same token
+        assert again._envd_access_token == resumed._envd_access_token
 
         # one sandbox's token is refused on another
-        from e2b_support import sdk_sandbox
+        from e2b import AuthenticationException
 
         url = os.environ["E2B_SANDBOX_URL"]
         with pytest.raises(AuthenticationException):
@@ -200,21 +206,125 @@ async def test_lifecycle(e2b_env: None) -> None:
 
         assert await AsyncSandbox.kill(second.sandbox_id) is True
         assert await AsyncSandbox.kill(second.sandbox_id) is False
-        with pytest.raises(SandboxNotFoundException):
-            await AsyncSandbox.connect("sb-00000000")
     finally:
         for sbx in (first, second):
             await AsyncSandbox.kill(sbx.sandbox_id)
 
 
-def test_sync_client(e2b_env: None) -> None:
-    from e2b import Sandbox
+async def test_errors(e2b_env: None) -> None:
+    from e2b import (
+        AsyncSandbox,
+        AuthenticationException,
+        NotFoundException,
+        SandboxException,
+        SandboxNotFoundException,
+    )
 
-    sbx = Sandbox.create(timeout=120)
+    with pytest.raises(AuthenticationException):
+        await AsyncSandbox.list(api_key="svm_wrong").next_items()
+    with pytest.raises(AuthenticationException):
+        await AsyncSandbox.create(api_key="svm_wrong")
+    with pytest.raises(SandboxNotFoundException):
+        await AsyncSandbox.connect("sb-00000000")
+    with pytest.raises(SandboxNotFoundException):
+        await AsyncSandbox.get_info("sb-00000000")
+    with pytest.raises(NotFoundException):
+        await AsyncSandbox.pause("not-an-id")
+    assert await AsyncSandbox.kill("sb-00000000") is False
+    with pytest.raises(SandboxException, match="no template"):
+        await AsyncSandbox.create("no-such-template")
+    with pytest.raises(SandboxException, match="not supported by smartvm"):
+        await AsyncSandbox.create(lifecycle={"on_timeout": "pause", "auto_resume": True})
+
+
+async def test_snapshots(sandbox: Any, e2b_env: None) -> None:
+    from e2b import AsyncSandbox
+
+    await sandbox.files.write("snap.txt", "in the snapshot")
+    snap = await sandbox.create_snapshot()
+    assert snap.snapshot_id.startswith(sandbox.sandbox_id) and snap.names == [snap.snapshot_id]
+    listed = [s.snapshot_id for s in await sandbox.list_snapshots().next_items()]
+    assert listed == [snap.snapshot_id]
+    clone = await AsyncSandbox.create(snap.snapshot_id, timeout=120)
+    try:
+        assert await clone.files.read("snap.txt") == "in the snapshot"
+        assert (await clone.get_info()).template_id == snap.snapshot_id
+    finally:
+        await clone.kill()
+    assert await AsyncSandbox.delete_snapshot(snap.snapshot_id) is True
+    assert await AsyncSandbox.delete_snapshot(snap.snapshot_id) is False
+
+
+def test_sync_client(e2b_env: None) -> None:
+    from e2b import Sandbox, SandboxQuery, SandboxState
+
+    sbx = Sandbox.create(timeout=120, metadata={"client": "sync"}, lifecycle={"on_timeout": "pause"})
     try:
         sbx.files.write("s.txt", "sync")
         assert sbx.commands.run("cat s.txt").stdout == "sync"
-        assert sbx.get_info().sandbox_id == sbx.sandbox_id
+        info = sbx.get_info()
+        assert info.sandbox_id == sbx.sandbox_id and info.lifecycle == {
+            "on_timeout": "pause",
+            "auto_resume": False,
+        }
+        sbx.set_timeout(300)
+        assert sbx.get_metrics()[0].mem_total > 0
+        found = Sandbox.list(query=SandboxQuery(metadata={"client": "sync"})).next_items()
+        assert [s.sandbox_id for s in found] == [sbx.sandbox_id]
+        assert sbx.pause() is True and Sandbox.pause(sbx.sandbox_id) is False
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        assert resumed.get_info().state == SandboxState.RUNNING
+        assert resumed.commands.run("cat s.txt").stdout == "sync"
     finally:
         assert sbx.kill()
         assert not Sandbox.kill(sbx.sandbox_id)
+
+
+async def test_token_survives_restart(service: Service, e2b_env: None) -> None:
+    """A sandbox's envd token is stored: after a restart of the service the SDK object made before it
+    still reaches the sandbox, and a wrong token is still refused. The token of a sandbox that ended
+    behind the E2B face's back (killed over /v1) goes with the first token issued after the start."""
+    from e2b import AsyncSandbox, AuthenticationException
+
+    sbx = await AsyncSandbox.create(timeout=300)
+    ended = await AsyncSandbox.create(timeout=300)
+    later = None
+    try:
+        token = sbx._envd_access_token
+        assert token and len(token) >= 32
+        async with httpx.AsyncClient(base_url=service.url, headers={"X-API-Key": service.key}) as http:
+            assert (await http.delete(f"/v1/sandboxes/{ended.sandbox_id}")).status_code == 204
+        service.restart()
+        after = sdk_sandbox(service.url, sbx.sandbox_id, token)
+        assert (await after.commands.run("echo still")).stdout == "still\n"
+        with pytest.raises(AuthenticationException):
+            await sdk_sandbox(service.url, sbx.sandbox_id, "wrong-token").commands.run("true")
+        conn = {"api_url": service.url, "sandbox_url": service.url}
+        assert (await AsyncSandbox.connect(sbx.sandbox_id, **conn))._envd_access_token == token
+
+        later = await AsyncSandbox.create(timeout=300, **conn)  # issues a token: prunes first
+        with AccessTokens(service.data_dir) as tokens:
+            assert tokens.get(ended.sandbox_id) is None
+            assert tokens.get(sbx.sandbox_id) == token
+            assert tokens.get(later.sandbox_id) == later._envd_access_token
+    finally:
+        for one in (sbx, ended, later):
+            if one is not None:
+                await AsyncSandbox.kill(one.sandbox_id, api_url=service.url)
+
+
+def test_the_readme_example_runs(service: Service) -> None:
+    """The README's "Use the E2B SDK" example, as written, with only the three variables set."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## Use the E2B SDK") :]
+    exports = re.findall(r"^export (E2B_\w+)=", section, re.M)
+    assert exports == ["E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY"]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code, "the README's E2B section has no python example"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("E2B_")}
+    env.update(E2B_API_URL=service.url, E2B_SANDBOX_URL=service.url, E2B_API_KEY=service.key)
+    res = subprocess.run(
+        [sys.executable, "-c", code.group(1)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "42\n\nkept\n"

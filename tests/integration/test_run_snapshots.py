@@ -3,10 +3,11 @@ keeps a snapshot of the ready VM in the cache, later runs restore it (issue 16).
 
 Every test works on a private cache (``SMARTVM_CACHE_DIR``) holding the session's kernel and a copy
 of its root filesystem, and a private runtime root on tmpfs (as in normal use: guest RAM is then a
-separate memory file in the snapshot). A restored guest has forked more processes since its boot
-than a booted one (its snapshot was taken after the agent's warm-up, about 20 forks): ``forks``
-tells them apart. The count includes kernel worker threads, which come and go with timing, so two
-starts of the same kind may differ by one or two.
+separate memory file in the snapshot). ``TMP_MTIME`` tells restored guests from booted ones: the
+template's warm-up wrote and removed a file in the guest's tmpfs ``/tmp`` just before the snapshot,
+so every guest restored from it shows that moment as ``/tmp``'s mtime, to the nanosecond, and a
+booted guest the moment it mounted ``/tmp``. (Counting forks since boot does not: kernel worker
+threads come and go with timing, and the warm-up forks only a few processes.)
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ from smartvm.host.storage import clone_file
 pytestmark = pytest.mark.integration
 
 SMARTVM = [sys.executable, "-m", "smartvm.cli"]
-FORKS = "grep processes /proc/stat"  # processes (and kernel threads) forked since boot
-JITTER = 2  # kernel worker threads started or not, depending on timing
+TMP_MTIME = "stat -c %y /tmp"  # the warm-up's last write in a restored guest, its boot in a booted one
 Done = subprocess.CompletedProcess[bytes]
 
 
@@ -80,10 +80,6 @@ class Env:
         assert not self.rt.exists() or list(self.rt.iterdir()) == [], list(self.rt.rglob("*"))
 
 
-def _forks(stat_line: str) -> int:
-    return int(stat_line.split()[1])
-
-
 def _build_id(entry: Path) -> str:
     return str(json.loads((entry / "seal.json").read_text())["build_id"])
 
@@ -118,10 +114,9 @@ def test_output_and_exit_code_are_those_of_a_cold_boot(env: Env) -> None:
     assert b"out\n" in cold.stdout and cold.stderr == b"err\n"
 
     build = _build_id(env.entry())  # one entry, no build or trash dirs
-    cold = _forks(env.out("sh", "-c", FORKS, cold=True))
-    warm = [_forks(env.out("sh", "-c", FORKS)) for _ in range(2)]
-    assert max(warm) - min(warm) <= JITTER, f"warm runs forked {warm} since boot: not the same snapshot"
-    assert min(warm) > cold + 5 * JITTER, f"warm runs forked {warm}, a boot {cold}: warm runs were booted"
+    cold = env.out("sh", "-c", TMP_MTIME, cold=True)
+    warm = {env.out("sh", "-c", TMP_MTIME) for _ in range(2)}
+    assert len(warm) == 1 and cold not in warm, f"/tmp changed at {warm} (warm), {cold} (cold): booted"
     assert _build_id(env.entry()) == build
     env.assert_nothing_running()
 

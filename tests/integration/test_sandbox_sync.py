@@ -23,6 +23,7 @@ def test_the_blocking_twin_has_every_public_call() -> None:
         "pool": "the async network slot pool itself",
         "read_stream": "an async iterator; sync code uses read or download",
         "write_stream": "takes an async iterable; sync code uses write or upload",
+        "running_vm": "the async MicroVM itself, for the service's async faces",
     }
     pairs = [
         (AsyncManager, blocking.SandboxManager),

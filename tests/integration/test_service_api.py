@@ -9,70 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import signal
-import tempfile
+import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from sandbox_support import assert_no_sandbox_left
 
-from service_support import Served, make_key, start_serve
+from service_support import Service
 
 pytestmark = pytest.mark.integration
-LONG = 180.0  # a create builds the base template the first time, under TCG on a shared machine
-
-
-class Service:
-    """The module's service; ``restart`` SIGKILLs it and starts a new one on the same dirs."""
-
-    def __init__(self, data_dir: Path, runtime_dir: Path) -> None:
-        self.data_dir, self.runtime_dir = data_dir, runtime_dir
-        self.key = make_key(data_dir, f"api-{os.getpid()}-{time.monotonic_ns()}")
-        self.served: Served = start_serve(data_dir, runtime_dir)
-        self.http = httpx.Client(base_url=self.served.url, headers={"X-API-Key": self.key}, timeout=LONG)
-
-    def restart(self) -> None:
-        self.served.proc.send_signal(signal.SIGKILL)
-        self.served.proc.wait(30)
-        self.served = start_serve(self.data_dir, self.runtime_dir)
-        self.http.base_url = httpx.URL(self.served.url)
-
-    def __call__(self, method: str, path: str, status: int, **kwargs: Any) -> Any:
-        res = self.http.request(method, path, **kwargs)
-        assert res.status_code == status, f"{method} {path}: {res.status_code} {res.text}"
-        if res.headers.get("content-type", "").startswith("application/json"):
-            return res.json()
-        return res
-
-    def create(self, **body: Any) -> dict[str, Any]:
-        sb: dict[str, Any] = self("POST", "/v1/sandboxes", 201, json={"timeout": 600, **body})
-        return sb
-
-    def run(self, sid: str, cmd: str | list[str], **body: Any) -> dict[str, Any]:
-        out: dict[str, Any] = self("POST", f"/v1/sandboxes/{sid}/exec", 200, json={"cmd": cmd, **body})
-        return out
-
-
-@pytest.fixture(scope="module")
-def api(sandbox_data: Path) -> Iterator[Service]:
-    runtime = Path(tempfile.mkdtemp(prefix="sv", dir="/tmp"))
-    service = Service(sandbox_data, runtime)
-    try:
-        yield service
-    finally:
-        try:
-            for sb in service.http.get("/v1/sandboxes").json():
-                service.http.delete(f"/v1/sandboxes/{sb['id']}")
-            code, err = service.served.stop()
-            assert code == 0, err
-            assert_no_sandbox_left(sandbox_data, runtime)
-        finally:
-            shutil.rmtree(runtime, ignore_errors=True)
 
 
 def _error(res: httpx.Response, status: int, code: str) -> None:
@@ -89,7 +37,8 @@ def test_lifecycle_over_http(api: Service) -> None:
     r = api.run(sid, "echo $GREETING; whoami; pwd")
     assert (r["exit_code"], r["stdout"]) == (0, "hello\nuser\n/home/user\n")
     assert api.run(sid, "exit 7")["exit_code"] == 7  # a failing command is a result
-    assert api.run(sid, ["/no/such/program"])["exit_code"] == 127
+    missing = api.run(sid, ["/no/such/program"])  # a result saying so, as a shell would
+    assert missing["exit_code"] == 127 and "/no/such/program" in missing["stderr"], missing
     _error(
         api.http.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "sleep 10", "timeout": 1}),
         504,
@@ -159,8 +108,102 @@ def test_files_over_http(api: Service) -> None:
     _error(
         api.http.get(f"/v1/sandboxes/{sid}/files/content", params={"path": "nope"}), 404, "GUEST_FILE_ERROR"
     )
-    assert os.listdir(api.data_dir / "service" / "uploads") == []  # spools are removed
+    assert not (api.data_dir / "service" / "uploads").exists()  # streamed to the guest, never spooled
     api("DELETE", f"/v1/sandboxes/{sid}", 204)
+
+
+def _part_files(api: Service, sid: str, directory: str = "/home/user") -> list[str]:
+    """The agent's hidden part files of writes in progress (or left behind) in ``directory``."""
+    out = api.run(sid, ["find", directory, "-maxdepth", "1", "-name", "*.smartvm-part"])["stdout"]
+    return out.split()
+
+
+def test_an_upload_reaches_the_guest_while_its_body_is_still_arriving(api: Service) -> None:
+    sid = api.create()["id"]
+    chunk = os.urandom(256 << 10)  # the agent client sends whole frames of up to 256 KiB
+    seen: list[str] = []
+
+    def body() -> Iterator[bytes]:
+        for _ in range(4):  # 1 MiB: the guest has had a frame or more
+            yield chunk
+        deadline = time.monotonic() + 20  # the upload holds here until the guest shows the part file
+        while not seen and time.monotonic() < deadline:
+            seen.extend(_part_files(api, sid))
+            time.sleep(0.2)
+        for _ in range(4):
+            yield chunk
+
+    up = api("PUT", f"/v1/sandboxes/{sid}/files/content", 201, params={"path": "s.bin"}, content=body())
+    assert up["size"] == 8 * len(chunk)
+    assert seen, "no byte reached the guest before the whole body had arrived"
+    assert _part_files(api, sid) == []
+    api("DELETE", f"/v1/sandboxes/{sid}", 204)
+
+
+def _raw_request(api: Service, method: str, path: str, length: int | None, body: bytes) -> socket.socket:
+    """A bare HTTP/1.1 request on a new connection (so a test can walk away mid-stream)."""
+    parts = urlsplit(api.url)
+    sock = socket.create_connection((parts.hostname or "", parts.port or 80), timeout=30)
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {api.key}\r\n"
+    if length is not None:
+        head += f"Content-Length: {length}\r\n"
+    sock.sendall(head.encode() + b"\r\n" + body)
+    return sock
+
+
+def _streams_closed(api: Service) -> bool:
+    m = api.metrics()
+    return all(m[f'smartvm_streams_open{{kind="{k}"}}'] == 0 for k in ("exec", "upload", "download"))
+
+
+def _eventually(check: Any, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.3)
+
+
+def test_a_client_gone_mid_upload_or_mid_download_leaves_nothing_behind(api: Service) -> None:
+    sid = api.create()["id"]
+    api.run(sid, "echo original > kept.txt; head -c 33554432 /dev/zero > big.bin")
+    # an upload of 8 MiB over kept.txt that stops after 1 MiB: the connection goes
+    path = f"/v1/sandboxes/{sid}/files/content?path=kept.txt"
+    sock = _raw_request(api, "PUT", path, 8 << 20, os.urandom(1 << 20))
+    _eventually(lambda: _part_files(api, sid) != [], "the upload never reached the guest")
+    sock.close()
+    _eventually(lambda: _part_files(api, sid) == [], "the part file of a gone upload was left in the guest")
+    assert api.run(sid, "cat kept.txt")["stdout"] == "original\n"  # the target is as it was
+    # a download of 32 MiB read for 64 KiB: the guest read ends with the connection
+    path = f"/v1/sandboxes/{sid}/files/content?path=big.bin"
+    sock = _raw_request(api, "GET", path, None, b"")
+    got = 0
+    while got < 64 << 10:
+        got += len(sock.recv(65536))
+    assert api.metrics()['smartvm_streams_open{kind="download"}'] == 1
+    sock.close()
+    _eventually(lambda: _streams_closed(api), "a stream of a gone client is still open in the service")
+    api("DELETE", f"/v1/sandboxes/{sid}", 204)
+
+
+def test_metrics_count_operations_errors_and_sandboxes_by_state(api: Service) -> None:
+    before = api.metrics()
+    sid = api.create()["id"]
+    api("POST", f"/v1/sandboxes/{sid}/pause", 200)
+    paused = api.metrics()
+    assert paused['smartvm_sandboxes{state="paused"}'] >= 1
+    api.http.post(f"/v1/sandboxes/{sid}/pause")  # 409
+    api("POST", f"/v1/sandboxes/{sid}/resume", 200)
+    api("DELETE", f"/v1/sandboxes/{sid}", 204)
+    after = api.metrics()
+    for op in ("create", "pause", "resume", "kill"):
+        key = f'smartvm_operation_seconds_count{{operation="{op}"}}'
+        assert after[key] == before[key] + 1, op
+    key = 'smartvm_errors_total{code="SANDBOX_ALREADY_PAUSED"}'
+    assert after[key] == before.get(key, 0) + 1
+    assert after["smartvm_capacity_sandboxes_left"] == after["smartvm_capacity_sandboxes_max"] - sum(
+        after[f'smartvm_sandboxes{{state="{s}"}}']
+        for s in ("starting", "running", "pausing", "resuming", "stopping")
+    )
 
 
 def _ws_url(api: Service, sid: str) -> str:
@@ -189,6 +232,7 @@ def test_exec_streams_over_a_websocket_and_a_gone_client_kills_the_command(api: 
     while api.run(sid, "kill -0 $(cat /tmp/ws.pid) 2>/dev/null")["exit_code"] == 0:
         assert time.monotonic() < deadline, "the command outlived its WebSocket client"
         time.sleep(0.5)
+    _eventually(lambda: _streams_closed(api), "the exec stream of a gone client is still open")
     api("DELETE", f"/v1/sandboxes/{sid}", 204)
 
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from sandbox_support import slots_of
+from sandbox_support import assert_no_sandbox_left, slots_of
 
 from service_support import make_key, serve_command, serving, start_serve
 
@@ -112,3 +112,24 @@ def test_a_request_in_flight_finishes_before_the_stop(tmp_path: Path, runtime_ro
     finally:
         code, err = served.stop()
     assert code == 0, err
+
+
+@pytest.mark.integration
+def test_max_sandboxes_refuses_creates_at_once_with_429(sandbox_data: Path, runtime_root: Path) -> None:
+    key = make_key(sandbox_data, f"limit-{time.monotonic_ns()}")
+    with serving(sandbox_data, runtime_root, "--max-sandboxes", "1") as served:
+        http = httpx.Client(base_url=served.url, headers={"X-API-Key": key}, timeout=180)
+        first = http.post("/v1/sandboxes", json={"timeout": 600})
+        assert first.status_code == 201, first.text
+        t0 = time.monotonic()
+        over = http.post("/v1/sandboxes", json={"timeout": 600})
+        took = time.monotonic() - t0
+        assert (over.status_code, over.json()["code"]) == (429, "SANDBOX_LIMIT_REACHED"), over.text
+        assert "the limit is 1" in over.json()["message"]
+        assert took < 5, f"the refusal took {took:.1f}s: it must not wait for capacity"
+        assert http.delete(f"/v1/sandboxes/{first.json()['id']}").status_code == 204
+        again = http.post("/v1/sandboxes", json={"timeout": 600})  # room again
+        assert again.status_code == 201, again.text
+        assert http.delete(f"/v1/sandboxes/{again.json()['id']}").status_code == 204
+        http.close()
+    assert_no_sandbox_left(sandbox_data, runtime_root)

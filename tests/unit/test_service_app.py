@@ -221,7 +221,31 @@ def test_errors_are_counted_in_the_metrics(client: TestClient) -> None:
     assert 'smartvm_sandboxes{state="stopped"} 1.0' in text
     assert 'smartvm_sandboxes{state="running"} 0.0' in text
     assert "smartvm_operation_seconds_bucket" in text
-    assert "smartvm_capacity_sandboxes_left" in text
+
+
+def _gauges(text: str) -> dict[str, float]:
+    return {
+        name: float(value)
+        for name, value in re.findall(r"^(smartvm_[a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.MULTILINE)
+    }
+
+
+def test_metrics_show_capacity_left_and_the_streams_in_progress(client: TestClient) -> None:
+    big = b"x" * 5000  # over the 4096-byte JSON limit, declared: answered by the middleware
+    res = client.post("/v1/sandboxes", content=big, headers={"Content-Type": "application/json"})
+    _error(res, 413, "REQUEST_TOO_LARGE")
+    g = _gauges(client.get("/metrics").text)
+    assert g['smartvm_errors_total{code="REQUEST_TOO_LARGE"}'] == 1.0
+    assert g["smartvm_capacity_sandboxes_max"] == 64.0  # SandboxSettings' default
+    assert g["smartvm_capacity_sandboxes_left"] == 64.0  # failed sandboxes hold no VM
+    assert g["smartvm_capacity_memory_used_mib"] == 0.0
+    assert g["smartvm_host_memory_available_mib"] > 0
+    assert 0 < g["smartvm_capacity_memory_mib_left"] <= g["smartvm_capacity_memory_limit_mib"]
+    assert g["smartvm_sandboxes_warm"] == 0.0
+    for kind in ("exec", "upload", "download"):
+        assert g[f'smartvm_streams_open{{kind="{kind}"}}'] == 0.0
+    for op in ("create", "pause", "resume"):
+        assert f'smartvm_operation_seconds_count{{operation="{op}"}} 0.0' in client.get("/metrics").text
 
 
 def test_the_page_is_served_without_a_key_and_loads_nothing_from_elsewhere(client: TestClient) -> None:
@@ -273,9 +297,41 @@ def test_the_exec_socket_checks_the_key(client: TestClient, key: str) -> None:
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_json()
         assert closed.value.code == 4409
+    for bad in ("{nope", '{"cmd": []}'):  # malformed JSON, an invalid request
+        with client.websocket_connect(
+            "/v1/sandboxes/sb-00000001/exec/stream", headers={"X-API-Key": key}
+        ) as ws:
+            ws.send_text(bad)
+            msg = ws.receive_json()
+            assert (msg["type"], msg["code"]) == ("error", "VALIDATION_FAILED") and msg["message"]
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+            assert closed.value.code == 4422
     with client.websocket_connect("/v1/sandboxes/nope/exec/stream", headers={"X-API-Key": key}) as ws:
         msg = ws.receive_json()
         assert msg["code"] == "INVALID_ARGUMENT"
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_json()
         assert closed.value.code == 4400
+
+
+async def test_connections_to_the_bound_socket_have_tcp_nodelay() -> None:
+    """Else every response written in two parts waits 40 ms for the client's delayed ACK."""
+    import asyncio
+    import socket
+
+    from smartvm.service.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = writer.get_extra_info("socket")
+        accepted.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, sock=sock)  # as uvicorn serves it
+    async with server:
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        assert await asyncio.wait_for(accepted, 10) != 0
+        writer.close()

@@ -158,3 +158,17 @@ def test_keys_cli_create_list_revoke(tmp_path: Path) -> None:
         assert store.verify(key) is None
     again = _smartvm("keys", "revoke", "laptop", "--data-dir", str(tmp_path))
     assert again.returncode == 2 and "API_KEY_NOT_FOUND" in again.stderr
+
+
+def test_only_a_check_that_records_the_last_use_may_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service checks keys on its event loop; the rare check that writes goes to a thread."""
+    with KeyStore(tmp_path) as store:
+        key, _ = store.create("a")
+        assert store.writes_on_verify(key)  # never used: the first check records it
+        assert store.verify(key) is not None
+        assert not store.writes_on_verify(key)  # a read only, for LAST_USED_RESOLUTION_S
+        assert not store.writes_on_verify("not a key") and not store.writes_on_verify(None)
+        monkeypatch.setattr(keys_module, "LAST_USED_RESOLUTION_S", 0.0)
+        assert store.writes_on_verify(key)

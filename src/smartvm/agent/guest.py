@@ -53,7 +53,7 @@ if TYPE_CHECKING or __package__:  # imported as smartvm.agent.guest (host-side t
         Frame,
         FrameDecoder,
         FrameError,
-        encode_frame,
+        encode_head,
     )
 else:  # the guest: wire.py is installed next to this file (sys.path[0]); same names, see wire.__all__
     from wire import *  # noqa: F403
@@ -61,6 +61,9 @@ else:  # the guest: wire.py is installed next to this file (sys.path[0]); same n
 # ------------------------------------------------------------------------------------------- agent core
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXIT_LINGER = 2.0  # after the leader exits, how long we keep reading pipes held by its children
+PIPE_SIZE = 1024 * 1024  # stdout/stderr pipes of a command (Linux default: 64 KiB)
+BULK_READ = 4096  # reads of a page or more, twice in a row, mean bulk output: then pause ...
+BULK_PAUSE = 0.001  # ... this long before each read, so the pipe fills instead of waking us per write
 REPLAY_BYTES = 1024 * 1024  # output kept per background process for attach(replay=True)
 MAX_FINISHED_PROCS = 64
 STDIN_QUEUE_LIMIT = 64 * 1024 * 1024
@@ -97,12 +100,13 @@ def _os_error(exc: OSError, what: str) -> AgentError:
 
 
 class Conn:
-    """One host connection: a byte stream plus the channels opened on it."""
+    """One host connection: a byte stream plus the channels opened on it. ``write`` writes all of the
+    given buffers, in order (a frame's head and its payload go out without being joined first)."""
 
     def __init__(
         self,
-        read: Callable[[int], bytes],
-        write: Callable[[bytes], None],
+        read: Callable[[int], bytes | memoryview],
+        write: Callable[[list[bytes]], None],
         close: Callable[[], None],
         write_lock: threading.Lock,
         transport: str,
@@ -119,12 +123,14 @@ class Conn:
     def send(
         self, ftype: int, channel: int, header: dict[str, Any] | None = None, payload: bytes = b""
     ) -> bool:
-        frame = encode_frame(ftype, channel, header, payload)
+        parts = [encode_head(ftype, channel, header, len(payload))]
+        if payload:
+            parts.append(payload)
         with self._lock:
             if not self.alive:
                 return False
             try:
-                self._write(frame)
+                self._write(parts)
             except OSError:
                 self.alive = False
                 return False
@@ -288,6 +294,13 @@ def _spawn_spec(req: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _grow_pipe(fd: int) -> None:
+    import fcntl
+
+    with contextlib.suppress(OSError, AttributeError):  # F_SETPIPE_SZ: Linux, Python 3.10+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+
 class Proc:
     """A child process in its own session/process group, with its output pumped to sinks.
 
@@ -308,7 +321,10 @@ class Proc:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            close_fds=True,
+            # every fd the agent opens is non-inheritable (PEP 446; inherited ones are marked so at
+            # start), so there is nothing to close, and closing every possible fd in the child costs
+            # about 7 ms per spawn under TCG
+            close_fds=False,
         )
         self.pid = self.popen.pid
         self.exit_code: int | None = None
@@ -325,9 +341,6 @@ class Proc:
         self._replay_size = 0
         self.dropped = 0
         self.meta: Any = req.get("meta")  # opaque host data (proc_run), returned as is by info()
-
-    def start_pump(self) -> None:
-        threading.Thread(target=self._pump, name=f"pump-{self.pid}", daemon=True).start()
 
     def attach(self, sink: Callable[[str, bytes], None], replay: bool) -> None:
         with self._emit_lock:
@@ -360,55 +373,77 @@ class Proc:
                 except Exception as exc:
                     _log(f"output sink failed: {exc!r}")
 
-    def _pump(self) -> None:
-        import selectors
+    def start_pump(self) -> None:
+        """Pump the output on a thread of its own (background processes, which outlive the request)."""
+        threading.Thread(target=self.pump, name=f"pump-{self.pid}", daemon=True).start()
 
-        sel = selectors.DefaultSelector()
-        wake_r, wake_w = os.pipe()
+    def pump(self, deadline: float | None = None) -> bool:
+        """Move the output to the sinks until the process has exited and its pipes are closed (or
+        EXIT_LINGER after its exit, if children hold them); then reap it and run the done hooks.
+
+        At ``deadline`` (monotonic) the process group is killed; returns whether that happened. The
+        exit is seen through a pidfd in the same poll (no waiter thread, where the kernel has it).
+        Bulk output is read in large gulps: after two full reads in a row the pipes are enlarged and
+        the pump pauses briefly before each read, so a writer producing small writes fills the pipe
+        instead of waking the pump (and sending a frame) for each one.
+        """
+        import select
+
+        poll = select.poll()  # one syscall per wait, no selector objects: cheap under TCG
         streams = {}
         for name, pipe in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr)):
             assert pipe is not None
             streams[pipe.fileno()] = name
-            sel.register(pipe.fileno(), selectors.EVENT_READ)
-        sel.register(wake_r, selectors.EVENT_READ)
-
-        def waiter() -> None:
-            self.popen.wait()
-            os.write(wake_w, b"x")
-
-        waiter_thread = threading.Thread(target=waiter, name=f"wait-{self.pid}", daemon=True)
-        waiter_thread.start()
-        deadline: float | None = None
+            poll.register(pipe.fileno(), select.POLLIN)
+        exit_fd, waiter = self._exit_notifier()
+        poll.register(exit_fd, select.POLLIN)
+        linger: float | None = None
+        killed = False
+        bulk = 0
+        grown = False
         try:
             while streams:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                events = sel.select(timeout)
-                if not events and deadline is not None and time.monotonic() >= deadline:
+                ends = [t for t in (linger, None if killed else deadline) if t is not None]
+                timeout = max(0.0, min(ends) - time.monotonic()) * 1000 if ends else None
+                events = poll.poll(timeout)
+                now = time.monotonic()
+                if deadline is not None and not killed and now >= deadline:  # also while lingering
+                    killed = True
+                    self.kill_group()
+                if not events and linger is not None and now >= linger:
                     break
-                for key, _ in events:
-                    fd = key.fd
-                    if fd == wake_r:
-                        sel.unregister(wake_r)
-                        deadline = time.monotonic() + EXIT_LINGER
+                got = 0
+                for fd, _ in events:
+                    if fd == exit_fd:
+                        poll.unregister(exit_fd)
+                        linger = now + EXIT_LINGER
                         continue
                     try:
-                        data = os.read(fd, 65536)
+                        data = os.read(fd, CHUNK_SIZE)
                     except OSError:
                         data = b""
                     if data:
+                        got = max(got, len(data))
                         self._emit(streams[fd], data)
                     else:
-                        sel.unregister(fd)
+                        poll.unregister(fd)
                         del streams[fd]
+                bulk = bulk + 1 if got >= BULK_READ else 0
+                if bulk >= 2 and streams:
+                    if not grown:  # bulk output: fewer, larger reads from a larger pipe
+                        grown = True
+                        for fd in streams:
+                            _grow_pipe(fd)
+                    if got < CHUNK_SIZE:  # we drained the pipe: let the writer fill it for a moment
+                        time.sleep(BULK_PAUSE)
         finally:
-            sel.close()
             for pipe in (self.popen.stdout, self.popen.stderr):
                 if pipe is not None:
                     pipe.close()
             rc = self.popen.wait()
-            waiter_thread.join()
-            os.close(wake_r)
-            os.close(wake_w)
+            if waiter is not None:
+                waiter.join()
+            os.close(exit_fd)
             self.duration = time.monotonic() - self._t0
             self.ended = time.time()
             if rc < 0:
@@ -420,6 +455,24 @@ class Proc:
                 hooks, self._on_done = self._on_done, []
             for fn in hooks:
                 fn()
+        return killed
+
+    def _exit_notifier(self) -> tuple[int, threading.Thread | None]:
+        """An fd that becomes readable when the process exits: its pidfd, else a pipe a thread writes."""
+        try:
+            return os.pidfd_open(self.pid), None
+        except (AttributeError, OSError):
+            pass
+        wake_r, wake_w = os.pipe()
+
+        def waiter() -> None:
+            self.popen.wait()
+            os.write(wake_w, b"x")
+            os.close(wake_w)
+
+        thread = threading.Thread(target=waiter, name=f"wait-{self.pid}", daemon=True)
+        thread.start()
+        return wake_r, thread
 
     def kill_group(self, sig: int = 9) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -483,14 +536,46 @@ def _spawn(req: dict[str, Any], ch: Channel, *, keep_stdin: bool, replay_bytes: 
 
 
 # ------------------------------------------------------------------------------------------------ agent
+class Workers:
+    """Threads that run requests. An idle one is reused (starting a thread costs about 1 ms under TCG);
+    when none is idle a new one starts, so a request never waits for another one to finish."""
+
+    def __init__(self, keep_idle: int = 8) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._keep_idle = keep_idle
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._jobs.put((fn, args))
+                return
+        threading.Thread(target=self._work, args=(fn, args), name="worker", daemon=True).start()
+
+    def _work(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        while True:
+            try:
+                fn(*args)
+            except BaseException as exc:  # a job must not end its worker silently
+                _log(f"worker job failed: {exc!r}")
+            with self._lock:
+                if self._idle >= self._keep_idle:
+                    return
+                self._idle += 1
+            fn, args = self._jobs.get()
+
+
 class Agent:
-    """Dispatches requests to handlers; one thread per request, background processes shared."""
+    """Dispatches requests to handlers, each on a worker thread; background processes are shared."""
 
     def __init__(self, dry_run_system: bool = False) -> None:
         self.dry_run_system = dry_run_system
         self.started = time.time()
         self.procs: dict[int, Proc] = {}
         self.procs_lock = threading.Lock()
+        self.workers = Workers()
         self.handlers: dict[str, Callable[[Channel, dict[str, Any], bytes], None]] = {
             "ping": self.op_ping,
             "exec": self.op_exec,
@@ -552,7 +637,7 @@ class Agent:
                     continue
                 except OSError:
                     break
-                if not data:
+                if not data or not conn.alive:  # EOF, or a write failed: the session is over
                     break
                 total += len(data)
                 for item in decoder.feed(data):
@@ -606,9 +691,7 @@ class Agent:
                     conn.error(cid, E_CHANNEL, f"channel {cid} is already in use")
                     return
                 conn.channels[cid] = ch
-            threading.Thread(
-                target=self._run, args=(handler, ch, hdr, payload), name=f"op-{op}-{cid}", daemon=True
-            ).start()
+            self.workers.submit(self._run, handler, ch, hdr, payload)
         elif ftype in (DATA, CANCEL):
             with conn.chan_lock:
                 ch = conn.channels.get(cid)
@@ -799,20 +882,13 @@ class Agent:
         proc = _spawn(req, ch, keep_stdin=want_stdin, replay_bytes=0)
         if proc is None:
             return
-        wake = threading.Event()
         proc.attach(ch.data, replay=False)
-        proc.on_done(wake.set)
-        ch.on_cancel(wake.set)
+        ch.on_cancel(proc.kill_group)  # the pump below then ends with the process
         ch.event({"event": "started", "pid": proc.pid})
-        proc.start_pump()
         if want_stdin:
-            threading.Thread(target=self._feed_stdin, args=(ch, proc), daemon=True).start()
-        wake.wait(timeout)
-        timed_out = False
-        if not proc.done.is_set():
-            timed_out = not ch.cancelled.is_set()
-            proc.kill_group()
-            proc.done.wait()
+            self.workers.submit(self._feed_stdin, ch, proc)
+        killed = proc.pump(None if timeout is None else time.monotonic() + timeout)
+        timed_out = killed and not ch.cancelled.is_set()
         res = {
             "exit_code": 124 if timed_out else proc.exit_code,
             "signal": proc.signal,
@@ -1537,13 +1613,104 @@ def _boot_time() -> float | None:
 
 
 # ------------------------------------------------------------------------------------------- transports
-def _fd_writer(fd: int) -> Callable[[bytes], None]:
-    def write(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+def _written(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes (a partial gathered write) from ``views``."""
+    while n:
+        if n >= len(views[0]):
+            n -= len(views.pop(0))
+        else:
+            views[0], n = views[0][n:], 0
+    while views and not views[0]:
+        views.pop(0)
+
+
+def _write_all(fd: int, parts: list[bytes], wait: Callable[[], None] | None = None) -> None:
+    """Write every buffer to ``fd``, in order, with as few writev calls as it takes. On a non-blocking
+    fd, ``wait`` is called when it would block."""
+    views = [memoryview(p) for p in parts]
+    while views:
+        try:
+            _written(views, os.writev(fd, views))
+        except BlockingIOError:
+            if wait is None:
+                raise
+            wait()
+
+
+def _fd_writer(fd: int) -> Callable[[list[bytes]], None]:
+    return lambda parts: _write_all(fd, parts)
+
+
+def _port_writer(fd: int) -> Callable[[list[bytes]], None]:
+    """Writes of one session on the non-blocking virtio-serial port.
+
+    The session's first write (its hello) is made blocking: it waits until a host connects, which
+    poll cannot (a port without a host always polls as hung up). Later writes wait for queue room
+    with poll; a hang-up then means the host left, and the write fails (the session ends).
+    """
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    first = True
+
+    def wait() -> None:
+        if any(ev & select.POLLHUP for _, ev in poller.poll()):
+            raise BrokenPipeError("the host closed the virtio-serial port")
+
+    def write(parts: list[bytes]) -> None:
+        nonlocal first
+        if first:
+            first = False
+            os.set_blocking(fd, True)
+            try:
+                _write_all(fd, parts)
+            finally:
+                os.set_blocking(fd, False)
+            return
+        _write_all(fd, parts, wait)
 
     return write
+
+
+def _socket_writer(sock: Any) -> Callable[[list[bytes]], None]:
+    def write(parts: list[bytes]) -> None:
+        views = [memoryview(p) for p in parts]
+        while views:
+            _written(views, sock.sendmsg(views))
+
+    return write
+
+
+class _PortReader:
+    """Reads of the virtio-serial port, many of its buffers per call.
+
+    One read() of a port returns at most one of the guest's receive buffers (a page), so moving
+    10 MiB to the guest took 2560 reads, each a round through Python under TCG. The port is made
+    non-blocking and read with readv into page-sized views of one buffer: the kernel fills them
+    from consecutive port buffers and stops at the first that is not full (or at "would block").
+    """
+
+    PAGES = 64
+
+    def __init__(self, fd: int) -> None:
+        import select
+
+        self.fd = fd
+        self._buf = bytearray(self.PAGES * 4096)
+        whole = memoryview(self._buf)
+        self._views = [whole[i : i + 4096] for i in range(0, len(self._buf), 4096)]
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+
+    def read(self, _n: int) -> memoryview:
+        while True:
+            try:
+                n = os.readv(self.fd, self._views)
+            except BlockingIOError:
+                self._poll.poll()  # data, or POLLHUP when the host is gone (then readv returns 0)
+                continue
+            return memoryview(self._buf)[:n]
 
 
 def serve_stdio(agent: Agent) -> None:
@@ -1555,7 +1722,7 @@ def _serve_socket(agent: Agent, sock: Any, transport: str) -> None:
     """Accept connections forever; each one is served on its own thread."""
 
     def run(client: Any) -> None:
-        conn = Conn(client.recv, client.sendall, client.close, threading.Lock(), transport)
+        conn = Conn(client.recv, _socket_writer(client), client.close, threading.Lock(), transport)
         try:
             agent.serve(conn)
         finally:
@@ -1626,14 +1793,17 @@ def _serve_virtio_forever(agent: Agent, dev: str) -> None:
 def serve_virtio(agent: Agent, dev: str) -> None:
     """Serve the port forever. A host disconnect reads as EOF; the next session starts clean.
 
-    While no host is connected, the guest's writes block, so the hello of a new session goes out
-    exactly when a host connects. Both sessions share one write lock so frames never interleave.
+    While no host is connected, the session's first write (its hello) waits, so the hello goes out
+    exactly when a host connects. Both sessions share one write lock so frames
+    never interleave. The port is non-blocking: reads take many port buffers at once (see
+    _PortReader), and a write does not wait for the host to acknowledge each piece.
     """
-    fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+    fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
     lock = threading.Lock()
+    reader = _PortReader(fd)
     backoff = 0.05
     while True:
-        conn = Conn(lambda n: os.read(fd, n), _fd_writer(fd), lambda: None, lock, "virtio-serial")
+        conn = Conn(reader.read, _port_writer(fd), lambda: None, lock, "virtio-serial")
         t0 = time.monotonic()
         got = agent.serve(conn)
         if not got and time.monotonic() - t0 < 0.5:
@@ -1641,6 +1811,19 @@ def serve_virtio(agent: Agent, dev: str) -> None:
             backoff = min(backoff * 2, 1.0)
         else:
             backoff = 0.05
+
+
+def _no_inherited_fds() -> None:
+    """Mark fds this process inherited (beyond 0-2) close-on-exec, like every fd it opens itself: then
+    commands can be spawned without closing all fds in the child (see Proc)."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1664,6 +1847,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--virtio-port NAME] [--dry-run-system] [--version]\n"
             )
             return 2
+    _no_inherited_fds()
     agent = Agent(dry_run_system=dry)
     if mode == "stdio":
         serve_stdio(agent)

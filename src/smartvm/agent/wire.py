@@ -80,6 +80,21 @@ class FrameError(NamedTuple):
     channel: int
 
 
+def encode_head(
+    ftype: int,
+    channel: int,
+    header: dict[str, Any] | None,
+    payload_len: int,
+    version: int = PROTOCOL_VERSION,
+) -> bytes:
+    """The bytes of a frame that come before its payload (the payload can then be written as it is,
+    without copying it into one buffer). Raises ValueError if the frame would exceed the limits."""
+    hj = json.dumps(header, separators=(",", ":")).encode() if header else b""
+    if len(hj) > MAX_HEADER_JSON or payload_len > MAX_PAYLOAD:
+        raise ValueError(f"frame too large: header {len(hj)} B, payload {payload_len} B")
+    return HEADER.pack(MAGIC, version, ftype, 0, channel, len(hj), payload_len) + hj
+
+
 def encode_frame(
     ftype: int,
     channel: int,
@@ -88,10 +103,7 @@ def encode_frame(
     version: int = PROTOCOL_VERSION,
 ) -> bytes:
     """Serialise one frame. Raises ValueError if it would exceed the frame limits."""
-    hj = json.dumps(header, separators=(",", ":")).encode() if header else b""
-    if len(hj) > MAX_HEADER_JSON or len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"frame too large: header {len(hj)} B, payload {len(payload)} B")
-    return HEADER.pack(MAGIC, version, ftype, 0, channel, len(hj), len(payload)) + hj + payload
+    return encode_head(ftype, channel, header, len(payload), version) + payload
 
 
 class FrameDecoder:
@@ -108,73 +120,83 @@ class FrameDecoder:
         self._max_header = max_header
         self._max_payload = max_payload
 
-    def feed(self, data: bytes) -> list[Frame | FrameError]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame | FrameError]:
         buf = self._buf
         buf += data
         out: list[Frame | FrameError] = []
-        while True:
-            if self._skip:
-                n = min(self._skip, len(buf))
-                del buf[:n]
-                self._skip -= n
+        pos, end = 0, len(buf)  # parse by offset; consumed bytes are dropped once, at the end
+        try:
+            while True:
                 if self._skip:
+                    n = min(self._skip, end - pos)
+                    pos += n
+                    self._skip -= n
+                    if self._skip:
+                        break
+                avail = end - pos
+                if avail < HEADER_SIZE and (not self._resyncing or avail < len(MAGIC)):
                     break
-            if len(buf) < HEADER_SIZE and (not self._resyncing or len(buf) < len(MAGIC)):
-                break
-            if buf[:4] != MAGIC:
-                self._garbage(out, "bytes that do not start a frame (bad magic)", E_BAD_MAGIC)
-                idx = buf.find(MAGIC, 1)
-                if idx < 0:
-                    del buf[: max(0, len(buf) - (len(MAGIC) - 1))]
-                    break
-                del buf[:idx]
-                continue
-            if len(buf) < HEADER_SIZE:
-                break
-            _, ver, ftype, _flags, channel, hlen, plen = HEADER.unpack_from(buf)
-            if hlen > INSANE_LENGTH or plen > INSANE_LENGTH or ftype == 0:
-                self._garbage(out, f"corrupt frame header (lengths {hlen}/{plen})", E_BAD_FRAME)
-                del buf[:1]
-                continue
-            self._resyncing = False
-            total = HEADER_SIZE + hlen + plen
-            if ver != PROTOCOL_VERSION:
-                out.append(
-                    FrameError(
-                        E_VERSION,
-                        f"protocol version {ver} is not supported (this side speaks {PROTOCOL_VERSION})",
-                        channel,
-                    )
-                )
-                self._skip = total
-                continue
-            if hlen > self._max_header or plen > self._max_payload:
-                out.append(
-                    FrameError(
-                        E_TOO_LARGE,
-                        f"frame of {hlen} B header + {plen} B payload exceeds "
-                        f"the limits ({self._max_header} B / {self._max_payload} B)",
-                        channel,
-                    )
-                )
-                self._skip = total
-                continue
-            if len(buf) < total:
-                break
-            raw = bytes(buf[HEADER_SIZE : HEADER_SIZE + hlen])
-            payload = bytes(buf[HEADER_SIZE + hlen : total])
-            del buf[:total]
-            header: Any = {}
-            if raw:
-                try:
-                    header = json.loads(raw)
-                except ValueError as exc:
-                    out.append(FrameError(E_BAD_JSON, f"frame header is not valid JSON: {exc}", channel))
+                if buf[pos : pos + 4] != MAGIC:
+                    self._garbage(out, "bytes that do not start a frame (bad magic)", E_BAD_MAGIC)
+                    idx = buf.find(MAGIC, pos + 1)
+                    if idx < 0:
+                        pos = max(pos, end - (len(MAGIC) - 1))
+                        break
+                    pos = idx
                     continue
-            if not isinstance(header, dict):
-                out.append(FrameError(E_BAD_JSON, "frame header must be a JSON object", channel))
-                continue
-            out.append(Frame(ftype, channel, header, payload))
+                if avail < HEADER_SIZE:
+                    break
+                _, ver, ftype, _flags, channel, hlen, plen = HEADER.unpack_from(buf, pos)
+                if hlen > INSANE_LENGTH or plen > INSANE_LENGTH or ftype == 0:
+                    self._garbage(out, f"corrupt frame header (lengths {hlen}/{plen})", E_BAD_FRAME)
+                    pos += 1
+                    continue
+                self._resyncing = False
+                total = HEADER_SIZE + hlen + plen
+                if ver != PROTOCOL_VERSION:
+                    out.append(
+                        FrameError(
+                            E_VERSION,
+                            f"protocol version {ver} is not supported (this side speaks {PROTOCOL_VERSION})",
+                            channel,
+                        )
+                    )
+                    self._skip = total
+                    continue
+                if hlen > self._max_header or plen > self._max_payload:
+                    out.append(
+                        FrameError(
+                            E_TOO_LARGE,
+                            f"frame of {hlen} B header + {plen} B payload exceeds "
+                            f"the limits ({self._max_header} B / {self._max_payload} B)",
+                            channel,
+                        )
+                    )
+                    self._skip = total
+                    continue
+                if avail < total:
+                    break
+                start = pos + HEADER_SIZE
+                with memoryview(buf) as view:  # one copy each, not a slice and then a copy
+                    raw = bytes(view[start : start + hlen])
+                    payload = bytes(view[start + hlen : pos + total])
+                pos += total
+                header: Any = {}
+                if raw:
+                    try:
+                        header = json.loads(raw)
+                    except ValueError as exc:
+                        out.append(FrameError(E_BAD_JSON, f"frame header is not valid JSON: {exc}", channel))
+                        continue
+                if not isinstance(header, dict):
+                    out.append(FrameError(E_BAD_JSON, "frame header must be a JSON object", channel))
+                    continue
+                out.append(Frame(ftype, channel, header, payload))
+        finally:
+            if pos >= len(buf):
+                buf.clear()
+            elif pos:
+                del buf[:pos]
         return out
 
     def _garbage(self, out: list[Frame | FrameError], message: str, code: str) -> None:
@@ -221,4 +243,5 @@ __all__ = [
     "FrameDecoder",
     "FrameError",
     "encode_frame",
+    "encode_head",
 ]

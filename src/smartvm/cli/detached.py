@@ -13,7 +13,6 @@ import json
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -28,6 +27,7 @@ from smartvm.cli.common import (
     first_start_note,
     run_unwinding,
 )
+from smartvm.cli.copy_plan import CopyPlan, local_target, split_copy
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.guests import GuestKind, start_guest
 from smartvm.options import SmartVMOptions
@@ -110,28 +110,13 @@ async def with_attached(options: SmartVMOptions, vm_id: str, job: Callable[[Micr
 
 
 # --- cp ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CopyPlan:
-    vm_id: str
-    guest_path: str
-    local: Path
-    upload: bool
-    local_is_dir: bool = False  # the user wrote DST with a trailing slash
-
-
 def plan_copy(src: str, dst: str) -> CopyPlan:
     """Which side of ``smartvm cp SRC DST`` is the guest (``VM_ID:/absolute/path``)."""
-    remote_src, remote_dst = _REMOTE.fullmatch(src), _REMOTE.fullmatch(dst)
-    if (remote_src is None) == (remote_dst is None):
-        raise SmartVMError(
-            ErrorCode.INVALID_ARGUMENT,
-            "exactly one of SRC and DST must be VM_ID:/absolute/path, e.g. "
-            "smartvm cp ./data.csv vm1:/tmp/data.csv or smartvm cp vm1:/etc/os-release .",
-        )
-    if remote_dst is not None:
-        return CopyPlan(remote_dst.group(1), remote_dst.group(2), Path(src), upload=True)
-    assert remote_src is not None
-    return CopyPlan(remote_src.group(1), remote_src.group(2), Path(dst), False, dst.endswith("/"))
+    usage = (
+        "VM_ID:/absolute/path, e.g. smartvm cp ./data.csv vm1:/tmp/data.csv "
+        "or smartvm cp vm1:/etc/os-release ."
+    )
+    return split_copy(src, dst, _REMOTE, usage)
 
 
 async def copy_file(vm: MicroVM, plan: CopyPlan) -> int:
@@ -152,11 +137,7 @@ async def copy_file(vm: MicroVM, plan: CopyPlan) -> int:
         if target.endswith("/") or (await files.exists(target) and (await files.stat(target)).type == "dir"):
             target = target.rstrip("/") + "/" + plan.local.name
         return await files.upload(plan.local, target)
-    if plan.local_is_dir and not plan.local.is_dir():
-        raise SmartVMError(
-            ErrorCode.INVALID_ARGUMENT, f"{plan.local}/ is not a directory on the host; create it first"
-        )
-    local = plan.local / guest_file_name(plan.guest_path) if plan.local.is_dir() else plan.local
+    local = local_target(plan, plan.guest_path)
     info = await files.stat(plan.guest_path)
     if info.type != "file":
         raise SmartVMError(
@@ -165,17 +146,6 @@ async def copy_file(vm: MicroVM, plan: CopyPlan) -> int:
             "(copying directories is not supported)",
         )
     return await files.download(plan.guest_path, local, keep_mode=True)
-
-
-def guest_file_name(guest_path: str) -> str:
-    """The last component of a user-given guest path, as a host file name (never ``..`` or empty)."""
-    name = guest_path.rstrip("/").rsplit("/", 1)[-1]
-    if name in ("", ".", ".."):
-        raise SmartVMError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"{guest_path!r} does not end in a file name; give the file's path, e.g. vm1:/etc/os-release",
-        )
-    return name
 
 
 # --- ps / stop -----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ _SUBCOMMAND_MODULES = (
     "smartvm.cli.detached",
     "smartvm.cli.network",
     "smartvm.cli.service",
+    "smartvm.cli.sandbox",
 )
 # The module registering each top-level command.
 COMMAND_MODULES = {
@@ -39,6 +40,7 @@ COMMAND_MODULES = {
     "network": "smartvm.cli.network",
     "serve": "smartvm.cli.service",
     "keys": "smartvm.cli.service",
+    "sandbox": "smartvm.cli.sandbox",
 }
 
 

@@ -37,6 +37,10 @@ def register(app: typer.Typer) -> None:
         runtime_dir: Annotated[
             Path | None, typer.Option(help="where VM runtime dirs go (default: /dev/shm/.smartvm/runtime)")
         ] = None,
+        max_sandboxes: Annotated[
+            int | None,
+            typer.Option(min=1, help="live sandboxes at most (default 64); more creates get 429 at once"),
+        ] = None,
     ) -> None:
         """Serve sandboxes over HTTP (API at /v1, docs at /docs, a test page at /test) until SIGTERM.
 
@@ -50,7 +54,13 @@ def register(app: typer.Typer) -> None:
         if engine not in ("auto", "firecracker", "qemu"):
             raise typer.BadParameter(f"{engine!r}: use auto, firecracker or qemu", param_hint="--engine")
         run_server(
-            host=host, port=port, data_dir=data_dir, on_exit=mode, engine=engine, runtime_dir=runtime_dir
+            host=host,
+            port=port,
+            data_dir=data_dir,
+            on_exit=mode,
+            engine=engine,
+            runtime_dir=runtime_dir,
+            max_sandboxes=max_sandboxes,
         )
 
     keys = typer.Typer(help="API keys of the service (stored hashed in the data dir).", no_args_is_help=True)

@@ -200,6 +200,10 @@ class Sandbox:
     def metadata(self) -> Mapping[str, str]:
         return self.aio.metadata
 
+    @property
+    def envs(self) -> Mapping[str, str]:
+        return self.aio.envs
+
     def info(self) -> SandboxInfo:
         return _Loop.run(self.aio.info())
 

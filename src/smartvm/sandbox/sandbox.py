@@ -82,6 +82,16 @@ class Sandbox:
     def metadata(self) -> Mapping[str, str]:
         return self._record().metadata
 
+    @property
+    def envs(self) -> Mapping[str, str]:
+        """The environment every command gets: the template's plus the create's ``envs``."""
+        return self._record().envs
+
+    async def running_vm(self) -> MicroVM:
+        """The VM of the running sandbox, for faces that speak to its agent directly (the E2B envd
+        face); SANDBOX_NOT_RUNNING (saying why) when it is paused, stopped or failed. No I/O."""
+        return await self._vm()
+
     async def info(self) -> SandboxInfo:
         return await self._manager._info(self.id)
 

@@ -60,5 +60,6 @@ def create_app(
         BodyLimit,
         default=ctx.limits.max_json_bytes,
         by_path=[(re.compile(p), ctx.limits.max_upload_bytes) for p in (UPLOAD_PATH, *upload_paths)],
+        on_error=ctx.metrics.count_error,
     )
     return app

@@ -8,7 +8,7 @@ limit. Routes that stream large bodies (file uploads) get their own limit by pat
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
@@ -24,11 +24,16 @@ def _too_large(limit: int) -> str:
 
 class BodyLimit:
     def __init__(
-        self, app: ASGIApp, default: int, by_path: Sequence[tuple[re.Pattern[str], int]] = ()
+        self,
+        app: ASGIApp,
+        default: int,
+        by_path: Sequence[tuple[re.Pattern[str], int]] = (),
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.app = app
         self.default = default
         self.by_path = list(by_path)
+        self.on_error = on_error  # counts the 413s answered here (the app's handlers count the rest)
 
     def limit_for(self, path: str) -> int:
         return next((limit for pattern, limit in self.by_path if pattern.search(path)), self.default)
@@ -40,6 +45,8 @@ class BodyLimit:
         limit = self.limit_for(scope["path"])
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
+            if self.on_error is not None:
+                self.on_error(ErrorCode.REQUEST_TOO_LARGE.value)
             response = JSONResponse(
                 error_body(ErrorCode.REQUEST_TOO_LARGE, _too_large(limit)), status_code=413
             )

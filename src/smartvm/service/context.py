@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smartvm.host.private_dirs import ensure_private_dir
 from smartvm.service.backend import OnExit, SandboxBackend
 from smartvm.service.keys import KeyStore
 from smartvm.service.metrics import ServiceMetrics
@@ -58,18 +57,11 @@ class ServiceContext:
             raise SmartVMError(ErrorCode.SERVICE_UNAVAILABLE, "the service is starting or stopping: retry")
         return self.keys
 
-    @property
-    def upload_dir(self) -> Path:
-        """Private spool for uploads on their way into a guest."""
-        return ensure_private_dir(self.data_dir / "service" / "uploads")
-
     async def open(self) -> None:
         if self.ready:
             return
         if self.keys is None:
             self.keys = KeyStore(self.data_dir)
-        for stale in self.upload_dir.glob("upload-*"):  # spools of a service that was killed
-            stale.unlink(missing_ok=True)
         await self.backend.start()
         self.ready = True
 

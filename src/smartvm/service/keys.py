@@ -168,6 +168,13 @@ class KeyStore:
         self._touch(rec.prefix)
         return rec
 
+    def writes_on_verify(self, key: str | None) -> bool:
+        """Whether :meth:`verify` of ``key`` now may write (its last use is due): an event loop runs
+        such a check in a thread and every other one inline (a read costs microseconds)."""
+        if not key or not _KEY.match(key):
+            return False
+        return time.time() - self._last_written.get(key_prefix(key), 0.0) >= LAST_USED_RESOLUTION_S
+
     def _touch(self, prefix: str) -> None:
         now = time.time()
         if now - self._last_written.get(prefix, 0.0) < LAST_USED_RESOLUTION_S:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.options import SmartVMOptions
-from smartvm.sandbox.manager import _ACTIVE, SandboxManager, _host_memory_mib
+from smartvm.sandbox.manager import Capacity, SandboxManager
 from smartvm.sandbox.settings import SandboxSettings
 from smartvm.sandbox.store import EventRecord, SandboxState, TemplateRecord
 from smartvm.sandbox.templates import base_template_spec
-from smartvm.service.backend import Capacity, OnExit, SandboxHandle, SnapshotInfoLike, TemplateBuild
+from smartvm.service.backend import OnExit, SandboxHandle, SnapshotInfoLike, TemplateBuild
 
 
 def _shape_mismatch(template: str, cpus: int, memory_mib: int) -> SmartVMError:
@@ -86,6 +86,8 @@ class ManagerBackend:
         sbx = await self.manager.create(
             template, timeout=timeout, metadata=metadata, envs=envs, auto_pause=auto_pause, internet=internet
         )
+        if cpus is None and memory_mib is None:
+            return sbx
         info = await sbx.info()
         if not fits((info.cpus, info.memory_mib)):  # a template first built by this create
             await sbx.kill()
@@ -125,15 +127,5 @@ class ManagerBackend:
         )
         return await self.manager.build_template(spec)
 
-    async def capacity(self) -> Capacity:
-        settings = self.manager.settings
-        active = await self.manager.list(states=list(_ACTIVE))
-        used = 0
-        for sbx in active:
-            used += (await sbx.info()).memory_mib
-        total, available = _host_memory_mib()
-        limit = settings.max_memory_mib or int(total * 0.8)
-        return Capacity(
-            sandboxes_left=max(0, settings.max_sandboxes - len(active)),
-            memory_mib_left=max(0, min(limit - used, available - 256)),
-        )
+    def capacity(self) -> Capacity:
+        return self.manager.capacity()

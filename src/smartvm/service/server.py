@@ -20,9 +20,9 @@ from pathlib import Path
 import uvicorn
 
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.service.app import create_app
 from smartvm.service.backend import OnExit
 from smartvm.service.context import ServiceContext, open_backend
+from smartvm.service.e2b.rest import service_app
 
 GRACE_S = 10
 
@@ -63,20 +63,41 @@ def _announce(url: str) -> None:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound here so that a taken port is a clear error before any work."""
+    """The listening socket, bound here so that a taken port is a clear error before any work.
+
+    It is made with protocol IPPROTO_TCP, as asyncio makes its own: asyncio sets TCP_NODELAY only
+    on connections of such sockets, and without it every response written in two parts (headers,
+    then body) waits for the client's delayed ACK, 40 ms.
+    """
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        return socket.create_server((host, port), family=family)
+        found = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+        )
+        family, kind, proto, _, address = found[0]
+        sock = socket.socket(family, kind, proto)
     except OSError as exc:
-        raise SmartVMError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --host or --port",
-        ) from None
+        raise _cannot_listen(host, port, exc) from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen()
+    except OSError as exc:
+        sock.close()
+        raise _cannot_listen(host, port, exc) from None
+    return sock
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> SmartVMError:
+    return SmartVMError(
+        ErrorCode.INVALID_ARGUMENT,
+        f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --host or --port",
+    )
 
 
 async def _serve(ctx: ServiceContext, sock: socket.socket, announce: Callable[[str], None]) -> None:
+    app = service_app(ctx)  # the native API with the E2B REST and envd faces
     config = uvicorn.Config(
-        create_app(ctx),
+        app,
         lifespan="off",  # the context is opened here, before listening
         log_level="warning",
         timeout_graceful_shutdown=GRACE_S,
@@ -86,7 +107,10 @@ async def _serve(ctx: ServiceContext, sock: socket.socket, announce: Callable[[s
     try:
         await _Server(config, announce).serve(sockets=[sock])
     finally:
-        await ctx.close()
+        try:
+            await app.aclose()
+        finally:
+            await ctx.close()
 
 
 def serve(
@@ -97,12 +121,18 @@ def serve(
     on_exit: OnExit = "keep",
     engine: str = "auto",
     runtime_dir: Path | None = None,
+    max_sandboxes: int | None = None,
     announce: Callable[[str], None] = _announce,
 ) -> None:
-    """Run the service until a signal stops it. Raises SmartVMError when it cannot start."""
+    """Run the service until a signal stops it. Raises SmartVMError when it cannot start.
+
+    ``max_sandboxes`` caps the live sandboxes (default: SandboxSettings'); a create over it is
+    answered 429 at once.
+    """
+    settings: dict[str, object] = {} if max_sandboxes is None else {"max_sandboxes": max_sandboxes}
     sock = bind(host, port)
     try:
-        backend = open_backend(Path(data_dir), on_exit, engine=engine, runtime_dir=runtime_dir)
+        backend = open_backend(Path(data_dir), on_exit, engine=engine, runtime_dir=runtime_dir, **settings)
         ctx = ServiceContext(data_dir=Path(data_dir), backend=backend)
         asyncio.run(_serve(ctx, sock, announce))
     finally:

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, WebSocket, Web
 from pydantic import ValidationError
 
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.service.auth import check_key, websocket_key, websocket_subprotocol
+from smartvm.service.auth import checked_key, websocket_key, websocket_subprotocol
 from smartvm.service.backend import SandboxHandle
 from smartvm.service.context import ServiceContext
 from smartvm.service.deps import check_sandbox_id, sandbox, service
@@ -147,14 +147,15 @@ async def exec_stream(ws: WebSocket, sandbox_id: str) -> None:
     ctx: ServiceContext = ws.app.state.ctx
     await ws.accept(subprotocol=websocket_subprotocol(ws))
     try:
-        await asyncio.to_thread(check_key, ctx, websocket_key(ws))
+        await checked_key(ctx, websocket_key(ws))
         sbx = await ctx.backend.get(check_sandbox_id(sandbox_id))
         body = ExecIn.model_validate_json(await ws.receive_text())
         if body.background:
             raise SmartVMError(
                 ErrorCode.INVALID_ARGUMENT, "background runs have no stream: use POST .../exec"
             )
-        await _stream(ws, sbx, body, ctx)
+        with ctx.metrics.stream("exec"):
+            await _stream(ws, sbx, body, ctx)
     except SmartVMError as exc:
         ctx.metrics.count_error(exc.code.value)
         await _send_error(ws, status_for(exc), exc.code.value, exc.message)

@@ -1,22 +1,23 @@
 """Guest files: upload and download (both streamed), list, mkdir, remove, rename.
 
-``PUT .../files/content?path=P`` takes the raw body. It is spooled, chunk by chunk, into a private
-host file (so a large upload never sits whole in host memory and its size limit is checked before
-the guest sees a byte) and then streamed into the guest by the agent, which replaces the target
-atomically. ``GET .../files/content?path=P`` streams the guest file out; its first chunk is read
-before the response starts, so a missing file is a 404 JSON error rather than a cut-off body.
+``PUT .../files/content?path=P`` takes the raw body and streams it into the guest chunk by chunk as
+it arrives (never whole in host memory, never in a host file); the agent writes a hidden part file
+and renames it over the target at the end, so a body cut short (over the size limit, which the
+body-limit middleware enforces as bytes arrive, or a client that went away) leaves the target as it
+was. ``GET .../files/content?path=P`` streams the guest file out; its first chunk is read before the
+response starts, so a missing file is a 404 JSON error rather than a cut-off body. A client that
+leaves a download ends the guest read at once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.service.backend import SandboxHandle
@@ -31,24 +32,14 @@ UPLOAD_PATH = r"^/v1/sandboxes/[^/]+/files/content$"
 
 @router.put("/{sandbox_id}/files/content", status_code=201, summary="Upload a file (raw body, streamed)")
 async def upload_file(sbx: Sandbox, path: PathQuery, request: Request) -> FileOut:
-    ctx = service(request)
-    limit = ctx.limits.max_upload_bytes
-    fd, spool = tempfile.mkstemp(dir=ctx.upload_dir, prefix="upload-")
-    try:
-        size = 0
-        with os.fdopen(fd, "wb") as out:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise SmartVMError(
-                        ErrorCode.REQUEST_TOO_LARGE,
-                        f"the upload is larger than {limit} bytes: send a smaller file",
-                    )
-                out.write(chunk)
-        return FileOut.of(await sbx.files.upload(spool, path))
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(spool)
+    with service(request).metrics.stream("upload"):
+        try:
+            return FileOut.of(await sbx.files.write_stream(path, request.stream()))
+        except ClientDisconnect:
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT,
+                "the client went away before the upload ended: nothing was written, send it again",
+            ) from None
 
 
 @router.get(
@@ -57,7 +48,8 @@ async def upload_file(sbx: Sandbox, path: PathQuery, request: Request) -> FileOu
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-async def download_file(sbx: Sandbox, path: PathQuery) -> StreamingResponse:
+async def download_file(sbx: Sandbox, path: PathQuery, request: Request) -> StreamingResponse:
+    metrics = service(request).metrics
     chunks = sbx.files.read_stream(path)
     try:
         first = await anext(chunks)
@@ -65,15 +57,16 @@ async def download_file(sbx: Sandbox, path: PathQuery) -> StreamingResponse:
         first = b""
 
     async def body() -> AsyncIterator[bytes]:
-        try:
-            if first:
-                yield first
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:  # a client that left ends the guest read too
-                await aclose()
+        with metrics.stream("download"):
+            try:
+                if first:
+                    yield first
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                aclose = getattr(chunks, "aclose", None)
+                if aclose is not None:  # ends the guest read too
+                    await aclose()
 
     name = os.path.basename(path.rstrip("/")) or "file"
     disposition = f"attachment; filename*=UTF-8''{_quote(name)}"

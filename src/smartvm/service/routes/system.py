@@ -69,6 +69,5 @@ async def metrics(request: Request) -> Response:
     ctx = service(request)
     sandboxes = await ctx.backend.list(states=list(SandboxState))
     by_state = Counter(s.state.value for s in sandboxes)
-    capacity = await ctx.backend.capacity()
-    body = ctx.metrics.render(by_state, capacity.sandboxes_left, capacity.memory_mib_left)
+    body = ctx.metrics.render(by_state, ctx.backend.capacity())
     return Response(body, media_type=CONTENT_TYPE)
