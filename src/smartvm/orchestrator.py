@@ -18,7 +18,7 @@ from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.sweep import sweep as sweep_runtime_dirs
 from smartvm.options import SmartVMOptions
 from smartvm.snapshot import Snapshot
-from smartvm.vm import MicroVM, VMState
+from smartvm.vm import DriveLayer, MicroVM, VMState
 from smartvm.vm_network import BridgeNetwork, VMNetwork, needs_taps, network_for
 from smartvm.vm_records import VMRecord, VMRecordStore
 
@@ -173,6 +173,7 @@ class SmartVM:
         netns: str | None = None,
         detachable: bool = False,
         drive_paths: Mapping[str, str | Path] | None = None,
+        drive_layers: Mapping[str, DriveLayer] | None = None,
     ) -> MicroVM:
         """A running VM restored from a snapshot directory made by :meth:`MicroVM.create_snapshot`.
 
@@ -180,15 +181,23 @@ class SmartVM:
         of one snapshot run at once without seeing each other's writes. ``drive_paths`` (drive id ->
         host file) gives drives to use in place instead: they must hold what the disks held at the
         snapshot (a snapshot taken with ``copy_disks=False`` needs them for its writable drives).
+        ``drive_layers`` (drive id -> function) does the same with a file made inside the VM's runtime
+        dir once it exists (say a copy-on-write layer over a base image), so that it is removed with
+        the VM, also by the sweep after this process was killed.
         """
         snapshot = Snapshot.load(snapshot_dir)
         config = snapshot.vm_config()
         config = config.model_copy(update={"id": vm_id or new_vm_id()})
-        if drive_paths:
-            config, snapshot = _use_drives(config, snapshot, drive_paths)
+        if drive_paths or drive_layers:
+            config, snapshot = _use_drives(config, snapshot, drive_paths or {}, set(drive_layers or ()))
         vm = self._new_vm(config, snapshot.engine, netns=netns, detachable=detachable)
         try:
-            await vm.restore_from(snapshot, resume_vm=resume_vm, network_overrides=network_overrides)
+            await vm.restore_from(
+                snapshot,
+                resume_vm=resume_vm,
+                network_overrides=network_overrides,
+                drive_layers=drive_layers,
+            )
         except BaseException:
             self._forget(vm)
             raise
@@ -351,12 +360,12 @@ class SmartVM:
 
 
 def _use_drives(
-    config: MicroVMConfig, snapshot: Snapshot, drive_paths: Mapping[str, str | Path]
+    config: MicroVMConfig, snapshot: Snapshot, drive_paths: Mapping[str, str | Path], later: set[str]
 ) -> tuple[MicroVMConfig, Snapshot]:
-    """``config`` with the drives of ``drive_paths`` pointing at those files (used in place), and
-    ``snapshot`` without its copies of them."""
+    """``config`` with the drives of ``drive_paths`` pointing at those files and those in ``later``
+    (given their file at launch) used in place, and ``snapshot`` without its copies of either."""
     known = {d.drive_id for d in config.drives}
-    unknown = sorted(set(drive_paths) - known)
+    unknown = sorted((set(drive_paths) | later) - known)
     if unknown:
         raise SmartVMError(
             ErrorCode.INVALID_ARGUMENT,
@@ -366,8 +375,10 @@ def _use_drives(
     drives = [
         d.model_copy(update={"path_on_host": str(drive_paths[d.drive_id]), "ephemeral": False})
         if d.drive_id in drive_paths
+        else d.model_copy(update={"ephemeral": False})
+        if d.drive_id in later
         else d
         for d in config.drives
     ]
-    disks = {k: v for k, v in snapshot.disks.items() if k not in drive_paths}
+    disks = {k: v for k, v in snapshot.disks.items() if k not in drive_paths and k not in later}
     return config.model_copy(update={"drives": drives}), dataclasses.replace(snapshot, disks=disks)

@@ -28,8 +28,8 @@ from smartvm.guests import GuestKind, build_guest_config
 from smartvm.options import SmartVMOptions
 from smartvm.orchestrator import SmartVM as AsyncSmartVM
 from smartvm.snapshot import Snapshot, SnapshotType
+from smartvm.vm import DriveLayer, VMState
 from smartvm.vm import MicroVM as AsyncMicroVM
-from smartvm.vm import VMState
 
 if TYPE_CHECKING:
     import os
@@ -352,6 +352,7 @@ class MicroVM:
         mem_backend: MemBackend = "File",
         uffd_socket: Path | None = None,
         network_overrides: Sequence[NetworkOverride] = (),
+        drive_layers: Mapping[str, DriveLayer] | None = None,
     ) -> None:
         _Loop.run(
             self.aio.restore_from(
@@ -361,6 +362,7 @@ class MicroVM:
                 mem_backend=mem_backend,
                 uffd_socket=uffd_socket,
                 network_overrides=network_overrides,
+                drive_layers=drive_layers,
             )
         )
 
@@ -556,6 +558,7 @@ class SmartVM:
         netns: str | None = None,
         detachable: bool = False,
         drive_paths: Mapping[str, str | Path] | None = None,
+        drive_layers: Mapping[str, DriveLayer] | None = None,
     ) -> MicroVM:
         return MicroVM(
             _Loop.run(
@@ -567,6 +570,7 @@ class SmartVM:
                     netns=netns,
                     detachable=detachable,
                     drive_paths=drive_paths,
+                    drive_layers=drive_layers,
                 )
             )
         )

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DETACH_HYGIENE_TIMEOUT_S = 15.0
+# Makes a drive's file inside the VM's runtime dir (given), e.g. a copy-on-write layer; its path.
+DriveLayer = Callable[[Path], Path]
 
 
 class VMState(StrEnum):
@@ -205,7 +207,9 @@ class MicroVM:
         mem_backend: MemBackend = "File",
         uffd_socket: Path | None = None,
         network_overrides: Sequence[NetworkOverride] = (),
+        drive_layers: Mapping[str, DriveLayer] | None = None,
     ) -> None:
+        """Bring this VM up from ``snapshot``; ``drive_layers``: see :meth:`SmartVM.restore_vm`."""
         async with self._lock:
             self._require("load a snapshot into", VMState.CREATED)
             if snapshot.engine != self.engine_name:
@@ -246,7 +250,7 @@ class MicroVM:
                 )
 
             self._restored = True  # before the VM can be used: no request may go out before the hygiene
-            await self._launch(restore, config, paused=not resume_vm)
+            await self._launch(restore, config, paused=not resume_vm, layers=drive_layers)
             self._last_snapshot = snapshot
 
     async def _launch(
@@ -256,6 +260,7 @@ class MicroVM:
         *,
         paused: bool = False,
         network: VMNetwork | None = None,
+        layers: Mapping[str, DriveLayer] | None = None,
     ) -> None:
         self._state = VMState.CONFIGURING
         try:
@@ -267,6 +272,8 @@ class MicroVM:
                 require_host_devices(config)
                 runtime = VMRuntime.create(self.options.runtime_dir, self.id, netns=self.netns)
                 stack.callback(runtime.remove)
+                if layers:
+                    config = _with_layers(config, runtime.dir, layers)
                 staged = runtime.stage_drives(
                     config, ephemeral_writable=self.options.ephemeral_writable_drives
                 )
@@ -702,6 +709,27 @@ class MicroVM:
 
     def __repr__(self) -> str:
         return f"MicroVM(id={self.id!r}, engine={self.engine_name!r}, state={self.state.value!r})"
+
+
+def _with_layers(config: MicroVMConfig, runtime_dir: Path, layers: Mapping[str, DriveLayer]) -> MicroVMConfig:
+    """``config`` with each drive of ``layers`` on the file its function made in ``runtime_dir``."""
+    paths: dict[str, str] = {}
+    for drive_id, make in layers.items():
+        path = Path(make(runtime_dir))
+        if not path.resolve().is_relative_to(runtime_dir.resolve()):
+            raise SmartVMError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"the layer of drive {drive_id!r} is {path}, outside the VM's runtime dir {runtime_dir}: "
+                "it would outlive the VM; make it inside the directory the function is given",
+            )
+        paths[drive_id] = str(path)
+    drives = [
+        d.model_copy(update={"path_on_host": paths[d.drive_id], "ephemeral": False})
+        if d.drive_id in paths
+        else d
+        for d in config.drives
+    ]
+    return config.model_copy(update={"drives": drives})
 
 
 async def _unless_exited(engine: Engine, work: Awaitable[T], what: str) -> T:

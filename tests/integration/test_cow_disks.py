@@ -5,6 +5,7 @@ the base is unchanged, the disks are independent, flatten = base + changes, paus
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -126,6 +127,12 @@ def test_qcow2_overlay(tmp_path: Path) -> None:
     assert not Qcow2Strategy("firecracker").available()
     base = make_base(tmp_path / "base.img")
     exercise(strategy, base, tmp_path, small=True)
+    sized = strategy.create(base, tmp_path / "sized", "sized")  # the guest sees the base's size
+    assert sized.layer.size_bytes == base.stat().st_size == int(
+        json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(sized.device_path)],
+                                  capture_output=True, check=True).stdout)["virtual-size"]
+    )  # fmt: skip
+    sized.release()
 
 
 @pytest.fixture(params=["btrfs", "xfs"])

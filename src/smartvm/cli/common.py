@@ -1,5 +1,6 @@
 """What the ``run`` command (cli/vm.py) and the commands for running VMs (cli/detached.py) share:
-signal-safe ``asyncio.run``, output pass-through of a guest command, and checks of common options.
+signal-safe ``asyncio.run``, output pass-through of a guest command, checks of common options, and
+the ``--cold`` option with the note a first snapshot-start prints.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ if TYPE_CHECKING:
 
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
+COLD_HELP = (
+    "boot the guest instead of restoring the cached snapshot of it (made by the first start of each "
+    "guest and shape, rebuilt when the kernel, root filesystem or shape change)"
+)
 
 T = TypeVar("T")
 _UNWIND_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -101,3 +106,21 @@ def check_choices(engine: str, image: str) -> GuestKind:
             ErrorCode.INVALID_ARGUMENT, f"--image must be {' or '.join(GUEST_KINDS)}, not {image}"
         )
     return cast(GuestKind, image)
+
+
+def first_start_note() -> Callable[[str], None]:
+    """A ``progress`` for :func:`smartvm.guests.start_guest` that says once, on a terminal, why the
+    first start of a guest takes longer (output stays the same otherwise: scripts see what a cold
+    boot prints)."""
+    said: list[bool] = []
+
+    def note(step: str) -> None:
+        if not said and sys.stderr.isatty():
+            said.append(True)
+            sys.stderr.write(
+                "smartvm: first start of this guest and shape: booting it once to keep a ready "
+                "snapshot (later starts restore it; --cold always boots)\n"
+            )
+            sys.stderr.flush()
+
+    return note

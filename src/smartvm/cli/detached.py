@@ -18,10 +18,18 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from smartvm.cli.common import EXIT_INTERRUPTED, Terminated, check_choices, exec_passthrough, run_unwinding
+from smartvm.cli.common import (
+    COLD_HELP,
+    EXIT_INTERRUPTED,
+    Terminated,
+    check_choices,
+    exec_passthrough,
+    first_start_note,
+    run_unwinding,
+)
 from smartvm.cli.copy_plan import CopyPlan, local_target, split_copy
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.guests import GuestKind, guest_config
+from smartvm.guests import GuestKind, start_guest
 from smartvm.options import SmartVMOptions
 from smartvm.orchestrator import SmartVM
 from smartvm.vm import MicroVM, VMState
@@ -53,24 +61,36 @@ async def start_detached(
     memory_mib: int,
     vm_id: str | None,
     boot_timeout: float,
+    cold: bool = False,
 ) -> VMRecord:
-    """Boot a VM, wait for its agent, detach it; nothing is left running if any step fails."""
+    """Start a VM (restored from the cached snapshot of the guest, or booted when ``cold``), wait
+    for its agent, detach it; nothing is left running if any step fails."""
+    from smartvm.config import new_vm_id
+
     if vm_id is not None and not _VM_ID.fullmatch(vm_id):
         raise SmartVMError(
             ErrorCode.INVALID_ARGUMENT,
             f"--id {vm_id!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
         )
-    config = await guest_config(kind, cpus=cpus, memory_mib=memory_mib, vm_id=vm_id)
+    vm_id = vm_id or new_vm_id()
     async with SmartVM(options) as svm:
         svm.prune_detached()
-        if svm.records.load(config.id) is not None:
+        if svm.records.load(vm_id) is not None:
             raise SmartVMError(
-                ErrorCode.DUPLICATE_VM_ID, f"VM {config.id!r} is already running; pick another --id"
+                ErrorCode.DUPLICATE_VM_ID, f"VM {vm_id!r} is already running; pick another --id"
             )
-        vm = await svm.create_vm(config, detachable=True)
+        vm = await start_guest(
+            svm,
+            kind,
+            cpus=cpus,
+            memory_mib=memory_mib,
+            vm_id=vm_id,
+            cold=cold,
+            detachable=True,
+            ready_timeout=boot_timeout,
+            progress=first_start_note(),
+        )
         try:
-            await vm.start()
-            await vm.wait_ready(boot_timeout)
             return await vm.detach()
         except BaseException:
             await asyncio.shield(vm.stop())
@@ -188,14 +208,24 @@ def register(app: typer.Typer) -> None:
         boot_timeout: Annotated[float, typer.Option(help="seconds to wait for the guest agent")] = 60.0,
         data_dir: DataDir = None,
         runtime_dir: Annotated[Path | None, typer.Option(help="where per-VM runtime dirs go")] = None,
+        cold: Annotated[bool, typer.Option("--cold", help=COLD_HELP)] = False,
     ) -> None:
-        """Boot a microVM that keeps running (use exec, cp, ps, stop); prints its id as the last line."""
+        """Start a microVM that keeps running (use exec, cp, ps, stop); prints its id as the last line.
+
+        Restored from the cached snapshot of the ready guest, like smartvm run; --cold boots it.
+        """
         kind = check_choices(engine, image)
         options = _options(data_dir, runtime_dir, engine)
         try:
             record = run_unwinding(
                 start_detached(
-                    options, kind=kind, cpus=cpus, memory_mib=memory, vm_id=vm_id, boot_timeout=boot_timeout
+                    options,
+                    kind=kind,
+                    cpus=cpus,
+                    memory_mib=memory,
+                    vm_id=vm_id,
+                    boot_timeout=boot_timeout,
+                    cold=cold,
                 )
             )
         except Terminated as exc:

@@ -71,16 +71,17 @@ def file_identity(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def cache_lock(name: str, root: Path | None = None) -> Iterator[None]:
+def cache_lock(name: str, root: Path | None = None, *, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive lock so two processes never build the same artifact at once.
 
     The lock file lives in ``<cache>/locks`` so artifact directories only ever hold artifacts.
+    ``wait=False`` raises ``BlockingIOError`` at once when another process holds the lock.
     """
     lock_dir = (root or cache_root()) / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield
     finally:
         os.close(fd)

@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smartvm.config import BootSource, Drive, Entropy, MachineConfig, MicroVMConfig, NetworkInterface
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.host.netns import NetworkSlot, SlotPool
 from smartvm.host.private_dirs import ensure_private_dir
 from smartvm.host.storage import clone_file
 from smartvm.images.build_steps import digest, file_identity
@@ -27,6 +27,9 @@ from smartvm.orchestrator import SmartVM
 from smartvm.sandbox.settings import DEFAULT_USER
 from smartvm.snapshot import MANIFEST_NAME, Snapshot
 from smartvm.vm import MicroVM
+
+if TYPE_CHECKING:  # not imported at run time: `smartvm run` restores templates without a network
+    from smartvm.host.netns import NetworkSlot, SlotPool
 
 DISK_FILE = "disk.img"
 SNAPSHOT_DIR = "snapshot"

@@ -60,9 +60,15 @@ def report(engine: str, directory: Path, registry: LoopRegistry | None = None) -
     raise AssertionError("sparse-copy is always available")  # pragma: no cover
 
 
-def choose_strategy(engine: str, directory: Path, registry: LoopRegistry | None = None) -> CowStrategy:
-    """The best strategy available for ``engine`` with layers in ``directory``."""
+def choose_strategy(
+    engine: str, directory: Path, registry: LoopRegistry | None = None, *, files_only: bool = False
+) -> CowStrategy:
+    """The best strategy available for ``engine`` with layers in ``directory``. ``files_only``: only
+    strategies whose layer is nothing but files (no loop or device-mapper devices), so that removing
+    its directory removes the layer, also when the process that made it was killed."""
     for strategy in strategies(engine, directory, registry):
+        if files_only and strategy.holds_host_devices:
+            continue
         if strategy.available():
             return strategy
     raise AssertionError("sparse-copy is always available")  # pragma: no cover

@@ -127,6 +127,8 @@ class CowDisk(ABC):
 
 class CowStrategy(ABC):
     name: StrategyName
+    # a layer that holds host devices (loop, device-mapper) outlives the removal of its directory
+    holds_host_devices: bool = False
 
     @abstractmethod
     def available(self) -> Availability:

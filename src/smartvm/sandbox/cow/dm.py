@@ -124,6 +124,7 @@ class DmDisk(CowDisk):
 
 class DmSnapshotStrategy(CowStrategy):
     name = "dm-snapshot"
+    holds_host_devices = True
 
     def __init__(self, registry: LoopRegistry) -> None:
         self.registry = registry

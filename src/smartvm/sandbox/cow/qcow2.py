@@ -86,12 +86,16 @@ class Qcow2Strategy(CowStrategy):
     def create(self, base_image: Path, sandbox_dir: Path, sandbox_id: str) -> CowDisk:
         sandbox_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         overlay = sandbox_dir / OVERLAY_FILE
+        base_format = detect_disk_format(base_image)
         try:
-            _qemu_img(*create_overlay_args(base_image, detect_disk_format(base_image), overlay))
+            _qemu_img(*create_overlay_args(base_image, base_format, overlay))
         except BaseException:
             overlay.unlink(missing_ok=True)
             raise
-        size = int(json.loads(_qemu_img("info", "--output=json", str(overlay)))["virtual-size"])
+        if base_format == "raw":  # the overlay is as large as its base: no second qemu-img run
+            size = base_image.stat().st_size
+        else:
+            size = int(json.loads(_qemu_img("info", "--output=json", str(overlay)))["virtual-size"])
         return Qcow2Disk(CowLayer("qcow2", sandbox_id, base_image, sandbox_dir, (OVERLAY_FILE,), size))
 
     def reopen(self, layer: CowLayer) -> CowDisk:
