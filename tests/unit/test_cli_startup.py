@@ -74,6 +74,36 @@ def test_run_imports_only_its_own_command_module() -> None:
     assert res.returncode == 0, res.stderr
 
 
+# What `smartvm run` imports from a cached guest image and run snapshot to a finished command.
+RUN_PATH_MODULES = (
+    "smartvm.guests",
+    "smartvm.images.guest_image",
+    "smartvm.sandbox.run_snapshots",
+    "smartvm.engines",
+    "smartvm.qemu.engine",
+    "smartvm.vm",
+)
+# Not needed there (issue 16: ~0.3 s of a warm run): the downloader and its HTTP client, the base image
+# bundle cache, and rich (build spinners, tables).
+NOT_ON_THE_RUN_PATH = ("httpx", "rich", "smartvm.images.download", "smartvm.images.base_images")
+
+
+def test_run_imports_no_download_bundle_or_display_code() -> None:
+    res = _python(
+        "import importlib, sys\n"
+        "from smartvm.cli.main import build_app\n"
+        "build_app('run')\n"
+        f"for name in {RUN_PATH_MODULES!r}:\n"
+        "    importlib.import_module(name)\n"
+        "from smartvm.images.rootfs_build import rootfs_cache_key\n"
+        "rootfs_cache_key('busybox')  # what a cache hit computes (hashes of the agent files)\n"
+        f"found = sorted(m for m in sys.modules if m.split('.')[0] in {NOT_ON_THE_RUN_PATH!r} "
+        f"or m in {NOT_ON_THE_RUN_PATH!r})\n"
+        "assert not found, found\n"
+    )
+    assert res.returncode == 0, res.stderr
+
+
 def test_every_command_is_routed_to_the_module_that_defines_it() -> None:
     everything = _commands(build_app())
     assert everything == set(COMMAND_MODULES)  # a new command must be added to COMMAND_MODULES

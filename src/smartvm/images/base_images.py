@@ -39,7 +39,8 @@ from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.atomic_write import write_atomic
 from smartvm.host.private_dirs import check_private_dir, ensure_private_dir
 from smartvm.host.storage import clone_file
-from smartvm.images.download import DEFAULT_TIMEOUT_S, download, http_client, sha256_file
+from smartvm.images.build_steps import sha256_file
+from smartvm.images.download import DEFAULT_TIMEOUT_S, download, http_client
 from smartvm.images.manifest import (
     MANIFEST_FILE,
     BundleManifest,

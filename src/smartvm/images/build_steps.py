@@ -3,7 +3,8 @@
 Both builders need the same few things: fail early with the apt package to install when a tool
 is missing, derive cache keys from their inputs, serialise concurrent builds of one artifact,
 run external commands into a log (killing the whole process group if we are interrupted), and
-turn a failed command into a ``BUILD_FAILED`` error that shows the end of that log.
+turn a failed command into a ``BUILD_FAILED`` error that shows the end of that log. A cache hit
+uses only the key helpers: rich (the build spinner) is imported when a build shows one.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, cast
-
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from typing import IO, TYPE_CHECKING, cast
 
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.process import tail
 from smartvm.images.cache_paths import cache_root
 
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
 LOG_TAIL_LINES = 40
+_CHUNK = 1 << 20
 
 
 def require_tool(tool: str, apt_package: str) -> str:
@@ -51,6 +53,15 @@ def require_file(path: Path, apt_package: str, what: str) -> Path:
             f"{what} ({path}) is missing; install it with `apt-get install {apt_package}`",
         )
     return path
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in chunks (blocking: call it in a thread from async code)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def digest(*parts: str | bytes, length: int = 16) -> str:
@@ -202,6 +213,9 @@ class StepProgress:
         self._lines = enabled is None and not default_progress()
         self._started = 0.0
         if default_progress() if enabled is None else enabled:
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
             self._progress = Progress(
                 SpinnerColumn(),
                 TextColumn("[bold]{task.fields[title]}[/]"),

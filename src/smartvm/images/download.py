@@ -71,15 +71,6 @@ def parse_sha256_file(text: str) -> str:
     return first[0].lower()
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in chunks (blocking: call it in a thread from async code)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _show_progress(progress: bool | None) -> bool:
     if progress is not None:
         return progress

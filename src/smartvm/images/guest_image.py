@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from smartvm.images.base_images import DEFAULT_CACHE_DIR, BaseImageBundle, BaseImageManager
 from smartvm.images.kernel_build import build_kernel
 from smartvm.images.rootfs_build import RootfsFormat, RootfsKind, build_rootfs
+
+if TYPE_CHECKING:  # the bundle cache (httpx, manifests) is imported only to register a bundle
+    from smartvm.images.base_images import BaseImageBundle
 
 BASE_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
 
@@ -52,17 +55,19 @@ def ensure_default_guest(
 
 
 def register_guest_bundle(
-    image: GuestImage, *, kind: str, bundle_cache_dir: Path = DEFAULT_CACHE_DIR, max_stored: int = 2
+    image: GuestImage, *, kind: str, bundle_cache_dir: Path | None = None, max_stored: int = 2
 ) -> BaseImageBundle:
     """Enter a locally built guest into the base image cache as a ``local`` bundle.
 
     The bundle id names the kind and the build cache keys of both artifacts, so a rebuild makes a
     new bundle and an unchanged one is reused; downstream code then treats built and downloaded
-    images alike.
+    images alike. ``bundle_cache_dir`` defaults to ``base_images.DEFAULT_CACHE_DIR``.
     """
+    from smartvm.images.base_images import DEFAULT_CACHE_DIR, BaseImageManager
+
     keys = f"{image.kernel_path.parent.name[:8]}-{image.rootfs_path.parent.name[:8]}"
     bundle_id = f"local-{kind}-{image.rootfs_type}-{keys}"
-    manager = BaseImageManager(bundle_cache_dir, max_stored)
+    manager = BaseImageManager(bundle_cache_dir or DEFAULT_CACHE_DIR, max_stored)
     return manager.register_local_bundle(
         bundle_id,
         image.kernel_path,

@@ -42,9 +42,9 @@ from smartvm.images.build_steps import (
     remove_stale,
     require_file,
     require_tool,
+    sha256_file,
 )
 from smartvm.images.cache_paths import cache_root
-from smartvm.images.download import sha256_file
 
 RootfsKind = Literal["busybox", "debian", "dir", "tar"]
 RootfsFormat = Literal["ext4", "squashfs"]

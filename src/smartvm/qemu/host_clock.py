@@ -6,13 +6,18 @@ against the emulated PIT sometimes hangs for good (``tsc: Unable to calibrate ag
 
 1. ``/sys/devices/system/cpu/cpu0/tsc_freq_khz`` (kernels that export it);
 2. the host kernel's own log (``tsc: Refined TSC clocksource calibration`` / ``tsc: Detected``);
-3. a measurement: ``rdtsc`` against CLOCK_MONOTONIC_RAW over a few tens of milliseconds.
+3. a measurement: ``rdtsc`` against CLOCK_MONOTONIC_RAW (about 150 ms).
+
+The rate is fixed for a host boot, so what the log or the measurement gave is kept in
+``<cache_root>/host-tsc.json`` with the host's boot id: later processes (every ``smartvm run`` on a
+host without the sysfs file whose kernel log has moved on) read it back instead of measuring again.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import mmap
 import os
 import platform
@@ -22,8 +27,13 @@ from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 
+from smartvm.host.atomic_write import write_atomic
+from smartvm.images.cache_paths import cache_root
+
 SYSFS_TSC_KHZ = Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz")
 KMSG = Path("/dev/kmsg")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+CACHE_NAME = "host-tsc.json"
 
 _REFINED = re.compile(r"tsc: Refined TSC clocksource calibration: (\d+)\.(\d{3}) MHz")
 _DETECTED = re.compile(r"tsc: Detected (\d+)\.(\d{3}) MHz (?:processor|TSC)")
@@ -110,14 +120,49 @@ def measure_tsc_khz(window_s: float = 0.05) -> int | None:
         page.close()
 
 
+def _boot_id() -> str | None:
+    try:
+        return BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _from_cache(boot_id: str) -> int | None:
+    """The rate an earlier process found in this host boot, if it kept one."""
+    try:
+        data = json.loads((cache_root() / CACHE_NAME).read_text())
+        value = int(data["khz"]) if data["boot_id"] == boot_id else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if value in _PLAUSIBLE_KHZ else None
+
+
+def _keep(boot_id: str, khz: int) -> None:
+    path = cache_root() / CACHE_NAME
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps({"boot_id": boot_id, "khz": khz}), mode=0o644)
+    except OSError:
+        pass  # a cache we cannot write only costs a measurement next time
+
+
+def _found_rate() -> int | None:
+    value = khz_from_kernel_log(_read_kmsg())
+    if value is not None and value not in _PLAUSIBLE_KHZ:
+        value = None
+    return measure_tsc_khz() if value is None else value
+
+
 @cache
 def host_tsc_khz() -> int | None:
     """The host TSC rate in kHz, or None when no source works (then no ``tsc_early_khz`` is passed)."""
     value = _from_sysfs()
-    if value is None:
-        value = khz_from_kernel_log(_read_kmsg())
-        if value is not None and value not in _PLAUSIBLE_KHZ:
-            value = None
-    if value is None:
-        value = measure_tsc_khz()
+    if value is not None:
+        return value
+    boot_id = _boot_id()
+    if boot_id is not None and (value := _from_cache(boot_id)) is not None:
+        return value
+    value = _found_rate()
+    if value is not None and boot_id is not None:
+        _keep(boot_id, value)
     return value
