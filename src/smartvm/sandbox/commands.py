@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal, overload
 
 from smartvm.agent.client import ExecResult, ExecTimeoutError, OutputCallback, ProcessInfo
 from smartvm.agent.protocol import AgentOpError
+from smartvm.agent.wire import E_NO_PROCESS
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.sandbox.settings import DEFAULT_USER
 
@@ -86,7 +87,7 @@ class CommandHandle:
         try:
             info = await vm.processes.signal(self.pid, signal)
         except AgentOpError as exc:
-            if exc.agent_code == "no_such_process":  # the agent does not know this pid
+            if exc.agent_code == E_NO_PROCESS:  # the agent does not know this pid
                 return False
             raise
         return info.running or info.signal is not None

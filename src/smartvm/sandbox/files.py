@@ -6,12 +6,13 @@ creates belong to the sandbox user unless another owner is given (the agent itse
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from smartvm.agent.client import DEFAULT_READ_LIMIT, FileInfo
+from smartvm.agent.client import DEFAULT_DOWNLOAD_LIMIT, DEFAULT_READ_LIMIT, FileInfo
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.sandbox.settings import DEFAULT_HOME, DEFAULT_USER
 
@@ -42,11 +43,14 @@ class SandboxFiles:
     async def read_text(self, path: str, *, encoding: str = "utf-8") -> str:
         return (await self.read(path)).decode(encoding, errors="replace")
 
-    async def read_stream(self, path: str, *, max_bytes: int = 4 << 30) -> AsyncIterator[bytes]:
+    async def read_stream(
+        self, path: str, *, max_bytes: int = DEFAULT_DOWNLOAD_LIMIT
+    ) -> AsyncIterator[bytes]:
         """The file's bytes in chunks as they arrive (never held whole in memory)."""
         vm = await self._vm()
-        async for chunk in vm.files._read_stream(guest_path(path), 0, None, max_bytes):
-            yield chunk
+        async with contextlib.aclosing(vm.files.read_stream(guest_path(path), max_bytes=max_bytes)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def write(
         self, path: str, data: bytes | str, *, mode: int | None = None, owner: str | int | None = None

@@ -28,7 +28,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.nat import EgressPolicy
@@ -43,6 +43,7 @@ from smartvm.sandbox.sandbox import Sandbox, SandboxInfo, SandboxMetrics
 from smartvm.sandbox.settings import SandboxSettings
 from smartvm.sandbox.store import (
     EventRecord,
+    ManagerLock,
     SandboxRecord,
     SandboxState,
     SandboxStore,
@@ -60,7 +61,7 @@ from smartvm.sandbox.templates import (
     base_template_spec,
     build_template,
 )
-from smartvm.sandbox.warm import WarmPool, WarmSandbox, warm_up
+from smartvm.sandbox.warm import WarmPool, WarmSandbox, run_once_and_park
 from smartvm.snapshot import Snapshot
 from smartvm.vm import MicroVM, VMState
 
@@ -126,10 +127,12 @@ def _string_map(values: Mapping[str, str] | None, what: str) -> dict[str, str]:
     return out
 
 
-def _wrap(exc: BaseException, what: str) -> SmartVMError:
-    if isinstance(exc, SmartVMError):
-        return exc
-    return SmartVMError(ErrorCode.SANDBOX_FAILED, f"{what}: {type(exc).__name__}: {exc}")
+def _reraise(exc: BaseException, what: str) -> NoReturn:
+    """Raise ``exc`` from an ``except`` block: SmartVMErrors and cancellations (or Ctrl-C) as they
+    are, any other exception as SANDBOX_FAILED caused by it."""
+    if isinstance(exc, SmartVMError) or not isinstance(exc, Exception):
+        raise exc
+    raise SmartVMError(ErrorCode.SANDBOX_FAILED, f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
 def _host_memory_mib() -> tuple[int, int]:
@@ -173,7 +176,7 @@ class SandboxManager:
         self.options = opts.model_copy(update={"data_dir": self.data_dir})
         self._svm = SmartVM(self.options)
         self._store: SandboxStore | None = None
-        self._lock_file: Any = None
+        self._lock_file: ManagerLock | None = None
         self._pool: SlotPool | None = None
         self._cow: CowStrategy | None = None
         self._recs: dict[str, SandboxRecord] = {}
@@ -181,7 +184,7 @@ class SandboxManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._admission = asyncio.Lock()
         self._template_locks: dict[str, asyncio.Lock] = {}
-        self._templates: dict[str, BuiltTemplate] = {}
+        self._templates: dict[str, tuple[BuiltTemplate, TemplateRecord]] = {}  # ready ones, by name
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
         self.engine = ""  # the engine of every sandbox VM, chosen at start()
@@ -219,7 +222,7 @@ class SandboxManager:
             await reconcile(self)
             await self._pool.start()
         except BaseException:
-            await self._shutdown_resources(keep=True)
+            await self._shutdown_resources()
             raise
         self._reaper = asyncio.create_task(self._reap_forever(), name="smartvm-sandbox-reaper")
 
@@ -248,11 +251,12 @@ class SandboxManager:
                 await live.vm.detach()  # the VM and its record stay for the next manager
             self._live.pop(sid, None)
         self._closed = True
-        await self._shutdown_resources(keep=True)
+        await self._shutdown_resources()
 
-    async def _shutdown_resources(self, *, keep: bool) -> None:
+    async def _shutdown_resources(self) -> None:
+        """Let go of the pool, the store and the lock; slots in use stay with their sandboxes."""
         if self._pool is not None:
-            await self._pool.close(keep_in_use=keep)
+            await self._pool.close(keep_in_use=True)
             self._pool = None
         if self._store is not None:
             self._store.close()
@@ -338,11 +342,13 @@ class SandboxManager:
         """Build (or reuse, when its inputs are unchanged) the template ``spec``."""
         check_name(spec.name, "template")
         async with self._template_locks.setdefault(spec.name, asyncio.Lock()):
-            built = await self._ensure_image_template(spec, progress or (lambda step: None))
-            del built
-            return await self.store.call(self.store.get_template, spec.name)
+            return (await self._ensure_image_template(spec, progress or (lambda step: None)))[1]
 
-    async def _ensure_image_template(self, spec: TemplateSpec, progress: Progress) -> BuiltTemplate:
+    async def _ensure_image_template(
+        self, spec: TemplateSpec, progress: Progress
+    ) -> tuple[BuiltTemplate, TemplateRecord]:
+        """The ready template of ``spec``, built unless one of the same inputs is complete; it
+        becomes the one ``create(spec.name)`` uses."""
         engine = self.engine
         key = await asyncio.to_thread(spec.key, engine)
         directory = self.data_dir / "templates" / spec.name / key
@@ -356,7 +362,8 @@ class SandboxManager:
                 ErrorCode.INVALID_ARGUMENT, f"{spec.name!r} is a snapshot; pick another template name"
             )
         if old is not None and old.inputs_hash == key and old.status == "ready" and built.is_complete():
-            return built
+            self._templates[spec.name] = (built, old)
+            return built, old
         record = TemplateRecord(
             name=spec.name,
             kernel=str(spec.kernel),
@@ -387,10 +394,12 @@ class SandboxManager:
                 self.store.put_template, dataclasses.replace(record, status="failed", error=str(exc))
             )
             raise
-        await self.store.call(self.store.put_template, dataclasses.replace(record, status="ready"))
+        record = dataclasses.replace(record, status="ready")
+        await self.store.call(self.store.put_template, record)
+        self._templates[spec.name] = (built, record)
         if old is not None and old.snapshot_dir and Path(old.snapshot_dir).parent != directory:
             self._remove_template_dir_if_unused(spec.name, Path(old.snapshot_dir).parent)
-        return built
+        return built, record
 
     def _remove_template_dir_if_unused(self, name: str, directory: Path) -> None:
         users = [r for r in self._recs.values() if r.template == name and r.state is not S.STOPPED]
@@ -398,13 +407,16 @@ class SandboxManager:
             shutil.rmtree(directory, ignore_errors=True)
 
     async def _template(self, name: str) -> tuple[BuiltTemplate, TemplateRecord]:
-        """A ready template by name; ``base`` is built on first use."""
+        """A ready template by name (looked up once per manager); ``base`` is built on first use."""
         cached = self._templates.get(name)
         if cached is not None:
-            return cached, await self.store.call(self.store.get_template, name)
+            return cached
         async with self._template_locks.setdefault(name, asyncio.Lock()):
+            cached = self._templates.get(name)  # made while this call waited for the lock
+            if cached is not None:
+                return cached
             if name == "base":
-                built = await self._ensure_image_template(await base_template_spec(), lambda step: None)
+                return await self._ensure_image_template(await base_template_spec(), lambda step: None)
             else:
                 rec = await self.store.call(self.store.get_template, name)
                 if rec.status != "ready" or not rec.snapshot_dir:
@@ -418,8 +430,8 @@ class SandboxManager:
                         ErrorCode.SNAPSHOT_INVALID,
                         f"the files of template {name!r} in {built.directory} are damaged or missing",
                     )
-            self._templates[name] = built
-            return built, await self.store.call(self.store.get_template, name)
+            self._templates[name] = (built, rec)
+            return built, rec
 
     async def list_templates(self) -> builtins.list[TemplateRecord]:
         return await self.store.call(self.store.list_templates)
@@ -492,7 +504,7 @@ class SandboxManager:
                 )
             except BaseException as exc:
                 await self._fail(sid, exc, "create")
-                raise _wrap(exc, f"creating sandbox {sid}") from exc
+                _reraise(exc, f"creating sandbox {sid}")
         self._warm.refill(template)
         return Sandbox(self, sid)
 
@@ -512,20 +524,31 @@ class SandboxManager:
         live = await self._launch(sid, built.snapshot_dir, built.disk, None, {}, record=False)
         warm = WarmSandbox(sid, built.snapshot_dir, live)
         try:
-            await warm_up(live)
+            await run_once_and_park(live)
         except BaseException:
             await self._discard_warm(warm)
             raise
         return warm
 
     async def _discard_warm(self, warm: WarmSandbox) -> None:
-        live = warm.live
-        with contextlib.suppress(SmartVMError):
-            await live.vm.kill()
-        with contextlib.suppress(SmartVMError):
-            await self.pool.release(live.slot)
-        await asyncio.to_thread(live.disk.release)
+        await self._free_live(warm.live)
         await asyncio.to_thread(shutil.rmtree, self._sandbox_dir(warm.sid), True)
+
+    async def _free_live(self, live: _Live) -> None:
+        """End the VM, destroy its slot, delete its disk layer: every step is tried, the first
+        failure is raised afterwards (a failing kill must not leak the slot or the disk)."""
+        first: BaseException | None = None
+        for step in (
+            live.vm.kill,
+            lambda: self.pool.release(live.slot),
+            lambda: asyncio.to_thread(live.disk.release),
+        ):
+            try:
+                await step()
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     async def _activate(self, warm: WarmSandbox, policy: EgressPolicy, forwards: Mapping[int, int]) -> _Live:
         """Hand out a warm sandbox: running again, its own network policy, fresh randomness, the
@@ -567,27 +590,25 @@ class SandboxManager:
         )
 
     def _check_capacity(self, memory_mib: int) -> None:
-        active = [r for r in self._recs.values() if r.state in _ACTIVE]
-        if len(active) >= self.settings.max_sandboxes:
+        cap = self.capacity()
+        if cap.active >= cap.max_sandboxes:
             raise SmartVMError(
                 ErrorCode.SANDBOX_LIMIT_REACHED,
-                f"{len(active)} sandboxes run, the limit is {self.settings.max_sandboxes}: "
+                f"{cap.active} sandboxes run, the limit is {cap.max_sandboxes}: "
                 "kill or pause one, or raise max_sandboxes",
             )
-        total, available = _host_memory_mib()
-        limit = self.settings.max_memory_mib or int(total * 0.8)
-        used = sum(r.memory_mib for r in active)
-        if used + memory_mib > limit:
+        if cap.memory_used_mib + memory_mib > cap.memory_limit_mib:
             raise SmartVMError(
                 ErrorCode.SANDBOX_LIMIT_REACHED,
-                f"running sandboxes use {used} MiB of guest memory; {memory_mib} MiB more would pass "
-                f"the limit of {limit} MiB: kill or pause one, or raise max_memory_mib",
+                f"running sandboxes use {cap.memory_used_mib} MiB of guest memory; {memory_mib} MiB "
+                f"more would pass the limit of {cap.memory_limit_mib} MiB: kill or pause one, or raise "
+                "max_memory_mib",
             )
-        if available < memory_mib + 256:
+        if cap.host_available_mib < memory_mib + 256:
             raise SmartVMError(
                 ErrorCode.HOST_CAPACITY,
-                f"the host has {available} MiB of memory available, too little for a {memory_mib} MiB "
-                "sandbox: try again later",
+                f"the host has {cap.host_available_mib} MiB of memory available, too little for a "
+                f"{memory_mib} MiB sandbox: try again later",
             )
 
     async def _launch(
@@ -660,9 +681,7 @@ class SandboxManager:
         live = self._live.pop(sid, None)
         rec = self._recs.get(sid)
         if live is not None:
-            await live.vm.kill()
-            await self.pool.release(live.slot)
-            await asyncio.to_thread(live.disk.release)
+            await self._free_live(live)
         else:
             await self._forget_vm(sid)
             lease = (rec.network.get("lease") if rec is not None else None) or None
@@ -709,7 +728,7 @@ class SandboxManager:
                 await self._release_all(sandbox_id)
             except BaseException as exc:
                 await self._transition(sandbox_id, S.ERROR, error=f"kill failed: {exc}")
-                raise _wrap(exc, f"killing sandbox {sandbox_id}") from exc
+                _reraise(exc, f"killing sandbox {sandbox_id}")
             await self._transition(sandbox_id, S.STOPPED)
         self._locks.pop(sandbox_id, None)
 
@@ -757,7 +776,7 @@ class SandboxManager:
                     await self._transition(sandbox_id, S.RUNNING, detail=f"pause failed: {exc}")
                 else:
                     await self._fail(sandbox_id, exc, "pause")
-                raise _wrap(exc, f"pausing sandbox {sandbox_id}") from exc
+                _reraise(exc, f"pausing sandbox {sandbox_id}")
             # the state is saved: from here the sandbox is paused whatever else fails
             self._live.pop(sandbox_id, None)
             for step in (live.vm.kill, lambda: self.pool.release(live.slot)):
@@ -811,7 +830,7 @@ class SandboxManager:
                     await self._fail(sandbox_id, exc, "resume")
                 else:  # e.g. no network slot now: still paused, try again later
                     await self._transition(sandbox_id, S.PAUSED, detail=f"resume failed: {exc.message}")
-                raise _wrap(exc, f"resuming sandbox {sandbox_id}") from exc
+                _reraise(exc, f"resuming sandbox {sandbox_id}")
             self._live[sandbox_id] = live
             await asyncio.to_thread(shutil.rmtree, rec.pause_dir, True)
             await self._update(
@@ -913,7 +932,7 @@ class SandboxManager:
     async def delete_snapshot(self, name: str) -> None:
         """Delete a snapshot; SNAPSHOT_IN_USE while a sandbox created from it still exists."""
         store = self.store
-        rec = await store.call(store.get_snapshot, name)
+        await store.call(store.get_snapshot, name)  # SNAPSHOT_NOT_FOUND when there is none
         users = await store.call(store.list_sandboxes, states=[s for s in SandboxState if s is not S.STOPPED])
         dependent = [r.id for r in users if r.template == name]
         if dependent:
@@ -924,7 +943,6 @@ class SandboxManager:
         self._templates.pop(name, None)
         await store.call(store.delete_template, name)
         await store.call(store.delete_snapshot, name)
-        del rec
         await asyncio.to_thread(shutil.rmtree, self.data_dir / "templates" / name, True)
 
     # --- info -----------------------------------------------------------------------------------------

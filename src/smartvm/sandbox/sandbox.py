@@ -57,14 +57,8 @@ class Sandbox:
     def __init__(self, manager: SandboxManager, sandbox_id: str) -> None:
         self._manager = manager
         self.id = sandbox_id
-        self.commands = Commands(self._vm, self._envs)
-        self.files = SandboxFiles(self._vm)
-
-    async def _vm(self) -> MicroVM:
-        return await self._manager._running_vm(self.id)
-
-    def _envs(self) -> Mapping[str, str]:
-        return self._record().envs
+        self.commands = Commands(self.running_vm, lambda: self.envs)
+        self.files = SandboxFiles(self.running_vm)
 
     def _record(self) -> SandboxRecord:
         return self._manager._record(self.id)
@@ -90,7 +84,7 @@ class Sandbox:
     async def running_vm(self) -> MicroVM:
         """The VM of the running sandbox, for faces that speak to its agent directly (the E2B envd
         face); SANDBOX_NOT_RUNNING (saying why) when it is paused, stopped or failed. No I/O."""
-        return await self._vm()
+        return await self._manager._running_vm(self.id)
 
     async def info(self) -> SandboxInfo:
         return await self._manager._info(self.id)

@@ -25,7 +25,7 @@ from smartvm.host.storage import clone_file
 from smartvm.images.build_steps import digest, file_identity
 from smartvm.orchestrator import SmartVM
 from smartvm.sandbox.settings import DEFAULT_USER
-from smartvm.snapshot import MANIFEST_NAME, Snapshot
+from smartvm.snapshot import Snapshot
 from smartvm.vm import MicroVM
 
 if TYPE_CHECKING:  # not imported at run time: `smartvm run` restores templates without a network
@@ -231,7 +231,7 @@ async def _build_into(
                 )
             if spec.ready_command:
                 progress("waiting for the ready command")
-                await _wait_ready_command(vm.exec, spec, env, ready_timeout)
+                await _wait_ready_command(vm, spec, env, ready_timeout)
             progress("warming up the guest agent")
             await warm_up(vm, spec.user)
             progress("snapshotting")
@@ -246,8 +246,6 @@ async def _build_into(
     finally:
         if pool is not None and slot is not None:
             await pool.release(slot)
-    if not (work / SNAPSHOT_DIR / MANIFEST_NAME).is_file():  # pragma: no cover - create_snapshot raised
-        raise SmartVMError(ErrorCode.TEMPLATE_BUILD_FAILED, "the template snapshot was not written")
 
 
 async def warm_up(vm: MicroVM, user: str) -> None:
@@ -268,13 +266,11 @@ async def warm_up(vm: MicroVM, user: str) -> None:
     await vm.agent.set_time()
 
 
-async def _wait_ready_command(
-    exec_: Callable[..., object], spec: TemplateSpec, env: dict[str, str], timeout: float
-) -> None:
+async def _wait_ready_command(vm: MicroVM, spec: TemplateSpec, env: dict[str, str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
-        result = await exec_(  # type: ignore[misc]
+        result = await vm.exec(
             ["/bin/bash", "-l", "-c", spec.ready_command or "true"], env=env, user=spec.user, timeout=10
         )
         if result.exit_code == 0:

@@ -46,6 +46,7 @@ class WarmPool:
     discard: Callable[[WarmSandbox], Coroutine[Any, Any, None]]
     _ready: dict[str, list[WarmSandbox]] = field(default_factory=dict)
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _discarding: set[asyncio.Task[None]] = field(default_factory=set)  # kept: the loop holds tasks weakly
     closed: bool = False
 
     def ids(self) -> set[str]:
@@ -58,7 +59,9 @@ class WarmPool:
             warm = ready.pop(0)
             if warm.snapshot_dir == snapshot_dir:
                 return warm
-            asyncio.get_running_loop().create_task(self.discard(warm))
+            task = asyncio.get_running_loop().create_task(self.discard(warm))
+            self._discarding.add(task)
+            task.add_done_callback(self._discarding.discard)
         return None
 
     def refill(self, template: str) -> None:
@@ -96,9 +99,11 @@ class WarmPool:
         self._ready.clear()
         for w in warm:
             await self.discard(w)
+        if self._discarding:
+            await asyncio.gather(*self._discarding, return_exceptions=True)
 
 
-async def warm_up(live: _Live) -> None:
+async def run_once_and_park(live: _Live) -> None:
     """One request of the kind a user's first command makes, then stop the vCPUs."""
     await live.vm.exec(["true"], user=DEFAULT_USER)
     await live.vm.pause()
