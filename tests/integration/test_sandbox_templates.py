@@ -72,3 +72,13 @@ async def test_closing_with_on_close_pause_pauses_running_sandboxes(
         await again.resume()
         assert await again.files.read("x") == b"1"
         await again.kill()
+
+
+async def test_a_rebuilt_template_is_the_one_new_sandboxes_get(sbm: Any) -> None:
+    base = await base_template_spec()
+    for version in ("one", "two"):
+        spec = dataclasses.replace(base, name="versioned", start_command=f"echo {version} > /tmp/version")
+        await sbm.build_template(spec)
+        sbx = await sbm.create("versioned")
+        assert await sbx.files.read("/tmp/version") == f"{version}\n".encode()
+        await sbx.kill()
