@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -74,15 +73,11 @@ class VMRecord(Model):
         path = Path(os.path.abspath(self.runtime_dir))
         if path.name != sanitize_id(self.id):
             return f"its runtime dir {path} is not named after the VM id"
-        uid = os.geteuid()
-        try:
-            parent, own = os.stat(path.parent), os.lstat(path)
-        except OSError:
-            return f"its runtime dir {path} is missing"
-        if not stat.S_ISDIR(own.st_mode) or own.st_uid != uid:
-            return f"its runtime dir {path} is not a directory of this user"
-        if parent.st_uid != uid or parent.st_mode & 0o022:
-            return f"{path.parent} is not owned by this user or is writable by others"
+        try:  # both levels private: only this user could have made the dir
+            if not (check_private_dir(path.parent) and check_private_dir(path)):
+                return f"its runtime dir {path} is missing"
+        except SmartVMError as exc:
+            return exc.message
         owner = owner_of(self.runtime_dir) or {}
         if (
             "record" not in owner

@@ -101,3 +101,20 @@ def test_private_devices_survive_sweep_until_their_holder_is_gone(work: Path) ->
     LoopRegistry(work / "state", owned_roots=[work]).reconcile(set())  # sb-1 is gone
     assert dev not in attached_loops() and reg.private_device("sb-1") is None
     reg.detach_private("sb-1")  # idempotent
+
+
+def test_state_write_never_follows_a_planted_temp_file(work: Path) -> None:
+    """The state is replaced through a fresh temp name opened O_NOFOLLOW: a symlink planted at a
+    predictable temp name is neither written through nor renamed into place."""
+    state = work / "state"
+    state.mkdir(mode=0o700)
+    (state / "loops.json").write_text(
+        '{"bases": {}, "private": {"gone": {"device": "/dev/nope", "file": "/x"}}}'
+    )
+    victim = work / "victim"
+    victim.write_text("keep me")
+    (state / ".loops.json.part").symlink_to(victim)
+    LoopRegistry(state, owned_roots=[work]).reconcile([])  # forgets "gone": the state changes
+    assert victim.read_text() == "keep me"
+    assert not (state / "loops.json").is_symlink()
+    assert LoopRegistry(state).private_device("gone") is None

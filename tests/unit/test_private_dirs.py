@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -17,10 +18,13 @@ from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.firecracker.binary import find_firecracker
 from smartvm.host.private_dirs import ensure_private_dir
+from smartvm.host.process import running_start_time
 from smartvm.host.runtime import VMRuntime
+from smartvm.host.sweep import hand_to_record
 from smartvm.images.releases import ImageManager
 from smartvm.options import SmartVMOptions
 from smartvm.orchestrator import SmartVM
+from smartvm.vm_records import VMRecord, VMRecordStore
 
 OTHER_UID = 65534
 
@@ -220,3 +224,31 @@ def test_planted_lease_state_is_refused(tmp_path: Path) -> None:
     assert info.value.code is ErrorCode.UNSAFE_DIRECTORY
     with raises_code(ErrorCode.UNSAFE_DIRECTORY):
         LeaseStore(state / "slots.json", 1, 4).leases()
+
+
+def test_a_record_is_trusted_only_in_a_private_runtime_dir(tmp_path: Path) -> None:
+    store = VMRecordStore(tmp_path / "data")
+    root = ensure_private_dir(tmp_path / "rt")
+    runtime = ensure_private_dir(root / "vm1")
+    pid = os.getpid()
+    record = VMRecord(
+        id="vm1",
+        engine="qemu",
+        pid=pid,
+        pid_start_time=running_start_time(pid) or 0,
+        runtime_dir=runtime,
+        started_at=time.time(),
+        config={},
+        engine_data={},
+    )
+    hand_to_record(runtime, store.path("vm1"), record.pid, record.pid_start_time)
+    assert store.check(record) is None
+    for level, uid, mode in [(runtime, OTHER_UID, 0o700), (runtime, 0, 0o777), (root, 0, 0o777)]:
+        os.chown(level, uid, -1)
+        level.chmod(mode)
+        problem = store.check(record)
+        assert problem is not None and str(level) in problem, (level, uid, mode)
+        os.chown(level, 0, -1)
+        level.chmod(0o700)
+    shutil.rmtree(runtime)
+    assert store.check(record) == f"its runtime dir {runtime} is missing"

@@ -2,7 +2,8 @@
 
 The temp file is a fresh, unpredictable name next to the target, created ``O_EXCL | O_NOFOLLOW``
 with ``mode`` (so a planted file or symlink is never written through), then renamed over the target.
-``durable=True`` also fsyncs the file before the rename (records that must survive a power loss).
+``durable=True`` also fsyncs the file before the rename and the directory after it (records that must
+survive a power loss).
 """
 
 from __future__ import annotations
@@ -31,4 +32,10 @@ def write_atomic(path: Path, data: str | bytes, *, mode: int = 0o600, durable: b
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
     return path

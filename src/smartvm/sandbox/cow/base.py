@@ -161,11 +161,7 @@ def move_file(src: Path, dst: Path) -> None:
             raise cow_error(f"cannot move {src} to {dst}: {exc.strerror}") from exc
         from smartvm.host.storage import clone_file
 
-        tmp = dst.with_name(dst.name + ".part")
-        tmp.unlink(missing_ok=True)
-        clone_file(src, tmp)
-        fsync_file(tmp)
-        os.replace(tmp, dst)
+        write_flat(dst, lambda tmp: clone_file(src, tmp))
         src.unlink()
 
 

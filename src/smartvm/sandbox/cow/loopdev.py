@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.sandbox.cow.base import commit_file
+from smartvm.host.atomic_write import write_atomic
 
 STATE_FILE = "loops.json"
 
@@ -77,9 +77,7 @@ class LoopRegistry:
             before = json.dumps(state, sort_keys=True)
             yield state
             if json.dumps(state, sort_keys=True) != before:
-                tmp = path.with_name(f".{STATE_FILE}.part")
-                tmp.write_text(json.dumps(state, sort_keys=True, indent=1))
-                commit_file(tmp, path)
+                write_atomic(path, json.dumps(state, sort_keys=True, indent=1), durable=True)
 
     def acquire(self, base_image: Path, holder: str) -> str:
         """The shared read-only loop device of ``base_image``, attached on first use."""
