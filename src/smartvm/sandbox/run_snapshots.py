@@ -109,7 +109,10 @@ def check_entry(directory: Path) -> RunSnapshot:
         raise _invalid(directory, f"its seal cannot be read: {exc}") from exc
     if not isinstance(seal, dict) or seal.get("format") != SEAL_FORMAT or not seal.get("build_id"):
         raise _invalid(directory, "its seal is malformed")
-    now, sealed = _file_identities(directory), seal.get("files")
+    try:
+        now, sealed = _file_identities(directory), seal.get("files")
+    except OSError as exc:  # e.g. discarded by another process while we looked
+        raise _invalid(directory, f"its files cannot be read: {exc}") from exc
     if now != sealed:
         sealed = sealed if isinstance(sealed, dict) else {}
         changed = sorted(name for name in set(now) | set(sealed) if now.get(name) != sealed.get(name))
