@@ -162,6 +162,7 @@ def test_list_filters(store: SandboxStore) -> None:
     assert [r.id for r in store.list_sandboxes(metadata={"team": "x", "env": "ci"})] == [a]
     assert store.list_sandboxes(states=[S.STARTING], metadata={"team": "y"})[0].id == c
     assert store.list_sandboxes(states=[]) == []
+    assert store.count_by_state() == {"starting": 2, "running": 1}
 
 
 async def test_async_call(store: SandboxStore) -> None:

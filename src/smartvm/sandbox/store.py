@@ -412,6 +412,11 @@ class SandboxStore:
         want = dict(metadata or {})
         return [r for r in recs if all(r.metadata.get(k) == v for k, v in want.items())]
 
+    def count_by_state(self) -> dict[str, int]:
+        """How many sandboxes are in each state (by value; stopped ones too), without reading them."""
+        rows = self._query("SELECT state, COUNT(*) AS n FROM sandboxes GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
+
     def delete_sandbox(self, sandbox_id: str) -> None:
         """Forget a sandbox (its events stay, for the audit trail)."""
 
