@@ -151,6 +151,12 @@ def _raw_request(api: Service, method: str, path: str, length: int | None, body:
     return sock
 
 
+def _open_in_guest(api: Service, sid: str, path: str) -> bool:
+    """Whether a guest process (the agent serving a read) has ``path`` open."""
+    out = api.run(sid, "ls -l /proc/[0-9]*/fd/ 2>/dev/null", user="root")["stdout"]
+    return any(line.endswith(f" -> {path}") for line in out.splitlines())
+
+
 def _streams_closed(api: Service) -> bool:
     m = api.metrics()
     return all(m[f'smartvm_streams_open{{kind="{k}"}}'] == 0 for k in ("exec", "upload", "download"))
@@ -165,7 +171,9 @@ def _eventually(check: Any, what: str, timeout: float = 30) -> None:
 
 def test_a_client_gone_mid_upload_or_mid_download_leaves_nothing_behind(api: Service) -> None:
     sid = api.create()["id"]
-    api.run(sid, "echo original > kept.txt; head -c 33554432 /dev/zero > big.bin")
+    # big.bin is sparse and far larger than a 30 s wait can stream: only a read that ends with the
+    # connection lets the check below pass
+    assert api.run(sid, "echo original > kept.txt; truncate -s 2G big.bin")["exit_code"] == 0
     # an upload of 8 MiB over kept.txt that stops after 1 MiB: the connection goes
     path = f"/v1/sandboxes/{sid}/files/content?path=kept.txt"
     sock = _raw_request(api, "PUT", path, 8 << 20, os.urandom(1 << 20))
@@ -173,15 +181,17 @@ def test_a_client_gone_mid_upload_or_mid_download_leaves_nothing_behind(api: Ser
     sock.close()
     _eventually(lambda: _part_files(api, sid) == [], "the part file of a gone upload was left in the guest")
     assert api.run(sid, "cat kept.txt")["stdout"] == "original\n"  # the target is as it was
-    # a download of 32 MiB read for 64 KiB: the guest read ends with the connection
+    # a download of 2 GiB read for 64 KiB: the guest read ends with the connection
     path = f"/v1/sandboxes/{sid}/files/content?path=big.bin"
     sock = _raw_request(api, "GET", path, None, b"")
     got = 0
     while got < 64 << 10:
         got += len(sock.recv(65536))
     assert api.metrics()['smartvm_streams_open{kind="download"}'] == 1
+    assert _open_in_guest(api, sid, "/home/user/big.bin")
     sock.close()
     _eventually(lambda: _streams_closed(api), "a stream of a gone client is still open in the service")
+    _eventually(lambda: not _open_in_guest(api, sid, "/home/user/big.bin"), "the guest still reads the file")
     api("DELETE", f"/v1/sandboxes/{sid}", 204)
 
 

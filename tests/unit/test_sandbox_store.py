@@ -50,6 +50,43 @@ def test_data_dir_private_and_schema_versioned(tmp_path: Path) -> None:
     assert err.value.code == ErrorCode.STATE_STORE_FAILED and "newer" in err.value.message
 
 
+def _open_fds_to(path: Path) -> list[str]:
+    fds = Path("/proc/self/fd")
+    found = []
+    for fd in fds.iterdir():
+        try:
+            if os.readlink(fd) == str(path):
+                found.append(fd.name)
+        except OSError:
+            continue
+    return found
+
+
+def test_a_store_that_fails_to_open_keeps_no_connection(tmp_path: Path) -> None:
+    SandboxStore(tmp_path / "data").close()
+    db_file = tmp_path / "data" / "sandboxes.db"
+    db = sqlite3.connect(db_file)
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(SmartVMError) as err:
+        SandboxStore(tmp_path / "data")
+    assert err.value.code == ErrorCode.STATE_STORE_FAILED
+    assert _open_fds_to(db_file) == []  # also while the error (and its frames) is still held
+
+
+def test_a_planted_store_file_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere.db"
+    elsewhere.write_bytes(b"")
+    elsewhere.chmod(0o644)
+    (data / "sandboxes.db").symlink_to(elsewhere)
+    with raises_code(ErrorCode.UNSAFE_DIRECTORY):
+        SandboxStore(data)
+    assert elsewhere.read_bytes() == b"" and elsewhere.stat().st_mode & 0o777 == 0o644
+
+
 def test_ids() -> None:
     ids = {new_sandbox_id() for _ in range(200)}
     assert len(ids) == 200
@@ -125,6 +162,7 @@ def test_list_filters(store: SandboxStore) -> None:
     assert [r.id for r in store.list_sandboxes(metadata={"team": "x", "env": "ci"})] == [a]
     assert store.list_sandboxes(states=[S.STARTING], metadata={"team": "y"})[0].id == c
     assert store.list_sandboxes(states=[]) == []
+    assert store.count_by_state() == {"starting": 2, "running": 1}
 
 
 async def test_async_call(store: SandboxStore) -> None:

@@ -135,6 +135,9 @@ def test_the_key_file_is_private_and_a_planted_one_is_refused(tmp_path: Path) ->
     with pytest.raises(SmartVMError) as err:
         KeyStore(planted)
     assert err.value.code is ErrorCode.UNSAFE_DIRECTORY
+    (data / DB_FILE).chmod(0o644)  # as a looser umask of an older smartvm made it
+    KeyStore(data).close()
+    assert stat.S_IMODE(os.stat(data / DB_FILE).st_mode) == 0o600
 
 
 def _smartvm(*args: str) -> subprocess.CompletedProcess[str]:

@@ -31,6 +31,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.private_dirs import ensure_private_dir
+from smartvm.host.state_db import open_state_db
 
 DB_FILE = "sandboxes.db"
 LOCK_FILE = "manager.lock"
@@ -209,17 +210,7 @@ class SandboxStore:
     def __init__(self, data_dir: Path) -> None:
         self.path = ensure_private_dir(Path(data_dir)) / DB_FILE
         self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._migrate()
-        except sqlite3.Error as exc:
-            raise SmartVMError(
-                ErrorCode.STATE_STORE_FAILED, f"cannot open the sandbox store {self.path}: {exc}"
-            ) from exc
-        os.chmod(self.path, 0o600)
+        self._db = open_state_db(self.path, "sandbox store", self._migrate)
 
     def __enter__(self) -> SandboxStore:
         return self
@@ -235,8 +226,8 @@ class SandboxStore:
         """Run a store method in a worker thread (``await store.call(store.get_sandbox, sid)``)."""
         return await asyncio.to_thread(fn, *args, **kwargs)
 
-    def _migrate(self) -> None:
-        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
         if version > len(MIGRATIONS):
             raise SmartVMError(
                 ErrorCode.STATE_STORE_FAILED,
@@ -244,7 +235,7 @@ class SandboxStore:
                 f"({len(MIGRATIONS)}): upgrade smartvm or use another data dir",
             )
         for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self._db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {i}; COMMIT;")
+            db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {i}; COMMIT;")
 
     def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in one immediate transaction, committed before returning."""
@@ -420,6 +411,11 @@ class SandboxStore:
         recs = [_from_row(SandboxRecord, r) for r in self._query(sql + " ORDER BY created_at, id", args)]
         want = dict(metadata or {})
         return [r for r in recs if all(r.metadata.get(k) == v for k, v in want.items())]
+
+    def count_by_state(self) -> dict[str, int]:
+        """How many sandboxes are in each state (by value; stopped ones too), without reading them."""
+        rows = self._query("SELECT state, COUNT(*) AS n FROM sandboxes GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
 
     def delete_sandbox(self, sandbox_id: str) -> None:
         """Forget a sandbox (its events stay, for the audit trail)."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import sqlite3
@@ -29,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.host.private_dirs import check_private_file, ensure_private_dir
+from smartvm.host.private_dirs import ensure_private_dir
+from smartvm.host.state_db import open_state_db
 
 DB_FILE = "api_keys.db"
 KEY_PREFIX = "svm_"
@@ -75,23 +75,10 @@ class KeyStore:
     """The API keys of one data dir. Thread-safe: one connection behind a lock."""
 
     def __init__(self, data_dir: Path) -> None:
-        directory = ensure_private_dir(Path(data_dir))
-        self.path = directory / DB_FILE
-        check_private_file(self.path)  # a planted file (another owner, a symlink) is refused
+        self.path = ensure_private_dir(Path(data_dir)) / DB_FILE
         self._lock = threading.Lock()
         self._last_written: dict[str, float] = {}
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.close(fd)
-        try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise SmartVMError(
-                ErrorCode.STATE_STORE_FAILED, f"cannot open the API key store {self.path}: {exc}"
-            ) from exc
+        self._db = open_state_db(self.path, "API key store", lambda db: db.executescript(_SCHEMA))
 
     def __enter__(self) -> KeyStore:
         return self

@@ -103,6 +103,10 @@ class ManagerBackend:
         found = await self.manager.list(states=None if states is None else list(states), metadata=metadata)
         return list(found)
 
+    async def count_by_state(self) -> dict[str, int]:
+        store = self.manager.store
+        return await store.call(store.count_by_state)
+
     async def events(self, sandbox_id: str) -> builtins.list[EventRecord]:
         await self.manager.get(sandbox_id)  # SANDBOX_NOT_FOUND for an unknown id
         return await self.manager.events(sandbox_id)

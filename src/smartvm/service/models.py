@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from smartvm.agent.client import FileInfo, ProcessInfo
-from smartvm.sandbox.store import EventRecord, SandboxState, TemplateRecord
-from smartvm.service.backend import (
-    CommandResultLike,
-    SandboxInfoLike,
-    SandboxMetricsLike,
-    SnapshotInfoLike,
-)
+from smartvm.sandbox.store import SandboxState
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 SANDBOX_ID_PATTERN = r"^sb-[0-9a-f]{8}$"
@@ -24,6 +17,14 @@ Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600, description="seconds")]
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    """A response body read from the sandbox layer's object of the same field names."""
+
+    @classmethod
+    def of(cls, source: object) -> Self:
+        return cls.model_validate(source, from_attributes=True)
 
 
 class ErrorOut(BaseModel):
@@ -42,7 +43,7 @@ class CreateSandboxIn(_In):
     internet: bool = True
 
 
-class SandboxOut(BaseModel):
+class SandboxOut(_Out):
     id: str
     template: str
     state: SandboxState
@@ -54,22 +55,6 @@ class SandboxOut(BaseModel):
     auto_pause: bool
     disk_bytes: int
     error: str | None
-
-    @classmethod
-    def of(cls, info: SandboxInfoLike) -> SandboxOut:
-        return cls(
-            id=info.id,
-            template=info.template,
-            state=info.state,
-            metadata=dict(info.metadata),
-            cpus=info.cpus,
-            memory_mib=info.memory_mib,
-            created_at=info.created_at,
-            end_at=info.end_at,
-            auto_pause=info.auto_pause,
-            disk_bytes=info.disk_bytes,
-            error=info.error,
-        )
 
 
 class TimeoutIn(_In):
@@ -92,7 +77,7 @@ class ExecIn(_In):
     background: bool = Field(default=False, description="start it and return its pid at once")
 
 
-class ExecOut(BaseModel):
+class ExecOut(_Out):
     exit_code: int
     stdout: str
     stderr: str
@@ -100,23 +85,12 @@ class ExecOut(BaseModel):
     stdout_truncated: bool = False
     stderr_truncated: bool = False
 
-    @classmethod
-    def of(cls, r: CommandResultLike) -> ExecOut:
-        return cls(
-            exit_code=r.exit_code,
-            stdout=r.stdout,
-            stderr=r.stderr,
-            duration_s=r.duration_s,
-            stdout_truncated=r.stdout_truncated,
-            stderr_truncated=r.stderr_truncated,
-        )
-
 
 class BackgroundOut(BaseModel):
     pid: int
 
 
-class ProcessOut(BaseModel):
+class ProcessOut(_Out):
     pid: int
     cmd: list[str]
     running: bool
@@ -125,19 +99,6 @@ class ProcessOut(BaseModel):
     started: float
     ended: float | None
     stdin_open: bool
-
-    @classmethod
-    def of(cls, p: ProcessInfo) -> ProcessOut:
-        return cls(
-            pid=p.pid,
-            cmd=list(p.cmd),
-            running=p.running,
-            exit_code=p.exit_code,
-            signal=p.signal,
-            started=p.started,
-            ended=p.ended,
-            stdin_open=p.stdin_open,
-        )
 
 
 class StdinIn(_In):
@@ -150,7 +111,7 @@ class KilledOut(BaseModel):
     signalled: bool = Field(description="false when the process had already exited")
 
 
-class FileOut(BaseModel):
+class FileOut(_Out):
     name: str
     path: str
     type: str
@@ -158,12 +119,6 @@ class FileOut(BaseModel):
     mode: int
     mtime: float
     target: str | None = None
-
-    @classmethod
-    def of(cls, f: FileInfo) -> FileOut:
-        return cls(
-            name=f.name, path=f.path, type=f.type, size=f.size, mode=f.mode, mtime=f.mtime, target=f.target
-        )
 
 
 GuestPath = Annotated[str, Field(min_length=1, max_length=4096)]
@@ -182,17 +137,11 @@ class SnapshotIn(_In):
     name: Name
 
 
-class SnapshotOut(BaseModel):
+class SnapshotOut(_Out):
     name: str
     source_sandbox: str | None
     created_at: float
     size_bytes: int
-
-    @classmethod
-    def of(cls, s: SnapshotInfoLike) -> SnapshotOut:
-        return cls(
-            name=s.name, source_sandbox=s.source_sandbox, created_at=s.created_at, size_bytes=s.size_bytes
-        )
 
 
 class TemplateIn(_In):
@@ -204,21 +153,15 @@ class TemplateIn(_In):
     ready_command: str | None = None
 
 
-class TemplateOut(BaseModel):
+class TemplateOut(_Out):
     name: str
     cpus: int
     memory_mib: int
     status: str
     created_at: float
 
-    @classmethod
-    def of(cls, t: TemplateRecord) -> TemplateOut:
-        return cls(
-            name=t.name, cpus=t.cpus, memory_mib=t.memory_mib, status=t.status, created_at=t.created_at
-        )
 
-
-class MetricsOut(BaseModel):
+class MetricsOut(_Out):
     cpu_seconds: float
     cpu_count: int
     memory_rss_bytes: int
@@ -226,26 +169,11 @@ class MetricsOut(BaseModel):
     disk_bytes: int
     timestamp: float
 
-    @classmethod
-    def of(cls, m: SandboxMetricsLike) -> MetricsOut:
-        return cls(
-            cpu_seconds=m.cpu_seconds,
-            cpu_count=m.cpu_count,
-            memory_rss_bytes=m.memory_rss_bytes,
-            memory_mib=m.memory_mib,
-            disk_bytes=m.disk_bytes,
-            timestamp=m.timestamp,
-        )
 
-
-class EventOut(BaseModel):
+class EventOut(_Out):
     time: float
     kind: str
     detail: str
-
-    @classmethod
-    def of(cls, e: EventRecord) -> EventOut:
-        return cls(time=e.time, kind=e.kind, detail=e.detail)
 
 
 # What every protected route may answer besides its own body (shown in /docs).

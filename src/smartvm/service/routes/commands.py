@@ -132,7 +132,7 @@ async def _stream(ws: WebSocket, sbx: SandboxHandle, body: ExecIn, ctx: ServiceC
             if not task.done():
                 task.cancel()  # a client that went away cancels the command in the guest
         await asyncio.gather(run, watch, return_exceptions=True)
-    if watch.done() and not watch.cancelled() and not run.done():
+    if run.cancelled():  # the client went away first: nobody is left to answer
         return
     result = run.result()
     for name, decoder in decoders.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from functools import cache
 from importlib import resources
 
@@ -10,7 +9,6 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from smartvm.errors import ErrorCode
-from smartvm.sandbox.store import SandboxState
 from smartvm.service.auth import require_api_key
 from smartvm.service.deps import service
 from smartvm.service.http_errors import error_body
@@ -67,7 +65,5 @@ async def test_page_style() -> Response:
 @protected.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     ctx = service(request)
-    sandboxes = await ctx.backend.list(states=list(SandboxState))
-    by_state = Counter(s.state.value for s in sandboxes)
-    body = ctx.metrics.render(by_state, ctx.backend.capacity())
+    body = ctx.metrics.render(await ctx.backend.count_by_state(), ctx.backend.capacity())
     return Response(body, media_type=CONTENT_TYPE)
