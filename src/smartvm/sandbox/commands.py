@@ -7,6 +7,7 @@ the sandbox's environment plus the command's own. A non-zero exit is a result, n
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, overload
@@ -166,7 +167,12 @@ class Commands:
         if background:
             handle = await self.start(cmd, envs=envs, user=user, cwd=cwd, stdin=True)
             if stdin:
-                await handle.send_stdin(stdin)
+                try:
+                    await handle.send_stdin(stdin)
+                except BaseException:  # nobody would know its pid: do not leave it running
+                    with contextlib.suppress(SmartVMError):
+                        await handle.kill()
+                    raise
             return handle
         vm = await self._vm()
         try:

@@ -62,7 +62,12 @@ async def exec_command(sbx: Sandbox, body: ExecIn, request: Request) -> ExecOut 
     if body.background:
         handle = await sbx.commands.start(body.cmd, stdin=True, **_spawn_args(body))
         if stdin:
-            await sbx.commands.send_stdin(handle.pid, stdin)
+            try:
+                await sbx.commands.send_stdin(handle.pid, stdin)
+            except BaseException:  # the client never learns its pid: do not leave it running
+                with contextlib.suppress(SmartVMError):
+                    await sbx.commands.kill(handle.pid)
+                raise
         return BackgroundOut(pid=handle.pid)
     with ctx.metrics.timed("exec"):
         result = await sbx.commands.run(body.cmd, timeout=body.timeout, stdin=stdin, **_spawn_args(body))
