@@ -192,6 +192,7 @@ class Channel:
         if self.closed:
             return
         self.closed = True
+        self.inbox.put(None)  # a helper still waiting for DATA (an exec's stdin feeder) ends now
         with self.conn.chan_lock:
             if self.conn.channels.get(self.id) is self:
                 del self.conn.channels[self.id]
@@ -203,7 +204,7 @@ class Channel:
         self.conn.send(ftype, self.id, header)
 
     def next_data(self) -> tuple[dict[str, Any], bytes]:
-        """Block for the next DATA frame from the host; raise if the channel was cancelled."""
+        """Block for the next DATA frame from the host; raise if the channel was cancelled or finished."""
         item = self.inbox.get()
         if item is None:
             self.inbox.put(None)
