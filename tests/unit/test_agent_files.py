@@ -116,3 +116,29 @@ async def test_listing_larger_than_one_frame_header(agent: AgentClient, tmp_path
         (tmp_path / name).touch()
     entries = await agent.files.list(str(tmp_path))
     assert {e.name for e in entries} == names
+
+
+async def test_owner_of_write_and_mkdir_is_looked_up_like_a_command_user(
+    agent: AgentClient, tmp_path: Path
+) -> None:
+    """``owner`` owns what a write or mkdir creates (not what already exists); a name, a uid or a
+    numeric string name the account as ``user`` does for commands; anything else is refused."""
+
+    def owners(*paths: Path) -> list[int]:
+        return [p.stat().st_uid for p in paths]
+
+    await agent.files.write(str(tmp_path / "w" / "f.txt"), b"x", owner="nobody")
+    assert owners(tmp_path, tmp_path / "w", tmp_path / "w" / "f.txt") == [0, 65534, 65534]
+    await agent.files.mkdir(str(tmp_path / "w" / "d1" / "d2"), owner="65534")
+    assert owners(tmp_path / "w" / "d1", tmp_path / "w" / "d1" / "d2") == [65534, 65534]
+    await agent.files.mkdir(str(tmp_path / "plain"), parents=False, owner=65534)
+    assert owners(tmp_path / "plain") == [65534]
+
+    with pytest.raises(SmartVMError) as exc:
+        await agent.files.mkdir(str(tmp_path / "w" / "d1"), exist_ok=False)
+    assert exc.value.code == ErrorCode.GUEST_FILE_ERROR and "EEXIST" in exc.value.message
+    for bad in ("no-such-user-here", True):
+        with pytest.raises(SmartVMError) as exc:
+            await agent.files.write(str(tmp_path / "bad" / "f"), b"x", owner=bad)  # type: ignore[arg-type]
+        assert exc.value.code == ErrorCode.INVALID_ARGUMENT, bad
+    assert not (tmp_path / "bad").exists()

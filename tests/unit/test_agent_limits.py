@@ -81,9 +81,7 @@ class HostileAgent:
             return p.encode_frame(p.HELLO, 0, hello)
         op, cid = frame.header.get("op"), frame.channel
         if self.malformed:
-            garbage = {"file_stat": {"name": self.name}, "file_list": {"entries": "nope"}}
-            bad = {"proc_list": {"processes": [{"pid": "not a number"}]}, **garbage}
-            return p.encode_frame(p.RESULT, cid, bad.get(str(op), {"exit_code": "x"}))
+            return self._malformed(str(op), cid)
         if op == "file_stat":
             info = {"name": self.name, "path": self.name, "type": "file", "size": 5, "mode": 0o6777}
             return p.encode_frame(p.RESULT, cid, {**info, "uid": 0, "gid": 0, "mtime": 0.0})
@@ -94,6 +92,30 @@ class HostileAgent:
                 + p.encode_frame(p.RESULT, cid, {"size": 5})
             )
         return b""  # CANCEL and the rest: no answer
+
+    @staticmethod
+    def _malformed(op: str, cid: int) -> bytes:
+        """Answers of the right shape with values no agent would send (wrong types, out of range)."""
+        entry = {"name": "f", "path": "/f", "type": "file", "size": 1, "mode": 0o644, "uid": 0, "gid": 0}
+        bad = {
+            "file_stat": {"name": "x"},
+            "file_list": {"entries": "nope"},
+            "proc_list": {"processes": [{"pid": "not a number"}]},
+            "file_entries": {"entry": {**entry, "mtime": float("inf")}},
+            "file_prepare": {**entry, "size": -1, "mtime": 0.0, "created": True},
+            "user_info": {"name": "u", "uid": -1, "gid": 0, "home": "/"},
+        }
+        if op in bad:
+            return p.encode_frame(p.RESULT, cid, bad[op])
+        done = p.encode_frame(p.RESULT, cid, {"exit_code": 0, "pid": 5, "path": "/"})
+        if op in ("exec", "proc_run"):  # a started event with a pid that is no pid
+            return p.encode_frame(p.EVENT, cid, {"event": "started", "pid": "1; rm -rf /"}) + done
+        if op == "file_watch":
+            fs = {"event": "fs", "events": [{"name": 7, "type": "write"}]}
+            return (
+                p.encode_frame(p.EVENT, cid, {"event": "started"}) + p.encode_frame(p.EVENT, cid, fs) + done
+            )
+        return p.encode_frame(p.RESULT, cid, {"exit_code": "x"})
 
 
 @pytest.mark.parametrize("hostile", ["../escape", "ABSOLUTE", "..", "/"])
@@ -341,11 +363,23 @@ async def test_malformed_guest_answers_are_protocol_errors() -> None:
     async with HostileAgent("x", malformed=True) as fake:
         client = AgentClient(fake.open_stream)
         try:
+
+            async def drain(events: AsyncIterator[Any]) -> None:
+                async with contextlib.aclosing(events):  # type: ignore[type-var]
+                    async for _ in events:
+                        pass
+
             for call in (
                 client.files.stat("/x"),
                 client.files.list("/"),
                 client.processes.list(),
                 client.exec(["true"]),
+                client.files.entries("/f"),
+                client.files.prepare("/f"),
+                client.processes.user("u"),
+                drain(client.processes.run(["true"])),
+                drain(client.files.watch("/")),
+                client.processes.signal(1),
             ):
                 with pytest.raises(SmartVMError) as err:
                     await call

@@ -355,3 +355,23 @@ async def test_host_hello_starts_a_new_session_and_cancels_the_old_one(raw: RawC
     assert pid_gone(pid)
     await raw.send(encode_frame(REQUEST, 9, {"op": "ping"}))  # the old channel id is free again
     assert (await raw.next_on(9)).type == RESULT
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+async def test_an_exec_that_ends_before_its_stdin_leaves_no_thread_behind(
+    raw: RawConn, agent_server: AgentServer
+) -> None:
+    """The client stops sending stdin once the command has answered (it may never send the eof): the
+    agent's stdin feeder of that exec must end with it, not wait for more data forever."""
+    await raw.ping(1)
+    before = _threads(agent_server.proc.pid)
+    for cid in range(10, 30):
+        await raw.send(encode_frame(REQUEST, cid, {"op": "exec", "cmd": ["true"], "stdin": True}))
+        while (await raw.next_on(cid)).type != RESULT:
+            pass
+    await raw.ping(2)
+    # finished requests leave at most the idle workers the agent keeps (8), not one thread per exec
+    assert _threads(agent_server.proc.pid) - before <= 8

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 import random
 import time
@@ -57,6 +58,48 @@ def _guest_answer(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
         return parsed
 
     return wrap
+
+
+# Fields of guest answers. The guest may say anything; these values reach API answers (E2B's int32
+# and int64 fields, timestamps) and host decisions, so each is checked for its type and range here
+# (a ValueError inside a @_guest_answer parser is AGENT_PROTOCOL_ERROR).
+_INT32 = (1 << 31) - 1
+_INT64 = (1 << 63) - 1
+
+
+def _int(value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{value!r} is not an integer from {lo} to {hi}")
+    return value
+
+
+def _opt_int(value: Any, lo: int, hi: int) -> int | None:
+    return None if value is None else _int(value, lo, hi)
+
+
+def _time(value: Any) -> float:
+    """Seconds (a timestamp or a duration): a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number of seconds")
+    return float(value)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    return value
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _pid(value: Any) -> int | None:
+    return _opt_int(value, 1, _INT32)
+
+
+def _signal(value: Any) -> int | None:
+    return _opt_int(value, 1, 255)
 
 
 #: run once before the first request (see AgentClient); gets the client and a readiness timeout
@@ -167,15 +210,16 @@ class ProcessInfo:
     @classmethod
     @_guest_answer("process info")
     def from_header(cls, h: dict[str, Any]) -> ProcessInfo:
+        ended = h.get("ended")
         return cls(
             meta=h.get("meta"),
-            pid=int(h["pid"]),
-            cmd=list(h.get("cmd", [])),
+            pid=_int(h["pid"], 1, _INT32),
+            cmd=[_str(arg) for arg in h.get("cmd", [])],
             running=bool(h.get("running")),
-            exit_code=h.get("exit_code"),
-            signal=h.get("signal"),
-            started=float(h.get("started", 0)),
-            ended=h.get("ended"),
+            exit_code=_opt_int(h.get("exit_code"), -_INT32, _INT32),
+            signal=_signal(h.get("signal")),
+            started=_time(h.get("started", 0)),
+            ended=None if ended is None else _time(ended),
             stdin_open=bool(h.get("stdin_open")),
         )
 
@@ -199,19 +243,18 @@ class FileInfo:
     @classmethod
     @_guest_answer("file info")
     def from_header(cls, h: dict[str, Any]) -> FileInfo:
-        owner, group = h.get("owner"), h.get("group")
         return cls(
-            name=str(h["name"]),
-            path=str(h["path"]),
-            type=str(h["type"]),
-            size=int(h["size"]),
-            mode=int(h["mode"]),
-            uid=int(h["uid"]),
-            gid=int(h["gid"]),
-            mtime=float(h["mtime"]),
-            target=h.get("target"),
-            owner=None if owner is None else str(owner),
-            group=None if group is None else str(group),
+            name=_str(h["name"]),
+            path=_str(h["path"]),
+            type=_str(h["type"]),
+            size=_int(h["size"], 0, _INT64),
+            mode=_int(h["mode"], 0, 0o7777),
+            uid=_int(h["uid"], 0, 0xFFFFFFFF),
+            gid=_int(h["gid"], 0, 0xFFFFFFFF),
+            mtime=_time(h["mtime"]),
+            target=_opt_str(h.get("target")),
+            owner=_opt_str(h.get("owner")),
+            group=_opt_str(h.get("group")),
         )
 
 
@@ -852,8 +895,9 @@ class AgentClient:
                     if stream in ("stdout", "stderr") and frame.payload:
                         yield ExecEvent(stream, frame.payload)
                 elif frame.type == p.EVENT and frame.header.get("event") == "started":
-                    pid = frame.header.get("pid")
-                    yield ExecEvent("started", pid=pid)
+                    started_event = _started(frame.header)
+                    pid = started_event.pid
+                    yield started_event
                 elif frame.type == p.RESULT:
                     yield ExecEvent("exit", result=_result(frame.header))
                     return
@@ -958,31 +1002,41 @@ async def _full_chunks(chunks: AsyncIterable[bytes]) -> AsyncGenerator[bytes, No
 
 @_guest_answer("user")
 def _guest_user(h: dict[str, Any]) -> GuestUser:
-    return GuestUser(name=str(h["name"]), uid=int(h["uid"]), gid=int(h["gid"]), home=str(h["home"]))
+    return GuestUser(
+        name=_str(h["name"]),
+        uid=_int(h["uid"], 0, 0xFFFFFFFF),
+        gid=_int(h["gid"], 0, 0xFFFFFFFF),
+        home=_str(h["home"]),
+    )
 
 
 @_guest_answer("file event")
 def _fs_event(h: dict[str, Any]) -> FsEvent:
     entry = h.get("entry")
     return FsEvent(
-        name=str(h["name"]),
-        type=str(h["type"]),
+        name=_str(h["name"]),
+        type=_str(h["type"]),
         entry=FileInfo.from_header(entry) if isinstance(entry, dict) else None,
     )
 
 
 @_guest_answer("exec result")
 def _result(h: dict[str, Any]) -> ExecResult:
-    code = h.get("exit_code")
+    code = _opt_int(h.get("exit_code"), -_INT32, _INT32)
     return ExecResult(
-        exit_code=int(code) if code is not None else -1,
+        exit_code=code if code is not None else -1,
         stdout=b"",
         stderr=b"",
-        duration=float(h.get("duration") or 0.0),
-        signal=h.get("signal"),
+        duration=_time(h.get("duration") or 0.0),
+        signal=_signal(h.get("signal")),
         timed_out=bool(h.get("timed_out")),
-        pid=h.get("pid"),
+        pid=_pid(h.get("pid")),
     )
+
+
+@_guest_answer("started event")
+def _started(h: dict[str, Any]) -> ExecEvent:
+    return ExecEvent("started", pid=_pid(h.get("pid")))
 
 
 class Processes:
@@ -1041,9 +1095,10 @@ class Processes:
                     if stream in ("stdout", "stderr") and frame.payload:
                         yield ExecEvent(stream, frame.payload)
                 elif frame.type == p.EVENT and frame.header.get("event") == "started":
-                    yield ExecEvent("started", pid=frame.header.get("pid"))
+                    yield _started(frame.header)
                 elif frame.type == p.RESULT:
-                    yield ExecEvent("exit", pid=frame.header.get("pid"), result=_result(frame.header))
+                    result = _result(frame.header)
+                    yield ExecEvent("exit", pid=result.pid, result=result)
                     return
 
     async def user(self, user: int | str | None = None) -> GuestUser:

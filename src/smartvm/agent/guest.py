@@ -192,6 +192,7 @@ class Channel:
         if self.closed:
             return
         self.closed = True
+        self.inbox.put(None)  # a helper still waiting for DATA (an exec's stdin feeder) ends now
         with self.conn.chan_lock:
             if self.conn.channels.get(self.id) is self:
                 del self.conn.channels[self.id]
@@ -203,7 +204,7 @@ class Channel:
         self.conn.send(ftype, self.id, header)
 
     def next_data(self) -> tuple[dict[str, Any], bytes]:
-        """Block for the next DATA frame from the host; raise if the channel was cancelled."""
+        """Block for the next DATA frame from the host; raise if the channel was cancelled or finished."""
         item = self.inbox.get()
         if item is None:
             self.inbox.put(None)
@@ -241,7 +242,9 @@ def _lookup_user(user: Any) -> GuestUser:
                 return GuestUser(0, 0, "root", "/root", [])
             pw = pwd.getpwuid(uid)
             return GuestUser(uid, pw.pw_gid, pw.pw_name, pw.pw_dir, [])
-        if isinstance(user, int) or (isinstance(user, str) and user.isdigit()):
+        if (isinstance(user, int) and not isinstance(user, bool)) or (
+            isinstance(user, str) and user.isascii() and user.isdigit()
+        ):
             uid = int(user)
             try:
                 pw = pwd.getpwuid(uid)
@@ -990,7 +993,7 @@ class Agent:
         if req.get("parents", True):
             parent = os.path.dirname(path)
             if parent:
-                _makedirs(parent, 0o755, owner)
+                _makedirs(parent, 0o755, owner, target=False)
         append = bool(req.get("append"))
         try:
             st: os.stat_result | None = os.stat(path)
@@ -1119,9 +1122,8 @@ class Agent:
             raise AgentError(E_BAD_REQUEST, "mode must be an integer")
         owner = _owner(req)
         if req.get("parents", True):
-            if os.path.isdir(path) and not req.get("exist_ok", True):
+            if not _makedirs(path, mode, owner) and not req.get("exist_ok", True):
                 raise AgentError(E_FILE, f"{path}: already exists (EEXIST)", errno="EEXIST")
-            _makedirs(path, mode, owner)
         else:
             try:
                 os.mkdir(path, mode)
@@ -1275,29 +1277,17 @@ class Agent:
         """
         import stat as _stat
 
-        path = _path(req)
+        path = os.path.normpath(_path(req))
         kind = req.get("kind", "file")
         if kind not in ("file", "dir"):
             raise AgentError(E_BAD_REQUEST, "kind must be 'file' or 'dir'")
-        account = _lookup_user(req.get("user"))
-        owner = (account.uid, account.gid) if req.get("user") is not None else None
-        path = os.path.normpath(path)
-        created = False
+        owner = _owner(req, "user")
+        if kind == "dir":
+            created = _makedirs(path, 0o755, owner)
+        else:
+            created = False
+            _makedirs(os.path.dirname(path) or ".", 0o755, owner, target=False)
         try:
-            missing = []
-            cur = path if kind == "dir" else os.path.dirname(path)
-            while cur and not os.path.isdir(cur):
-                if os.path.lexists(cur) and not os.path.islink(cur):
-                    errno = "EEXIST" if cur == path else "ENOTDIR"  # the target, or one of its parents
-                    raise AgentError(E_FILE, f"{cur}: exists and is not a directory ({errno})", errno=errno)
-                missing.append(cur)
-                cur = os.path.dirname(cur)
-            for directory in reversed(missing):
-                with contextlib.suppress(FileExistsError):  # created meanwhile: fine
-                    os.mkdir(directory, 0o755)
-                    if owner is not None:
-                        os.chown(directory, *owner)
-            created = kind == "dir" and path in missing
             if kind == "file":
                 st = os.stat(path) if os.path.lexists(path) else None
                 if st is not None and _stat.S_ISDIR(st.st_mode):
@@ -1344,37 +1334,43 @@ class Agent:
         ch.result({"path": path, "ended": "cancelled" if ch.cancelled.is_set() else "removed"})
 
 
-def _owner(req: dict[str, Any]) -> tuple[int, int] | None:
-    """(uid, gid) that new files and directories of this request get (``owner``: a name or uid)."""
-    who = req.get("owner")
+def _owner(req: dict[str, Any], field: str = "owner") -> tuple[int, int] | None:
+    """(uid, gid) that new files and directories of this request get (`field`: a user name or uid,
+    looked up like a command's ``user``); None when the request does not say."""
+    who = req.get(field)
     if who is None:
         return None
-    import pwd
-
-    try:
-        pw = pwd.getpwuid(who) if isinstance(who, int) else pwd.getpwnam(str(who))
-    except (KeyError, TypeError):
-        raise AgentError(E_BAD_REQUEST, f"unknown user {who!r} in the guest") from None
-    return pw.pw_uid, pw.pw_gid
+    account = _lookup_user(who)
+    return account.uid, account.gid
 
 
-def _makedirs(path: str, mode: int, owner: tuple[int, int] | None) -> None:
-    """``mkdir -p``; the directories it creates belong to ``owner`` when given."""
+def _makedirs(path: str, mode: int, owner: tuple[int, int] | None, *, target: bool = True) -> bool:
+    """``mkdir -p``; the directories it creates belong to ``owner`` when given. Returns whether `path`
+    itself was created. Something else than a directory in the way is ENOTDIR, or EEXIST when it is
+    `path` and `path` is the request's target (not the parent of a file); nothing is created then."""
     missing: list[str] = []
     cur = os.path.abspath(path)
     while not os.path.isdir(cur) and cur not in missing:
         missing.append(cur)
         cur = os.path.dirname(cur)
+    created = False
     for d in reversed(missing):
         try:
             os.mkdir(d, mode)
-            if owner is not None:
-                os.chown(d, *owner)
         except FileExistsError:
-            if not os.path.isdir(d):
-                raise AgentError(E_FILE, f"{d}: not a directory (ENOTDIR)", errno="ENOTDIR") from None
+            if os.path.isdir(d):  # made meanwhile: fine
+                continue
+            errno = "EEXIST" if target and d == missing[0] else "ENOTDIR"
+            raise AgentError(E_FILE, f"{d}: exists and is not a directory ({errno})", errno=errno) from None
         except OSError as exc:
             raise _os_error(exc, d) from None
+        created = d == missing[0]
+        if owner is not None:
+            try:
+                os.chown(d, *owner)
+            except OSError as exc:
+                raise _os_error(exc, d) from None
+    return created
 
 
 def _split(err: AgentError) -> tuple[str, str]:
