@@ -12,6 +12,7 @@ import io
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -390,3 +391,15 @@ async def test_bad_uploads(rpc: ConnectJSON, tmp_path: Path) -> None:
     assert r.status_code == 400  # a directory
     with contextlib.suppress(FileNotFoundError):
         target.unlink()
+
+
+async def test_download_of_any_file_name(rpc: ConnectJSON, tmp_path: Path) -> None:
+    """A header is Latin-1 on the wire: the name goes out RFC 6266-encoded, never as a 500."""
+    for name in ("文件.txt", "naïve.txt", 'quote"back\\slash.txt'):
+        (tmp_path / name).write_text(name)
+        r = await rpc.http.get("/files", params={"path": str(tmp_path / name)}, headers=rpc.headers)
+        assert r.status_code == 200 and r.text == name, (name, r.status_code)
+        disposition = r.headers["content-disposition"]
+        assert disposition.isascii() and disposition.startswith("attachment; filename=")
+        charset, _, quoted = disposition.split("filename*=", 1)[1].partition("''")
+        assert charset == "utf-8" and urllib.parse.unquote(quoted) == name
