@@ -21,8 +21,9 @@ import pytest
 from agent_harness import AgentServer, agent_fixture, agent_server_fixture, pid_gone  # noqa: F401
 
 from e2b_support import ConnectJSON, sdk_sandbox, serve
-from smartvm.agent import AgentClient
+from smartvm.agent import AgentClient, FsEvent
 from smartvm.service.e2b import EnvdApp, EnvdBinding, EnvdMiddleware
+from smartvm.service.e2b.filesystem import WATCHER_BUFFER_BYTES
 
 SID, TOKEN = "sb-0000e2b0", "token-of-sb-0000e2b0"
 OTHER, OTHER_TOKEN = "sb-0000e2b1", "token-of-sb-0000e2b1"
@@ -314,6 +315,39 @@ async def test_watcher_calls(envd: tuple[str, AgentClient], rpc: ConnectJSON, tm
     assert gone.json()["code"] == "not_found"
     missing = await rpc.unary("filesystem.Filesystem/CreateWatcher", {"path": str(tmp_path / "none")})
     assert missing.json()["code"] == "not_found"
+
+
+class _FloodingGuest:
+    """A hostile guest: its watch sends as many events as it likes, each with a name as long as an
+    agent frame allows. `flooded` is set once all are sent."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.flooded = count, asyncio.Event()
+        self.files, self.processes = self, self
+
+    async def watch(self, path: str, **options: Any) -> AsyncIterator[FsEvent]:
+        yield FsEvent("", "start")
+        for i in range(self.count):
+            yield FsEvent(f"{i:04}-" + "x" * 200_000, "create")
+        self.flooded.set()
+        await asyncio.Event().wait()  # the watch stays open
+
+
+async def test_a_watcher_buffers_a_bounded_number_of_bytes() -> None:
+    guest = _FloodingGuest(100)  # 20 MB of names, far fewer events than the count limit
+    async with serve(EnvdApp({SID: EnvdBinding(TOKEN, guest)}.get)) as url:  # type: ignore[arg-type]
+        rpc = ConnectJSON(url, SID, TOKEN)
+        try:
+            created = await rpc.unary("filesystem.Filesystem/CreateWatcher", {"path": "/flooded"})
+            watcher = created.json()["watcherId"]
+            async with asyncio.timeout(60):
+                await guest.flooded.wait()
+            got = await rpc.unary("filesystem.Filesystem/GetWatcherEvents", {"watcherId": watcher})
+            names = [e["name"] for e in got.json()["events"]]
+            assert 0 < len(names) < 100 and sum(map(len, names)) <= WATCHER_BUFFER_BYTES
+            assert names[-1].startswith("0099-")  # the newest are kept
+        finally:
+            await rpc.aclose()
 
 
 # --------------------------------------------------------------------------- /files streams both ways

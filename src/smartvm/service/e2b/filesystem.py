@@ -39,8 +39,10 @@ _EVENTS = {
     "chmod": pb.EventType.CHMOD,
 }
 _TYPE_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
-#: events a non-streaming watcher keeps until they are fetched (older ones are dropped past this)
+#: what a non-streaming watcher keeps until it is fetched: at most this many events, and this many
+#: bytes of them (the guest chooses the length of names); the oldest are dropped past either
 WATCHER_BUFFER = 8192
+WATCHER_BUFFER_BYTES = 4 << 20
 #: non-streaming watchers per sandbox
 MAX_WATCHERS = 256
 
@@ -92,8 +94,22 @@ async def _path(ctx: RequestContext[Any, Any], path: str) -> tuple[str, str | No
 class _Watcher:
     sandbox: str  # the sandbox it watches: watcher ids are only valid for their own sandbox
     task: asyncio.Task[None] | None = None
-    events: deque[pb.FilesystemEvent] = field(default_factory=lambda: deque(maxlen=WATCHER_BUFFER))
+    events: deque[tuple[pb.FilesystemEvent, int]] = field(default_factory=deque)  # with their sizes
+    size: int = 0  # bytes in `events`
     error: ConnectError | None = None
+
+    def add(self, event: pb.FilesystemEvent) -> None:
+        size = len(event.to_binary())
+        self.events.append((event, size))
+        self.size += size
+        while len(self.events) > WATCHER_BUFFER or self.size > WATCHER_BUFFER_BYTES:
+            self.size -= self.events.popleft()[1]
+
+    def take(self) -> list[pb.FilesystemEvent]:
+        events = [event for event, _ in self.events]
+        self.events.clear()
+        self.size = 0
+        return events
 
 
 class FilesystemService(Filesystem):
@@ -203,7 +219,7 @@ class FilesystemService(Filesystem):
                     if ev.type == "start" and not started.done():
                         started.set_result(None)
                     elif (event := fs_event(ev)) is not None:
-                        watcher.events.append(event)
+                        watcher.add(event)
                 watcher.error = ConnectError(Code.NOT_FOUND, f"{path} was removed; the watcher ended")
             except SmartVMError as exc:
                 watcher.error = to_connect(exc)
@@ -232,8 +248,7 @@ class FilesystemService(Filesystem):
         self, request: pb.GetWatcherEventsRequest, ctx: RequestContext[Any, Any], /
     ) -> pb.GetWatcherEventsResponse:
         watcher = self._watcher(request.watcher_id)
-        events = list(watcher.events)
-        watcher.events.clear()
+        events = watcher.take()
         if not events and watcher.error is not None:
             self._watchers.pop(request.watcher_id, None)
             raise watcher.error
