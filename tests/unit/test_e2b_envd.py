@@ -317,6 +317,37 @@ async def test_watcher_calls(envd: tuple[str, AgentClient], rpc: ConnectJSON, tm
     assert missing.json()["code"] == "not_found"
 
 
+async def test_ended_watchers_of_sandboxes_gone_are_dropped(agent: AgentClient, tmp_path: Path) -> None:
+    """What the REST face's prune does for sandboxes that ended behind its back: their ended watchers
+    go; a watch still running (perhaps of a sandbox newer than the list) and live sandboxes' stay."""
+    app = EnvdApp({SID: EnvdBinding(TOKEN, agent), OTHER: EnvdBinding(OTHER_TOKEN, agent)}.get)
+    (tmp_path / "ends").mkdir()
+    async with serve(app) as url:
+        rpc, other = ConnectJSON(url, SID, TOKEN), ConnectJSON(url, OTHER, OTHER_TOKEN)
+
+        async def create(client: ConnectJSON, path: Path) -> str:
+            created = await client.unary("filesystem.Filesystem/CreateWatcher", {"path": str(path)})
+            return str(created.json()["watcherId"])
+
+        async def events(client: ConnectJSON, watcher: str) -> Any:
+            return await client.unary("filesystem.Filesystem/GetWatcherEvents", {"watcherId": watcher})
+
+        try:
+            ending, running = await create(rpc, tmp_path / "ends"), await create(rpc, tmp_path)
+            kept = await create(other, tmp_path / "ends")
+            (tmp_path / "ends").rmdir()  # both watches of it end
+            tasks = [app.filesystem._watchers[w].task for w in (ending, kept)]
+            done, _ = await asyncio.wait([t for t in tasks if t is not None], timeout=30)
+            assert len(done) == 2
+            app.filesystem.drop_ended(alive={OTHER})
+            assert (await events(rpc, ending)).json()["message"] == f"watcher {ending!r} not found"
+            assert (await events(rpc, running)).status_code == 200
+            assert (await events(other, kept)).json().get("message") != f"watcher {kept!r} not found"
+        finally:
+            await rpc.aclose()
+            await other.aclose()
+
+
 class _FloodingGuest:
     """A hostile guest: its watch sends as many events as it likes, each with a name as long as an
     agent frame allows. `flooded` is set once all are sent."""

@@ -12,7 +12,7 @@ import contextlib
 import stat
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -267,6 +267,14 @@ class FilesystemService(Filesystem):
         watchers, self._watchers = list(self._watchers.values()), {}
         for watcher in watchers:
             await _stop(watcher)
+
+    def drop_ended(self, alive: Collection[str]) -> None:
+        """Forget the ended watchers of sandboxes not in `alive` (gone without the face seeing it:
+        killed over /v1, timed out); a watch still running may be of a sandbox started since `alive`
+        was listed, so it stays."""
+        for watcher_id, watcher in list(self._watchers.items()):
+            if watcher.sandbox not in alive and watcher.task is not None and watcher.task.done():
+                del self._watchers[watcher_id]
 
     async def forget(self, sandbox_id: str) -> None:
         """Stop the watchers of one sandbox (it is gone)."""
