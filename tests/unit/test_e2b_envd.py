@@ -158,6 +158,19 @@ async def test_unsupported_pty_and_errors(rpc: ConnectJSON) -> None:
     assert no_proc.json()["code"] == "not_found"
 
 
+async def test_smartvm_errors_before_any_stream_message_keep_their_code(rpc: ConnectJSON) -> None:
+    """Handlers raise smartvm errors; unary calls and streams alike answer their Connect code."""
+    empty = await rpc.unary("filesystem.Filesystem/Stat", {"path": ""})
+    assert empty.json()["code"] == "invalid_argument" and "path is empty" in empty.json()["message"]
+    bad_user = {"Authorization": "Basic not-base64!"}
+    refused = await rpc.unary("filesystem.Filesystem/Stat", {"path": "/tmp"}, **bad_user)
+    assert refused.json()["code"] == "invalid_argument"
+    frames = [f async for f in rpc.stream("process.Process/Start", {"process": {"cmd": "true"}}, **bad_user)]
+    assert [(flags, msg["error"]["code"]) for flags, msg in frames] == [(2, "invalid_argument")]
+    frames = [f async for f in rpc.stream("filesystem.Filesystem/WatchDir", {"path": "/no/such/dir"})]
+    assert [(flags, msg["error"]["code"]) for flags, msg in frames] == [(2, "not_found")]
+
+
 # ------------------------------------------------------------------------------------- the SDK
 async def test_sdk_commands(envd: tuple[str, AgentClient], tmp_path: Path) -> None:
     from e2b import CommandExitException

@@ -84,10 +84,7 @@ def fs_event(event: FsEvent) -> pb.FilesystemEvent | None:
 async def _path(ctx: RequestContext[Any, Any], path: str) -> tuple[str, str | None]:
     """The absolute path a request means, and the user it acts as."""
     user = user_of(ctx)
-    try:
-        return await b.absolute(user, path), user
-    except SmartVMError as exc:
-        raise to_connect(exc) from None
+    return await b.absolute(user, path), user
 
 
 @dataclass
@@ -113,27 +110,22 @@ class _Watcher:
 
 
 class FilesystemService(Filesystem):
-    """Handlers of ``filesystem.Filesystem``; the sandbox comes from the request (binding.current())."""
+    """Handlers of ``filesystem.Filesystem``; the sandbox comes from the request (binding.current()),
+    and smartvm errors become Connect errors in the app's interceptor."""
 
     def __init__(self) -> None:
         self._watchers: dict[str, _Watcher] = {}
 
     async def stat(self, request: pb.StatRequest, ctx: RequestContext[Any, Any], /) -> pb.StatResponse:
         path, _ = await _path(ctx, request.path)
-        try:
-            entry, _ = await b.current().target.files.entries(path)
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
+        entry, _ = await b.current().target.files.entries(path)
         return pb.StatResponse(entry=entry_info(entry))
 
     async def list_dir(
         self, request: pb.ListDirRequest, ctx: RequestContext[Any, Any], /
     ) -> pb.ListDirResponse:
         path, _ = await _path(ctx, request.path)
-        try:
-            _, entries = await b.current().target.files.entries(path, depth=request.depth or 1)
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
+        _, entries = await b.current().target.files.entries(path, depth=request.depth or 1)
         return pb.ListDirResponse(entries=[entry_info(e) for e in entries])
 
     async def make_dir(
@@ -145,9 +137,7 @@ class FilesystemService(Filesystem):
         except AgentOpError as exc:
             if exc.errno == "EEXIST":
                 raise ConnectError(Code.INVALID_ARGUMENT, f"{path} exists and is not a directory") from None
-            raise to_connect(exc) from None
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
+            raise
         if not created:
             raise ConnectError(Code.ALREADY_EXISTS, f"directory {path} already exists")
         return pb.MakeDirResponse(entry=entry_info(info))
@@ -156,19 +146,14 @@ class FilesystemService(Filesystem):
         source, _ = await _path(ctx, request.source)
         destination, _ = await _path(ctx, request.destination)
         files = b.current().target.files
-        try:
-            await files.rename(source, destination)
-            entry, _ = await files.entries(destination)
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
+        await files.rename(source, destination)
+        entry, _ = await files.entries(destination)
         return pb.MoveResponse(entry=entry_info(entry))
 
     async def remove(self, request: pb.RemoveRequest, ctx: RequestContext[Any, Any], /) -> pb.RemoveResponse:
         path, _ = await _path(ctx, request.path)
-        try:  # envd removes like os.RemoveAll: whole trees, and nothing there is fine
-            await b.current().target.files.remove(path, recursive=True, missing_ok=True)
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
+        # envd removes like os.RemoveAll: whole trees, and nothing there is fine
+        await b.current().target.files.remove(path, recursive=True, missing_ok=True)
         return pb.RemoveResponse()
 
     async def watch_dir(
