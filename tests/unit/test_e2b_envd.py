@@ -12,6 +12,7 @@ import io
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ import pytest
 from agent_harness import AgentServer, agent_fixture, agent_server_fixture, pid_gone  # noqa: F401
 
 from e2b_support import ConnectJSON, sdk_sandbox, serve
-from smartvm.agent import AgentClient
+from smartvm.agent import AgentClient, FsEvent
 from smartvm.service.e2b import EnvdApp, EnvdBinding, EnvdMiddleware
+from smartvm.service.e2b.filesystem import WATCHER_BUFFER_BYTES
 
 SID, TOKEN = "sb-0000e2b0", "token-of-sb-0000e2b0"
 OTHER, OTHER_TOKEN = "sb-0000e2b1", "token-of-sb-0000e2b1"
@@ -154,6 +156,19 @@ async def test_unsupported_pty_and_errors(rpc: ConnectJSON) -> None:
         "process.Process/SendSignal", {"process": {"pid": 999999}, "signal": "SIGNAL_SIGKILL"}
     )
     assert no_proc.json()["code"] == "not_found"
+
+
+async def test_smartvm_errors_before_any_stream_message_keep_their_code(rpc: ConnectJSON) -> None:
+    """Handlers raise smartvm errors; unary calls and streams alike answer their Connect code."""
+    empty = await rpc.unary("filesystem.Filesystem/Stat", {"path": ""})
+    assert empty.json()["code"] == "invalid_argument" and "path is empty" in empty.json()["message"]
+    bad_user = {"Authorization": "Basic not-base64!"}
+    refused = await rpc.unary("filesystem.Filesystem/Stat", {"path": "/tmp"}, **bad_user)
+    assert refused.json()["code"] == "invalid_argument"
+    frames = [f async for f in rpc.stream("process.Process/Start", {"process": {"cmd": "true"}}, **bad_user)]
+    assert [(flags, msg["error"]["code"]) for flags, msg in frames] == [(2, "invalid_argument")]
+    frames = [f async for f in rpc.stream("filesystem.Filesystem/WatchDir", {"path": "/no/such/dir"})]
+    assert [(flags, msg["error"]["code"]) for flags, msg in frames] == [(2, "not_found")]
 
 
 # ------------------------------------------------------------------------------------- the SDK
@@ -315,6 +330,70 @@ async def test_watcher_calls(envd: tuple[str, AgentClient], rpc: ConnectJSON, tm
     assert missing.json()["code"] == "not_found"
 
 
+async def test_ended_watchers_of_sandboxes_gone_are_dropped(agent: AgentClient, tmp_path: Path) -> None:
+    """What the REST face's prune does for sandboxes that ended behind its back: their ended watchers
+    go; a watch still running (perhaps of a sandbox newer than the list) and live sandboxes' stay."""
+    app = EnvdApp({SID: EnvdBinding(TOKEN, agent), OTHER: EnvdBinding(OTHER_TOKEN, agent)}.get)
+    (tmp_path / "ends").mkdir()
+    async with serve(app) as url:
+        rpc, other = ConnectJSON(url, SID, TOKEN), ConnectJSON(url, OTHER, OTHER_TOKEN)
+
+        async def create(client: ConnectJSON, path: Path) -> str:
+            created = await client.unary("filesystem.Filesystem/CreateWatcher", {"path": str(path)})
+            return str(created.json()["watcherId"])
+
+        async def events(client: ConnectJSON, watcher: str) -> Any:
+            return await client.unary("filesystem.Filesystem/GetWatcherEvents", {"watcherId": watcher})
+
+        try:
+            ending, running = await create(rpc, tmp_path / "ends"), await create(rpc, tmp_path)
+            kept = await create(other, tmp_path / "ends")
+            (tmp_path / "ends").rmdir()  # both watches of it end
+            tasks = [app.filesystem._watchers[w].task for w in (ending, kept)]
+            done, _ = await asyncio.wait([t for t in tasks if t is not None], timeout=30)
+            assert len(done) == 2
+            app.filesystem.drop_ended(alive={OTHER})
+            assert (await events(rpc, ending)).json()["message"] == f"watcher {ending!r} not found"
+            assert (await events(rpc, running)).status_code == 200
+            assert (await events(other, kept)).json().get("message") != f"watcher {kept!r} not found"
+        finally:
+            await rpc.aclose()
+            await other.aclose()
+
+
+class _FloodingGuest:
+    """A hostile guest: its watch sends as many events as it likes, each with a name as long as an
+    agent frame allows. `flooded` is set once all are sent."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.flooded = count, asyncio.Event()
+        self.files, self.processes = self, self
+
+    async def watch(self, path: str, **options: Any) -> AsyncIterator[FsEvent]:
+        yield FsEvent("", "start")
+        for i in range(self.count):
+            yield FsEvent(f"{i:04}-" + "x" * 200_000, "create")
+        self.flooded.set()
+        await asyncio.Event().wait()  # the watch stays open
+
+
+async def test_a_watcher_buffers_a_bounded_number_of_bytes() -> None:
+    guest = _FloodingGuest(100)  # 20 MB of names, far fewer events than the count limit
+    async with serve(EnvdApp({SID: EnvdBinding(TOKEN, guest)}.get)) as url:  # type: ignore[arg-type]
+        rpc = ConnectJSON(url, SID, TOKEN)
+        try:
+            created = await rpc.unary("filesystem.Filesystem/CreateWatcher", {"path": "/flooded"})
+            watcher = created.json()["watcherId"]
+            async with asyncio.timeout(60):
+                await guest.flooded.wait()
+            got = await rpc.unary("filesystem.Filesystem/GetWatcherEvents", {"watcherId": watcher})
+            names = [e["name"] for e in got.json()["events"]]
+            assert 0 < len(names) < 100 and sum(map(len, names)) <= WATCHER_BUFFER_BYTES
+            assert names[-1].startswith("0099-")  # the newest are kept
+        finally:
+            await rpc.aclose()
+
+
 # --------------------------------------------------------------------------- /files streams both ways
 def _wait_for_part_file(directory: Path) -> None:
     while not any(p.name.endswith(".smartvm-part") and p.stat().st_size > 0 for p in directory.iterdir()):
@@ -390,3 +469,15 @@ async def test_bad_uploads(rpc: ConnectJSON, tmp_path: Path) -> None:
     assert r.status_code == 400  # a directory
     with contextlib.suppress(FileNotFoundError):
         target.unlink()
+
+
+async def test_download_of_any_file_name(rpc: ConnectJSON, tmp_path: Path) -> None:
+    """A header is Latin-1 on the wire: the name goes out RFC 6266-encoded, never as a 500."""
+    for name in ("文件.txt", "naïve.txt", 'quote"back\\slash.txt'):
+        (tmp_path / name).write_text(name)
+        r = await rpc.http.get("/files", params={"path": str(tmp_path / name)}, headers=rpc.headers)
+        assert r.status_code == 200 and r.text == name, (name, r.status_code)
+        disposition = r.headers["content-disposition"]
+        assert disposition.isascii() and disposition.startswith("attachment; filename=")
+        charset, _, quoted = disposition.split("filename*=", 1)[1].partition("''")
+        assert charset == "utf-8" and urllib.parse.unquote(quoted) == name

@@ -12,6 +12,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -294,3 +295,22 @@ async def test_the_sdk_reads_our_errors_as_its_exceptions(e2b_url: str) -> None:
     assert await AsyncSandbox.kill("sb-0000000e") is True  # a failed sandbox is killed once
     assert await AsyncSandbox.kill("sb-0000000e") is False
     assert await AsyncSandbox.delete_snapshot("nope") is False
+
+
+async def test_prune_drops_what_the_faces_hold_for_sandboxes_gone(data_dir: Path, tmp_path: Path) -> None:
+    """Sandboxes that ended behind the face's back (sb-0000000f, stopped) lose their token and their
+    CPU sample; a live one (sb-0000000e: failed, still to be killed) keeps both."""
+    app = _app(data_dir, tmp_path)
+    async with serve(app):
+        face = app.face
+        for sid in ("sb-0000000e", "sb-0000000f"):
+            face.tokens.issue(sid)
+            assert (
+                face.cpu_percent(sid, SimpleNamespace(timestamp=100.0, cpu_seconds=10.0, cpu_count=1), 0.0)
+                == 10
+            )
+        await face.prune()
+        assert face.tokens.get("sb-0000000e") is not None and face.tokens.get("sb-0000000f") is None
+        later = SimpleNamespace(timestamp=110.0, cpu_seconds=20.0, cpu_count=1)
+        assert face.cpu_percent("sb-0000000e", later, 0.0) == 100  # since the kept sample
+        assert face.cpu_percent("sb-0000000f", later, 0.0) == round(100 * 20 / 110, 2)  # since start

@@ -9,7 +9,7 @@ sandbox (``E2b-Sandbox-Id`` or a ``<port>-<id>.`` Host) go to envd, all others t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from connectrpc.code import Code
@@ -22,7 +22,13 @@ from starlette.routing import Route, Router
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.service.e2b import binding as b
 from smartvm.service.e2b import files_http
-from smartvm.service.e2b.errors import connect_error_response, http_error, http_error_for, not_found_message
+from smartvm.service.e2b.errors import (
+    connect_error_response,
+    http_error,
+    http_error_for,
+    not_found_message,
+    to_connect,
+)
 from smartvm.service.e2b.filesystem import FilesystemService
 from smartvm.service.e2b.gen.filesystem.filesystem_connect import FilesystemASGIApplication
 from smartvm.service.e2b.gen.process.process_connect import ProcessASGIApplication
@@ -38,6 +44,41 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: default user (0.4.0), stdin control and CloseStdin (0.5.2), octet-stream and gzip uploads (0.5.7)
 ENVD_VERSION = "0.5.7"
 _RPC_PREFIXES = ("/process.Process/", "/filesystem.Filesystem/")
+
+
+class ErrorInterceptor:
+    """smartvm errors of every handler as Connect errors (:func:`errors.to_connect`), in one place."""
+
+    async def intercept_unary(
+        self, call_next: Callable[[Any, RequestContext[Any, Any]], Awaitable[Any]], request: Any, ctx: Any, /
+    ) -> Any:
+        try:
+            return await call_next(request, ctx)
+        except SmartVMError as exc:
+            raise to_connect(exc) from None
+
+    async def intercept_client_stream(
+        self, call_next: Callable[[Any, RequestContext[Any, Any]], Awaitable[Any]], request: Any, ctx: Any, /
+    ) -> Any:
+        return await self.intercept_unary(call_next, request, ctx)
+
+    async def intercept_server_stream(
+        self,
+        call_next: Callable[[Any, RequestContext[Any, Any]], AsyncIterator[Any]],
+        request: Any,
+        ctx: Any,
+        /,
+    ) -> AsyncIterator[Any]:
+        stream = call_next(request, ctx)
+        try:
+            async for item in stream:
+                yield item
+        except SmartVMError as exc:
+            raise to_connect(exc) from None
+        finally:  # the handler's finally blocks run now (as connectrpc does for this wrapper), not at GC
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 class DeadlineInterceptor:
@@ -70,7 +111,7 @@ class EnvdApp:
 
     def __init__(self, resolver: b.Resolver) -> None:
         self._resolver = resolver
-        interceptors = (DeadlineInterceptor(),)
+        interceptors = (DeadlineInterceptor(), ErrorInterceptor())
         self.homes = b.UserHomes()
         self.filesystem = FilesystemService()
         self._process = ProcessASGIApplication(ProcessService(), interceptors=interceptors)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import posixpath
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -55,9 +56,15 @@ async def download(request: Request) -> Response:
                 async for chunk in chunks:
                     yield chunk
 
-    name = posixpath.basename(path).replace('"', "")
-    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    headers = {"Content-Disposition": _attachment(posixpath.basename(path))}
     return StreamingResponse(body(), media_type="application/octet-stream", headers=headers)
+
+
+def _attachment(name: str) -> str:
+    """A Content-Disposition for any file name (RFC 6266): an ASCII ``filename`` for old clients and
+    the exact name, percent-encoded, in ``filename*`` (a header is Latin-1 bytes on the wire)."""
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    return f'attachment; filename="{plain}"; filename*={email.utils.encode_rfc2231(name, "utf-8")}'
 
 
 async def upload(request: Request) -> Response:

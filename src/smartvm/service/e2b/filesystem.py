@@ -12,7 +12,7 @@ import contextlib
 import stat
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,8 +39,10 @@ _EVENTS = {
     "chmod": pb.EventType.CHMOD,
 }
 _TYPE_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
-#: events a non-streaming watcher keeps until they are fetched (older ones are dropped past this)
+#: what a non-streaming watcher keeps until it is fetched: at most this many events, and this many
+#: bytes of them (the guest chooses the length of names); the oldest are dropped past either
 WATCHER_BUFFER = 8192
+WATCHER_BUFFER_BYTES = 4 << 20
 #: non-streaming watchers per sandbox
 MAX_WATCHERS = 256
 
@@ -82,42 +84,48 @@ def fs_event(event: FsEvent) -> pb.FilesystemEvent | None:
 async def _path(ctx: RequestContext[Any, Any], path: str) -> tuple[str, str | None]:
     """The absolute path a request means, and the user it acts as."""
     user = user_of(ctx)
-    try:
-        return await b.absolute(user, path), user
-    except SmartVMError as exc:
-        raise to_connect(exc) from None
+    return await b.absolute(user, path), user
 
 
 @dataclass
 class _Watcher:
     sandbox: str  # the sandbox it watches: watcher ids are only valid for their own sandbox
     task: asyncio.Task[None] | None = None
-    events: deque[pb.FilesystemEvent] = field(default_factory=lambda: deque(maxlen=WATCHER_BUFFER))
+    events: deque[tuple[pb.FilesystemEvent, int]] = field(default_factory=deque)  # with their sizes
+    size: int = 0  # bytes in `events`
     error: ConnectError | None = None
+
+    def add(self, event: pb.FilesystemEvent) -> None:
+        size = len(event.to_binary())
+        self.events.append((event, size))
+        self.size += size
+        while len(self.events) > WATCHER_BUFFER or self.size > WATCHER_BUFFER_BYTES:
+            self.size -= self.events.popleft()[1]
+
+    def take(self) -> list[pb.FilesystemEvent]:
+        events = [event for event, _ in self.events]
+        self.events.clear()
+        self.size = 0
+        return events
 
 
 class FilesystemService(Filesystem):
-    """Handlers of ``filesystem.Filesystem``; the sandbox comes from the request (binding.current())."""
+    """Handlers of ``filesystem.Filesystem``; the sandbox comes from the request (binding.current()),
+    and smartvm errors become Connect errors in the app's interceptor."""
 
     def __init__(self) -> None:
         self._watchers: dict[str, _Watcher] = {}
 
     async def stat(self, request: pb.StatRequest, ctx: RequestContext[Any, Any], /) -> pb.StatResponse:
         path, _ = await _path(ctx, request.path)
-        try:
-            entry, _ = await b.current().target.files.entries(path)
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
+        entry, _ = await b.current().target.files.entries(path)
         return pb.StatResponse(entry=entry_info(entry))
 
     async def list_dir(
         self, request: pb.ListDirRequest, ctx: RequestContext[Any, Any], /
     ) -> pb.ListDirResponse:
         path, _ = await _path(ctx, request.path)
-        try:
-            _, entries = await b.current().target.files.entries(path, depth=request.depth or 1)
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
+        _, entries = await b.current().target.files.entries(path, depth=request.depth or 1)
         return pb.ListDirResponse(entries=[entry_info(e) for e in entries])
 
     async def make_dir(
@@ -129,9 +137,7 @@ class FilesystemService(Filesystem):
         except AgentOpError as exc:
             if exc.errno == "EEXIST":
                 raise ConnectError(Code.INVALID_ARGUMENT, f"{path} exists and is not a directory") from None
-            raise to_connect(exc) from None
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
+            raise
         if not created:
             raise ConnectError(Code.ALREADY_EXISTS, f"directory {path} already exists")
         return pb.MakeDirResponse(entry=entry_info(info))
@@ -140,19 +146,14 @@ class FilesystemService(Filesystem):
         source, _ = await _path(ctx, request.source)
         destination, _ = await _path(ctx, request.destination)
         files = b.current().target.files
-        try:
-            await files.rename(source, destination)
-            entry, _ = await files.entries(destination)
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
+        await files.rename(source, destination)
+        entry, _ = await files.entries(destination)
         return pb.MoveResponse(entry=entry_info(entry))
 
     async def remove(self, request: pb.RemoveRequest, ctx: RequestContext[Any, Any], /) -> pb.RemoveResponse:
         path, _ = await _path(ctx, request.path)
-        try:  # envd removes like os.RemoveAll: whole trees, and nothing there is fine
-            await b.current().target.files.remove(path, recursive=True, missing_ok=True)
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
+        # envd removes like os.RemoveAll: whole trees, and nothing there is fine
+        await b.current().target.files.remove(path, recursive=True, missing_ok=True)
         return pb.RemoveResponse()
 
     async def watch_dir(
@@ -203,7 +204,7 @@ class FilesystemService(Filesystem):
                     if ev.type == "start" and not started.done():
                         started.set_result(None)
                     elif (event := fs_event(ev)) is not None:
-                        watcher.events.append(event)
+                        watcher.add(event)
                 watcher.error = ConnectError(Code.NOT_FOUND, f"{path} was removed; the watcher ended")
             except SmartVMError as exc:
                 watcher.error = to_connect(exc)
@@ -232,8 +233,7 @@ class FilesystemService(Filesystem):
         self, request: pb.GetWatcherEventsRequest, ctx: RequestContext[Any, Any], /
     ) -> pb.GetWatcherEventsResponse:
         watcher = self._watcher(request.watcher_id)
-        events = list(watcher.events)
-        watcher.events.clear()
+        events = watcher.take()
         if not events and watcher.error is not None:
             self._watchers.pop(request.watcher_id, None)
             raise watcher.error
@@ -252,6 +252,14 @@ class FilesystemService(Filesystem):
         watchers, self._watchers = list(self._watchers.values()), {}
         for watcher in watchers:
             await _stop(watcher)
+
+    def drop_ended(self, alive: Collection[str]) -> None:
+        """Forget the ended watchers of sandboxes not in `alive` (gone without the face seeing it:
+        killed over /v1, timed out); a watch still running may be of a sandbox started since `alive`
+        was listed, so it stays."""
+        for watcher_id, watcher in list(self._watchers.items()):
+            if watcher.sandbox not in alive and watcher.task is not None and watcher.task.done():
+                del self._watchers[watcher_id]
 
     async def forget(self, sandbox_id: str) -> None:
         """Stop the watchers of one sandbox (it is gone)."""

@@ -18,9 +18,7 @@ from connectrpc.request import RequestContext
 from protobuf import Oneof
 
 from smartvm.agent import ExecEvent, ExecResult, ProcessInfo
-from smartvm.errors import SmartVMError
 from smartvm.service.e2b import binding as b
-from smartvm.service.e2b.errors import to_connect
 from smartvm.service.e2b.gen.process import process_pb as pb
 from smartvm.service.e2b.gen.process.process_connect import Process
 from smartvm.service.e2b.streams import deadline_of, keepalive_interval, timeout_s, user_of, with_keepalive
@@ -99,7 +97,8 @@ def _info(proc: ProcessInfo) -> pb.ProcessInfo:
 
 
 class ProcessService(Process):
-    """Handlers of ``process.Process``; the sandbox comes from the request (binding.current())."""
+    """Handlers of ``process.Process``; the sandbox comes from the request (binding.current()), and
+    smartvm errors become Connect errors in the app's interceptor."""
 
     async def _running(self, selector: pb.ProcessSelector | None) -> ProcessInfo:
         """The running process a selector names (by pid or by tag); NOT_FOUND when there is none."""
@@ -118,20 +117,13 @@ class ProcessService(Process):
                 return p.pid == pid
             return isinstance(p.meta, dict) and p.meta.get("tag") == tag
 
-        try:
-            procs = await b.current().target.processes.list()
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
-        for proc in procs:
+        for proc in await b.current().target.processes.list():
             if proc.running and want(proc):
                 return proc
         raise ConnectError(Code.NOT_FOUND, f"process with {what} not found (it may have exited)")
 
     async def list(self, request: pb.ListRequest, ctx: RequestContext[Any, Any], /) -> pb.ListResponse:
-        try:
-            procs = await b.current().target.processes.list()
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
+        procs = await b.current().target.processes.list()
         return pb.ListResponse(processes=[_info(p) for p in procs if p.running])
 
     async def start(
@@ -202,10 +194,7 @@ class ProcessService(Process):
                 Code.FAILED_PRECONDITION,
                 f"process {proc.pid} has no open stdin; start it with stdin=True and do not close it",
             )
-        try:
-            await b.current().target.processes.send_stdin(proc.pid, raw)
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
+        await b.current().target.processes.send_stdin(proc.pid, raw)
 
     async def send_input(
         self, request: pb.SendInputRequest, ctx: RequestContext[Any, Any], /
@@ -234,18 +223,12 @@ class ProcessService(Process):
         if request.signal not in (pb.Signal.SIGKILL, pb.Signal.SIGTERM):
             raise ConnectError(Code.INVALID_ARGUMENT, "signal must be SIGNAL_SIGKILL or SIGNAL_SIGTERM")
         proc = await self._running(request.process)
-        try:
-            await b.current().target.processes.signal(proc.pid, int(request.signal))
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
+        await b.current().target.processes.signal(proc.pid, int(request.signal))
         return pb.SendSignalResponse()
 
     async def close_stdin(
         self, request: pb.CloseStdinRequest, ctx: RequestContext[Any, Any], /
     ) -> pb.CloseStdinResponse:
         proc = await self._running(request.process)
-        try:
-            await b.current().target.processes.close_stdin(proc.pid)
-        except SmartVMError as exc:
-            raise to_connect(exc) from None
+        await b.current().target.processes.close_stdin(proc.pid)
         return pb.CloseStdinResponse()

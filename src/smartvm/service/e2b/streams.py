@@ -17,9 +17,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
-from smartvm.errors import SmartVMError
 from smartvm.service.e2b import binding as b
-from smartvm.service.e2b.errors import to_connect
 
 T = TypeVar("T")
 
@@ -48,10 +46,7 @@ def timeout_s(ctx: RequestContext[Any, Any]) -> float | None:
 
 
 def user_of(ctx: RequestContext[Any, Any]) -> str | None:
-    try:
-        return b.request_user(ctx.request_headers, b.current())
-    except SmartVMError as exc:
-        raise to_connect(exc) from None
+    return b.request_user(ctx.request_headers, b.current())
 
 
 async def with_keepalive(
@@ -60,7 +55,7 @@ async def with_keepalive(
     """Items of `source`, with None after every `interval` seconds without one; DEADLINE_EXCEEDED at
     `deadline`, CANCELED as soon as the client goes away (even while nothing is sent). `source` runs
     in its own task (a timed-out wait must not cancel it mid-step) and is closed when this generator
-    ends, however it ends; smartvm errors become Connect errors."""
+    ends, however it ends."""
     queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue(maxsize=16)
     gone = b.current_request().gone
 
@@ -97,8 +92,6 @@ async def with_keepalive(
                     yield None
                 continue
             if not more:
-                if isinstance(item, SmartVMError):
-                    raise to_connect(item)
                 if isinstance(item, BaseException):
                     raise item
                 return

@@ -65,16 +65,20 @@ class E2BFace:
         if known is not None:
             return known
         if time.monotonic() >= self._next_prune:
-            await self.prune_tokens()
+            await self.prune()
         return await asyncio.to_thread(self.tokens.issue, sandbox_id, replace=new)
 
-    async def prune_tokens(self) -> int:
-        """Drop the tokens of sandboxes that ended without this face seeing it (timed out, killed over
-        /v1); done with the first token issued after a start and then every PRUNE_INTERVAL_S."""
+    async def prune(self) -> None:
+        """Drop what the faces hold for sandboxes that ended without this face seeing it (timed out,
+        killed over /v1): tokens, ended watchers, CPU samples; done with the first token issued
+        after a start and then every PRUNE_INTERVAL_S."""
         self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
         listed_at = time.time()
         alive = {s.id for s in await self.ctx.backend.list(states=[s for s in S if s is not S.STOPPED])}
-        return await asyncio.to_thread(self.tokens.keep_only, alive, listed_at)
+        self._cpu_seen = {sid: seen for sid, seen in self._cpu_seen.items() if sid in alive}
+        if self.envd is not None:
+            self.envd.filesystem.drop_ended(alive)
+        await asyncio.to_thread(self.tokens.keep_only, alive, listed_at)
 
     async def forget(self, sandbox_id: str, *, gone: bool) -> None:
         """Drop what the faces hold for a sandbox that stopped running (and its token if ``gone``)."""
