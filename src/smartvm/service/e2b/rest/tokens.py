@@ -10,7 +10,6 @@ Lookups are served from memory (every envd request makes one); writes go to disk
 
 from __future__ import annotations
 
-import os
 import secrets
 import sqlite3
 import threading
@@ -19,7 +18,8 @@ from collections.abc import Collection
 from pathlib import Path
 
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.host.private_dirs import check_private_file, ensure_private_dir
+from smartvm.host.private_dirs import ensure_private_dir
+from smartvm.host.state_db import open_state_db
 
 DB_FILE = "e2b_tokens.db"
 _SCHEMA = """
@@ -40,21 +40,16 @@ class AccessTokens:
     def __init__(self, data_dir: Path) -> None:
         directory = ensure_private_dir(Path(data_dir))
         self.path = directory / DB_FILE
-        check_private_file(self.path)  # a planted file (another owner, a symlink) is refused
         self._lock = threading.Lock()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.close(fd)
+        self._db: sqlite3.Connection | None = open_state_db(
+            self.path, "envd token store", lambda db: db.executescript(_SCHEMA)
+        )
         try:
-            self._db: sqlite3.Connection | None = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=10
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
             rows = self._db.execute("SELECT sandbox_id, token, created_at FROM envd_tokens").fetchall()
         except sqlite3.Error as exc:
+            self._db.close()
             raise SmartVMError(
-                ErrorCode.STATE_STORE_FAILED, f"cannot open the envd token store {self.path}: {exc}"
+                ErrorCode.STATE_STORE_FAILED, f"cannot read the envd token store {self.path}: {exc}"
             ) from exc
         self._tokens: dict[str, str] = {sid: token for sid, token, _ in rows}
         self._issued: dict[str, float] = {sid: at for sid, _, at in rows}
