@@ -4,6 +4,7 @@ per data dir."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,9 @@ async def test_create_exec_as_user_files_round_trip_and_kill(sbm: Any) -> None:
     )
     assert 0 < details.disk_bytes < 64 << 20 and details.end_at > details.created_at
     assert [s.id for s in await sbm.list(metadata={"k": "v"})] == [sbx.id]
+    [listed] = await sbm.infos(metadata={"k": "v"})  # the batched info of a listing: the same facts
+    assert dataclasses.replace(listed, disk_bytes=0) == dataclasses.replace(details, disk_bytes=0)
+    assert listed.disk_bytes > 0
     assert await sbm.list(metadata={"k": "other"}) == []
     await sbx.kill()
     assert sbx.state is SandboxState.STOPPED

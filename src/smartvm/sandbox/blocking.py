@@ -295,6 +295,11 @@ class SandboxManager:
     ) -> builtins.list[Sandbox]:
         return [Sandbox(s) for s in _Loop.run(self.aio.list(states=states, metadata=metadata))]
 
+    def infos(
+        self, *, states: builtins.list[SandboxState] | None = None, metadata: Mapping[str, str] | None = None
+    ) -> builtins.list[SandboxInfo]:
+        return _Loop.run(self.aio.infos(states=states, metadata=metadata))
+
     def kill(self, sandbox_id: str) -> None:
         _Loop.run(self.aio.kill(sandbox_id))
 

@@ -52,7 +52,7 @@ async def reconcile(mgr: SandboxManager) -> None:
             await mgr._fail(rec.id, exc, "reconcile")
     keep = {
         str(r.network.get("lease"))
-        for r in mgr._recs.values()
+        for _, r in mgr._recs.current()
         if r.network.get("lease") and r.id in mgr._live
     }
     await asyncio.to_thread(mgr._svm.prune_detached)
@@ -134,7 +134,7 @@ async def _release_network(mgr: SandboxManager, rec: SandboxRecord) -> None:
 
 def _sweep_dirs(mgr: SandboxManager) -> None:
     """Sandbox dirs no live or paused sandbox owns, and unfinished template builds."""
-    wanted = {sid for sid, r in mgr._recs.items() if r.state not in (S.STOPPED, S.ERROR)}
+    wanted = {sid for sid, r in mgr._recs.current() if r.state is not S.ERROR}
     root = mgr.data_dir / "sandboxes"
     for path in root.iterdir() if root.is_dir() else []:
         if (

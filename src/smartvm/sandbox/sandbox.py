@@ -57,11 +57,18 @@ class Sandbox:
     def __init__(self, manager: SandboxManager, sandbox_id: str) -> None:
         self._manager = manager
         self.id = sandbox_id
+        self._last: SandboxRecord | None = None
         self.commands = Commands(self.running_vm, lambda: self.envs)
         self.files = SandboxFiles(self.running_vm)
 
     def _record(self) -> SandboxRecord:
-        return self._manager._record(self.id)
+        # the manager may have let go of a long-stopped record: the last one seen is still true
+        found = self._manager._recs.get(self.id)
+        if found is not None:
+            self._last = found
+        elif self._last is None:
+            self._last = self._manager._record(self.id)
+        return self._last
 
     @property
     def state(self) -> SandboxState:

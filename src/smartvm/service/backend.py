@@ -199,6 +199,11 @@ class SandboxBackend(Protocol):
         self, *, states: Sequence[SandboxState] | None = None, metadata: Mapping[str, str] | None = None
     ) -> builtins.list[SandboxHandle]: ...
 
+    async def infos(
+        self, *, states: Sequence[SandboxState] | None = None, metadata: Mapping[str, str] | None = None
+    ) -> builtins.list[SandboxInfoLike]:
+        """``info()`` of what ``list`` finds, gathered at once (listings of many sandboxes)."""
+
     async def count_by_state(self) -> dict[str, int]:
         """Sandboxes by state value, stopped ones too (for /metrics: no handle is made)."""
 

@@ -19,7 +19,7 @@ from smartvm.sandbox.manager import Capacity, SandboxManager
 from smartvm.sandbox.settings import SandboxSettings
 from smartvm.sandbox.store import EventRecord, SandboxState, TemplateRecord
 from smartvm.sandbox.templates import base_template_spec
-from smartvm.service.backend import OnExit, SandboxHandle, SnapshotInfoLike, TemplateBuild
+from smartvm.service.backend import OnExit, SandboxHandle, SandboxInfoLike, SnapshotInfoLike, TemplateBuild
 
 
 def _shape_mismatch(template: str, cpus: int, memory_mib: int) -> SmartVMError:
@@ -101,6 +101,12 @@ class ManagerBackend:
         self, *, states: Sequence[SandboxState] | None = None, metadata: Mapping[str, str] | None = None
     ) -> builtins.list[SandboxHandle]:
         found = await self.manager.list(states=None if states is None else list(states), metadata=metadata)
+        return list(found)
+
+    async def infos(
+        self, *, states: Sequence[SandboxState] | None = None, metadata: Mapping[str, str] | None = None
+    ) -> builtins.list[SandboxInfoLike]:
+        found = await self.manager.infos(states=None if states is None else list(states), metadata=metadata)
         return list(found)
 
     async def count_by_state(self) -> dict[str, int]:

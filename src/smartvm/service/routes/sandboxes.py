@@ -60,8 +60,8 @@ async def list_sandboxes(
     state: Annotated[list[SandboxState] | None, Query(description="repeat for several states")] = None,
     metadata: Annotated[list[str] | None, Query(description="key=value; repeat for several")] = None,
 ) -> list[SandboxOut]:
-    found = await backend(request).list(states=state, metadata=_metadata_filter(metadata or []))
-    return [SandboxOut.of(await s.info()) for s in found]
+    found = await backend(request).infos(states=state, metadata=_metadata_filter(metadata or []))
+    return [SandboxOut.of(info) for info in found]
 
 
 @router.get("/{sandbox_id}", summary="One sandbox")

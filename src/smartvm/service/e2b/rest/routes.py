@@ -118,8 +118,7 @@ async def list_sandboxes(
     next_token: NextToken = None,
     limit: Limit = MAX_LIMIT,
 ) -> list[ListedSandbox]:
-    handles = await e2b.ctx.backend.list(states=state_filter(state), metadata=metadata_filter(metadata))
-    infos = [await h.info() for h in handles]
+    infos = await e2b.ctx.backend.infos(states=state_filter(state), metadata=metadata_filter(metadata))
     if template is not None:
         infos = [i for i in infos if i.template == template]
     if started_after is not None:
