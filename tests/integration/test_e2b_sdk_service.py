@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 import os
 import re
 import shutil
@@ -253,6 +254,31 @@ async def test_snapshots(sandbox: Any, e2b_env: None) -> None:
         await clone.kill()
     assert await AsyncSandbox.delete_snapshot(snap.snapshot_id) is True
     assert await AsyncSandbox.delete_snapshot(snap.snapshot_id) is False
+
+
+async def test_network_rules(sandbox: Any, e2b_env: None) -> None:
+    from e2b import AsyncSandbox, SandboxException
+
+    assert (await sandbox.get_info()).network == {"allow_out": [], "deny_out": []}  # everything allowed
+    await sandbox.update_network({"deny_out": ["198.51.100.0/24"], "allow_out": ["198.51.100.7"]})
+    rules = (await sandbox.get_info()).network
+    assert rules["allow_out"] == ["198.51.100.7/32"]
+    denied = [ipaddress.ip_network(n) for n in rules["deny_out"]]  # the /24 without the allowed one
+    assert sum(n.num_addresses for n in denied) == 255
+    assert not any(ipaddress.ip_address("198.51.100.7") in n for n in denied)
+    await sandbox.update_network({"allow_internet_access": False})
+    assert (await sandbox.get_info()).network == {"allow_out": [], "deny_out": ["0.0.0.0/0"]}
+    with pytest.raises(SandboxException, match="domain"):
+        await sandbox.update_network({"allow_out": ["example.com"]})
+    closed = await AsyncSandbox.create(network={"deny_out": ["0.0.0.0/0"], "allow_out": ["192.0.2.1"]})
+    try:
+        rules = (await closed.get_info()).network
+        assert rules == {"allow_out": ["192.0.2.1/32"], "deny_out": ["0.0.0.0/0"]}
+        assert (await closed.commands.run("echo up")).stdout == "up\n"
+    finally:
+        await closed.kill()
+    with pytest.raises(SandboxException, match="egressProxy"):
+        await AsyncSandbox.create(network={"egress_proxy": {"address": "127.0.0.1:1080"}})
 
 
 def test_sync_client(e2b_env: None) -> None:

@@ -22,6 +22,7 @@ from netns_support import (
     socket_in,
 )
 
+from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.nat import EgressPolicy
 
 pytestmark = [pytest.mark.integration, pytest.mark.network, requires_netns]
@@ -115,3 +116,33 @@ def _host_listener() -> Any:
     sock.listen()
     sock.setblocking(False)
     return sock
+
+
+async def test_set_egress_applies_at_once_and_survives_pause(
+    sbm: Any, env: Env, servers: list[asyncio.Server]
+) -> None:
+    test_host = env.netns("th")
+    _, th_addr = make_side_host(env, test_host, 1)
+    servers.append(await serve_identity(listen_in(test_host, 8000), "testhost"))
+    sbx = await sbm.create("base")
+    assert (await _fetch(sbx, th_addr, 8000)).startswith("testhost ")
+    await sbx.pause()
+    await sbx.resume()  # another slot, the same gateway (its MAC too: the guest's ARP cache holds it)
+    assert (await _fetch(sbx, th_addr, 8000)).startswith("testhost ")
+    await sbx.set_egress(EgressPolicy.deny_only([f"{th_addr}/32"]))
+    assert "testhost" not in await _fetch(sbx, th_addr, 8000)
+    await sbx.pause()
+    await sbx.resume()  # a fresh slot: the policy comes from the sandbox's record
+    assert "testhost" not in await _fetch(sbx, th_addr, 8000)
+    await sbx.pause()
+    await sbx.set_egress(EgressPolicy.allow_only([f"{th_addr}/32"]))  # paused: applied at resume
+    await sbx.resume()
+    assert (await _fetch(sbx, th_addr, 8000)).startswith("testhost ")
+    assert [e.detail for e in await sbm.events(sbx.id) if e.kind == "network"] == [
+        f"default allow; deny {th_addr}/32",
+        f"default deny; allow {th_addr}/32",
+    ]
+    await sbx.kill()
+    with pytest.raises(SmartVMError) as err:
+        await sbx.set_egress(EgressPolicy.allow_all())
+    assert err.value.code is ErrorCode.SANDBOX_NOT_RUNNING

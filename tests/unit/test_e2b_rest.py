@@ -219,7 +219,7 @@ def test_settings_smartvm_cannot_honour_are_refused_by_name(client: TestClient) 
     unsupported = {
         "autoResume": {"enabled": True},
         "autoPauseMemory": False,
-        "network": {"denyOut": ["0.0.0.0/0"]},
+        "network": {"egressProxy": {"address": "127.0.0.1:1080"}},
         "mcp": {"x": {}},
         "volumeMounts": [{"name": "v", "path": "/v"}],
     }

@@ -1,10 +1,12 @@
 """A network namespace per sandbox, and a pool of them made ahead of time.
 
-Inside every slot the guest sees the same world: TAP ``tap0`` with gateway 172.16.0.1, guest
-address 172.16.0.2, MAC 06:00:ac:10:00:02. A snapshot taken in one slot therefore restores into
-any other. The host reaches each sandbox through the slot's own ``host_ip`` (the namespace end of
-a veth pair): the namespace DNATs ``host_ip`` to the guest and SNATs the guest's outbound traffic
-to ``host_ip``, and the host masquerades it onwards. Egress policy is a chain inside the
+Inside every slot the guest sees the same world: TAP ``tap0`` with gateway 172.16.0.1 (MAC
+06:00:ac:10:00:01), guest address 172.16.0.2, MAC 06:00:ac:10:00:02. A snapshot taken in one slot
+therefore restores into any other: even the gateway's entry in the guest's ARP cache stays true
+(with a random TAP MAC, a resumed guest kept sending to the old slot's MAC until the entry expired).
+The host reaches each sandbox through the slot's own ``host_ip`` (the namespace end of a veth pair):
+the namespace DNATs ``host_ip`` to the guest and SNATs the guest's outbound traffic to ``host_ip``,
+and the host masquerades it onwards. Egress policy is a chain inside the
 namespace; inbound port forwards are elements of the host table's ``portfwd`` map.
 
 Setting up N slots costs one ``ip -batch`` on the host, one ``ip -n NS -batch`` plus one in-process
@@ -47,6 +49,7 @@ GATEWAY_IP = "172.16.0.1"
 GUEST_NET = "172.16.0.0/30"
 GUEST_MASK = "255.255.255.252"
 GUEST_MAC = mac_from_ip(GUEST_IP)
+GATEWAY_MAC = mac_from_ip(GATEWAY_IP)
 TAP_NAME = "tap0"
 UPLINK = "veth0"
 DEFAULT_TRANSIT = "10.200.0.0/16"
@@ -175,6 +178,7 @@ def _ns_lines(slot: NetworkSlot) -> list[str]:
         f"addr add {slot.host_ip}/30 dev {UPLINK}",
         f"link set {UPLINK} up",
         f"tuntap add dev {TAP_NAME} mode tap",
+        f"link set {TAP_NAME} address {GATEWAY_MAC}",
         f"addr add {GATEWAY_IP}/30 dev {TAP_NAME}",
         f"link set {TAP_NAME} up",
         f"route add default via {slot.host_side_ip}",

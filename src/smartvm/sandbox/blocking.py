@@ -219,6 +219,9 @@ class Sandbox:
     def set_timeout(self, seconds: float) -> None:
         _Loop.run(self.aio.set_timeout(seconds))
 
+    def set_egress(self, policy: EgressPolicy) -> None:
+        _Loop.run(self.aio.set_egress(policy))
+
     def snapshot(self, name: str) -> SnapshotInfo:
         return _Loop.run(self.aio.snapshot(name))
 
@@ -311,6 +314,9 @@ class SandboxManager:
 
     def set_timeout(self, sandbox_id: str, seconds: float) -> None:
         _Loop.run(self.aio.set_timeout(sandbox_id, seconds))
+
+    def set_egress(self, sandbox_id: str, policy: EgressPolicy) -> None:
+        _Loop.run(self.aio.set_egress(sandbox_id, policy))
 
     def snapshot(self, sandbox_id: str, name: str) -> SnapshotInfo:
         return _Loop.run(self.aio.snapshot(sandbox_id, name))

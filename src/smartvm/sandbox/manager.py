@@ -146,6 +146,16 @@ def _host_memory_mib() -> tuple[int, int]:
     return info.get("MemTotal", 0), info.get("MemAvailable", 0)
 
 
+def _describe(policy: EgressPolicy) -> str:
+    parts = [f"default {policy.default}"]
+    parts += [
+        f"{name} {', '.join(cidrs)}"
+        for name, cidrs in (("allow", policy.allow), ("deny", policy.deny))
+        if cidrs
+    ]
+    return "; ".join(parts)
+
+
 def _policy(network: Mapping[str, Any]) -> EgressPolicy:
     egress = network.get("egress") or {}
     return EgressPolicy(
@@ -745,6 +755,24 @@ class SandboxManager:
             await self._update(sandbox_id, end_at=time.time() + end_in)
             await self.store.call(self.store.add_event, sandbox_id, "timeout", f"{end_in:.0f}s")
 
+    async def set_egress(self, sandbox_id: str, policy: EgressPolicy) -> None:
+        """Replace what the sandbox may connect to: at once while it runs, from its resume on while
+        it is paused (the policy is part of its record)."""
+        if sandbox_id not in self._recs:
+            await self._fresh(sandbox_id)
+        async with self._lock(sandbox_id):
+            rec = self._record(sandbox_id)
+            if rec.state not in (S.RUNNING, S.PAUSED):
+                raise SmartVMError(
+                    ErrorCode.SANDBOX_NOT_RUNNING,
+                    f"sandbox {sandbox_id} is {rec.state.value}: only running or paused ones have a network",
+                )
+            live = self._live.get(sandbox_id)
+            if live is not None:
+                await live.slot.set_egress(policy)
+            await self._update(sandbox_id, network={**rec.network, "egress": dataclasses.asdict(policy)})
+            await self.store.call(self.store.add_event, sandbox_id, "network", _describe(policy))
+
     async def events(self, sandbox_id: str) -> builtins.list[EventRecord]:
         """The sandbox's event log (created, state changes with reasons, timeouts, snapshots)."""
         return await self.store.call(self.store.events, sandbox_id)
@@ -982,6 +1010,7 @@ class SandboxManager:
             disk_bytes=disk,
             error=rec.error,
             host_ip=live.slot.host_ip if live is not None else None,
+            egress=_policy(rec.network),
         )
 
     async def _metrics(self, sid: str) -> SandboxMetrics:

@@ -8,9 +8,10 @@ sandbox runs (and on which VM), is paused to disk or is gone. Handles from ``cre
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from smartvm.host.nat import EgressPolicy
 from smartvm.sandbox.commands import Commands
 from smartvm.sandbox.files import SandboxFiles
 from smartvm.sandbox.store import SandboxRecord, SandboxState
@@ -37,6 +38,7 @@ class SandboxInfo:
     disk_bytes: int
     error: str | None
     host_ip: str | None  # the address the host reaches the guest at (None while not running)
+    egress: EgressPolicy = field(default_factory=EgressPolicy.allow_all)  # what it may connect to
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,10 @@ class Sandbox:
     async def set_timeout(self, seconds: float) -> None:
         """End the sandbox ``seconds`` from now (killed, or paused with ``auto_pause``)."""
         await self._manager.set_timeout(self.id, seconds)
+
+    async def set_egress(self, policy: EgressPolicy) -> None:
+        """Replace what the sandbox may connect to (at once; a paused one gets it at resume)."""
+        await self._manager.set_egress(self.id, policy)
 
     async def snapshot(self, name: str) -> SnapshotInfo:
         """A named snapshot that new sandboxes can be created from (``manager.create(name)``)."""

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.host.nat import EgressPolicy
 from smartvm.options import SmartVMOptions
 from smartvm.sandbox.manager import Capacity, SandboxManager
 from smartvm.sandbox.settings import SandboxSettings
@@ -76,6 +77,7 @@ class ManagerBackend:
         cpus: int | None = None,
         memory_mib: int | None = None,
         internet: bool = True,
+        egress: EgressPolicy | None = None,
     ) -> SandboxHandle:
         def fits(shape: tuple[int, int]) -> bool:
             return (cpus is None or cpus == shape[0]) and (memory_mib is None or memory_mib == shape[1])
@@ -84,7 +86,13 @@ class ManagerBackend:
         if shape is not None and not fits(shape):
             raise _shape_mismatch(template, *shape)
         sbx = await self.manager.create(
-            template, timeout=timeout, metadata=metadata, envs=envs, auto_pause=auto_pause, internet=internet
+            template,
+            timeout=timeout,
+            metadata=metadata,
+            envs=envs,
+            auto_pause=auto_pause,
+            internet=internet,
+            egress=egress,
         )
         if cpus is None and memory_mib is None:
             return sbx

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,6 +43,15 @@ class CreateSandboxIn(_In):
     internet: bool = True
 
 
+class EgressOut(_Out):
+    """What the sandbox may connect to: ``deny`` CIDRs never, ``allow`` CIDRs always, the rest as
+    ``default`` says (private and link-local ranges only when allowed by CIDR)."""
+
+    default: Literal["allow", "deny"]
+    allow: list[str]
+    deny: list[str]
+
+
 class SandboxOut(_Out):
     id: str
     template: str
@@ -55,6 +64,7 @@ class SandboxOut(_Out):
     auto_pause: bool
     disk_bytes: int
     error: str | None
+    egress: EgressOut
 
 
 class TimeoutIn(_In):

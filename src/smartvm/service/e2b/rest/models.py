@@ -44,6 +44,33 @@ class _Out(BaseModel):
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 
 
+class NetworkRules(_In):
+    """E2B's ``SandboxNetworkConfig`` (create) and ``SandboxNetworkUpdateConfig`` (``PUT .../network``).
+    Addresses and CIDR blocks become the sandbox's egress policy (``egress.egress_policy``)."""
+
+    allow_out: list[str] | None = Field(default=None, alias="allowOut")
+    deny_out: list[str] | None = Field(default=None, alias="denyOut")
+    dns_servers: list[str] | None = Field(default=None, alias="dnsServers")  # only used with domains
+    allow_internet_access: bool | None = None  # the update's form of the create's top-level flag
+    allow_public_traffic: bool | None = Field(default=None, alias="allowPublicTraffic")
+    egress_proxy: dict[str, Any] | None = Field(default=None, alias="egressProxy")
+    rules: dict[str, Any] | None = None
+    mask_request_host: str | None = Field(default=None, alias="maskRequestHost")
+    https_ports: list[int] | None = Field(default=None, alias="httpsPorts")
+
+    def unsupported(self) -> list[str]:
+        found = []
+        if self.egress_proxy:
+            found.append("network.egressProxy (a SOCKS5 egress proxy)")
+        if self.rules:
+            found.append("network.rules (per-domain request transforms)")
+        if self.allow_public_traffic is False or self.mask_request_host or self.https_ports:
+            found.append(
+                "public sandbox URL settings (smartvm has no public sandbox URLs; use port forwards)"
+            )
+        return found
+
+
 class NewSandbox(_In):
     """``POST /v2/sandboxes``."""
 
@@ -55,7 +82,7 @@ class NewSandbox(_In):
     allow_internet_access: bool | None = None
     metadata: dict[str, str] | None = None
     env_vars: dict[str, str] | None = Field(default=None, alias="envVars")
-    network: dict[str, Any] | None = None
+    network: NetworkRules | None = None
     mcp: dict[str, Any] | None = None
     iam: dict[str, Any] | None = None
     volume_mounts: list[Any] | None = Field(default=None, alias="volumeMounts")
@@ -67,8 +94,8 @@ class NewSandbox(_In):
             found.append("autoPauseMemory=false (filesystem-only pauses; smartvm's keep memory)")
         if self.auto_resume and self.auto_resume.get("enabled"):
             found.append("autoResume (resume on traffic)")
-        if self.network and any(v not in (None, [], {}) for v in self.network.values()):
-            found.append("network rules (use allow_internet_access)")
+        if self.network is not None:
+            found += self.network.unsupported()
         for name, value in (("mcp", self.mcp), ("iam", self.iam), ("volumeMounts", self.volume_mounts)):
             if value:
                 found.append(name)
@@ -150,6 +177,7 @@ class SandboxDetail(ListedSandbox):
     envd_access_token: str | None = Field(default=None, alias="envdAccessToken")
     domain: str | None = None
     lifecycle: Lifecycle
+    network: dict[str, list[str]]  # allowOut / denyOut
 
 
 class SandboxMetric(_Out):

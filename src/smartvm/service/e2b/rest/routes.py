@@ -20,6 +20,7 @@ from smartvm.sandbox.store import SandboxState
 from smartvm.service.auth import require_api_key
 from smartvm.service.backend import SandboxHandle, SandboxInfoLike
 from smartvm.service.e2b.app import ENVD_VERSION
+from smartvm.service.e2b.rest.egress import e2b_rules, egress_policy
 from smartvm.service.e2b.rest.errors import E2BRoute
 from smartvm.service.e2b.rest.face import E2BFace
 from smartvm.service.e2b.rest.listing import MAX_LIMIT, NEXT_TOKEN_HEADER, metadata_filter, page, state_filter
@@ -29,6 +30,7 @@ from smartvm.service.e2b.rest.models import (
     CreatedSandbox,
     Lifecycle,
     ListedSandbox,
+    NetworkRules,
     NewSandbox,
     PauseRequest,
     SandboxDetail,
@@ -63,6 +65,13 @@ def _no_memoryless(memory: bool | None, what: str) -> None:
         )
 
 
+def _refuse(unsupported: list[str]) -> None:
+    if unsupported:
+        raise SmartVMError(
+            ErrorCode.INVALID_ARGUMENT, f"not supported by smartvm: {'; '.join(unsupported)}: leave them out"
+        )
+
+
 async def _created(
     e2b: E2BFace, sbx: SandboxHandle, template: str, *, new_token: bool = False
 ) -> CreatedSandbox:
@@ -77,11 +86,9 @@ async def _created(
 
 @router.post("/v2/sandboxes", status_code=201, summary="Create a sandbox (E2B)")
 async def create_sandbox(body: NewSandbox, e2b: Face) -> CreatedSandbox:
-    unsupported = body.unsupported()
-    if unsupported:
-        raise SmartVMError(
-            ErrorCode.INVALID_ARGUMENT, f"not supported by smartvm: {'; '.join(unsupported)}: leave them out"
-        )
+    _refuse(body.unsupported())
+    rules = body.network or NetworkRules()
+    egress = egress_policy(rules.allow_out, rules.deny_out, body.allow_internet_access)
     ctx = e2b.ctx
     with ctx.metrics.timed("create"):
         sbx = await ctx.backend.create(
@@ -90,7 +97,7 @@ async def create_sandbox(body: NewSandbox, e2b: Face) -> CreatedSandbox:
             metadata=body.metadata,
             envs=body.env_vars,
             auto_pause=body.auto_pause,
-            internet=body.allow_internet_access is not False,
+            egress=egress,
         )
     try:
         return await _created(e2b, sbx, body.template_id, new_token=True)
@@ -143,6 +150,7 @@ async def get_sandbox(sandbox_id: str, e2b: Face) -> SandboxDetail:
         **listed.model_dump(),
         envd_access_token=e2b.tokens.get(sandbox_id),
         lifecycle=Lifecycle(on_timeout="pause" if info.auto_pause else "kill"),
+        network=e2b_rules(info.egress),
     )
 
 
@@ -158,6 +166,14 @@ async def kill_sandbox(sandbox_id: str, e2b: Face) -> Response:
 @router.post("/sandboxes/{sandbox_id}/timeout", status_code=204, summary="End the sandbox N s from now (E2B)")
 async def set_timeout(sandbox_id: str, body: TimeoutRequest, e2b: Face) -> Response:
     await (await e2b.sandbox(sandbox_id)).set_timeout(body.timeout)
+    return Response(status_code=204)
+
+
+@router.put("/sandboxes/{sandbox_id}/network", status_code=204, summary="Replace egress rules (E2B)")
+async def update_network(sandbox_id: str, body: NetworkRules, e2b: Face) -> Response:
+    _refuse(body.unsupported())
+    egress = egress_policy(body.allow_out, body.deny_out, body.allow_internet_access)
+    await (await e2b.sandbox(sandbox_id)).set_egress(egress)
     return Response(status_code=204)
 
 
