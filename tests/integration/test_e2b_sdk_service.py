@@ -256,6 +256,28 @@ async def test_snapshots(sandbox: Any, e2b_env: None) -> None:
     assert await AsyncSandbox.delete_snapshot(snap.snapshot_id) is False
 
 
+async def test_fork(sandbox: Any, e2b_env: None) -> None:
+    from e2b import AsyncSandbox, SandboxNotFoundException
+
+    await sandbox.files.write("fork.txt", "from the parent")
+    forks = await sandbox.fork(count=2, timeout=60)
+    try:
+        assert all(isinstance(f, AsyncSandbox) for f in forks), forks
+        assert len({sandbox.sandbox_id, *(f.sandbox_id for f in forks)}) == 3
+        for fork in forks:
+            assert await fork.files.read("fork.txt") == "from the parent"
+            assert (await fork.commands.run("whoami")).stdout == "user\n"  # its own envd token works
+        await forks[0].files.write("fork.txt", "changed")
+        assert await forks[1].files.read("fork.txt") == "from the parent"
+        assert await sandbox.is_running()
+    finally:
+        for fork in forks:
+            if isinstance(fork, AsyncSandbox):
+                await fork.kill()
+    with pytest.raises(SandboxNotFoundException):
+        await AsyncSandbox.fork("sb-00000000")
+
+
 async def test_network_rules(sandbox: Any, e2b_env: None) -> None:
     from e2b import AsyncSandbox, SandboxException
 

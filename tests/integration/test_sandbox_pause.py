@@ -125,6 +125,41 @@ async def test_snapshot_of_a_running_sandbox_gives_independent_sandboxes(sbm: An
     assert err.value.code is ErrorCode.TEMPLATE_NOT_FOUND
 
 
+async def test_fork_continues_processes_in_independent_sandboxes_and_cleans_up(sbm: Any) -> None:
+    src = await sbm.create("base", metadata={"team": "forks"}, envs={"FROM": "source"})
+    await src.files.write("f.txt", b"before the fork")
+    await src.commands.run(COUNTER, background=True)
+    await _wait_file(src, "count")
+    forks = await src.fork(2, timeout=60)
+    assert src.state is SandboxState.RUNNING and len(forks) == 2
+    a, b = forks
+    assert not isinstance(a, SmartVMError) and not isinstance(b, SmartVMError)
+    assert len({src.id, a.id, b.id}) == 3
+    for fork in (a, b):
+        assert await fork.files.read("f.txt") == b"before the fork"
+        assert (await fork.commands.run("echo $FROM")).stdout == "source\n"
+        assert fork.metadata == {"team": "forks"}
+        first = await _count(fork)
+        await asyncio.sleep(0.5)
+        assert await _count(fork) > first > 0  # the counter process runs on in the fork
+    await a.files.write("f.txt", b"changed in a")
+    assert await b.files.read("f.txt") == await src.files.read("f.txt") == b"before the fork"
+    assert await sbm.list_snapshots() == []  # the snapshot between them is not the user's
+    fork_templates = [t.name for t in await sbm.list_templates() if t.kind == "fork"]
+    assert len(fork_templates) == 1
+    await a.kill()
+    await sbm.reap()
+    assert [t.name for t in await sbm.list_templates() if t.kind == "fork"] == fork_templates  # b uses it
+    await b.kill()
+    await sbm.reap()
+    assert [t for t in await sbm.list_templates() if t.kind == "fork"] == []
+    assert not (sbm.data_dir / "templates" / fork_templates[0]).exists()
+    with pytest.raises(SmartVMError) as err:
+        await src.fork(0)
+    assert err.value.code is ErrorCode.INVALID_ARGUMENT
+    await src.kill()
+
+
 async def test_timeouts_kill_or_pause_and_set_timeout_extends(sbm: Any) -> None:
     doomed = await sbm.create("base", timeout=1)
     sleeper = await sbm.create("base", timeout=1, auto_pause=True)

@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Literal, overload
 
 from smartvm.agent.client import FileInfo, OutputCallback, ProcessInfo
+from smartvm.errors import SmartVMError
 from smartvm.host.nat import EgressPolicy
 from smartvm.options import SmartVMOptions
 from smartvm.sandbox import commands as _commands
@@ -222,6 +223,12 @@ class Sandbox:
     def set_egress(self, policy: EgressPolicy) -> None:
         _Loop.run(self.aio.set_egress(policy))
 
+    def fork(self, count: int = 1, *, timeout: float | None = None) -> list[Sandbox | SmartVMError]:
+        return [
+            r if isinstance(r, SmartVMError) else Sandbox(r)
+            for r in _Loop.run(self.aio.fork(count, timeout=timeout))
+        ]
+
     def snapshot(self, name: str) -> SnapshotInfo:
         return _Loop.run(self.aio.snapshot(name))
 
@@ -317,6 +324,14 @@ class SandboxManager:
 
     def set_egress(self, sandbox_id: str, policy: EgressPolicy) -> None:
         _Loop.run(self.aio.set_egress(sandbox_id, policy))
+
+    def fork(
+        self, sandbox_id: str, count: int = 1, *, timeout: float | None = None
+    ) -> builtins.list[Sandbox | SmartVMError]:
+        return [
+            r if isinstance(r, SmartVMError) else Sandbox(r)
+            for r in _Loop.run(self.aio.fork(sandbox_id, count, timeout=timeout))
+        ]
 
     def snapshot(self, sandbox_id: str, name: str) -> SnapshotInfo:
         return _Loop.run(self.aio.snapshot(sandbox_id, name))

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import re
+import secrets
 import shutil
 import time
 from collections.abc import Mapping
@@ -146,6 +147,11 @@ def _host_memory_mib() -> tuple[int, int]:
     return info.get("MemTotal", 0), info.get("MemAvailable", 0)
 
 
+FORK_KIND = "fork"  # a template kind: the snapshot between a sandbox and its forks
+FORK_PREFIX = "fork-"
+MAX_FORKS = 100
+
+
 def _describe(policy: EgressPolicy) -> str:
     parts = [f"default {policy.default}"]
     parts += [
@@ -198,6 +204,7 @@ class SandboxManager:
         self._templates: dict[str, tuple[BuiltTemplate, TemplateRecord]] = {}  # ready ones, by name
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
+        self._forking: set[str] = set()  # fork snapshots whose forks are being created
         self.engine = ""  # the engine of every sandbox VM, chosen at start()
         self._warm = WarmPool(base.warm_pool_size, self._make_warm, self._discard_warm)
 
@@ -516,7 +523,8 @@ class SandboxManager:
             except BaseException as exc:
                 await self._fail(sid, exc, "create")
                 _reraise(exc, f"creating sandbox {sid}")
-        self._warm.refill(template)
+        if trec.kind != FORK_KIND:  # a fork snapshot serves its forks only, right now
+            self._warm.refill(template)
         return Sandbox(self, sid)
 
     async def _new_id(self) -> str:
@@ -875,6 +883,54 @@ class SandboxManager:
     # --- snapshots ------------------------------------------------------------------------------------
     async def snapshot(self, sandbox_id: str, name: str) -> SnapshotInfo:
         """Save a running or paused sandbox as the template ``name`` (flattened disk + memory)."""
+        return await self._snapshot(sandbox_id, name, kind="snapshot")
+
+    async def fork(
+        self, sandbox_id: str, count: int = 1, *, timeout: float | None = None
+    ) -> builtins.list[Sandbox | SmartVMError]:
+        """``count`` new sandboxes that continue from this moment of ``sandbox_id`` (memory, processes,
+        files); the source keeps running (it stops for the snapshot). Each fork succeeds or fails on
+        its own: the list holds a sandbox or the error that stopped it, in order. The snapshot
+        between them is not listed and goes away with the last fork."""
+        if not 1 <= count <= MAX_FORKS:
+            raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"count must be 1-{MAX_FORKS}, not {count}")
+        end_in = self._timeout(timeout)
+        if sandbox_id not in self._recs:
+            await self._fresh(sandbox_id)
+        source = self._record(sandbox_id)
+        name = f"{FORK_PREFIX}{sandbox_id}-{secrets.token_hex(4)}"
+        self._forking.add(name)
+        try:
+            await self._snapshot(sandbox_id, name, kind=FORK_KIND)
+            results: builtins.list[Sandbox | SmartVMError] = []
+            for _ in range(count):
+                try:
+                    results.append(
+                        await self.create(
+                            name,
+                            timeout=end_in,
+                            metadata=source.metadata,
+                            envs=source.envs,
+                            egress=_policy(source.network),
+                        )
+                    )
+                except SmartVMError as exc:
+                    results.append(exc)
+            return results
+        finally:
+            self._forking.discard(name)
+            await self._collect_forks()  # all forks failed: the snapshot goes at once
+
+    async def _collect_forks(self) -> None:
+        """Delete fork snapshots no sandbox uses any more."""
+        forks = [t.name for t in await self.list_templates() if t.kind == FORK_KIND]
+        used = {r.template for _, r in self._recs.current()}
+        for name in forks:
+            if name not in used and name not in self._forking:
+                with contextlib.suppress(SmartVMError):
+                    await self.delete_snapshot(name)
+
+    async def _snapshot(self, sandbox_id: str, name: str, *, kind: str) -> SnapshotInfo:
         check_name(name, "snapshot")
         if name == "base":
             raise SmartVMError(ErrorCode.SNAPSHOT_EXISTS, "'base' is the default template's name")
@@ -916,7 +972,7 @@ class SandboxManager:
                 env=dict(rec.envs),
                 snapshot_dir=str(directory / SNAPSHOT_DIR),
                 status="ready",
-                kind="snapshot",
+                kind=kind,
             ),
         )
         snap = SnapshotRecord(name=name, source_sandbox=sandbox_id, dir=str(directory), size_bytes=size)
@@ -950,7 +1006,8 @@ class SandboxManager:
             await asyncio.to_thread(disk.detach)
 
     async def list_snapshots(self) -> builtins.list[SnapshotInfo]:
-        recs = await self.store.call(self.store.list_snapshots)
+        forks = {t.name for t in await self.list_templates() if t.kind == FORK_KIND}
+        recs = [r for r in await self.store.call(self.store.list_snapshots) if r.name not in forks]
         return [
             SnapshotInfo(
                 r.name, r.source_sandbox, r.created_at, await asyncio.to_thread(_allocated_tree, Path(r.dir))
@@ -1054,6 +1111,7 @@ class SandboxManager:
                 acted.append(sid)
             except SmartVMError as exc:
                 log.warning("sandbox %s: reaper: %s", sid, exc)
+        await self._collect_forks()
         return acted
 
 

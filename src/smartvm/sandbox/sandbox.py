@@ -17,6 +17,7 @@ from smartvm.sandbox.files import SandboxFiles
 from smartvm.sandbox.store import SandboxRecord, SandboxState
 
 if TYPE_CHECKING:
+    from smartvm.errors import SmartVMError
     from smartvm.sandbox.manager import SandboxManager, SnapshotInfo
     from smartvm.vm import MicroVM
 
@@ -117,6 +118,10 @@ class Sandbox:
     async def set_egress(self, policy: EgressPolicy) -> None:
         """Replace what the sandbox may connect to (at once; a paused one gets it at resume)."""
         await self._manager.set_egress(self.id, policy)
+
+    async def fork(self, count: int = 1, *, timeout: float | None = None) -> list[Sandbox | SmartVMError]:
+        """``count`` new sandboxes that continue from this moment of this one (see ``manager.fork``)."""
+        return await self._manager.fork(self.id, count, timeout=timeout)
 
     async def snapshot(self, name: str) -> SnapshotInfo:
         """A named snapshot that new sandboxes can be created from (``manager.create(name)``)."""

@@ -109,6 +109,23 @@ class ConnectSandbox(_In):
     memory: bool | None = None
 
 
+class ForkRequest(_In):
+    timeout: int = Field(default=15, ge=0, description="seconds the forks live")
+    count: int = Field(default=1, ge=1, le=100)
+
+
+class ForkError(_Out):
+    code: int
+    message: str
+
+
+class ForkResult(_Out):
+    """One fork: ``sandbox`` when it started, ``error`` when it did not (never both)."""
+
+    sandbox: CreatedSandbox | None = None
+    error: ForkError | None = None
+
+
 class TimeoutRequest(_In):
     timeout: int = Field(ge=0, description="seconds from now")
 

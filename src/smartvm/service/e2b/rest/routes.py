@@ -28,6 +28,9 @@ from smartvm.service.e2b.rest.models import (
     MIB,
     ConnectSandbox,
     CreatedSandbox,
+    ForkError,
+    ForkRequest,
+    ForkResult,
     Lifecycle,
     ListedSandbox,
     NetworkRules,
@@ -42,6 +45,7 @@ from smartvm.service.e2b.rest.models import (
     e2b_state,
     rfc3339,
 )
+from smartvm.service.http_errors import status_for
 
 S = SandboxState
 router = APIRouter(route_class=E2BRoute, dependencies=[Depends(require_api_key)], tags=["E2B-compatible"])
@@ -167,6 +171,23 @@ async def kill_sandbox(sandbox_id: str, e2b: Face) -> Response:
 async def set_timeout(sandbox_id: str, body: TimeoutRequest, e2b: Face) -> Response:
     await (await e2b.sandbox(sandbox_id)).set_timeout(body.timeout)
     return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/fork", status_code=201, summary="Fork a running sandbox (E2B)")
+async def fork_sandbox(sandbox_id: str, e2b: Face, body: ForkRequest | None = None) -> JSONResponse:
+    request = body or ForkRequest()
+    sbx = await e2b.sandbox(sandbox_id)
+    with e2b.ctx.metrics.timed("fork"):
+        results = await sbx.fork(request.count, timeout=request.timeout or None)
+    out = []
+    for result in results:
+        if isinstance(result, SmartVMError):
+            out.append(ForkResult(error=ForkError(code=status_for(result), message=result.message)))
+        else:
+            template = (await result.info()).template
+            out.append(ForkResult(sandbox=await _created(e2b, result, template, new_token=True)))
+    # null members left out: the SDK reads a present ``error: null`` as a failed fork
+    return JSONResponse([r.model_dump(mode="json", exclude_none=True) for r in out], status_code=201)
 
 
 @router.put("/sandboxes/{sandbox_id}/network", status_code=204, summary="Replace egress rules (E2B)")
