@@ -287,6 +287,23 @@ def test_snapshots_over_http(api: Service) -> None:
     api("DELETE", f"/v1/sandboxes/{sid}", 204)
 
 
+def test_egress_and_fork_over_http(api: Service) -> None:
+    sid = api.create()["id"]
+    assert api("GET", f"/v1/sandboxes/{sid}", 200)["egress"] == {"default": "allow", "allow": [], "deny": []}
+    policy = {"default": "deny", "allow": ["192.0.2.0/24"], "deny": []}
+    assert api("PUT", f"/v1/sandboxes/{sid}/egress", 200, json=policy)["egress"] == policy
+    api.run(sid, "echo before-the-fork > mark.txt")
+    forks = api("POST", f"/v1/sandboxes/{sid}/fork", 201, json={"count": 2, "timeout": 60})
+    assert [set(f) for f in forks] == [{"sandbox"}, {"sandbox"}]
+    for fork in forks:
+        fid = fork["sandbox"]["id"]
+        assert fid != sid and fork["sandbox"]["egress"] == policy  # the source's rules come along
+        assert api.run(fid, "cat mark.txt")["stdout"] == "before-the-fork\n"
+        api("DELETE", f"/v1/sandboxes/{fid}", 204)
+    assert api("GET", "/v1/snapshots", 200) == []  # the fork's snapshot is not listed
+    api("DELETE", f"/v1/sandboxes/{sid}", 204)
+
+
 def test_sigkill_and_restart_keep_running_and_paused_sandboxes(api: Service) -> None:
     running = api.create()["id"]
     paused = api.create()["id"]

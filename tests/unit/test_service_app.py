@@ -158,6 +158,11 @@ def test_bad_ids_and_unknown_sandboxes(client: TestClient) -> None:
     # a sandbox in the wrong state for the call
     _error(client.post("/v1/sandboxes/sb-00000001/exec", json={"cmd": "true"}), 409, "SANDBOX_NOT_RUNNING")
     _error(client.post("/v1/sandboxes/sb-00000003/timeout", json={"timeout": 5}), 409, "SANDBOX_NOT_RUNNING")
+    _error(
+        client.put("/v1/sandboxes/sb-00000003/egress", json={"default": "deny"}), 409, "SANDBOX_NOT_RUNNING"
+    )
+    _error(client.post("/v1/sandboxes/sb-00000003/fork", json={"count": 1}), 409, "SANDBOX_NOT_RUNNING")
+    _error(client.put("/v1/sandboxes/sb-99999999/egress", json={}), 404, "SANDBOX_NOT_FOUND")
 
 
 def test_bad_bodies(client: TestClient) -> None:
@@ -169,6 +174,9 @@ def test_bad_bodies(client: TestClient) -> None:
     assert "template" in body["message"]
     _error(post("/v1/sandboxes", json={"bogus": 1}), 422, "VALIDATION_FAILED")
     _error(post("/v1/sandboxes", json={"metadata": {"k": 1}}), 422, "VALIDATION_FAILED")
+    _error(post("/v1/sandboxes", json={"egress": {"allow": ["not-a-cidr"]}}), 400, "INVALID_ARGUMENT")
+    _error(post("/v1/sandboxes", json={"egress": {"default": "maybe"}}), 422, "VALIDATION_FAILED")
+    _error(post("/v1/sandboxes/sb-00000001/fork", json={"count": 0}), 422, "VALIDATION_FAILED")
     # valid input reaches the manager
     _error(post("/v1/sandboxes", json={"template": "nope"}), 404, "TEMPLATE_NOT_FOUND")
     _error(post("/v1/snapshots/nope", json={}), 405, "ROUTE_NOT_FOUND")

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from smartvm.host.nat import EgressPolicy
 from smartvm.sandbox.store import SandboxState
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
@@ -32,6 +33,13 @@ class ErrorOut(BaseModel):
     message: str
 
 
+class ForkOut(_Out):
+    """One fork: the sandbox when it started, the error when it did not."""
+
+    sandbox: SandboxOut | None = None
+    error: ErrorOut | None = None
+
+
 class CreateSandboxIn(_In):
     template: Name = "base"
     timeout: Seconds | None = Field(default=None, description="seconds until the sandbox ends")
@@ -41,6 +49,24 @@ class CreateSandboxIn(_In):
     cpus: Annotated[int, Field(ge=1, le=64)] | None = None
     memory_mib: Annotated[int, Field(ge=64, le=1 << 20)] | None = None
     internet: bool = True
+    egress: EgressIn | None = Field(default=None, description="an egress policy (instead of `internet`)")
+
+
+class EgressIn(_In):
+    """What the sandbox may connect to: ``deny`` CIDRs never, ``allow`` CIDRs always, the rest as
+    ``default`` says."""
+
+    default: Literal["allow", "deny"] = "allow"
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+
+    def policy(self) -> EgressPolicy:
+        return EgressPolicy(self.default, tuple(self.allow), tuple(self.deny))
+
+
+class ForkIn(_In):
+    count: Annotated[int, Field(ge=1, le=100)] = 1
+    timeout: Seconds | None = Field(default=None, description="seconds until the forks end")
 
 
 class EgressOut(_Out):

@@ -1,11 +1,12 @@
 """``/v1/sandboxes``: create, list (by state and metadata), get, delete, pause, resume, timeout,
-metrics and the event log of one sandbox."""
+egress, fork, metrics and the event log of one sandbox."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
 
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.sandbox.store import SandboxState
@@ -13,7 +14,11 @@ from smartvm.service.backend import SandboxHandle
 from smartvm.service.deps import backend, sandbox, service
 from smartvm.service.models import (
     CreateSandboxIn,
+    EgressIn,
+    ErrorOut,
     EventOut,
+    ForkIn,
+    ForkOut,
     MetricsOut,
     ResumeIn,
     SandboxOut,
@@ -50,6 +55,7 @@ async def create_sandbox(body: CreateSandboxIn, request: Request) -> SandboxOut:
             cpus=body.cpus,
             memory_mib=body.memory_mib,
             internet=body.internet,
+            egress=body.egress.policy() if body.egress is not None else None,
         )
     return SandboxOut.of(await sbx.info())
 
@@ -104,3 +110,28 @@ async def sandbox_metrics(sbx: Sandbox) -> MetricsOut:
 @router.get("/{sandbox_id}/events", summary="The sandbox's event log, oldest first")
 async def sandbox_events(sbx: Sandbox, request: Request) -> list[EventOut]:
     return [EventOut.of(e) for e in await backend(request).events(sbx.id)]
+
+
+@router.put("/{sandbox_id}/egress", summary="Replace what the sandbox may connect to")
+async def set_egress(sbx: Sandbox, body: EgressIn) -> SandboxOut:
+    await sbx.set_egress(body.policy())
+    return SandboxOut.of(await sbx.info())
+
+
+@router.post(
+    "/{sandbox_id}/fork",
+    status_code=201,
+    summary="New sandboxes that continue from this one",
+    response_model=list[ForkOut],
+)
+async def fork_sandbox(sbx: Sandbox, request: Request, body: ForkIn | None = None) -> JSONResponse:
+    asked = body or ForkIn()
+    with service(request).metrics.timed("fork"):
+        results = await sbx.fork(asked.count, timeout=asked.timeout)
+    out: list[dict[str, object]] = []  # each item has either its sandbox or its error
+    for result in results:
+        if isinstance(result, SmartVMError):
+            out.append({"error": ErrorOut(code=result.code.value, message=result.message).model_dump()})
+        else:
+            out.append({"sandbox": SandboxOut.of(await result.info()).model_dump(mode="json")})
+    return JSONResponse(out, status_code=201)
