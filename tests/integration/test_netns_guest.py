@@ -161,7 +161,8 @@ async def test_guests_on_slots_answer_ping_and_tcp_through_their_own_host_ip(
             await vm.start()
             vms.append(vm)
         for vm, slot in zip(vms, slots, strict=True):
-            console = await wait_console(vm, READY, timeout=120)
+            # the whole line: output can stop mid-line when READY alone has arrived
+            console = await wait_console(vm, f"{READY} {slot.guest_mac}", timeout=120)
             assert f"{READY} {slot.guest_mac}" in console
         for i, slot in enumerate(slots):
             assert await asyncio.to_thread(ping, slot.host_ip), f"guest {i} did not answer ping"
