@@ -135,8 +135,9 @@ def exit_now(code: object) -> NoReturn:
     if not (code is None or isinstance(code, int)) or (threading and threading.active_count() > 1):
         raise SystemExit(code)
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
     except (OSError, ValueError):
         raise SystemExit(code) from None
     atexit._run_exitfuncs()
