@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.common import BenchTable, Series
+from bench.common import BenchTable, Series, compile_smartvm
 from bench.guests import READY_TIMEOUT_S, guest, private_root, qemu_smartvm
 from smartvm.agent.protocol import HELLO, FrameDecoder, encode_frame
 from smartvm.config import MicroVMConfig, new_vm_id
@@ -189,6 +189,7 @@ async def run(quick: bool) -> list[BenchTable]:
         probe = VMRuntime.create(root / "probe", "probe")
         _argv, accel = raw_argv(config, probe)
         probe.remove()
+        compile_smartvm()  # `smartvm run` processes load bytecode, as from an installed package
         first = await cli_run(root, cache, cold=False)  # makes the snapshot (untimed in the table)
         if not quick:
             await cli_run(root, cache, cold=True)  # warm the page cache, untimed

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import BenchTable, time_sync
+from bench.common import BenchTable, compile_smartvm, time_sync
 
 PYTHON = sys.executable
 BARE = "python -c pass"
@@ -37,6 +37,7 @@ def _cases() -> list[tuple[str, list[str]]]:
 
 def run(quick: bool) -> list[BenchTable]:
     n = 5 if quick else 30
+    compile_smartvm()
     series = [
         time_sync(label, lambda argv=argv: subprocess.run(argv, check=True, capture_output=True), n)
         for label, argv in _cases()

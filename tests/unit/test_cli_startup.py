@@ -130,3 +130,52 @@ def test_run_and_the_detached_commands_do_not_import_each_other(command: str, ot
         "assert not [m for m in sys.modules if m.startswith('smartvm.images.')]\n"
     )
     assert res.returncode == 0, res.stderr
+
+
+# A module global with a finaliser: only the interpreter's teardown frees it (and prints "teardown").
+_TEARDOWN_PROBE = (
+    "import atexit, sys\n"
+    "class Probe:\n"
+    "    def __del__(self):\n"
+    "        sys.__stderr__.write('teardown\\n')\n"
+    "probe = Probe()\n"
+    "atexit.register(lambda: sys.__stderr__.write('atexit\\n'))\n"
+    "sys.stdout.write('buffered;')\n"
+)
+
+
+def test_a_finished_command_exits_without_the_teardown_after_atexit_and_flushing() -> None:
+    res = _python(
+        _TEARDOWN_PROBE
+        + "sys.argv = ['smartvm', 'run', '--help']\nfrom smartvm.cli.main import main\nmain()\n"
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("buffered;") and "Usage: smartvm run" in res.stdout
+    assert res.stderr == "atexit\n"
+
+
+def test_a_failed_command_keeps_its_exit_code_and_message() -> None:
+    res = _python(
+        _TEARDOWN_PROBE + "sys.argv = ['smartvm', 'run']\nfrom smartvm.cli.main import main\nmain()\n"
+    )
+    assert res.returncode == 2
+    assert "INVALID_ARGUMENT" in res.stderr and "give the command after --" in res.stderr
+    assert res.stderr.endswith("atexit\n") and "teardown" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("code", "returncode", "stderr"), [("None", 0, ""), ("3", 3, ""), ("'gave up'", 1, "gave up\n")]
+)
+def test_exit_now_exits_like_sys_exit(code: str, returncode: int, stderr: str) -> None:
+    res = _python(f"from smartvm.cli.main import exit_now\nexit_now({code})\n")
+    assert (res.returncode, res.stderr) == (returncode, stderr)
+
+
+def test_exit_now_waits_for_a_running_thread_like_a_normal_exit() -> None:
+    res = _python(
+        "import threading, time\n"
+        "threading.Thread(target=lambda: (time.sleep(0.3), print('thread finished'))).start()\n"
+        "from smartvm.cli.main import exit_now\n"
+        "exit_now(0)\n"
+    )
+    assert (res.returncode, res.stdout) == (0, "thread finished\n")
