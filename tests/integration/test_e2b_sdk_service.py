@@ -256,6 +256,30 @@ async def test_snapshots(sandbox: Any, e2b_env: None) -> None:
     assert await AsyncSandbox.delete_snapshot(snap.snapshot_id) is False
 
 
+def test_the_v1_routes_older_sdks_use(service: Service) -> None:
+    with httpx.Client(base_url=service.url, headers={"X-API-KEY": service.key}, timeout=120) as http:
+        res = http.post("/sandboxes", json={"templateID": "base", "timeout": 60, "metadata": {"v1": "yes"}})
+        assert res.status_code == 201, res.text
+        sid = res.json()["sandboxID"]
+        try:
+            listed = http.get("/sandboxes", params={"metadata": "v1=yes"}).json()
+            assert [s["sandboxID"] for s in listed] == [sid]
+            metrics = http.get("/sandboxes/metrics", params={"sandbox_ids": f"{sid},sb-00000000"}).json()
+            assert list(metrics["sandboxes"]) == [sid] and metrics["sandboxes"][sid]["cpuCount"] == 1
+            end = http.get(f"/sandboxes/{sid}").json()["endAt"]
+            assert http.post(f"/sandboxes/{sid}/refreshes", json={"duration": 600}).status_code == 204
+            assert http.get(f"/sandboxes/{sid}").json()["endAt"] > end
+            assert http.post(f"/sandboxes/{sid}/resume", json={}).status_code == 409  # it runs
+            assert http.post(f"/sandboxes/{sid}/pause").status_code == 204
+            assert http.get("/sandboxes", params={"metadata": "v1=yes"}).json() == []  # running ones only
+            res = http.post(f"/sandboxes/{sid}/resume", json={"timeout": 60})
+            assert res.status_code == 201 and res.json()["sandboxID"] == sid, res.text
+            assert http.post(f"/sandboxes/{sid}/connect", json={"timeout": 60}).status_code == 200
+            assert http.post("/sandboxes/sb-00000000/refreshes", json={}).status_code == 404
+        finally:
+            assert http.delete(f"/sandboxes/{sid}").status_code == 204
+
+
 async def test_fork(sandbox: Any, e2b_env: None) -> None:
     from e2b import AsyncSandbox, SandboxNotFoundException
 

@@ -19,9 +19,9 @@ from smartvm.service.routes import native_routers
 
 
 def e2b_routers() -> list[APIRouter]:
-    from smartvm.service.e2b.rest.routes import router
+    from smartvm.service.e2b.rest import legacy, routes
 
-    return [router]
+    return [legacy.router, routes.router]  # legacy first: /sandboxes/metrics before /sandboxes/{id}
 
 
 class ServiceApp:

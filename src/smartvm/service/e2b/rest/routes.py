@@ -76,7 +76,7 @@ def _refuse(unsupported: list[str]) -> None:
         )
 
 
-async def _created(
+async def created(
     e2b: E2BFace, sbx: SandboxHandle, template: str, *, new_token: bool = False
 ) -> CreatedSandbox:
     return CreatedSandbox(
@@ -104,13 +104,13 @@ async def create_sandbox(body: NewSandbox, e2b: Face) -> CreatedSandbox:
             egress=egress,
         )
     try:
-        return await _created(e2b, sbx, body.template_id, new_token=True)
+        return await created(e2b, sbx, body.template_id, new_token=True)
     except BaseException:
         await sbx.kill()  # a sandbox nobody can reach must not keep running
         raise
 
 
-def _listed(info: SandboxInfoLike, sizes: dict[str, int]) -> ListedSandbox | None:
+def listed(info: SandboxInfoLike, sizes: dict[str, int]) -> ListedSandbox | None:
     state = e2b_state(info.state)
     if state is None:
         return None
@@ -140,7 +140,7 @@ async def list_sandboxes(
     if found.next_token:
         response.headers[NEXT_TOKEN_HEADER] = found.next_token
     sizes = await e2b.disk_sizes_mib()
-    return [item for item in (_listed(i, sizes) for i in found.items) if item is not None]
+    return [item for item in (listed(i, sizes) for i in found.items) if item is not None]
 
 
 @router.get("/sandboxes/{sandbox_id}", summary="One sandbox (E2B)")
@@ -185,7 +185,7 @@ async def fork_sandbox(sandbox_id: str, e2b: Face, body: ForkRequest | None = No
             out.append(ForkResult(error=ForkError(code=status_for(result), message=result.message)))
         else:
             template = (await result.info()).template
-            out.append(ForkResult(sandbox=await _created(e2b, result, template, new_token=True)))
+            out.append(ForkResult(sandbox=await created(e2b, result, template, new_token=True)))
     # null members left out: the SDK reads a present ``error: null`` as a failed fork
     return JSONResponse([r.model_dump(mode="json", exclude_none=True) for r in out], status_code=201)
 
@@ -234,8 +234,8 @@ async def connect_sandbox(sandbox_id: str, body: ConnectSandbox, e2b: Face) -> J
         )
     elif body.timeout is not None and time.time() + body.timeout > info.end_at:
         await sbx.set_timeout(body.timeout)  # connect only ever moves the end later
-    created = await _created(e2b, sbx, info.template)
-    return JSONResponse(created.model_dump(mode="json", by_alias=True), status_code=status)
+    answer = await created(e2b, sbx, info.template)
+    return JSONResponse(answer.model_dump(mode="json", by_alias=True), status_code=status)
 
 
 def _state(sbx: SandboxHandle) -> SandboxState:
