@@ -112,6 +112,16 @@ def test_create_exec_cp_pause_resume_snapshot_kill(api: Service, tmp_path: Path)
     clone = _ok(_cli(api, "create", "--template", "cli-snap")).strip().splitlines()[-1]
     assert _ok(_cli(api, "exec", clone, "--", "cat", "note.txt")) == "kept\n"
 
+    # egress rules, and a fork that keeps them
+    out = _ok(_cli(api, "egress", sid, "--default", "deny", "--allow", "192.0.2.1/32"))
+    assert out.strip() == f"{sid} egress: default deny; allow 192.0.2.1/32; deny -"
+    forked = _ok(_cli(api, "fork", sid, "--count", "2")).split()
+    assert len(forked) == 2 and sid not in forked
+    for fork in forked:
+        assert _ok(_cli(api, "exec", fork, "--", "cat", "note.txt")) == "kept\n"
+        assert api("GET", f"/v1/sandboxes/{fork}", 200)["egress"]["default"] == "deny"
+        _ok(_cli(api, "kill", fork))
+
     _ok(_cli(api, "kill", clone))
     _ok(_cli(api, "kill", sid))
     assert api("GET", f"/v1/sandboxes/{sid}", 200)["state"] == "stopped"

@@ -212,6 +212,42 @@ def register(app: typer.Typer) -> None:
         typer.echo(snap["name"])
 
     @sandbox.command()
+    def fork(
+        sandbox_id: SandboxId,
+        count: Annotated[int, typer.Option(min=1, max=100, help="how many forks")] = 1,
+        timeout: Annotated[
+            float | None, typer.Option(min=0.001, help="the forks' end, seconds from now")
+        ] = None,
+        url: Url = DEFAULT_URL,
+    ) -> None:
+        """New sandboxes that continue from this moment of SANDBOX_ID; prints their ids, one per line.
+        Exits 2 if any fork failed (its error is printed)."""
+        with _client(url) as client:
+            forks = client.fork(sandbox_id, count, timeout=timeout)
+        failed = [f["error"] for f in forks if "error" in f]
+        for error in failed:
+            typer.echo(f"error {error['code']}: {error['message']}", err=True)
+        for made in forks:
+            if "sandbox" in made:
+                typer.echo(made["sandbox"]["id"])
+        if failed:
+            raise typer.Exit(2)
+
+    @sandbox.command()
+    def egress(
+        sandbox_id: SandboxId,
+        default: Annotated[str, typer.Option(help="allow or deny what no rule names")] = "allow",
+        allow: Annotated[list[str] | None, typer.Option(help="a CIDR always reachable (repeat)")] = None,
+        deny: Annotated[list[str] | None, typer.Option(help="a CIDR never reachable (repeat)")] = None,
+        url: Url = DEFAULT_URL,
+    ) -> None:
+        """Replace what a sandbox may connect to: egress ID --default deny --allow 1.1.1.1/32"""
+        with _client(url) as client:
+            rules = client.set_egress(sandbox_id, default, allow or [], deny or [])["egress"]
+        allowed, denied = ", ".join(rules["allow"]) or "-", ", ".join(rules["deny"]) or "-"
+        typer.echo(f"{sandbox_id} egress: default {rules['default']}; allow {allowed}; deny {denied}")
+
+    @sandbox.command()
     def kill(sandbox_id: SandboxId, url: Url = DEFAULT_URL) -> None:
         """Kill a sandbox and free all it holds (killing a stopped one is not an error)."""
         with _client(url) as client:

@@ -8,6 +8,7 @@ SERVICE_UNAVAILABLE saying where the client looked. Bodies come back as the API'
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -146,6 +147,19 @@ class ServiceClient:
 
     def kill(self, sandbox_id: str) -> None:
         self._request("DELETE", f"/v1/sandboxes/{sandbox_id}")
+
+    def fork(self, sandbox_id: str, count: int = 1, *, timeout: float | None = None) -> builtins.list[Json]:
+        """One item per fork: ``{"sandbox": ...}`` or ``{"error": {"code", "message"}}``."""
+        body: Json = {"count": count} if timeout is None else {"count": count, "timeout": timeout}
+        forks: builtins.list[Json] = self._json("POST", f"/v1/sandboxes/{sandbox_id}/fork", json=body)
+        return forks
+
+    def set_egress(
+        self, sandbox_id: str, default: str, allow: builtins.list[str], deny: builtins.list[str]
+    ) -> Json:
+        body = {"default": default, "allow": allow, "deny": deny}
+        updated: Json = self._json("PUT", f"/v1/sandboxes/{sandbox_id}/egress", json=body)
+        return updated
 
     def snapshot(self, sandbox_id: str, name: str) -> Json:
         snap: Json = self._json("POST", f"/v1/sandboxes/{sandbox_id}/snapshots", json={"name": name})
