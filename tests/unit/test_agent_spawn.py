@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,11 @@ def test_relative_paths_stay_relative_to_where_the_agent_started(
     assert g._spawn_spec({"cmd": ["true"], "cwd": "rel"})["cwd"] == "/srv/start/rel"
     monkeypatch.setattr(g, "_START_DIR", None)
     assert g._path({"path": relative}) == relative
+
+
+async def test_output_pipes_are_large_from_the_start(agent: AgentClient, tmp_path: Path) -> None:
+    # a fast writer can hand over a whole MiB before the agent's first read (posix_spawn and Popen)
+    probe = [sys.executable, "-c", "import fcntl; print(fcntl.fcntl(1, 1032), fcntl.fcntl(2, 1032))"]
+    for cwd in (os.getcwd(), str(tmp_path)):
+        r = await agent.exec(probe, cwd=cwd)  # 1032: F_GETPIPE_SZ
+        assert r.stdout_text.split() == [str(g.PIPE_SIZE)] * 2, r.stderr_text

@@ -62,7 +62,7 @@ else:  # the guest: wire.py is installed next to this file (sys.path[0]); same n
 # ------------------------------------------------------------------------------------------- agent core
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXIT_LINGER = 2.0  # after the leader exits, how long we keep reading pipes held by its children
-PIPE_SIZE = 1024 * 1024  # stdout/stderr pipes of a command (Linux default: 64 KiB)
+PIPE_SIZE = 1024 * 1024  # stdout/stderr pipes of a command, from the start (Linux default: 64 KiB)
 BULK_READ = 4096  # reads of a page or more, twice in a row, mean bulk output: then pause ...
 BULK_PAUSE = 0.001  # ... this long before each read, so the pipe fills instead of waking us per write
 STARTED_HOLD = 0.01  # an exec's "started" event waits this long for company (output or the result)
@@ -431,6 +431,9 @@ class Proc:
             close_fds=False,
         )
         self.pid = self.popen.pid
+        for pipe in (self.popen.stdout, self.popen.stderr):  # bulk output then comes in large reads
+            if pipe is not None:
+                _grow_pipe(pipe.fileno())
         self.exit_code: int | None = None
         self.signal: int | None = None
         self.ended: float | None = None
@@ -489,9 +492,9 @@ class Proc:
 
         At ``deadline`` (monotonic) the process group is killed; returns whether that happened. The
         exit is seen through a pidfd in the same poll (no waiter thread, where the kernel has it).
-        Bulk output is read in large gulps: after two full reads in a row the pipes are enlarged and
-        the pump pauses briefly before each read, so a writer producing small writes fills the pipe
-        instead of waking the pump (and sending a frame) for each one. ``quiet`` is (seconds, hook):
+        Bulk output is read in large gulps from the enlarged pipes: after two reads of a page or more
+        in a row the pump pauses briefly before each read, so a writer producing small writes fills
+        the pipe instead of waking the pump (and sending a frame) for each one. ``quiet`` is (seconds, hook):
         the hook runs once that long after the start, unless the process has ended by then.
         """
         import select
@@ -507,7 +510,6 @@ class Proc:
         linger: float | None = None
         killed = False
         bulk = 0
-        grown = False
         hook_at, hook = (time.monotonic() + quiet[0], quiet[1]) if quiet else (None, None)
         try:
             while streams:
@@ -541,13 +543,8 @@ class Proc:
                         poll.unregister(fd)
                         del streams[fd]
                 bulk = bulk + 1 if got >= BULK_READ else 0
-                if bulk >= 2 and streams:
-                    if not grown:  # bulk output: fewer, larger reads from a larger pipe
-                        grown = True
-                        for fd in streams:
-                            _grow_pipe(fd)
-                    if got < CHUNK_SIZE:  # we drained the pipe: let the writer fill it for a moment
-                        time.sleep(BULK_PAUSE)
+                if bulk >= 2 and streams and got < CHUNK_SIZE:
+                    time.sleep(BULK_PAUSE)  # we drained the pipe: let the writer fill it for a moment
         finally:
             for pipe in (self.popen.stdout, self.popen.stderr):
                 if pipe is not None:
