@@ -35,6 +35,13 @@ async def test_agent_over_virtio_serial(svm: Any, guest_image: Any) -> None:
     assert r.exit_code == 0 and r.stdout_text.strip() == info.kernel
     assert (await agent.exec("exit 7")).exit_code == 7
 
+    # timers: the TSC stays the clock source and high-resolution timers are on (under TCG they were
+    # not: periodic 4 ms ticks without ARAT, and refined-jiffies when boot ran on a loaded host)
+    clock = await agent.files.read("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+    assert clock == b"tsc\n"
+    timers = (await agent.exec(["grep", "-c", "hres_active *: 1", "/proc/timer_list"])).stdout_text
+    assert timers.strip() == "1"  # one CPU
+
     # streaming: the second line is only printed after the host saw the first
     seen: list[ExecEvent] = []
     async for ev in agent.exec_stream(

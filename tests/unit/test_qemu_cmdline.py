@@ -45,7 +45,7 @@ def test_machine_memory_cpus_and_fixed_flags() -> None:
     for flag in ("-nodefaults", "-no-user-config", "-nographic", "-no-reboot"):
         assert flag in argv
     assert "-incoming" not in argv
-    assert option_values(argv, "-cpu") == []  # TCG keeps QEMU's default CPU model
+    assert option_values(argv, "-cpu") == ["qemu64,+arat"]  # TCG: the default model, with ARAT
 
 
 def test_console_qmp_and_agent_channel_live_in_the_runtime_dir() -> None:
@@ -77,14 +77,22 @@ def test_a_single_agent_port_is_the_layout_of_older_snapshots() -> None:
 def test_tcg_boot_args_are_added_but_never_override_the_user() -> None:
     args = kernel_cmdline(config(), TCG).split()
     assert args[0] == "console=ttyS0"
-    for item in ("tsc_early_khz=2300000", "cryptomgr.notests=1", "max_loop=1", "quiet", "panic=1"):
+    for item in (
+        "tsc_early_khz=2300000",
+        "cryptomgr.notests=1",
+        "max_loop=1",
+        "quiet",
+        "panic=1",
+        "tsc=reliable",
+    ):
         assert item in args
-    user_args = "tsc_early_khz=1000 loglevel=8 panic=5"
+    user_args = "tsc_early_khz=1000 loglevel=8 panic=5 tsc=unstable"
     user = config(boot_source={"kernel_image_path": "/k", "boot_args": user_args})
     args = kernel_cmdline(user, TCG).split()
     assert [a for a in args if a.startswith("tsc_early_khz")] == ["tsc_early_khz=1000"]
     assert "quiet" not in args  # the user asked for a log level
     assert [a for a in args if a.startswith("panic")] == ["panic=5"]
+    assert [a for a in args if a.startswith("tsc=")] == ["tsc=unstable"]
 
 
 def test_kvm_gets_no_tcg_workarounds_and_the_host_cpu() -> None:

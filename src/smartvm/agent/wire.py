@@ -83,13 +83,17 @@ class FrameError(NamedTuple):
 def encode_head(
     ftype: int,
     channel: int,
-    header: dict[str, Any] | None,
+    header: dict[str, Any] | bytes | None,
     payload_len: int,
     version: int = PROTOCOL_VERSION,
 ) -> bytes:
     """The bytes of a frame that come before its payload (the payload can then be written as it is,
-    without copying it into one buffer). Raises ValueError if the frame would exceed the limits."""
-    hj = json.dumps(header, separators=(",", ":")).encode() if header else b""
+    without copying it into one buffer). ``header`` may be given already encoded (JSON bytes).
+    Raises ValueError if the frame would exceed the limits."""
+    if isinstance(header, bytes):
+        hj = header if header != b"{}" else b""
+    else:
+        hj = json.dumps(header, separators=(",", ":")).encode() if header else b""
     if len(hj) > MAX_HEADER_JSON or payload_len > MAX_PAYLOAD:
         raise ValueError(f"frame too large: header {len(hj)} B, payload {payload_len} B")
     return HEADER.pack(MAGIC, version, ftype, 0, channel, len(hj), payload_len) + hj

@@ -23,8 +23,16 @@ DiskFormat = Literal["raw", "qcow2"]
 
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1"
 # Measured on TCG: skip crypto self-tests and loop setup, and do not print every boot line to a
-# slow emulated UART (about 1.4 s -> 1.0 s to init).
-TCG_BOOT_ARGS = ("cryptomgr.notests=1", "max_loop=1", "quiet")
+# slow emulated UART (about 1.4 s -> 1.0 s to init). ``tsc=reliable``: the guest's TSC is the host's
+# (TCG reads the host TSC), but with no HPET or PM timer on microvm the kernel checks it against
+# jiffies, and on a loaded host delayed ticks made it declare the TSC unstable during boot and fall
+# back to refined-jiffies: a 4 ms clock and no high-resolution timers for the VM's whole life.
+TCG_BOOT_ARGS = ("cryptomgr.notests=1", "max_loop=1", "quiet", "tsc=reliable")
+# Under TCG: QEMU's default model plus ARAT ("the APIC timer keeps running in deep C-states"), which TCG
+# emulates. Without it the guest kernel flags its only clock event device (the LAPIC timer) as stopping
+# in C3 and, with no broadcast device on microvm, never leaves periodic 4 ms ticks: no high-resolution
+# timers (a 1 ms sleep took 4 ms), no tickless idle (250 wake-ups a second in every idle guest).
+TCG_CPU = "qemu64,+arat"
 _QCOW2_MAGIC = b"QFI\xfb"
 
 
@@ -202,7 +210,8 @@ def build_argv(config: MicroVMConfig, runtime: VMRuntime, spec: LaunchSpec) -> l
         ram_backend(mc.mem_size_mib, spec),
         "-accel",
         spec.accel,
-        *(["-cpu", "host"] if spec.accel == "kvm" else []),  # TCG: QEMU's default model
+        "-cpu",
+        "host" if spec.accel == "kvm" else TCG_CPU,
         "-smp",
         smp,
         "-m",
