@@ -73,6 +73,7 @@ async def test_run_starts_no_thread_of_its_own(agent: AgentClient, agent_server:
     def threads() -> int:
         return len(os.listdir(f"/proc/{agent_server.proc.pid}/task"))
 
+    await asyncio.gather(*(agent.ping() for _ in range(4)))  # idle workers for both requests below
     counts = []
     for events in (
         agent.exec_stream(["sleep", "1"], timeout=30),
