@@ -5,10 +5,9 @@ against the same calls on the in-process SandboxManager behind that app (QEMU en
 Both paths share one manager, one data dir and one warm pool, and calls are timed in turns, so the
 difference is the compatibility layer: HTTP, JSON, the API key check, the access token, the SDK.
 Creates are measured with a warm pool of one (the service's default; every create first waits,
-untimed, until it holds a sandbox again) and without one (a full restore per create). With the
-pool, a create starts the pool's next restore before it returns: the native call returns at once,
-the SDK's answer still has to travel while that restore takes the CPU. ``commands.run("true")``
-runs ``/bin/bash -l -c true`` as ``user`` on both paths.
+untimed, until it holds a sandbox again) and without one (a full restore per create). The pool's
+next restore starts 0.1 s after a create (warm.REFILL_DELAY_S), after both calls have returned.
+``commands.run("true")`` runs ``/bin/bash -l -c true`` as ``user`` on both paths.
 """
 
 from __future__ import annotations

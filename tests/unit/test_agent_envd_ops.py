@@ -66,6 +66,28 @@ async def test_run_reports_timed_out_to_an_attached_caller(agent: AgentClient) -
     assert events[-1].result.signal == signal.SIGKILL
 
 
+async def test_run_starts_no_thread_of_its_own(agent: AgentClient, agent_server: AgentServer) -> None:
+    """proc_run pumps on its request's worker like exec (a thread start costs about 1 ms under TCG,
+    on every E2B command): while either runs, the agent has the same number of threads."""
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{agent_server.proc.pid}/task"))
+
+    await asyncio.gather(*(agent.ping() for _ in range(4)))  # idle workers for both requests below
+    counts = []
+    for events in (
+        agent.exec_stream(["sleep", "1"], timeout=30),
+        agent.processes.run(["sleep", "1"], timeout=30),
+    ):
+        async with contextlib.aclosing(events):
+            async for ev in events:
+                if ev.kind == "started":
+                    await asyncio.sleep(0.4)  # the old pump and timer threads started right after this
+                    counts.append(threads())
+        assert ev.kind == "exit" and ev.result is not None and ev.result.exit_code == 0
+    assert counts[1] == counts[0]
+
+
 async def test_run_missing_program_is_exit_127(agent: AgentClient) -> None:
     events = await _collect(agent.processes.run(["/no/such/program"]))
     assert [e.kind for e in events] == ["stderr", "exit"]

@@ -481,3 +481,27 @@ async def test_download_of_any_file_name(rpc: ConnectJSON, tmp_path: Path) -> No
         assert disposition.isascii() and disposition.startswith("attachment; filename=")
         charset, _, quoted = disposition.split("filename*=", 1)[1].partition("''")
         assert charset == "utf-8" and urllib.parse.unquote(quoted) == name
+
+
+async def test_a_silent_stream_costs_one_task_and_ends_when_its_client_goes(
+    envd: tuple[str, AgentClient], rpc: ConnectJSON
+) -> None:
+    """A Start stream waiting on a silent command holds one task of its own (the agent pump; no
+    watcher, no per-wait task), and its client going away ends it at once: the command keeps
+    running (detached, as envd does) and nothing of the stream is left."""
+    _, agent = envd
+    await rpc.unary("process.Process/List", {})  # the connection and the server's tasks exist now
+    before = asyncio.all_tasks()
+    stream = rpc.stream("process.Process/Start", {"process": {"cmd": "sleep", "args": ["300"]}})
+    _, first = await anext(stream)
+    pid = first["event"]["start"]["pid"]
+    await asyncio.sleep(0.3)
+    during = {t for t in asyncio.all_tasks() if t not in before} - {asyncio.current_task()}
+    # the server's task for the request, connectrpc's disconnect monitor, the pump
+    assert len(during) <= 3, sorted(t.get_coro().__qualname__ for t in during)  # type: ignore[union-attr]
+    await stream.aclose()  # the client goes away
+    _, pending = await asyncio.wait(during, timeout=10)
+    assert not pending
+    running = {p.pid: p for p in await agent.processes.list()}
+    assert running[pid].running
+    await agent.processes.signal(pid, "SIGKILL")

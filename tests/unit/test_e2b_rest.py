@@ -6,6 +6,7 @@ guests in tests/integration/test_e2b_sdk_service.py.
 
 from __future__ import annotations
 
+import inspect
 import os
 import stat
 import time
@@ -29,6 +30,31 @@ from smartvm.service.e2b.rest.tokens import DB_FILE, AccessTokens
 from smartvm.service.keys import KeyStore
 
 S = SandboxState
+
+
+# --- the routes ---------------------------------------------------------------------------------
+def test_route_dependencies_run_on_the_event_loop() -> None:
+    """FastAPI runs a plain-function dependency in its thread pool: a thread hop on every request
+    (a create, an info, a kill), which a busy machine makes slow. Every dependency is async."""
+    from fastapi.dependencies.models import Dependant
+    from fastapi.routing import APIRoute
+
+    from smartvm.service.e2b.rest.routes import router
+
+    def calls(dependant: Dependant) -> Iterator[Any]:
+        yield dependant.call
+        for sub in dependant.dependencies:
+            yield from calls(sub)
+
+    def is_async(call: Any) -> bool:  # a function, or an object such as APIKeyHeader
+        return inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(type(call).__call__)
+
+    routes = [r for r in router.routes if isinstance(r, APIRoute)]
+    assert len(routes) >= 10
+    sync = {
+        getattr(c, "__qualname__", repr(c)) for r in routes for c in calls(r.dependant) if not is_async(c)
+    }
+    assert sync == set()
 
 
 # --- the token store ------------------------------------------------------------------------------

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: how long a refill waits before it starts restoring: the create that took a warm sandbox answers
+#: its caller first (a service's response is still being written, read and parsed) without a new
+#: hypervisor starting on the same cores and event loop meanwhile
+REFILL_DELAY_S = 0.1
+
 
 @dataclass
 class WarmSandbox:
@@ -65,7 +70,8 @@ class WarmPool:
         return None
 
     def refill(self, template: str) -> None:
-        """Start making warm sandboxes of ``template`` until there are ``size`` of them."""
+        """Start making warm sandboxes of ``template`` until there are ``size`` of them, after
+        :data:`REFILL_DELAY_S`."""
         if self.closed or self.size <= 0:
             return
         task = self._tasks.get(template)
@@ -75,6 +81,7 @@ class WarmPool:
             )
 
     async def _fill(self, template: str) -> None:
+        await asyncio.sleep(REFILL_DELAY_S)
         while not self.closed and len(self._ready.get(template, [])) < self.size:
             try:
                 warm = await self.make(template)

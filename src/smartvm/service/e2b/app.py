@@ -140,15 +140,15 @@ class EnvdApp:
             await admitted(scope, receive, send)
             return
         assert sandbox_id is not None
-        gone = asyncio.Event()
+        request = b.Request(sandbox_id, admitted, self.homes)
 
         async def watched() -> Message:  # lets silent streams notice a client that went away
             message = await receive()
             if message["type"] == "http.disconnect":
-                gone.set()
+                request.gone.set()
             return message
 
-        token = b.bind(b.Request(sandbox_id, admitted, gone, self.homes))
+        token = b.bind(request)
         try:
             if path.startswith("/process.Process/"):
                 await self._process(scope, watched, send)

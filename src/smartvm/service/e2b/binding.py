@@ -8,9 +8,9 @@ id into an :class:`EnvdBinding`; this module never knows where sandboxes come fr
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
+import contextlib
 import contextvars
 import hmac
 import inspect
@@ -86,15 +86,48 @@ class UserHomes:
         return home.rstrip("/") + "/" + rest
 
 
+class ClientGone:
+    """Set once a request's client has gone away; subscribers are called then (at once if it is
+    already set). A callback, not an event, so that a stream needs no task to watch for it."""
+
+    def __init__(self) -> None:
+        self._set = False
+        self._subscribers: list[Callable[[], None]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        subscribers, self._subscribers = self._subscribers, []
+        for fn in subscribers:
+            fn()
+
+    def subscribe(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call `fn` when the client goes away; returns the unsubscribe call."""
+        if self._set:
+            fn()
+            return lambda: None
+        self._subscribers.append(fn)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(fn)
+
+        return unsubscribe
+
+
 @dataclass(frozen=True)
 class Request:
-    """The request being served: its sandbox, an event set when its client has gone away, and the
-    app's cache of user home directories."""
+    """The request being served: its sandbox, the app's cache of user home directories, and whether
+    its client has gone away."""
 
     sandbox_id: str
     binding: EnvdBinding
-    gone: asyncio.Event
     homes: UserHomes
+    gone: ClientGone = field(default_factory=ClientGone)
 
 
 _current: contextvars.ContextVar[Request] = contextvars.ContextVar("smartvm_envd_request")

@@ -55,9 +55,9 @@ async def with_keepalive(
     """Items of `source`, with None after every `interval` seconds without one; DEADLINE_EXCEEDED at
     `deadline`, CANCELED as soon as the client goes away (even while nothing is sent). `source` runs
     in its own task (a timed-out wait must not cancel it mid-step) and is closed when this generator
-    ends, however it ends."""
+    ends, however it ends. Per stream that is one task: items already queued are taken without a
+    wait, a wait arms one timer, and the client's going away is a callback."""
     queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue(maxsize=16)
-    gone = b.current_request().gone
 
     async def pump() -> None:
         try:
@@ -69,15 +69,14 @@ async def with_keepalive(
         finally:
             await source.aclose()
 
-    async def watch_client() -> None:
-        await gone.wait()
+    def client_gone() -> None:
         task.cancel()
         while queue.full():  # the reader is not running now: make room for the last word
             queue.get_nowait()
         queue.put_nowait((False, ConnectError(Code.CANCELED, "the client went away")))
 
     task = asyncio.create_task(pump())
-    watcher = asyncio.create_task(watch_client())
+    unsubscribe = b.current_request().gone.subscribe(client_gone)
     try:
         while True:
             wait = interval
@@ -85,19 +84,23 @@ async def with_keepalive(
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise ConnectError(Code.DEADLINE_EXCEEDED, "the request's Connect-Timeout-Ms passed")
-            try:
-                more, item = await asyncio.wait_for(queue.get(), wait)
-            except TimeoutError:
-                if deadline is None or time.monotonic() < deadline:
-                    yield None
-                continue
+            if queue.empty():
+                try:
+                    async with asyncio.timeout(wait):
+                        more, item = await queue.get()
+                except TimeoutError:
+                    if deadline is None or time.monotonic() < deadline:
+                        yield None
+                    continue
+            else:
+                more, item = queue.get_nowait()
             if not more:
                 if isinstance(item, BaseException):
                     raise item
                 return
             yield item
     finally:
-        for t in (watcher, task):
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        unsubscribe()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -51,7 +51,9 @@ S = SandboxState
 router = APIRouter(route_class=E2BRoute, dependencies=[Depends(require_api_key)], tags=["E2B-compatible"])
 
 
-def face(request: Request) -> E2BFace:
+async def face(request: Request) -> E2BFace:
+    """The routes' E2BFace (async: FastAPI would run a plain function in its thread pool, a thread
+    hop on every request)."""
     e2b: E2BFace = request.app.state.e2b
     return e2b
 
