@@ -357,14 +357,18 @@ class QemuEngine(Engine):
             },
         )
 
-    async def _set_ignore_shared(self, on: bool) -> None:
+    async def _set_capabilities(self, *, ignore_shared: bool) -> None:
+        """``x-ignore-shared`` as asked; ``events`` on, so that the end of a migration wakes
+        :meth:`_wait_migration` at once."""
+        caps = {"x-ignore-shared": ignore_shared, "events": True}
         await self._execute(
-            "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": on}]}
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
         )
 
     async def _migrate_to(self, part: Path, *, ignore_shared: bool) -> None:
         """Write the migration stream of the paused guest to ``part`` (without RAM when it is shared)."""
-        await self._set_ignore_shared(ignore_shared)
+        await self._set_capabilities(ignore_shared=ignore_shared)
         await self._execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
         await self._pass_file(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, ErrorCode.SNAPSHOT_FAILED)
         await self._execute("migrate", {"uri": f"fd:{_MIGRATION_FD}"})
@@ -408,7 +412,11 @@ class QemuEngine(Engine):
                 return info
             if time.monotonic() > deadline:
                 raise SmartVMError(code, f"{what} did not finish within {timeout:.0f}s")
-            await asyncio.sleep(_POLL_S)
+            if self._qmp is None:
+                await asyncio.sleep(_POLL_S)
+                continue
+            with contextlib.suppress(SmartVMError):  # QEMU's MIGRATION event, else poll again soon
+                await self._qmp.wait_event("MIGRATION", _POLL_S * 4)
 
     async def restore(self, request: RestoreRequest) -> None:
         snapshot = request.snapshot
@@ -475,8 +483,7 @@ class QemuEngine(Engine):
         what = f"restoring {state_path}"
         process = self._require_process()
         try:
-            if ignore_shared:
-                await self._set_ignore_shared(True)
+            await self._set_capabilities(ignore_shared=ignore_shared)
             await self._pass_file(state_path, os.O_RDONLY, ErrorCode.SNAPSHOT_INVALID)
             await self._execute("migrate-incoming", {"uri": f"fd:{_MIGRATION_FD}"})
             info = await self._wait_migration(what, ErrorCode.SNAPSHOT_INVALID)

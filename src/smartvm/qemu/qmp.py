@@ -65,7 +65,7 @@ class QMPClient:
                     ErrorCode.SOCKET_TIMEOUT,
                     f"QMP socket {path} did not accept connections within {timeout:.1f}s ({last})",
                 )
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)  # QEMU creates the socket ~20 ms after it starts: do not add 10
         client = cls(path, reader, writer)
         try:
             await asyncio.wait_for(client._handshake(), max(deadline - time.monotonic(), 0.5))
