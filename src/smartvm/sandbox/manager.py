@@ -756,7 +756,8 @@ class SandboxManager:
 
     # --- pause / resume -------------------------------------------------------------------------------
     async def pause(self, sandbox_id: str) -> None:
-        """Save the sandbox's memory and processes to disk and free its VM, slot and devices."""
+        """Save the sandbox's memory and processes to disk and free its VM, slot and devices (the
+        slot's namespace is torn down in the background right after; close() waits for it)."""
         async with self._lock(sandbox_id):
             rec = self._record(sandbox_id)
             if rec.state is S.PAUSED:
