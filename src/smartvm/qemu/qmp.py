@@ -142,9 +142,14 @@ class QMPClient:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[cmd_id] = ("getfd", future)
         try:
-            await self._writer.drain()  # nothing of an earlier command may be queued behind this one
+            # the descriptor goes with the first byte of the message: nothing may be queued before it
+            transport = self._writer.transport
+            for _ in range(1000):
+                if not transport.get_write_buffer_size() or transport.is_closing():
+                    break
+                await asyncio.sleep(0.001)
             transport_sock = self._writer.get_extra_info("socket")
-            if transport_sock is None or self._writer.transport.get_write_buffer_size():
+            if transport_sock is None or transport.is_closing() or transport.get_write_buffer_size():
                 raise SmartVMError(ErrorCode.QMP_ERROR, "QMP getfd: the QMP socket is busy or gone")
             with transport_sock.dup() as sock:  # non-blocking like it; the drained buffer has room
                 socket.send_fds(sock, [json.dumps(message).encode() + b"\n"], [fd])
