@@ -18,7 +18,14 @@ HOLD_MEMORY = (
 
 
 async def _count(sbx: Any) -> int:
-    return int((await sbx.files.read_text("count")).strip() or 0)
+    """The counter's value. The loop rewrites the file in place (truncate, then write), and right after
+    a resume the guest runs that code cold under TCG, so a read can land between the two: read again."""
+    for _ in range(50):
+        text = (await sbx.files.read_text("count")).strip()
+        if text:
+            return int(text)
+        await asyncio.sleep(0.02)
+    return 0
 
 
 async def _wait_file(sbx: Any, path: str) -> None:

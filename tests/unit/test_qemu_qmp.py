@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -132,3 +133,21 @@ async def test_a_socket_that_is_not_qmp_is_refused(sock_dir: Path) -> None:
             await QMPClient.connect(path, timeout=2)
     assert err.value.code == ErrorCode.QMP_ERROR
     assert "not a QMP greeting" in err.value.message
+
+
+async def test_pass_fd_hands_qemu_the_descriptor(
+    client: QMPClient, qemu: tuple[subprocess.Popen[bytes], Path], sock_dir: Path
+) -> None:
+    """Migration streams go to a descriptor QEMU gets over QMP (``getfd``), not through ``exec:cat``."""
+    target = sock_dir / "stream"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        await asyncio.gather(client.pass_fd("stream", fd), client.execute("query-status"))
+    finally:
+        os.close(fd)
+    fds = f"/proc/{qemu[0].pid}/fd"
+    held = [os.readlink(f"{fds}/{n}") for n in os.listdir(fds)]
+    assert str(target) in held  # QEMU holds its own copy
+    await client.execute("closefd", {"fdname": "stream"})  # known to QEMU by that name
+    with raises_code(ErrorCode.QMP_ERROR):
+        await client.execute("closefd", {"fdname": "stream"})

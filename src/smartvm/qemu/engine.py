@@ -1,8 +1,9 @@
 """QemuEngine: one ``qemu-system-x86_64 -M microvm`` process per VM, driven over QMP.
 
-Snapshots are QEMU migration streams written with ``exec:cat`` while the guest is paused (with the
-migration bandwidth cap lifted: the default cap makes even an idle 256 MiB guest take 3-4x longer),
-plus a copy-on-write copy of every writable disk. Guest RAM is handled one of two ways:
+Snapshots are QEMU migration streams that QEMU writes itself into a file descriptor handed over QMP
+(``getfd`` + ``fd:``) while the guest is paused (with the migration bandwidth cap lifted: the default
+cap makes even an idle 256 MiB guest take 3-4x longer), plus a copy-on-write copy of every writable
+disk. Guest RAM is handled one of two ways:
 
 - runtime dir on tmpfs (the default ``/dev/shm``): RAM is a shared file in the runtime dir; with
   ``x-ignore-shared`` the stream carries only device state, and the RAM file is copied to the
@@ -10,9 +11,9 @@ plus a copy-on-write copy of every writable disk. Guest RAM is handled one of tw
   unmodified pages. (A restored clone's own snapshots then carry RAM in the stream.)
 - otherwise RAM is anonymous and travels in the stream; the snapshot has no memory file.
 
-A restore starts QEMU with the same device set and ``-incoming defer``, then ``migrate-incoming``;
-if QEMU refuses the stream (other memory size, other devices) it exits and its own message becomes
-a SNAPSHOT_MISMATCH error.
+A restore starts QEMU with the same device set and ``-incoming defer``, then ``migrate-incoming``
+(``fd:`` too); if QEMU refuses the stream (other memory size, other devices) it exits and its own
+message becomes a SNAPSHOT_MISMATCH error.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shlex
 import signal
 import time
 from pathlib import Path
@@ -59,6 +59,7 @@ from smartvm.snapshot import Snapshot, SnapshotType
 RAM_FILE = "guest.ram"
 MAX_BANDWIDTH = 1 << 40  # bytes/s: effectively uncapped
 _POLL_S = 0.005
+_MIGRATION_FD = "smartvm-migration"  # the name QEMU knows the stream file by (QMP getfd)
 # QEMU's own words when a migration stream does not fit the restoring machine.
 _MISMATCH_HINTS = (
     "mismatch",
@@ -356,16 +357,21 @@ class QemuEngine(Engine):
             },
         )
 
-    async def _set_ignore_shared(self, on: bool) -> None:
+    async def _set_capabilities(self, *, ignore_shared: bool) -> None:
+        """``x-ignore-shared`` as asked; ``events`` on, so that the end of a migration wakes
+        :meth:`_wait_migration` at once."""
+        caps = {"x-ignore-shared": ignore_shared, "events": True}
         await self._execute(
-            "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": on}]}
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
         )
 
     async def _migrate_to(self, part: Path, *, ignore_shared: bool) -> None:
         """Write the migration stream of the paused guest to ``part`` (without RAM when it is shared)."""
-        await self._set_ignore_shared(ignore_shared)
+        await self._set_capabilities(ignore_shared=ignore_shared)
         await self._execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
-        await self._execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(part))}"})
+        await self._pass_file(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, ErrorCode.SNAPSHOT_FAILED)
+        await self._execute("migrate", {"uri": f"fd:{_MIGRATION_FD}"})
         try:
             info = await self._wait_migration("writing the snapshot state", ErrorCode.SNAPSHOT_FAILED)
         except BaseException:
@@ -379,6 +385,24 @@ class QemuEngine(Engine):
                 f"QEMU could not write the snapshot state: {info.get('error-desc', info)}",
             )
 
+    async def _pass_file(self, path: Path, flags: int, code: ErrorCode) -> None:
+        """Open ``path`` and hand QEMU the descriptor as ``fd:{_MIGRATION_FD}``: it reads or writes the
+        stream itself (``exec:cat`` cost a process and a pipe copy of every byte)."""
+        process = self._require_process()
+        if not process.is_alive():
+            await process.wait(0)
+            raise self.exited_error("QMP getfd not possible")
+        if self._qmp is None:
+            self._qmp = await QMPClient.connect(self.runtime.qmp_socket, self.options.socket_timeout_s)
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise SmartVMError(code, f"cannot open the snapshot state {path}: {exc.strerror}") from exc
+        try:
+            await self._qmp.pass_fd(_MIGRATION_FD, fd)
+        finally:
+            os.close(fd)  # QEMU holds its own copy now
+
     async def _wait_migration(self, what: str, code: ErrorCode, timeout: float = 300.0) -> dict[str, Any]:
         """Poll ``query-migrate`` until the migration ends (completed, failed or cancelled)."""
         deadline = time.monotonic() + timeout
@@ -388,7 +412,11 @@ class QemuEngine(Engine):
                 return info
             if time.monotonic() > deadline:
                 raise SmartVMError(code, f"{what} did not finish within {timeout:.0f}s")
-            await asyncio.sleep(_POLL_S)
+            if self._qmp is None:
+                await asyncio.sleep(_POLL_S)
+                continue
+            with contextlib.suppress(SmartVMError):  # QEMU's MIGRATION event, else poll again soon
+                await self._qmp.wait_event("MIGRATION", _POLL_S * 4)
 
     async def restore(self, request: RestoreRequest) -> None:
         snapshot = request.snapshot
@@ -455,9 +483,9 @@ class QemuEngine(Engine):
         what = f"restoring {state_path}"
         process = self._require_process()
         try:
-            if ignore_shared:
-                await self._set_ignore_shared(True)
-            await self._execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state_path))}"})
+            await self._set_capabilities(ignore_shared=ignore_shared)
+            await self._pass_file(state_path, os.O_RDONLY, ErrorCode.SNAPSHOT_INVALID)
+            await self._execute("migrate-incoming", {"uri": f"fd:{_MIGRATION_FD}"})
             info = await self._wait_migration(what, ErrorCode.SNAPSHOT_INVALID)
         except SmartVMError as exc:
             if process.is_alive():

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ class QMPClient:
                     ErrorCode.SOCKET_TIMEOUT,
                     f"QMP socket {path} did not accept connections within {timeout:.1f}s ({last})",
                 )
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)  # QEMU creates the socket ~20 ms after it starts: do not add 10
         client = cls(path, reader, writer)
         try:
             await asyncio.wait_for(client._handshake(), max(deadline - time.monotonic(), 0.5))
@@ -128,6 +129,35 @@ class QMPClient:
             if isinstance(exc, QMPError) or exc.code != ErrorCode.QMP_ERROR:
                 raise
             raise SmartVMError(ErrorCode.QMP_ERROR, f"QMP {command} failed: {exc.message}") from exc
+        finally:
+            self._pending.pop(cmd_id, None)
+
+    async def pass_fd(self, name: str, fd: int, timeout: float | None = 30.0) -> None:
+        """Hand QEMU a copy of ``fd`` under ``name`` (``getfd`` with the descriptor in SCM_RIGHTS), for
+        a later ``fd:name`` URI: QEMU then reads or writes the file itself, no helper process."""
+        if self._closed_reason is not None:
+            raise SmartVMError(ErrorCode.QMP_ERROR, f"QMP getfd not sent: {self._closed_reason}")
+        cmd_id = f"smartvm-{next(self._ids)}"
+        message = {"execute": "getfd", "arguments": {"fdname": name}, "id": cmd_id}
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[cmd_id] = ("getfd", future)
+        try:
+            # the descriptor goes with the first byte of the message: nothing may be queued before it
+            transport = self._writer.transport
+            for _ in range(1000):
+                if not transport.get_write_buffer_size() or transport.is_closing():
+                    break
+                await asyncio.sleep(0.001)
+            transport_sock = self._writer.get_extra_info("socket")
+            if transport_sock is None or transport.is_closing() or transport.get_write_buffer_size():
+                raise SmartVMError(ErrorCode.QMP_ERROR, "QMP getfd: the QMP socket is busy or gone")
+            with transport_sock.dup() as sock:  # non-blocking like it; the drained buffer has room
+                socket.send_fds(sock, [json.dumps(message).encode() + b"\n"], [fd])
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError as exc:
+            raise SmartVMError(ErrorCode.QMP_ERROR, f"QMP getfd got no reply within {timeout:.1f}s") from exc
+        except OSError as exc:
+            raise SmartVMError(ErrorCode.QMP_ERROR, f"QMP getfd failed: {exc}") from exc
         finally:
             self._pending.pop(cmd_id, None)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mmap
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +25,7 @@ from smartvm.host.private_dirs import ensure_private_dir
 from smartvm.host.storage import clone_file
 from smartvm.images.build_steps import digest, file_identity
 from smartvm.orchestrator import SmartVM
+from smartvm.qemu.cmdline import on_tmpfs
 from smartvm.sandbox.settings import DEFAULT_USER
 from smartvm.snapshot import Snapshot
 from smartvm.vm import MicroVM
@@ -243,9 +245,26 @@ async def _build_into(
             await vm.create_snapshot(snap / "vm.state", snap / "memory", copy_disks=False)
         finally:
             await vm.kill()
+        await asyncio.to_thread(fill_memory_holes, snap / "memory")
     finally:
         if pool is not None and slot is not None:
             await pool.release(slot)
+
+
+def fill_memory_holes(memory: Path) -> None:
+    """Read-fault every page of a template's memory file once when it lives on tmpfs.
+
+    The file is sparse (only the guest's non-zero pages are written), and tmpfs allocates a zeroed page
+    for a hole the first time any process read-faults it through a mapping. A sandbox's first pause
+    does exactly that (QEMU's migration reads all of guest RAM): it paid ~140 ms more than later ones,
+    once per template. Done here, at build time, it costs ~100 ms and the memory the first pause
+    would have taken anyway (the file's full size, shared by every sandbox of the template)."""
+    if not memory.is_file() or not on_tmpfs(memory.parent):
+        return
+    step = 1 << 20
+    with open(memory, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as view:
+        for offset in range(0, len(view), step):
+            _ = view[offset : offset + step]
 
 
 async def warm_up(vm: MicroVM, user: str) -> None:
