@@ -3,6 +3,7 @@ manager on the same data dir re-adopts the running ones, resumes the paused ones
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from typing import Any
 
 from sandbox_support import assert_no_sandbox_left, manager_for
 
+from smartvm.host.process import running_start_time
 from smartvm.sandbox import SandboxState
 
 HOLDER = textwrap.dedent(
@@ -94,6 +96,10 @@ async def test_a_sandbox_whose_vm_died_while_no_manager_ran_is_failed_and_freed(
         record: Any = mgr._svm.records.load(sbx.id)
         assert record is not None
     os.kill(record.pid, signal.SIGKILL)  # the VM dies while no manager watches
+    for _ in range(200):  # dead, not dying: a process that is still exiting counts as running
+        if running_start_time(record.pid) is None:
+            break
+        await asyncio.sleep(0.05)
     mgr = manager_for(sandbox_data, runtime_root)
     async with mgr:
         again = await mgr.get(sbx.id)
