@@ -23,6 +23,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -263,9 +264,14 @@ class QemuEngine(Engine):
         return self._process
 
     async def _execute(
-        self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = 30.0
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        timeout: float | None = 30.0,
+        *,
+        fds: Sequence[int] = (),
     ) -> Any:
-        """A QMP command; if QEMU died, the error says so with the console tail."""
+        """A QMP command (with ``fds`` attached); if QEMU died, the error says so with the console tail."""
         process = self._require_process()
         if not process.is_alive():
             await process.wait(0)
@@ -273,7 +279,7 @@ class QemuEngine(Engine):
         try:
             if self._qmp is None:  # an adopted QEMU: connect on first use, so exec/cp never hold QMP
                 self._qmp = await QMPClient.connect(self.runtime.qmp_socket, self.options.socket_timeout_s)
-            return await self._qmp.execute(command, arguments, timeout)
+            return await self._qmp.execute(command, arguments, timeout, fds=fds)
         except SmartVMError:
             if await process.wait(0.2):
                 raise self.exited_error(f"QMP {command} failed") from None
@@ -388,18 +394,12 @@ class QemuEngine(Engine):
     async def _pass_file(self, path: Path, flags: int, code: ErrorCode) -> None:
         """Open ``path`` and hand QEMU the descriptor as ``fd:{_MIGRATION_FD}``: it reads or writes the
         stream itself (``exec:cat`` cost a process and a pipe copy of every byte)."""
-        process = self._require_process()
-        if not process.is_alive():
-            await process.wait(0)
-            raise self.exited_error("QMP getfd not possible")
-        if self._qmp is None:
-            self._qmp = await QMPClient.connect(self.runtime.qmp_socket, self.options.socket_timeout_s)
         try:
             fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise SmartVMError(code, f"cannot open the snapshot state {path}: {exc.strerror}") from exc
         try:
-            await self._qmp.pass_fd(_MIGRATION_FD, fd)
+            await self._execute("getfd", {"fdname": _MIGRATION_FD}, fds=[fd])
         finally:
             os.close(fd)  # QEMU holds its own copy now
 

@@ -13,6 +13,7 @@ import itertools
 import json
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +105,14 @@ class QMPClient:
 
     # --- commands and events ---------------------------------------------------------------
     async def execute(
-        self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = 30.0
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        timeout: float | None = 30.0,
+        *,
+        fds: Sequence[int] = (),
     ) -> Any:
-        """Run one QMP command and return its ``return`` value."""
+        """Run one QMP command and return its ``return`` value; ``fds`` go with it (SCM_RIGHTS)."""
         if self._closed_reason is not None:
             raise SmartVMError(ErrorCode.QMP_ERROR, f"QMP {command} not sent: {self._closed_reason}")
         cmd_id = f"smartvm-{next(self._ids)}"
@@ -116,8 +122,12 @@ class QMPClient:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[cmd_id] = (command, future)
         try:
-            self._writer.write(json.dumps(message).encode() + b"\n")
-            await self._writer.drain()
+            data = json.dumps(message).encode() + b"\n"
+            if fds:
+                await self._send_with_fds(data, fds)
+            else:
+                self._writer.write(data)
+                await self._writer.drain()
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError as exc:
             raise SmartVMError(
@@ -135,31 +145,20 @@ class QMPClient:
     async def pass_fd(self, name: str, fd: int, timeout: float | None = 30.0) -> None:
         """Hand QEMU a copy of ``fd`` under ``name`` (``getfd`` with the descriptor in SCM_RIGHTS), for
         a later ``fd:name`` URI: QEMU then reads or writes the file itself, no helper process."""
-        if self._closed_reason is not None:
-            raise SmartVMError(ErrorCode.QMP_ERROR, f"QMP getfd not sent: {self._closed_reason}")
-        cmd_id = f"smartvm-{next(self._ids)}"
-        message = {"execute": "getfd", "arguments": {"fdname": name}, "id": cmd_id}
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[cmd_id] = ("getfd", future)
-        try:
-            # the descriptor goes with the first byte of the message: nothing may be queued before it
-            transport = self._writer.transport
-            for _ in range(1000):
-                if not transport.get_write_buffer_size() or transport.is_closing():
-                    break
-                await asyncio.sleep(0.001)
-            transport_sock = self._writer.get_extra_info("socket")
-            if transport_sock is None or transport.is_closing() or transport.get_write_buffer_size():
-                raise SmartVMError(ErrorCode.QMP_ERROR, "QMP getfd: the QMP socket is busy or gone")
-            with transport_sock.dup() as sock:  # non-blocking like it; the drained buffer has room
-                socket.send_fds(sock, [json.dumps(message).encode() + b"\n"], [fd])
-            await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError as exc:
-            raise SmartVMError(ErrorCode.QMP_ERROR, f"QMP getfd got no reply within {timeout:.1f}s") from exc
-        except OSError as exc:
-            raise SmartVMError(ErrorCode.QMP_ERROR, f"QMP getfd failed: {exc}") from exc
-        finally:
-            self._pending.pop(cmd_id, None)
+        await self.execute("getfd", {"fdname": name}, timeout, fds=[fd])
+
+    async def _send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
+        """Send ``data`` with ``fds`` attached to its first byte: nothing may be queued before it."""
+        transport = self._writer.transport
+        for _ in range(1000):
+            if not transport.get_write_buffer_size() or transport.is_closing():
+                break
+            await asyncio.sleep(0.001)
+        sock = self._writer.get_extra_info("socket")
+        if sock is None or transport.is_closing() or transport.get_write_buffer_size():
+            raise SmartVMError(ErrorCode.QMP_ERROR, "the QMP socket is busy or gone")
+        with sock.dup() as dup:  # non-blocking like it; the drained buffer has room
+            socket.send_fds(dup, [data], list(fds))
 
     async def wait_event(self, names: str | set[str], timeout: float) -> dict[str, Any]:
         """The next event whose name is in ``names`` (earlier, other events are dropped)."""
