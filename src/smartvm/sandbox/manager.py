@@ -932,19 +932,26 @@ class SandboxManager:
         try:
             await self._snapshot(sandbox_id, name, kind=FORK_KIND)
             results: builtins.list[Sandbox | SmartVMError] = []
-            for _ in range(count):
-                try:
-                    results.append(
-                        await self.create(
-                            name,
-                            timeout=end_in,
-                            metadata=source.metadata,
-                            envs=source.envs,
-                            egress=_policy(source.network),
+            try:
+                for _ in range(count):
+                    try:
+                        results.append(
+                            await self.create(
+                                name,
+                                timeout=end_in,
+                                metadata=source.metadata,
+                                envs=source.envs,
+                                egress=_policy(source.network),
+                            )
                         )
-                    )
-                except SmartVMError as exc:
-                    results.append(exc)
+                    except SmartVMError as exc:
+                        results.append(exc)
+            except BaseException:  # cancelled or worse: no caller will ever learn of the forks made
+                for made in results:
+                    if isinstance(made, Sandbox):
+                        with contextlib.suppress(SmartVMError):
+                            await self.kill(made.id)
+                raise
             return results
         finally:
             self._forking.discard(name)

@@ -148,6 +148,9 @@ class SandboxHandle(Protocol):
         """As of the manager's last change (no I/O)."""
 
     @property
+    def template(self) -> str: ...
+
+    @property
     def envs(self) -> Mapping[str, str]: ...
     @property
     def commands(self) -> SandboxCommands: ...

@@ -7,7 +7,6 @@ Mounted before ``routes.router``: ``GET /sandboxes/metrics`` must win over ``GET
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
@@ -89,8 +88,7 @@ async def sandboxes_metrics(
 
 @router.post(
     "/sandboxes/{sandbox_id}/connect",
-    response_model=CreatedSandbox,
-    responses={201: {"model": CreatedSandbox, "description": "resumed"}},
+    **routes.CONNECT_ANSWERS,
     summary="Connect (E2B v1): resume a paused sandbox (201), or extend a running one's end (200)",
 )
 async def connect_sandbox_v1(sandbox_id: str, body: ConnectSandbox, e2b: Face) -> JSONResponse:
@@ -103,7 +101,7 @@ async def resume_sandbox(sandbox_id: str, e2b: Face, body: ResumeRequest | None 
     sbx = await e2b.sandbox(sandbox_id)
     with e2b.ctx.metrics.timed("resume"):
         await sbx.resume(timeout=(body or ResumeRequest()).timeout or None)
-    return await routes.created(e2b, sbx, (await sbx.info()).template)
+    return await routes.created(e2b, sbx, sbx.template)
 
 
 @router.post(
@@ -112,8 +110,5 @@ async def resume_sandbox(sandbox_id: str, e2b: Face, body: ResumeRequest | None 
 async def refresh_sandbox(sandbox_id: str, e2b: Face, body: RefreshRequest | None = None) -> Response:
     """The sandbox lives at least ``duration`` seconds more; an end further away stays."""
     sbx = await e2b.sandbox(sandbox_id)
-    duration = (body or RefreshRequest()).duration
-    info = await sbx.info()
-    if duration and time.time() + duration > info.end_at:
-        await sbx.set_timeout(duration)
+    await routes.extend_end(sbx, await sbx.info(), (body or RefreshRequest()).duration)
     return Response(status_code=204)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import time
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -186,8 +186,7 @@ async def fork_sandbox(sandbox_id: str, e2b: Face, body: ForkRequest | None = No
         if isinstance(result, SmartVMError):
             out.append(ForkResult(error=ForkError(code=status_for(result), message=result.message)))
         else:
-            template = (await result.info()).template
-            out.append(ForkResult(sandbox=await created(e2b, result, template, new_token=True)))
+            out.append(ForkResult(sandbox=await created(e2b, result, result.template, new_token=True)))
     # null members left out: the SDK reads a present ``error: null`` as a failed fork
     return JSONResponse([r.model_dump(mode="json", exclude_none=True) for r in out], status_code=201)
 
@@ -210,10 +209,16 @@ async def pause_sandbox(sandbox_id: str, e2b: Face, body: PauseRequest | None = 
     return Response(status_code=204)
 
 
+# connect answers 200 (it ran) or 201 (resumed), here and on its v1 path (legacy.py)
+CONNECT_ANSWERS: dict[str, Any] = {
+    "response_model": CreatedSandbox,
+    "responses": {201: {"model": CreatedSandbox, "description": "resumed"}},
+}
+
+
 @router.post(
     "/v2/sandboxes/{sandbox_id}/connect",
-    response_model=CreatedSandbox,
-    responses={201: {"model": CreatedSandbox, "description": "resumed"}},
+    **CONNECT_ANSWERS,
     summary="Connect: resume a paused sandbox (201), or extend a running one's end (200) (E2B)",
 )
 async def connect_sandbox(sandbox_id: str, body: ConnectSandbox, e2b: Face) -> JSONResponse:
@@ -234,10 +239,17 @@ async def connect_sandbox(sandbox_id: str, body: ConnectSandbox, e2b: Face) -> J
             ErrorCode.SANDBOX_NOT_RUNNING,
             f"sandbox {sandbox_id} is {info.state.value}: try again in a moment",
         )
-    elif body.timeout is not None and time.time() + body.timeout > info.end_at:
-        await sbx.set_timeout(body.timeout)  # connect only ever moves the end later
+    elif body.timeout is not None:
+        await extend_end(sbx, info, body.timeout)
     answer = await created(e2b, sbx, info.template)
     return JSONResponse(answer.model_dump(mode="json", by_alias=True), status_code=status)
+
+
+async def extend_end(sbx: SandboxHandle, info: SandboxInfoLike, seconds: float) -> None:
+    """The sandbox ends ``seconds`` from now unless it already ends later (connect and refresh only
+    ever move the end later)."""
+    if seconds and time.time() + seconds > info.end_at:
+        await sbx.set_timeout(seconds)
 
 
 def _state(sbx: SandboxHandle) -> SandboxState:
