@@ -239,6 +239,7 @@ class SandboxManager:
             from smartvm.sandbox.reconcile import reconcile
 
             await reconcile(self)
+            await self._collect_forks()  # a crash may have left a fork snapshot no one uses
             await self._pool.start()
         except BaseException:
             await self._shutdown_resources()
@@ -756,6 +757,8 @@ class SandboxManager:
                 _reraise(exc, f"killing sandbox {sandbox_id}")
             await self._transition(sandbox_id, S.STOPPED)
         self._locks.pop(sandbox_id, None)
+        if rec.template.startswith(FORK_PREFIX):  # the last fork takes its snapshot along
+            await self._collect_forks()
 
     async def set_timeout(self, sandbox_id: str, seconds: float) -> None:
         """The sandbox now ends ``seconds`` from now."""
@@ -1147,7 +1150,6 @@ class SandboxManager:
                 acted.append(sid)
             except SmartVMError as exc:
                 log.warning("sandbox %s: reaper: %s", sid, exc)
-        await self._collect_forks()
         return acted
 
 
