@@ -61,9 +61,14 @@ async def test_sigkilled_manager_loses_no_sandbox(sandbox_data: Path, runtime_ro
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+    # pause files of an earlier resume whose background deletion the crash cut short
+    cut_short = sandbox_data / "sandboxes" / ids["running"] / ".resumed-1"
+    cut_short.mkdir()
+    (cut_short / "vm.state").write_bytes(b"old")
     mgr = manager_for(sandbox_data, runtime_root)
     try:
         await mgr.start()
+        assert not cut_short.exists()
         running, paused = await mgr.get(ids["running"]), await mgr.get(ids["paused"])
         assert (running.state, paused.state) == (SandboxState.RUNNING, SandboxState.PAUSED)
         assert await running.files.read("note.txt") == b"survives the crash"

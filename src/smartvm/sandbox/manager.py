@@ -147,6 +147,7 @@ def _host_memory_mib() -> tuple[int, int]:
     return info.get("MemTotal", 0), info.get("MemAvailable", 0)
 
 
+RESUMED_PREFIX = ".resumed-"  # pause files of a resumed sandbox, deleted in the background
 FORK_KIND = "fork"  # a template kind: the snapshot between a sandbox and its forks
 FORK_PREFIX = "fork-"
 MAX_FORKS = 100
@@ -905,7 +906,7 @@ class SandboxManager:
             await self._transition(sandbox_id, S.RUNNING)
             # deleting ~75 MB of memory state takes ~15 ms: renamed out of the way (the next pause
             # reuses the name) and deleted in the background
-            old_state = Path(rec.pause_dir).with_name(f".resumed-{time.monotonic_ns()}")
+            old_state = Path(rec.pause_dir).with_name(f"{RESUMED_PREFIX}{time.monotonic_ns()}")
             try:
                 os.rename(rec.pause_dir, old_state)
             except OSError:

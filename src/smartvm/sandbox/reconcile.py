@@ -133,18 +133,21 @@ async def _release_network(mgr: SandboxManager, rec: SandboxRecord) -> None:
 
 
 def _sweep_dirs(mgr: SandboxManager) -> None:
-    """Sandbox dirs no live or paused sandbox owns, and unfinished template builds."""
+    """Sandbox dirs no live or paused sandbox owns, pause files whose background deletion a crash cut
+    short, and unfinished template builds."""
+    from smartvm.sandbox.manager import RESUMED_PREFIX
+
     wanted = {sid for sid, r in mgr._recs.current() if r.state is not S.ERROR}
     root = mgr.data_dir / "sandboxes"
     for path in root.iterdir() if root.is_dir() else []:
-        if (
-            path.is_dir()
-            and not path.is_symlink()
-            and path.name.startswith("sb-")
-            and path.name not in wanted
-        ):
+        if not path.is_dir() or path.is_symlink() or not path.name.startswith("sb-"):
+            continue
+        if path.name not in wanted:
             log.info("removing %s: no sandbox owns it", path)
             shutil.rmtree(path, ignore_errors=True)
+            continue
+        for old in path.glob(f"{RESUMED_PREFIX}*"):
+            shutil.rmtree(old, ignore_errors=True)
     templates = mgr.data_dir / "templates"
     for build in templates.glob("*/.*.build") if templates.is_dir() else []:
         shutil.rmtree(build, ignore_errors=True)
