@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 import stat
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
@@ -71,6 +74,25 @@ def test_tokens_are_random_private_and_survive_a_reopen(tmp_path: Path) -> None:
         tokens.drop("sb-0000000b")
     with AccessTokens(tmp_path) as tokens:
         assert tokens.get("sb-0000000a") == fresh and tokens.get("sb-0000000b") is None
+
+
+def test_a_token_survives_the_service_being_killed_right_after_it_was_told(tmp_path: Path) -> None:
+    """The store skips the fsync per commit, not the write: a SIGKILL of the process that printed
+    the token (the service answering the create) must not lose it."""
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from smartvm.service.e2b.rest.tokens import AccessTokens\n"
+        "tokens = AccessTokens(Path(sys.argv[1]))\n"
+        "print(tokens.issue('sb-0000000a'), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    told = done.stdout.strip()
+    assert len(told) >= 43
+    with AccessTokens(tmp_path) as tokens:
+        assert tokens.get("sb-0000000a") == told
 
 
 def test_tokens_of_sandboxes_that_ended_are_pruned_but_not_newer_ones(tmp_path: Path) -> None:

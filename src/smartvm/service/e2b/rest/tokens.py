@@ -5,7 +5,13 @@ refuses any other, so the token is what keeps one sandbox's client out of anothe
 is issued when the sandbox is created over the E2B API, or at its first envd use when it was
 created some other way (``/v1``, a script), so no sandbox is ever reachable without one. The token
 is stored itself, not a hash: ``connect`` hands it out again, also after a restart of the service.
-Lookups are served from memory (every envd request makes one); writes go to disk first.
+Lookups are served from memory (every envd request makes one); writes go to the store first.
+
+The store does not fsync every commit (SQLite WAL, ``synchronous=NORMAL``): a token survives a crash
+of the service, and only a power cut can lose the newest ones. That costs nobody access: the cut
+also ends every running sandbox, and a paused one is reached again through ``connect``, which issues
+a new token to a sandbox that has none. In exchange a token is stored in ~20 µs instead of ~0.4 ms
+(an fsync), which the E2B ``Sandbox.create()`` answer waits for.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ class AccessTokens:
         self.path = directory / DB_FILE
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = open_state_db(
-            self.path, "envd token store", lambda db: db.executescript(_SCHEMA)
+            self.path, "envd token store", lambda db: db.executescript(_SCHEMA), fsync_each_commit=False
         )
         try:
             rows = self._db.execute("SELECT sandbox_id, token, created_at FROM envd_tokens").fetchall()
