@@ -1,9 +1,11 @@
 """The cost of the E2B REST face: the official e2b SDK creating a sandbox, running ``true`` in it and
 asking for its info through ``smartvm serve``'s app (uvicorn on a loopback port, in this process),
-against the same calls on the in-process SandboxManager behind that app (QEMU engine).
+against the same calls through smartvm's own API: its native REST API (``/v1``, an httpx client with
+a kept-alive connection) on the same server, and the in-process SandboxManager behind that app.
 
-Both paths share one manager, one data dir and one warm pool, and calls are timed in turns, so the
-difference is the compatibility layer: HTTP, JSON, the API key check, the access token, the SDK.
+All paths share one manager, one data dir and one warm pool, and calls are timed in turns. SDK minus
+``/v1`` is the compatibility layer (the E2B routes and envd face, the access token, the SDK's own
+client code); SDK minus in-process adds what any HTTP API costs (loopback HTTP, JSON, the key check).
 Creates are measured with a warm pool of one (the service's default; every create first waits,
 untimed, until it holds a sandbox again) and without one (a full restore per create). The pool's
 next restore starts 0.1 s after a create (warm.REFILL_DELAY_S), after both calls have returned.
@@ -17,6 +19,8 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+import httpx
 
 from bench.common import BenchTable, Series
 from bench.guests import engine_facts, private_root
@@ -33,6 +37,13 @@ async def _warm_ready(mgr: SandboxManager) -> None:
         if mgr._warm.ids() or mgr.settings.warm_pool_size == 0:
             return
         await asyncio.sleep(0.05)
+
+
+def _v1_kill(http: httpx.AsyncClient, sandbox_id: str) -> Timed:
+    async def kill() -> None:
+        (await http.delete(f"/v1/sandboxes/{sandbox_id}")).raise_for_status()
+
+    return kill
 
 
 async def _turns(cases: list[tuple[Series, Timed]], n: int, before: Timed | None = None) -> None:
@@ -68,9 +79,14 @@ async def _measure(warm: int, n: int, everything: bool) -> tuple[list[BenchTable
             await (await mgr.create("base")).kill()  # builds the template (untimed)
             conn = {"api_url": url, "sandbox_url": url, "api_key": key}
             made: list[Callable[[], Awaitable[object]]] = []
+            http = httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, timeout=600.0)
 
             async def native_create() -> None:
                 made.append((await mgr.create("base")).kill)
+
+            async def v1_create() -> None:
+                res = (await http.post("/v1/sandboxes", json={"template": "base"})).raise_for_status()
+                made.append(_v1_kill(http, res.json()["id"]))
 
             async def sdk_create() -> None:
                 made.append((await AsyncSandbox.create(**conn)).kill)
@@ -81,30 +97,49 @@ async def _measure(warm: int, n: int, everything: bool) -> tuple[list[BenchTable
                 await _warm_ready(mgr)
 
             pool = f"warm pool of {warm}" if warm else "no warm pool"
-            create = [Series(f"manager.create('base'), {pool}"), Series(f"SDK Sandbox.create(), {pool}")]
-            await _turns(list(zip(create, (native_create, sdk_create), strict=True)), n, before=ready)
+            create = [
+                Series(f"manager.create('base'), {pool}"),
+                Series(f"POST /v1/sandboxes, {pool}"),
+                Series(f"SDK Sandbox.create(), {pool}"),
+            ]
+            calls = (native_create, v1_create, sdk_create)
+            await _turns(list(zip(create, calls, strict=True)), n, before=ready)
             await ready()
-            tables.append(BenchTable(f"create, {pool}", create, baseline=create[0].label))
+            tables.append(BenchTable(f"create, {pool}", create, baseline=create[1].label))
 
             sbx = await mgr.create("base")
             accel = (await engine_facts(await sbx.running_vm()))[1]
             if everything:
                 remote = await AsyncSandbox.connect(sbx.id, **conn)
-                run = [Series("sandbox.commands.run('true')"), Series("SDK commands.run('true')")]
+                one = f"/v1/sandboxes/{sbx.id}"
+
+                async def v1_exec() -> None:
+                    (await http.post(f"{one}/exec", json={"cmd": "true"})).raise_for_status()
+
+                async def v1_info() -> None:
+                    (await http.get(one)).raise_for_status()
+
+                run = [
+                    Series("sandbox.commands.run('true')"),
+                    Series("POST /v1/.../exec {'cmd': 'true'}"),
+                    Series("SDK commands.run('true')"),
+                ]
                 await _turns(
                     [
                         (run[0], lambda: sbx.commands.run("true")),
-                        (run[1], lambda: remote.commands.run("true")),
+                        (run[1], v1_exec),
+                        (run[2], lambda: remote.commands.run("true")),
                     ],
                     3 * n,
                 )
-                info = [Series("sandbox.info()"), Series("SDK get_info()")]
-                await _turns([(info[0], sbx.info), (info[1], remote.get_info)], 3 * n)
+                info = [Series("sandbox.info()"), Series("GET /v1/sandboxes/{id}"), Series("SDK get_info()")]
+                await _turns([(info[0], sbx.info), (info[1], v1_info), (info[2], remote.get_info)], 3 * n)
                 tables += [
-                    BenchTable("commands.run('true') on a running sandbox", run, baseline=run[0].label),
-                    BenchTable("sandbox info", info, baseline=info[0].label),
+                    BenchTable("commands.run('true') on a running sandbox", run, baseline=run[1].label),
+                    BenchTable("sandbox info", info, baseline=info[1].label),
                 ]
             await sbx.kill()
+            await http.aclose()
     return tables, accel
 
 
@@ -114,6 +149,6 @@ async def run(quick: bool) -> list[BenchTable]:
     cold_tables, _ = await _measure(0, max(3, n // 4), everything=False)
     tables = [*warm_tables[:1], *cold_tables, *warm_tables[1:]]
     for t in tables:
-        t.title = f"E2B SDK through smartvm serve vs the in-process manager: {t.title} (QEMU, {accel})"
+        t.title = f"E2B SDK vs smartvm's own API (/v1, in process), one server: {t.title} (QEMU, {accel})"
     tables[0].notes.append("the SDK, the service and the manager share this process (and the 2 cores)")
     return tables
