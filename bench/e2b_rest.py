@@ -15,6 +15,7 @@ next restore starts 0.1 s after a create (warm.REFILL_DELAY_S), after both calls
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from smartvm.options import SmartVMOptions
 from smartvm.sandbox.manager import SandboxManager
 from smartvm.sandbox.settings import SandboxSettings
 
+MiB = 1 << 20
 TESTS = str(Path(__file__).resolve().parents[1] / "tests")
 Timed = Callable[[], Awaitable[object]]
 
@@ -132,10 +134,37 @@ async def _measure(warm: int, n: int, everything: bool) -> tuple[list[BenchTable
                     ],
                     3 * n,
                 )
+                data = os.urandom(10 * MiB)
+                path = "/home/user/bench.bin"
+
+                async def native_io() -> None:
+                    await sbx.files.write(path, data)
+                    assert await sbx.files.read(path) == data
+
+                async def v1_io() -> None:
+                    (
+                        await http.put(f"{one}/files/content", params={"path": path}, content=data)
+                    ).raise_for_status()
+                    got = (await http.get(f"{one}/files/content", params={"path": path})).raise_for_status()
+                    assert got.content == data
+
+                async def sdk_io() -> None:
+                    await remote.files.write(path, data)
+                    assert await remote.files.read(path, format="bytes") == data
+
+                io = [
+                    Series("sandbox.files.write + read, 10 MiB"),
+                    Series("PUT + GET /v1/.../files/content, 10 MiB"),
+                    Series("SDK files.write + read, 10 MiB"),
+                ]
+                await _turns(list(zip(io, (native_io, v1_io, sdk_io), strict=True)), max(3, n // 2))
+                for row in io:
+                    row.extra["throughput"] = f"{20 / row.median:.1f} MiB/s"
                 info = [Series("sandbox.info()"), Series("GET /v1/sandboxes/{id}"), Series("SDK get_info()")]
                 await _turns([(info[0], sbx.info), (info[1], v1_info), (info[2], remote.get_info)], 3 * n)
                 tables += [
                     BenchTable("commands.run('true') on a running sandbox", run, baseline=run[1].label),
+                    BenchTable("10 MiB file write + read back", io, baseline=io[1].label),
                     BenchTable("sandbox info", info, baseline=info[1].label),
                 ]
             await sbx.kill()
