@@ -31,6 +31,7 @@ BENCHMARKS = [
     "boot",
     "restore",
     "exec_roundtrip",
+    "agent_alternatives",
     "e2b_envd",
     "e2b_rest",
     "memory",
