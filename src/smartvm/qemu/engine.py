@@ -390,6 +390,20 @@ class QemuEngine(Engine):
                 ErrorCode.SNAPSHOT_FAILED,
                 f"QEMU could not write the snapshot state: {info.get('error-desc', info)}",
             )
+        await self._wait_finalized()
+
+    async def _wait_finalized(self, timeout: float = 10.0) -> None:
+        """Return once QEMU's run state has left ``finish-migrate``. The migration thread reports
+        ``completed`` (and sends the event) before the main loop finalizes the migration, and a
+        ``cont`` in between fails with "Migration is not finalized yet": seen once under load when a
+        snapshot taken with ``pause_vm`` resumed its VM at once. Usually one ``query-status``."""
+        deadline = time.monotonic() + timeout
+        while await self._status() == "finish-migrate":
+            if time.monotonic() > deadline:
+                raise SmartVMError(
+                    ErrorCode.SNAPSHOT_FAILED, f"QEMU did not finalize the snapshot within {timeout:.0f}s"
+                )
+            await asyncio.sleep(_POLL_S / 5)
 
     async def _pass_file(self, path: Path, flags: int, code: ErrorCode) -> None:
         """Open ``path`` and hand QEMU the descriptor as ``fd:{_MIGRATION_FD}``: it reads or writes the
