@@ -9,6 +9,7 @@ test kills what it made, and at the end nothing may be left on the host.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import ipaddress
 import os
@@ -147,6 +148,16 @@ async def test_files(sandbox: Any) -> None:
     await watch.stop()
 
 
+async def _counter(sbx: Any) -> int:
+    """The background counter's value in the file ``n``, once it has written one (``echo > n``
+    truncates first, so a read can see it empty for a moment)."""
+    for _ in range(100):
+        with contextlib.suppress(Exception):  # not there yet, or caught empty
+            return int(await sbx.files.read("n"))
+        await asyncio.sleep(0.1)
+    raise AssertionError("the background counter never wrote n")
+
+
 async def test_lifecycle(e2b_env: None) -> None:
     from e2b import AsyncSandbox, SandboxQuery, SandboxState
 
@@ -183,6 +194,7 @@ async def test_lifecycle(e2b_env: None) -> None:
         runner = await first.commands.run(
             "i=0; while true; do i=$((i+1)); echo $i > n; sleep 0.2; done", background=True
         )
+        counted = await _counter(first)  # the loop has run (a login shell starts slowly under TCG)
         assert await first.pause() is True
         assert await AsyncSandbox.pause(first.sandbox_id) is False  # 409: already paused
         assert (await AsyncSandbox.get_info(first.sandbox_id)).state == SandboxState.PAUSED
@@ -191,9 +203,10 @@ async def test_lifecycle(e2b_env: None) -> None:
         resumed = await AsyncSandbox.connect(first.sandbox_id)
         assert (await resumed.get_info()).state == SandboxState.RUNNING
         assert await resumed.files.read("keep.txt") == "kept"
-        n1 = int(await resumed.files.read("n"))
+        n1 = await _counter(resumed)
+        assert n1 >= counted  # it went on from where it was, not from 0
         await asyncio.sleep(1)
-        assert int(await resumed.files.read("n")) > n1
+        assert await _counter(resumed) > n1
         await resumed.commands.kill(runner.pid)
         again = await AsyncSandbox.connect(first.sandbox_id)  # running: 200, same token
         assert again._envd_access_token == resumed._envd_access_token
