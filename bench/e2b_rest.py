@@ -77,11 +77,14 @@ async def _measure(warm: int, n: int, everything: bool) -> tuple[list[BenchTable
         with KeyStore(data) as keys:
             key = keys.create("bench")[0]
         ctx = ServiceContext(data_dir=data, backend=ManagerBackend(mgr))
-        async with serve(service_app(ctx)) as url:  # its lifespan starts and closes the manager
+        # the app's lifespan starts and closes the manager; the /v1 client is closed also on a failure
+        async with (
+            serve(service_app(ctx)) as url,
+            httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, timeout=600.0) as http,
+        ):
             await (await mgr.create("base")).kill()  # builds the template (untimed)
             conn = {"api_url": url, "sandbox_url": url, "api_key": key}
             made: list[Callable[[], Awaitable[object]]] = []
-            http = httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, timeout=600.0)
 
             async def native_create() -> None:
                 made.append((await mgr.create("base")).kill)
@@ -171,7 +174,6 @@ async def _measure(warm: int, n: int, everything: bool) -> tuple[list[BenchTable
                     BenchTable("sandbox info", info, baseline=info[1].label),
                 ]
             await sbx.kill()
-            await http.aclose()
     return tables, accel
 
 
