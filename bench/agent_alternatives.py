@@ -62,7 +62,9 @@ def _probe_port() -> Iterator[None]:
 
     def with_probe(runtime: VMRuntime, count: int) -> list[str]:
         args = plain(runtime, count)
-        args[1] = args[1].replace(f"max_ports={count + 1}", f"max_ports={count + 2}")
+        bus = f"max_ports={count + 1}"
+        assert bus in args[1], args  # the virtio-serial bus gets one more port for the probe
+        args[1] = args[1].replace(bus, f"max_ports={count + 2}")
         path = str(runtime.dir / PROBE_SOCKET).replace(",", ",,")
         return [
             *args,
@@ -109,6 +111,7 @@ class Probe:
         self.sock.sendall(b"c")
         total = 0
         while n := struct.unpack("<I", self._exact(4))[0]:
+            assert n <= 1 << 18, n  # the probe reads at most 256 KiB at a time: anything more is garbage
             total += len(self._exact(n))
         assert self._exact(2) == b"C\x00" and total == MiB, total
 
@@ -136,7 +139,7 @@ async def _timed(row: Series, fn: Callable[[], object]) -> None:
 async def run(quick: bool) -> list[BenchTable]:
     config = guest()
     blocks, per_block, restores = (2, 10, 4) if quick else (4, 25, 10)
-    with private_root() as scratch, _probe_port():
+    with private_root() as scratch, _probe_port(), contextlib.ExitStack() as sockets:
         exe = _build_probe(scratch)
         async with qemu_smartvm() as svm:
             vm = await svm.create_vm(config)
@@ -145,6 +148,7 @@ async def run(quick: bool) -> list[BenchTable]:
             accel = (await engine_facts(vm))[1]
             await _install(vm, exe.read_bytes())
             probe = Probe(vm)
+            sockets.callback(probe.close)  # also when a step below fails
 
             async def py_cat() -> None:
                 got = await vm.exec(["cat", "/tmp/probe-1m"], max_output_bytes=2 * MiB)
