@@ -151,8 +151,10 @@ async def test_files(sandbox: Any) -> None:
 async def _counter(sbx: Any) -> int:
     """The background counter's value in the file ``n``, once it has written one (``echo > n``
     truncates first, so a read can see it empty for a moment)."""
+    from e2b.exceptions import FileNotFoundException
+
     for _ in range(100):
-        with contextlib.suppress(Exception):  # not there yet, or caught empty
+        with contextlib.suppress(FileNotFoundException, ValueError):  # not there yet, or caught empty
             return int(await sbx.files.read("n"))
         await asyncio.sleep(0.1)
     raise AssertionError("the background counter never wrote n")
