@@ -2,6 +2,10 @@
 
 The agent is started with Debian's python3.11 (the interpreter the guest image ships) when present,
 listening on a Unix socket, with ``--dry-run-system`` so clock and power requests never touch the host.
+
+With ``SMARTVM_TEST_NATIVE_AGENT=1`` the same tests run against the native agent
+(src/smartvm/agent/native, built once per session with the host's ``go``), which relays the ops it
+does not implement to guest.py: the agent unit tests are its contract.
 """
 
 from __future__ import annotations
@@ -25,6 +29,19 @@ from smartvm.agent import AgentClient
 GUEST_PY = Path(smartvm.agent.__file__).with_name("guest.py")  # the program the guest runs
 WIRE_PY = GUEST_PY.with_name("wire.py")  # shipped next to it
 PYTHON = "/usr/bin/python3.11" if os.path.exists("/usr/bin/python3.11") else sys.executable
+NATIVE = os.environ.get("SMARTVM_TEST_NATIVE_AGENT") == "1"
+
+
+def _agent_argv(sock: Path) -> list[str]:
+    if not NATIVE:
+        return [PYTHON, str(GUEST_PY), "--listen-unix", str(sock), "--dry-run-system"]
+    from smartvm.images.native_agent import build_native_agent
+
+    binary = build_native_agent(Path(tempfile.gettempdir()) / f"smartvm-test-agent-native-{os.getuid()}")
+    assert binary is not None, (
+        "SMARTVM_TEST_NATIVE_AGENT=1 needs the go toolchain (apt-get install golang-go)"
+    )
+    return [str(binary), "--listen-unix", str(sock), "--dry-run-system"]
 
 
 class AgentServer:
@@ -33,7 +50,9 @@ class AgentServer:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="svagent-", dir="/tmp"))  # short: sun_path is 108 bytes
         self.sock = self.dir / "agent.sock"
-        argv = [PYTHON, str(GUEST_PY), "--listen-unix", str(self.sock), "--dry-run-system"]
+        argv = _agent_argv(self.sock)
+        if NATIVE:
+            argv += ["--python", PYTHON, "--python-agent", str(GUEST_PY)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         self.writers: list[asyncio.StreamWriter] = []
 

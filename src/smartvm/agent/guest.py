@@ -1835,6 +1835,19 @@ def serve_stdio(agent: Agent) -> None:
     agent.serve(conn)
 
 
+def serve_fd(agent: Agent, fd: int) -> None:
+    """Serve one connection on an inherited stream socket: the native agent (agent/native) runs this
+    agent as its child on a socketpair and relays to it the ops it does not implement itself."""
+    import socket
+
+    sock = socket.socket(fileno=fd)
+    conn = Conn(sock.recv, _socket_writer(sock), sock.close, threading.Lock(), "proxy")
+    try:
+        agent.serve(conn)
+    finally:
+        conn.close()
+
+
 def _serve_socket(agent: Agent, sock: Any, transport: str) -> None:
     """Accept connections forever; each one is served on its own thread."""
 
@@ -1946,7 +1959,7 @@ def _no_inherited_fds() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     dry = os.environ.get("SMARTVM_AGENT_DRY_RUN") == "1"
-    mode, value = "auto", ""
+    mode, value, home = "auto", "", False
     while args:
         arg = args.pop(0)
         if arg == "--version":
@@ -1956,20 +1969,25 @@ def main(argv: list[str] | None = None) -> int:
             dry = True
         elif arg == "--stdio":
             mode = "stdio"
-        elif arg in ("--listen-unix", "--vsock-port", "--virtio-port") and args:
+        elif arg in ("--listen-unix", "--vsock-port", "--virtio-port", "--serve-fd") and args:
             mode, value = arg[2:], args.pop(0)
+        elif arg == "--work-in-home":
+            home = True
         else:
             sys.stderr.write(
                 "usage: agent.py [--stdio | --listen-unix PATH | --vsock-port N | "
-                "--virtio-port NAME] [--dry-run-system] [--version]\n"
+                "--virtio-port NAME | --serve-fd FD [--work-in-home]] [--dry-run-system] [--version]\n"
             )
             return 2
     _no_inherited_fds()
     agent = Agent(dry_run_system=dry)
-    if mode not in ("stdio", "listen-unix"):  # in the guest (those two serve tests and local use)
+    if mode not in ("stdio", "listen-unix", "serve-fd") or home:  # in the guest (not tests, local use)
         _work_in_home()
     if mode == "stdio":
         serve_stdio(agent)
+        return 0
+    if mode == "serve-fd":
+        serve_fd(agent, int(value))
         return 0
     if mode == "listen-unix":
         serve_unix(agent, value)

@@ -1,0 +1,565 @@
+// The exec op, natively: request checks, the guest account lookup (/etc/passwd, /etc/group), the
+// spawn (own session, 1 MiB output pipes), the output pump with its bulk pause and exit linger,
+// the held "started" event, timeout and CANCEL (SIGKILL to the process group). It follows guest.py's
+// op_exec, _spawn_spec, _lookup_user, _spawn and Proc.pump so that replies are identical.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+const (
+	defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	exitLinger  = 2 * time.Second
+	pipeSize    = 1024 * 1024
+	bulkRead    = 4096
+	bulkPause   = time.Millisecond
+	startedHold = 10 * time.Millisecond
+	fSetPipeSz  = 1031
+)
+
+type guestUser struct {
+	uid, gid   int
+	name, home string
+	groups     []int
+}
+
+// passwdEntry finds a line of /etc/passwd by name or uid.
+func passwdEntry(match func(name string, uid int) bool) (guestUser, bool) {
+	data, err := os.ReadFile("/etc/passwd")
+	if err != nil {
+		return guestUser{}, false
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Split(line, ":")
+		if len(f) < 7 {
+			continue
+		}
+		uid, err1 := strconv.Atoi(f[2])
+		gid, err2 := strconv.Atoi(f[3])
+		if err1 != nil || err2 != nil {
+			continue
+		}
+		if match(f[0], uid) {
+			return guestUser{uid: uid, gid: gid, name: f[0], home: f[5]}, true
+		}
+	}
+	return guestUser{}, false
+}
+
+// groupList is getgrouplist(name, gid): the primary group, then every group listing the user.
+func groupList(name string, gid int) []int {
+	out := []int{gid}
+	data, err := os.ReadFile("/etc/group")
+	if err != nil {
+		return out
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Split(line, ":")
+		if len(f) < 4 {
+			continue
+		}
+		g, err := strconv.Atoi(f[2])
+		if err != nil || g == gid {
+			continue
+		}
+		for _, m := range strings.Split(f[3], ",") {
+			if m == name {
+				out = append(out, g)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// lookupUser is guest.py's _lookup_user: nil is the agent's own user.
+func lookupUser(user any) (guestUser, error) {
+	if user == nil {
+		uid := os.Getuid()
+		if uid == 0 {
+			return guestUser{0, 0, "root", "/root", nil}, nil
+		}
+		if u, ok := passwdEntry(func(_ string, id int) bool { return id == uid }); ok {
+			return u, nil
+		}
+		return guestUser{uid, os.Getgid(), strconv.Itoa(uid), "/", nil}, nil
+	}
+	var u guestUser
+	var ok bool
+	uid, isUID := uidOf(user)
+	if isUID {
+		if u, ok = passwdEntry(func(_ string, id int) bool { return id == uid }); !ok {
+			return guestUser{uid, uid, strconv.Itoa(uid), "/", nil}, nil
+		}
+	} else if name, isName := user.(string); isName {
+		if u, ok = passwdEntry(func(n string, _ int) bool { return n == name }); !ok {
+			return u, badRequest("unknown user %s in the guest", pyRepr(name))
+		}
+	} else {
+		return u, badRequest("user must be a uid (int) or a user name (str)")
+	}
+	u.groups = groupList(u.name, u.gid)
+	return u, nil
+}
+
+// uidOf: an integer JSON number or a string of ASCII digits.
+func uidOf(user any) (int, bool) {
+	var s string
+	switch x := user.(type) {
+	case string:
+		if x == "" {
+			return 0, false
+		}
+		for _, r := range x {
+			if r < '0' || r > '9' {
+				return 0, false
+			}
+		}
+		s = x
+	case interface{ String() string }: // json.Number
+		s = x.String()
+	default:
+		return 0, false
+	}
+	v, err := strconv.Atoi(s)
+	return v, err == nil
+}
+
+type spawnSpec struct {
+	argv       []string
+	env        []string
+	cwd        string
+	cred       *syscall.Credential
+	lookupPath string
+}
+
+func buildSpec(req map[string]any) (*spawnSpec, error) {
+	spec := &spawnSpec{}
+	switch cmd := req["cmd"].(type) {
+	case string:
+		spec.argv = []string{"/bin/sh", "-c", cmd}
+	case []any:
+		for _, v := range cmd {
+			s, ok := v.(string)
+			if !ok {
+				spec.argv = nil
+				break
+			}
+			spec.argv = append(spec.argv, s)
+		}
+		if len(spec.argv) == 0 || len(spec.argv) != len(cmd) {
+			return nil, badRequest("cmd must be a non-empty list of strings")
+		}
+	default:
+		return nil, badRequest("cmd must be a non-empty list of strings")
+	}
+	user := req["user"]
+	account, err := lookupUser(user)
+	if err != nil {
+		return nil, err
+	}
+	if user != nil {
+		groups := make([]uint32, len(account.groups))
+		for i, g := range account.groups {
+			groups[i] = uint32(g)
+		}
+		spec.cred = &syscall.Credential{Uid: uint32(account.uid), Gid: uint32(account.gid), Groups: groups}
+	}
+	keys := []string{"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG"}
+	env := map[string]string{"PATH": defaultPath, "HOME": account.home, "USER": account.name,
+		"LOGNAME": account.name, "SHELL": "/bin/sh", "LANG": "C.UTF-8"}
+	if extra := req["env"]; truthy(extra) {
+		m, ok := extra.(map[string]any)
+		if !ok {
+			return nil, badRequest("env must be an object of strings")
+		}
+		names := make([]string, 0, len(m))
+		for k := range m {
+			names = append(names, k)
+		}
+		sort.Strings(names)
+		for _, k := range names {
+			switch v := m[k].(type) {
+			case nil:
+				delete(env, k)
+			case string:
+				if strings.Contains(k, "=") || strings.ContainsRune(k+v, 0) {
+					return nil, badRequest("env entry %s must map a name to a string", pyRepr(k))
+				}
+				if _, seen := env[k]; !seen {
+					keys = append(keys, k)
+				}
+				env[k] = v
+			default:
+				return nil, badRequest("env entry %s must map a name to a string", pyRepr(k))
+			}
+		}
+	}
+	for _, k := range keys {
+		if v, ok := env[k]; ok {
+			spec.env = append(spec.env, k+"="+v)
+		}
+	}
+	cwd, present := req["cwd"]
+	if present && cwd != nil {
+		if _, ok := cwd.(string); !ok {
+			return nil, badRequest("cwd must be a string")
+		}
+	}
+	if s, _ := cwd.(string); s != "" {
+		spec.cwd = s
+	} else if st, err := os.Stat(account.home); err == nil && st.IsDir() {
+		spec.cwd = account.home
+	} else {
+		spec.cwd = "/"
+	}
+	if p, ok := env["PATH"]; ok {
+		spec.lookupPath = p
+	} else {
+		spec.lookupPath = "/bin:/usr/bin"
+	}
+	return spec, nil
+}
+
+func truthy(v any) bool {
+	switch x := v.(type) {
+	case nil:
+		return false
+	case bool:
+		return x
+	case string:
+		return x != ""
+	case []any:
+		return len(x) > 0
+	case map[string]any:
+		return len(x) > 0
+	case interface{ String() string }:
+		f, _ := number(x)
+		return f != 0
+	}
+	return true
+}
+
+// resolve finds the program as execvpe would with this PATH: the path, or the errno of the failure.
+func resolve(name, path string) (string, syscall.Errno) {
+	dirs := []string{""}
+	if !strings.Contains(name, "/") {
+		dirs = strings.Split(path, ":")
+	}
+	saved := syscall.ENOENT
+	for _, dir := range dirs {
+		candidate := name
+		if dir != "" {
+			candidate = filepath.Join(dir, name)
+		}
+		err := syscall.Access(candidate, 1) // X_OK
+		if err == nil {
+			if st, serr := os.Stat(candidate); serr == nil && !st.IsDir() {
+				return candidate, 0
+			}
+			saved = syscall.EACCES
+			continue
+		}
+		if errno, ok := err.(syscall.Errno); ok && errno != syscall.ENOENT && errno != syscall.ENOTDIR {
+			saved = errno
+		}
+	}
+	return "", saved
+}
+
+// proc is a running command with its output pipes.
+type proc struct {
+	pid      int
+	stdin    *os.File
+	stdinMu  sync.Mutex
+	out, err *os.File
+}
+
+func (p *proc) killGroup() { _ = syscall.Kill(-p.pid, syscall.SIGKILL) }
+
+func (p *proc) closeStdin() {
+	p.stdinMu.Lock()
+	defer p.stdinMu.Unlock()
+	if p.stdin != nil {
+		p.stdin.Close()
+		p.stdin = nil
+	}
+}
+
+func pipePair() (r, w int, err error) {
+	var fds [2]int
+	if err = syscall.Pipe2(fds[:], syscall.O_CLOEXEC); err != nil {
+		return 0, 0, err
+	}
+	return fds[0], fds[1], nil
+}
+
+// start spawns the command; a missing/unrunnable program is reported like a shell (127/126).
+func start(spec *spawnSpec, keepStdin bool) (*proc, *spawnFailure, error) {
+	prog := spec.argv[0]
+	exe, errno := resolve(prog, spec.lookupPath)
+	if errno != 0 {
+		return nil, &spawnFailure{prog, errno}, nil
+	}
+	if st, err := os.Stat(spec.cwd); err != nil || !st.IsDir() {
+		e := syscall.ENOTDIR
+		var pe *os.PathError
+		if errors.As(err, &pe) {
+			e, _ = pe.Err.(syscall.Errno)
+		}
+		return nil, nil, &opError{eSpawn, fmt.Sprintf("cannot start %s: %s (%s)", pyRepr(prog), strerror(e), spec.cwd)}
+	}
+	var fds []int
+	closeAll := func() {
+		for _, fd := range fds {
+			syscall.Close(fd)
+		}
+	}
+	outR, outW, err := pipePair()
+	if err != nil {
+		return nil, nil, &opError{eSpawn, "pipe: " + err.Error()}
+	}
+	fds = append(fds, outR, outW)
+	errR, errW, err := pipePair()
+	if err != nil {
+		closeAll()
+		return nil, nil, &opError{eSpawn, "pipe: " + err.Error()}
+	}
+	fds = append(fds, errR, errW)
+	var inR, inW int
+	if keepStdin {
+		if inR, inW, err = pipePair(); err != nil {
+			closeAll()
+			return nil, nil, &opError{eSpawn, "pipe: " + err.Error()}
+		}
+	} else if inR, err = syscall.Open("/dev/null", syscall.O_RDONLY|syscall.O_CLOEXEC, 0); err != nil {
+		closeAll()
+		return nil, nil, &opError{eSpawn, "/dev/null: " + err.Error()}
+	}
+	fds = append(fds, inR)
+	for _, fd := range []int{outR, errR} {
+		syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), fSetPipeSz, pipeSize)
+	}
+	attr := &syscall.ProcAttr{
+		Dir:   spec.cwd,
+		Env:   spec.env,
+		Files: []uintptr{uintptr(inR), uintptr(outW), uintptr(errW)},
+		Sys:   &syscall.SysProcAttr{Setsid: true, Credential: spec.cred},
+	}
+	pid, err := syscall.ForkExec(exe, spec.argv, attr)
+	syscall.Close(outW)
+	syscall.Close(errW)
+	syscall.Close(inR)
+	if err != nil {
+		syscall.Close(outR)
+		syscall.Close(errR)
+		if keepStdin {
+			syscall.Close(inW)
+		}
+		if e, ok := err.(syscall.Errno); ok && (e == syscall.ENOENT || e == syscall.EACCES || e == syscall.ENOEXEC) {
+			return nil, &spawnFailure{prog, e}, nil
+		}
+		return nil, nil, &opError{eSpawn, fmt.Sprintf("cannot start %s: %s", pyRepr(prog), err)}
+	}
+	p := &proc{pid: pid}
+	syscall.SetNonblock(outR, true)
+	syscall.SetNonblock(errR, true)
+	p.out = os.NewFile(uintptr(outR), "stdout")
+	p.err = os.NewFile(uintptr(errR), "stderr")
+	if keepStdin {
+		p.stdin = os.NewFile(uintptr(inW), "stdin")
+	}
+	return p, nil, nil
+}
+
+type spawnFailure struct {
+	prog  string
+	errno syscall.Errno
+}
+
+func strerror(e syscall.Errno) string {
+	s := e.Error()
+	if s == "" {
+		return s
+	}
+	return strings.ToUpper(s[:1]) + s[1:]
+}
+
+// report sends what a shell would: a message on stderr and exit 127 (not found) or 126.
+func (f *spawnFailure) report(ch *Channel) {
+	code, what := 126, strerror(f.errno)
+	if f.errno == syscall.ENOENT {
+		code, what = 127, "command not found"
+	}
+	ch.data("stderr", []byte(fmt.Sprintf("smartvm-agent: %s: %s\n", f.prog, what)), false)
+	ch.result(map[string]any{"exit_code": code, "signal": nil, "timed_out": false, "duration": 0.0, "pid": nil})
+}
+
+func (a *Agent) opExec(ch *Channel, req map[string]any, payload []byte) error {
+	var timeout float64
+	rawTimeout, hasTimeout := req["timeout"]
+	if hasTimeout && rawTimeout != nil {
+		t, ok := number(rawTimeout)
+		if !ok || t <= 0 {
+			return badRequest("timeout must be a positive number of seconds")
+		}
+		timeout = t
+	}
+	wantStdin := truthy(req["stdin"])
+	spec, err := buildSpec(req)
+	if err != nil {
+		return err
+	}
+	t0 := mono()
+	p, failure, err := start(spec, wantStdin)
+	if err != nil {
+		return err
+	}
+	if failure != nil {
+		failure.report(ch)
+		return nil
+	}
+	ch.onCancel(p.killGroup)
+	ch.holdEvent(map[string]any{"event": "started", "pid": p.pid})
+	if wantStdin {
+		go feedStdin(ch, p)
+	}
+	killed, status := pump(ch, p, timeout)
+	duration := mono() - t0
+	var exitCode int
+	var sig any
+	if status.Signaled() {
+		s := int(status.Signal())
+		sig, exitCode = s, 128+s
+	} else {
+		exitCode = status.ExitStatus()
+	}
+	cancelled := ch.isCancelled()
+	timedOut := killed && !cancelled
+	if timedOut {
+		exitCode = 124
+	}
+	res := map[string]any{"exit_code": exitCode, "signal": sig, "timed_out": timedOut, "duration": duration,
+		"pid": p.pid}
+	if cancelled && !timedOut {
+		res["cancelled"] = true
+	}
+	p.closeStdin()
+	ch.result(res)
+	return nil
+}
+
+func feedStdin(ch *Channel, p *proc) {
+	defer p.closeStdin()
+	for {
+		it, ok := ch.nextData()
+		if !ok {
+			return
+		}
+		p.stdinMu.Lock()
+		if p.stdin != nil && len(it.payload) > 0 {
+			if _, err := p.stdin.Write(it.payload); err != nil {
+				p.stdin.Close()
+				p.stdin = nil
+			}
+		}
+		p.stdinMu.Unlock()
+		if eof, _ := it.header["eof"].(bool); eof {
+			return
+		}
+	}
+}
+
+// readPipe sends one pipe's output as DATA frames until EOF (or until the pipe is closed under it).
+func readPipe(ch *Channel, f *os.File, stream string, done chan<- struct{}) {
+	defer close(done)
+	buf := make([]byte, chunkSize)
+	bulk := 0
+	for {
+		n, err := f.Read(buf)
+		if n > 0 {
+			out := make([]byte, n)
+			copy(out, buf[:n])
+			ch.data(stream, out, false)
+		}
+		if err != nil {
+			return
+		}
+		if n >= bulkRead {
+			bulk++
+		} else {
+			bulk = 0
+		}
+		if bulk >= 2 && n < chunkSize {
+			time.Sleep(bulkPause) // we drained the pipe: let the writer fill it for a moment
+		}
+	}
+}
+
+// pump moves the output until the command has exited and its pipes are closed (or exitLinger after
+// its exit, if children hold them), killing the group at the timeout. Returns (killed, status).
+func pump(ch *Channel, p *proc, timeout float64) (bool, syscall.WaitStatus) {
+	outDone, errDone := make(chan struct{}), make(chan struct{})
+	go readPipe(ch, p.out, "stdout", outDone)
+	go readPipe(ch, p.err, "stderr", errDone)
+	exited := make(chan syscall.WaitStatus, 1)
+	go func() {
+		var ws syscall.WaitStatus
+		for {
+			_, err := syscall.Wait4(p.pid, &ws, 0, nil)
+			if err != syscall.EINTR {
+				break
+			}
+		}
+		exited <- ws
+	}()
+	var deadline <-chan time.Time
+	if timeout > 0 {
+		timer := time.NewTimer(time.Duration(timeout * float64(time.Second)))
+		defer timer.Stop()
+		deadline = timer.C
+	}
+	hold := time.NewTimer(startedHold)
+	defer hold.Stop()
+	var linger <-chan time.Time
+	var status syscall.WaitStatus
+	killed, hasExited := false, false
+	oc, ec := (<-chan struct{})(outDone), (<-chan struct{})(errDone)
+	for oc != nil || ec != nil {
+		select {
+		case <-hold.C:
+			ch.flush()
+		case <-deadline:
+			killed = true
+			deadline = nil
+			p.killGroup()
+		case status = <-exited:
+			hasExited = true
+			linger = time.After(exitLinger)
+		case <-linger:
+			oc, ec = nil, nil
+		case <-oc:
+			oc = nil
+		case <-ec:
+			ec = nil
+		}
+	}
+	p.out.Close()
+	p.err.Close()
+	<-outDone
+	<-errDone
+	if !hasExited {
+		status = <-exited
+	}
+	return killed, status
+}

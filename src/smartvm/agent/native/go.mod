@@ -1,0 +1,3 @@
+module smartvm/agent-native
+
+go 1.19
