@@ -52,16 +52,18 @@ def native_identity() -> str:
     return f"native-agent={h.hexdigest()}:{st.st_size}:{int(st.st_mtime)}"
 
 
-def build_native_agent(out: Path, machine: str | None = None) -> Path | None:
-    """Compile the static binary to ``out``; None when there is no go toolchain (or it is off)."""
+def build_native_agent(out: Path, *, gocache: Path | None = None) -> Path | None:
+    """Compile the static binary (for this machine's architecture, the guests' too) to ``out``;
+    None when there is no go toolchain (or it is off). ``gocache`` keeps go's build cache (default:
+    next to ``out``): the first build compiles the runtime, later ones take a second or two."""
     go = go_tool()
     if go is None or not native_sources():
         return None
-    arch = _GOARCH.get(machine or os.uname().machine)
+    arch = _GOARCH.get(os.uname().machine)
     if arch is None:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
-    cache = out.parent / ".gocache"
+    cache = gocache or out.parent / ".gocache"
     env = {
         **os.environ,
         "CGO_ENABLED": "0",
@@ -69,7 +71,7 @@ def build_native_agent(out: Path, machine: str | None = None) -> Path | None:
         "GOARCH": arch,
         "GOFLAGS": "-mod=mod",
         "GOPROXY": "off",
-        "GOCACHE": os.environ.get("GOCACHE", str(cache)),
+        "GOCACHE": str(cache),
         "HOME": os.environ.get("HOME", str(out.parent)),
     }
     argv = [go, "build", "-trimpath", "-ldflags=-s", "-o", str(out), "."]

@@ -45,6 +45,7 @@ from smartvm.images.build_steps import (
     sha256_file,
 )
 from smartvm.images.cache_paths import cache_root
+from smartvm.images.native_agent import NATIVE_IN_GUEST, build_native_agent, native_identity
 
 RootfsKind = Literal["busybox", "debian", "dir", "tar"]
 RootfsFormat = Literal["ext4", "squashfs"]
@@ -158,6 +159,7 @@ def rootfs_cache_key(
     agent = _agent_sources()
     if with_agent and agent is not None:
         parts += [f"{dest}={sha256_file(path)}" for dest, path in sorted(agent.items())]
+        parts.append(native_identity())
     else:
         parts.append("no-agent")
     if kind == "debian":
@@ -394,6 +396,7 @@ def _install_guest_pieces(staging: Path, *, with_agent: bool, busybox_base: bool
     agent = _agent_sources()
     if with_agent and agent is not None:
         _compile_agent([_put(staging, dest, path.read_bytes()) for dest, path in sorted(agent.items())])
+        _install_native_agent(staging)
         inittab += _guest_file("inittab-agent").read_text()
     _put(staging, "etc/inittab", inittab.encode())
     _put(staging, "sbin/init", symlink="/opt/smartvm/bin/busybox")
@@ -445,6 +448,15 @@ def _in_root(staging: Path, rel: str) -> Path:
         parts = list(target.parts) + parts
     current.mkdir(parents=True, exist_ok=True)
     return current / name
+
+
+def _install_native_agent(staging: Path) -> None:
+    """Compile the native agent (agent/native, Go) and install it as /opt/smartvm/agent-native, which
+    run-agent prefers; without a go toolchain the image keeps the Python agent alone."""
+    with tempfile.TemporaryDirectory(prefix="agent-native-") as tmp:
+        built = build_native_agent(Path(tmp) / "agent-native", gocache=cache_root() / "go-build")
+        if built is not None:
+            _put(staging, NATIVE_IN_GUEST, built.read_bytes(), mode=0o755)
 
 
 def _compile_agent(sources: list[Path]) -> None:
