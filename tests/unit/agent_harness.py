@@ -32,27 +32,39 @@ PYTHON = "/usr/bin/python3.11" if os.path.exists("/usr/bin/python3.11") else sys
 NATIVE = os.environ.get("SMARTVM_TEST_NATIVE_AGENT") == "1"
 
 
-def _agent_argv(sock: Path) -> list[str]:
-    if not NATIVE:
-        return [PYTHON, str(GUEST_PY), "--listen-unix", str(sock), "--dry-run-system"]
+def native_binary() -> Path | None:
+    """The native agent built from the sources (once per session); None without a go toolchain."""
     from smartvm.images.native_agent import build_native_agent
 
-    binary = build_native_agent(Path(tempfile.gettempdir()) / f"smartvm-test-agent-native-{os.getuid()}")
+    return build_native_agent(Path(tempfile.gettempdir()) / f"smartvm-test-agent-native-{os.getuid()}")
+
+
+def _agent_argv(sock: Path, native: bool) -> list[str]:
+    if not native:
+        return [PYTHON, str(GUEST_PY), "--listen-unix", str(sock), "--dry-run-system"]
+    binary = native_binary()
     assert binary is not None, (
         "SMARTVM_TEST_NATIVE_AGENT=1 needs the go toolchain (apt-get install golang-go)"
     )
-    return [str(binary), "--listen-unix", str(sock), "--dry-run-system"]
+    return [
+        str(binary),
+        "--listen-unix",
+        str(sock),
+        "--dry-run-system",
+        "--python",
+        PYTHON,
+        "--python-agent",
+        str(GUEST_PY),
+    ]
 
 
 class AgentServer:
     """One agent process on a Unix socket; `streams` records every stream handed to a client."""
 
-    def __init__(self) -> None:
+    def __init__(self, native: bool = NATIVE) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="svagent-", dir="/tmp"))  # short: sun_path is 108 bytes
         self.sock = self.dir / "agent.sock"
-        argv = _agent_argv(self.sock)
-        if NATIVE:
-            argv += ["--python", PYTHON, "--python-agent", str(GUEST_PY)]
+        argv = _agent_argv(self.sock, native)
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         self.writers: list[asyncio.StreamWriter] = []
 

@@ -14,7 +14,7 @@ import pytest
 
 from error_support import raises_code
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.images import rootfs_build
+from smartvm.images import native_agent, rootfs_build
 from smartvm.images.rootfs_build import build_rootfs, rootfs_cache_key
 
 pytestmark = pytest.mark.skipif(
@@ -104,6 +104,9 @@ def test_busybox_image_has_init_python_and_agent(busybox_image: Path, tmp_path: 
         assert "/usr/bin/python3 -c" in runner and "import agent" in runner
         assert_bytecode_matches(busybox_image, tmp_path, "agent", AGENT)
         assert_bytecode_matches(busybox_image, tmp_path, "wire", WIRE)
+        if native_agent.go_tool() is not None:  # the native agent, preferred by run-agent
+            assert "/opt/smartvm/agent-native" in runner
+            assert "Type: regular    Mode:  0755" in debugfs(busybox_image, "stat /opt/smartvm/agent-native")
     else:
         assert "run-agent" not in inittab
 
@@ -142,6 +145,24 @@ def test_cache_key_follows_each_agent_file(tmp_path: Path, monkeypatch: pytest.M
             f.write("# changed\n")
         keys.add(rootfs_cache_key("busybox"))
     assert len(keys) == 3
+
+
+def test_cache_key_follows_the_native_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change to a Go source of the native agent is a new image; so is an image without it."""
+    if native_agent.go_tool() is None:
+        pytest.skip("no go toolchain")
+    native = tmp_path / "native"
+    shutil.copytree(native_agent.NATIVE_DIR, native)
+    base = rootfs_cache_key("busybox")
+    monkeypatch.setattr(native_agent, "NATIVE_DIR", native)
+    assert rootfs_cache_key("busybox") == base
+    (native / "wire_test.go").write_text("package main\n")  # tests are not part of the binary
+    assert rootfs_cache_key("busybox") == base
+    with (native / "main.go").open("a") as f:
+        f.write("// changed\n")
+    changed = rootfs_cache_key("busybox")
+    monkeypatch.setenv("SMARTVM_NATIVE_AGENT", "0")
+    assert len({base, changed, rootfs_cache_key("busybox")}) == 3
 
 
 def test_failed_step_leaves_nothing_behind(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ const (
 	bulkPause   = time.Millisecond
 	startedHold = 10 * time.Millisecond
 	fSetPipeSz  = 1031
+	maxTimeout  = 100 * 365 * 24 * 3600.0 // seconds; more would overflow a time.Duration
 )
 
 type guestUser struct {
@@ -377,6 +378,7 @@ func start(spec *spawnSpec, keepStdin bool) (*proc, *spawnFailure, error) {
 	p.out = os.NewFile(uintptr(outR), "stdout")
 	p.err = os.NewFile(uintptr(errR), "stderr")
 	if keepStdin {
+		syscall.SetNonblock(inW, true)
 		p.stdin = os.NewFile(uintptr(inW), "stdin")
 	}
 	return p, nil, nil
@@ -467,13 +469,14 @@ func feedStdin(ch *Channel, p *proc) {
 			return
 		}
 		p.stdinMu.Lock()
-		if p.stdin != nil && len(it.payload) > 0 {
-			if _, err := p.stdin.Write(it.payload); err != nil {
-				p.stdin.Close()
-				p.stdin = nil
+		pipe := p.stdin
+		p.stdinMu.Unlock()
+		// the pipe is pollable: closeStdin (cancel, exit) interrupts a write the command never reads
+		if pipe != nil && len(it.payload) > 0 {
+			if _, err := pipe.Write(it.payload); err != nil {
+				p.closeStdin()
 			}
 		}
-		p.stdinMu.Unlock()
 		if eof, _ := it.header["eof"].(bool); eof {
 			return
 		}
@@ -525,6 +528,9 @@ func pump(ch *Channel, p *proc, timeout float64) (bool, syscall.WaitStatus) {
 	}()
 	var deadline <-chan time.Time
 	if timeout > 0 {
+		if timeout > maxTimeout {
+			timeout = maxTimeout
+		}
 		timer := time.NewTimer(time.Duration(timeout * float64(time.Second)))
 		defer timer.Stop()
 		deadline = timer.C

@@ -1,0 +1,139 @@
+"""What only the native agent (src/smartvm/agent/native) does: its HELLO matches the Python agent's,
+it renumbers the channels it relays to its Python child (two connections may use the same channel
+id), and a dead Python child fails the requests it had and is restarted for the next one.
+
+The rest of its behaviour is the agent unit suite, run against it with SMARTVM_TEST_NATIVE_AGENT=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_harness import AgentServer, native_binary, pid_gone
+
+from smartvm.agent import wire
+from smartvm.agent.guest import Agent
+from smartvm.errors import SmartVMError
+
+
+@pytest.fixture(name="native")
+async def native_fixture() -> AsyncIterator[AgentServer]:
+    if native_binary() is None:
+        pytest.skip("no go toolchain (apt-get install golang-go)")
+    server = AgentServer(native=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _connect(server: AgentServer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw stream to the agent, once it listens (it starts in the background)."""
+    for _ in range(200):
+        if server.sock.exists():
+            return await server.open_stream(10)
+        await asyncio.sleep(0.05)
+    raise AssertionError("the native agent did not listen")
+
+
+class _Transport:
+    transport = "unix"
+
+
+async def _frames(reader: asyncio.StreamReader, want: int) -> list[wire.Frame]:
+    """Read frames until `want` RESULT/ERROR frames on channels > 0 arrived."""
+    dec = wire.FrameDecoder()
+    got: list[wire.Frame] = []
+    while sum(1 for f in got if f.type in (wire.RESULT, wire.ERROR) and f.channel) < want:
+        data = await asyncio.wait_for(reader.read(65536), 30)
+        assert data, "the agent closed the connection"
+        got += [f for f in dec.feed(data) if isinstance(f, wire.Frame)]
+    return got
+
+
+async def test_hello_is_the_python_agents_plus_impl(native: AgentServer) -> None:
+    reader, writer = await _connect(native)
+    hello = (await _frames_until_hello(reader)).header
+    python = Agent(dry_run_system=True).hello(_Transport())  # type: ignore[arg-type]
+    assert set(hello) == set(python) | {"impl"} and hello["impl"] == "native"
+    assert hello["ops"] == python["ops"]
+    for key in ("protocol", "agent_version", "transport", "max_payload", "max_header", "kernel", "machine"):
+        assert hello[key] == python[key], key
+    writer.close()
+
+
+async def _frames_until_hello(reader: asyncio.StreamReader) -> wire.Frame:
+    dec = wire.FrameDecoder()
+    while True:
+        data = await asyncio.wait_for(reader.read(65536), 30)
+        assert data
+        for f in dec.feed(data):
+            if isinstance(f, wire.Frame) and f.type == wire.HELLO:
+                return f
+
+
+async def test_relayed_channels_of_two_connections_do_not_collide(
+    native: AgentServer, tmp_path: Path
+) -> None:
+    """Both connections relay a file_read on channel 5 at once; each gets its own file back."""
+    streams = [await _connect(native) for _ in range(2)]
+    for i, (_, writer) in enumerate(streams):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(f"content {i}\n".encode() * 1000)
+        writer.write(wire.encode_frame(wire.REQUEST, 5, {"op": "file_read", "path": str(path)}))
+    for i, (reader, writer) in enumerate(streams):
+        frames = await _frames(reader, 1)
+        data = b"".join(f.payload for f in frames if f.type == wire.DATA and f.channel == 5)
+        assert frames[-1].type == wire.RESULT and frames[-1].channel == 5, frames[-1]
+        assert data == f"content {i}\n".encode() * 1000
+        writer.close()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(stat[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+async def test_a_dead_python_child_is_replaced(native: AgentServer, tmp_path: Path) -> None:
+    client = native.client()
+    await client.wait_ready(30)
+    try:
+        (tmp_path / "x").write_text("x")
+        assert (await client.files.stat(str(tmp_path / "x"))).size == 1  # relayed: the child runs
+        children = _children(native.proc.pid)
+        assert len(children) == 1
+        watch = asyncio.ensure_future(_consume(client.files.watch(str(tmp_path))))
+        await asyncio.sleep(0.5)
+        os.kill(children[0], signal.SIGKILL)
+        assert pid_gone(children[0])
+        with pytest.raises(SmartVMError):  # the relayed request it was serving fails, not hangs
+            await asyncio.wait_for(watch, 30)
+        assert (await client.files.stat(str(tmp_path / "x"))).size == 1  # a new child serves
+        assert (await client.exec(["true"])).exit_code == 0  # native ops never depended on it
+    finally:
+        await client.close()
+
+
+async def _consume(events: Any) -> None:
+    async for _ in events:
+        pass
+
+
+def test_frame_header_layout() -> None:
+    """The Go codec's header layout is wire.HEADER (checked here so a change to one shows)."""
+    assert wire.HEADER.format == "!4sBBHIII" and wire.HEADER_SIZE == 20 == struct.calcsize("!4sBBHIII")
