@@ -18,14 +18,15 @@ import (
 )
 
 const (
-	defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-	exitLinger  = 2 * time.Second
-	pipeSize    = 1024 * 1024
-	bulkRead    = 4096
-	bulkPause   = time.Millisecond
-	startedHold = 10 * time.Millisecond
-	fSetPipeSz  = 1031
-	maxTimeout  = 100 * 365 * 24 * 3600.0 // seconds; more would overflow a time.Duration
+	defaultPath  = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	exitLinger   = 2 * time.Second
+	pipeSize     = 1024 * 1024
+	bulkRead     = 4096
+	bulkPause    = time.Millisecond
+	startedHold  = 10 * time.Millisecond
+	fSetPipeSz   = 1031
+	sysPidfdOpen = 434                     // the same number on amd64 and arm64
+	maxTimeout   = 100 * 365 * 24 * 3600.0 // seconds; more would overflow a time.Duration
 )
 
 type guestUser struct {
@@ -516,16 +517,7 @@ func pump(ch *Channel, p *proc, timeout float64) (bool, syscall.WaitStatus) {
 	go readPipe(ch, p.out, "stdout", outDone)
 	go readPipe(ch, p.err, "stderr", errDone)
 	exited := make(chan syscall.WaitStatus, 1)
-	go func() {
-		var ws syscall.WaitStatus
-		for {
-			_, err := syscall.Wait4(p.pid, &ws, 0, nil)
-			if err != syscall.EINTR {
-				break
-			}
-		}
-		exited <- ws
-	}()
+	go func() { exited <- waitExit(p.pid) }()
 	var deadline <-chan time.Time
 	if timeout > 0 {
 		if timeout > maxTimeout {
@@ -568,4 +560,35 @@ func pump(ch *Channel, p *proc, timeout float64) (bool, syscall.WaitStatus) {
 		status = <-exited
 	}
 	return killed, status
+}
+
+// waitExit reaps the process. It waits on a pidfd through the netpoller where the kernel has pidfds
+// (5.3+): a goroutine blocked in wait4(2) would hold the only P of a 1-vCPU guest until sysmon takes
+// it back, up to 10 ms later, delaying the output pump and every other request.
+func waitExit(pid int) syscall.WaitStatus {
+	var ws syscall.WaitStatus
+	if fd, _, e := syscall.Syscall(sysPidfdOpen, uintptr(pid), 0, 0); e == 0 {
+		syscall.SetNonblock(int(fd), true)
+		f := os.NewFile(fd, "pidfd")
+		defer f.Close()
+		if rc, err := f.SyscallConn(); err == nil {
+			reaped := false
+			err = rc.Read(func(uintptr) bool {
+				got, werr := syscall.Wait4(pid, &ws, syscall.WNOHANG, nil)
+				if werr == syscall.EINTR {
+					return false
+				}
+				reaped = got == pid || werr != nil
+				return reaped
+			})
+			if err == nil && reaped {
+				return ws
+			}
+		}
+	}
+	for {
+		if _, err := syscall.Wait4(pid, &ws, 0, nil); err != syscall.EINTR {
+			return ws
+		}
+	}
 }

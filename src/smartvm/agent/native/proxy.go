@@ -92,6 +92,7 @@ func (p *Proxy) ensure() (*childProc, error) {
 		syscall.Close(fds[0])
 		return nil, fmt.Errorf("cannot start %s: %v", p.python, err)
 	}
+	syscall.SetNonblock(fds[0], true) // through the netpoller: no thread (and P) blocked in read/write
 	c := &childProc{pid: pid, sock: os.NewFile(uintptr(fds[0]), "python-agent")}
 	p.child = c
 	go p.readChild(c)

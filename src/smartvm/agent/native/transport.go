@@ -26,24 +26,9 @@ type pollFd struct {
 }
 
 const (
-	pollIn  = 0x1
 	pollOut = 0x4
 	pollHup = 0x10
 )
-
-func poll(fd int, events int16) (int16, error) {
-	for {
-		p := pollFd{fd: int32(fd), events: events}
-		_, _, e := syscall.Syscall6(syscall.SYS_PPOLL, uintptr(unsafe.Pointer(&p)), 1, 0, 0, 0, 0)
-		if e == syscall.EINTR {
-			continue
-		}
-		if e != 0 {
-			return 0, e
-		}
-		return p.revents, nil
-	}
-}
 
 func iovecs(parts [][]byte) []syscall.Iovec {
 	iov := make([]syscall.Iovec, 0, len(parts))
@@ -57,56 +42,54 @@ func iovecs(parts [][]byte) []syscall.Iovec {
 	return iov
 }
 
-// writeAll writes every part with writev; on EAGAIN it calls wait.
-func writeAll(fd int, parts [][]byte, wait func() error) error {
-	for len(parts) > 0 {
-		iov := iovecs(parts)
+// writeSome writes parts with writev until all are written (nil) or the fd would block (EAGAIN);
+// *parts is left holding what is still to write.
+func writeSome(fd int, parts *[][]byte) error {
+	for len(*parts) > 0 {
+		iov := iovecs(*parts)
 		if len(iov) == 0 {
+			*parts = nil
 			return nil
 		}
 		n, _, e := syscall.Syscall(syscall.SYS_WRITEV, uintptr(fd), uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
 		if e == syscall.EINTR {
 			continue
 		}
-		if e == syscall.EAGAIN {
-			if wait == nil {
-				return e
-			}
-			if err := wait(); err != nil {
-				return err
-			}
-			continue
-		}
 		if e != 0 {
 			return e
 		}
 		written := int(n)
-		for written > 0 && len(parts) > 0 {
-			if written >= len(parts[0]) {
-				written -= len(parts[0])
-				parts = parts[1:]
+		p := *parts
+		for written > 0 && len(p) > 0 {
+			if written >= len(p[0]) {
+				written -= len(p[0])
+				p = p[1:]
 			} else {
-				parts[0] = parts[0][written:]
+				p[0] = p[0][written:]
 				written = 0
 			}
 		}
-		for len(parts) > 0 && len(parts[0]) == 0 {
-			parts = parts[1:]
+		for len(p) > 0 && len(p[0]) == 0 {
+			p = p[1:]
 		}
+		*parts = p
 	}
 	return nil
 }
 
-// portSession is one session on a virtio-serial port.
+// portSession is one session on a virtio-serial port. All waiting goes through Go's netpoller
+// (RawConn): a goroutine blocked in poll(2) would hold the only P of a 1-vCPU guest until sysmon
+// takes it back (up to 10 ms later), which made every request that slow.
 type portSession struct {
+	rc    syscall.RawConn
 	fd    int
 	buf   []byte
 	iov   []syscall.Iovec
 	first bool
 }
 
-func newPortSession(fd int, buf []byte) *portSession {
-	s := &portSession{fd: fd, buf: buf, first: true}
+func newPortSession(rc syscall.RawConn, fd int, buf []byte) *portSession {
+	s := &portSession{rc: rc, fd: fd, buf: buf, first: true}
 	for i := 0; i < portPages; i++ {
 		v := syscall.Iovec{Base: &buf[i*4096]}
 		v.SetLen(4096)
@@ -117,43 +100,56 @@ func newPortSession(fd int, buf []byte) *portSession {
 
 func (s *portSession) Name() string { return "virtio-serial" }
 
+// Read takes as many of the port's page buffers as are ready (0 bytes: the host is gone).
 func (s *portSession) Read() ([]byte, error) {
-	for {
-		n, _, e := syscall.Syscall(syscall.SYS_READV, uintptr(s.fd), uintptr(unsafe.Pointer(&s.iov[0])), uintptr(len(s.iov)))
-		switch e {
-		case 0:
-			return s.buf[:n], nil
-		case syscall.EAGAIN:
-			if _, err := poll(s.fd, pollIn); err != nil {
-				return nil, err
+	var n uintptr
+	var e syscall.Errno
+	err := s.rc.Read(func(fd uintptr) bool {
+		for {
+			n, _, e = syscall.Syscall(syscall.SYS_READV, fd, uintptr(unsafe.Pointer(&s.iov[0])), uintptr(len(s.iov)))
+			if e != syscall.EINTR {
+				return e != syscall.EAGAIN
 			}
-		case syscall.EINTR:
-		default:
-			return nil, e
 		}
+	})
+	if err != nil {
+		return nil, err
 	}
+	if e != 0 {
+		return nil, e
+	}
+	return s.buf[:n], nil
 }
 
+// hungUp: the host is not connected (a port without a host polls as hung up). Does not block.
+func hungUp(fd int) bool {
+	p := pollFd{fd: int32(fd), events: pollOut}
+	var zero syscall.Timespec
+	_, _, e := syscall.Syscall6(syscall.SYS_PPOLL, uintptr(unsafe.Pointer(&p)), 1, uintptr(unsafe.Pointer(&zero)), 0, 0, 0)
+	return e == 0 && p.revents&pollHup != 0
+}
+
+// Write writes all parts. The session's first write (its HELLO) waits until a host connects; later
+// ones fail when the host has gone.
 func (s *portSession) Write(parts [][]byte) error {
-	if s.first { // the hello: blocking, so it waits for a host to connect
-		s.first = false
-		if err := syscall.SetNonblock(s.fd, false); err != nil {
-			return err
+	first := s.first
+	s.first = false
+	var werr error
+	err := s.rc.Write(func(fd uintptr) bool {
+		werr = writeSome(int(fd), &parts)
+		if werr != syscall.EAGAIN {
+			return true
 		}
-		err := writeAll(s.fd, parts, nil)
-		syscall.SetNonblock(s.fd, true)
+		if !first && hungUp(int(fd)) {
+			werr = errors.New("the host closed the virtio-serial port")
+			return true
+		}
+		return false
+	})
+	if err != nil {
 		return err
 	}
-	return writeAll(s.fd, parts, func() error {
-		ev, err := poll(s.fd, pollOut)
-		if err != nil {
-			return err
-		}
-		if ev&pollHup != 0 {
-			return errors.New("the host closed the virtio-serial port")
-		}
-		return nil
-	})
+	return werr
 }
 
 // serveVirtio serves one port forever, one session after another.
@@ -165,11 +161,19 @@ func (a *Agent) serveVirtio(dev string) {
 			time.Sleep(500 * time.Millisecond)
 			continue
 		}
+		file := os.NewFile(uintptr(fd), dev) // non-blocking: registered with the netpoller
+		rc, err := file.SyscallConn()
+		if err != nil {
+			logf("virtio-serial port %s: %v", dev, err)
+			file.Close()
+			time.Sleep(500 * time.Millisecond)
+			continue
+		}
 		var wlock sync.Mutex
 		buf := make([]byte, portPages*4096)
 		backoff := 50 * time.Millisecond
 		for {
-			c := newConn(a, newPortSession(fd, buf), &wlock)
+			c := newConn(a, newPortSession(rc, fd, buf), &wlock)
 			t0 := time.Now()
 			got := a.serve(c)
 			if got == 0 && time.Since(t0) < 500*time.Millisecond {
@@ -265,7 +269,8 @@ func (a *Agent) serveUnix(path string) error {
 
 func (a *Agent) serveStdio() {
 	t := &streamConn{r: os.Stdin, name: "stdio", buf: make([]byte, chunkSize), w: func(parts [][]byte) error {
-		return writeAll(1, parts, nil)
+		_, err := (*net.Buffers)(&parts).WriteTo(os.Stdout)
+		return err
 	}}
 	a.serve(newConn(a, t, &sync.Mutex{}))
 }
