@@ -15,6 +15,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 )
 
 const (
@@ -282,9 +283,9 @@ func resolve(name, path string) (string, syscall.Errno) {
 // proc is a running command with its output pipes.
 type proc struct {
 	pid      int
-	stdin    *os.File
+	stdin    *rawFile
 	stdinMu  sync.Mutex
-	out, err *os.File
+	out, err *rawFile
 }
 
 func (p *proc) killGroup() { _ = syscall.Kill(-p.pid, syscall.SIGKILL) }
@@ -350,7 +351,7 @@ func start(spec *spawnSpec, keepStdin bool) (*proc, *spawnFailure, error) {
 	}
 	fds = append(fds, inR)
 	for _, fd := range []int{outR, errR} {
-		syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), fSetPipeSz, pipeSize)
+		syscall.RawSyscall(syscall.SYS_FCNTL, uintptr(fd), fSetPipeSz, pipeSize)
 	}
 	attr := &syscall.ProcAttr{
 		Dir:   spec.cwd,
@@ -374,13 +375,10 @@ func start(spec *spawnSpec, keepStdin bool) (*proc, *spawnFailure, error) {
 		return nil, nil, &opError{eSpawn, fmt.Sprintf("cannot start %s: %s", pyRepr(prog), err)}
 	}
 	p := &proc{pid: pid}
-	syscall.SetNonblock(outR, true)
-	syscall.SetNonblock(errR, true)
-	p.out = os.NewFile(uintptr(outR), "stdout")
-	p.err = os.NewFile(uintptr(errR), "stderr")
+	p.out, _ = newRawFile(outR, "stdout")
+	p.err, _ = newRawFile(errR, "stderr")
 	if keepStdin {
-		syscall.SetNonblock(inW, true)
-		p.stdin = os.NewFile(uintptr(inW), "stdin")
+		p.stdin, _ = newRawFile(inW, "stdin")
 	}
 	return p, nil, nil
 }
@@ -474,7 +472,7 @@ func feedStdin(ch *Channel, p *proc) {
 		p.stdinMu.Unlock()
 		// the pipe is pollable: closeStdin (cancel, exit) interrupts a write the command never reads
 		if pipe != nil && len(it.payload) > 0 {
-			if _, err := pipe.Write(it.payload); err != nil {
+			if err := pipe.WriteParts([][]byte{it.payload}); err != nil {
 				p.closeStdin()
 			}
 		}
@@ -485,18 +483,17 @@ func feedStdin(ch *Channel, p *proc) {
 }
 
 // readPipe sends one pipe's output as DATA frames until EOF (or until the pipe is closed under it).
-func readPipe(ch *Channel, f *os.File, stream string, done chan<- struct{}) {
+func readPipe(ch *Channel, f *rawFile, stream string, done chan<- struct{}) {
 	defer close(done)
-	buf := make([]byte, chunkSize)
+	buf := getBuffer()
+	defer putBuffer(buf)
 	bulk := 0
 	for {
 		n, err := f.Read(buf)
 		if n > 0 {
-			out := make([]byte, n)
-			copy(out, buf[:n])
-			ch.data(stream, out, false)
+			ch.data(stream, buf[:n], false) // written before it returns: the buffer can be reused
 		}
-		if err != nil {
+		if err != nil || n == 0 {
 			return
 		}
 		if n >= bulkRead {
@@ -567,18 +564,16 @@ func pump(ch *Channel, p *proc, timeout float64) (bool, syscall.WaitStatus) {
 // it back, up to 10 ms later, delaying the output pump and every other request.
 func waitExit(pid int) syscall.WaitStatus {
 	var ws syscall.WaitStatus
-	if fd, _, e := syscall.Syscall(sysPidfdOpen, uintptr(pid), 0, 0); e == 0 {
-		syscall.SetNonblock(int(fd), true)
-		f := os.NewFile(fd, "pidfd")
-		defer f.Close()
-		if rc, err := f.SyscallConn(); err == nil {
+	if fd, _, e := syscall.RawSyscall(sysPidfdOpen, uintptr(pid), 0, 0); e == 0 {
+		if f, err := newRawFile(int(fd), "pidfd"); err == nil {
+			defer f.Close()
 			reaped := false
-			err = rc.Read(func(uintptr) bool {
-				got, werr := syscall.Wait4(pid, &ws, syscall.WNOHANG, nil)
-				if werr == syscall.EINTR {
+			err = f.rc.Read(func(uintptr) bool {
+				got, _, e := syscall.RawSyscall6(syscall.SYS_WAIT4, uintptr(pid), uintptr(unsafe.Pointer(&ws)), syscall.WNOHANG, 0, 0, 0)
+				if e == syscall.EINTR {
 					return false
 				}
-				reaped = got == pid || werr != nil
+				reaped = int(got) == pid || e != 0
 				return reaped
 			})
 			if err == nil && reaped {
@@ -590,5 +585,25 @@ func waitExit(pid int) syscall.WaitStatus {
 		if _, err := syscall.Wait4(pid, &ws, 0, nil); err != syscall.EINTR {
 			return ws
 		}
+	}
+}
+
+// Output read buffers are reused: a fresh 256 KiB buffer per stream per command is zeroed and
+// page-faulted in each time, which under TCG cost milliseconds per exec, and feeds the GC.
+var buffers = make(chan []byte, 16)
+
+func getBuffer() []byte {
+	select {
+	case b := <-buffers:
+		return b
+	default:
+		return make([]byte, chunkSize)
+	}
+}
+
+func putBuffer(b []byte) {
+	select {
+	case buffers <- b:
+	default:
 	}
 }

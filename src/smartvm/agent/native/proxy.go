@@ -51,7 +51,7 @@ type Proxy struct {
 
 type childProc struct {
 	pid  int
-	sock *os.File
+	sock *rawFile
 	wmu  sync.Mutex
 	dead bool
 }
@@ -92,8 +92,14 @@ func (p *Proxy) ensure() (*childProc, error) {
 		syscall.Close(fds[0])
 		return nil, fmt.Errorf("cannot start %s: %v", p.python, err)
 	}
-	syscall.SetNonblock(fds[0], true) // through the netpoller: no thread (and P) blocked in read/write
-	c := &childProc{pid: pid, sock: os.NewFile(uintptr(fds[0]), "python-agent")}
+	sock, err := newRawFile(fds[0], "python-agent") // through the netpoller, see rawio.go
+	if err != nil {
+		syscall.Close(fds[0])
+		syscall.Kill(pid, syscall.SIGKILL)
+		syscall.Wait4(pid, nil, 0, nil)
+		return nil, err
+	}
+	c := &childProc{pid: pid, sock: sock}
 	p.child = c
 	go p.readChild(c)
 	return c, nil
@@ -111,12 +117,7 @@ func (p *Proxy) start() {
 func (c *childProc) write(parts ...[]byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	for _, b := range parts {
-		if _, err := c.sock.Write(b); err != nil {
-			return err
-		}
-	}
-	return nil
+	return c.sock.WriteParts(parts)
 }
 
 // rawFrame re-encodes a frame for another channel id with its JSON header unchanged.
@@ -229,6 +230,9 @@ func (p *Proxy) readChild(child *childProc) {
 	buf := make([]byte, 512*1024)
 	for {
 		n, err := child.sock.Read(buf)
+		if n == 0 && err == nil {
+			break // EOF: the child is gone
+		}
 		if n > 0 {
 			for _, item := range dec.Feed(buf[:n]) {
 				f, ok := item.(*Frame)

@@ -51,7 +51,7 @@ func writeSome(fd int, parts *[][]byte) error {
 			*parts = nil
 			return nil
 		}
-		n, _, e := syscall.Syscall(syscall.SYS_WRITEV, uintptr(fd), uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
+		n, _, e := syscall.RawSyscall(syscall.SYS_WRITEV, uintptr(fd), uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
 		if e == syscall.EINTR {
 			continue
 		}
@@ -106,7 +106,7 @@ func (s *portSession) Read() ([]byte, error) {
 	var e syscall.Errno
 	err := s.rc.Read(func(fd uintptr) bool {
 		for {
-			n, _, e = syscall.Syscall(syscall.SYS_READV, fd, uintptr(unsafe.Pointer(&s.iov[0])), uintptr(len(s.iov)))
+			n, _, e = syscall.RawSyscall(syscall.SYS_READV, fd, uintptr(unsafe.Pointer(&s.iov[0])), uintptr(len(s.iov)))
 			if e != syscall.EINTR {
 				return e != syscall.EAGAIN
 			}
@@ -125,7 +125,7 @@ func (s *portSession) Read() ([]byte, error) {
 func hungUp(fd int) bool {
 	p := pollFd{fd: int32(fd), events: pollOut}
 	var zero syscall.Timespec
-	_, _, e := syscall.Syscall6(syscall.SYS_PPOLL, uintptr(unsafe.Pointer(&p)), 1, uintptr(unsafe.Pointer(&zero)), 0, 0, 0)
+	_, _, e := syscall.RawSyscall6(syscall.SYS_PPOLL, uintptr(unsafe.Pointer(&p)), 1, uintptr(unsafe.Pointer(&zero)), 0, 0, 0)
 	return e == 0 && p.revents&pollHup != 0
 }
 
