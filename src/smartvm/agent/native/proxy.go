@@ -11,10 +11,16 @@ import (
 	"log"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+)
+
+const (
+	socketBuffer = 4 * 1024 * 1024
+	startupNice  = 19
 )
 
 // proxiedOps are guest.py's ops that the native agent relays to it.
@@ -70,6 +76,15 @@ func (p *Proxy) ensure() (*childProc, error) {
 	if err != nil {
 		return nil, err
 	}
+	for _, fd := range fds { // room for several 256 KiB chunks: fewer switches between the two agents
+		// the FORCE variants pass net.core.[rw]mem_max (root in the guest may); else the capped size
+		if syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_SNDBUFFORCE, socketBuffer) != nil {
+			_ = syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_SNDBUF, socketBuffer)
+		}
+		if syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_RCVBUFFORCE, socketBuffer) != nil {
+			_ = syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_RCVBUF, socketBuffer)
+		}
+	}
 	devnull, err := syscall.Open("/dev/null", syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
 	if err != nil {
 		syscall.Close(fds[0])
@@ -92,6 +107,9 @@ func (p *Proxy) ensure() (*childProc, error) {
 		syscall.Close(fds[0])
 		return nil, fmt.Errorf("cannot start %s: %v", p.python, err)
 	}
+	// Python's start-up costs seconds of a TCG guest's CPU; it runs at the lowest priority so the
+	// first commands (served natively) do not wait for it, and gets normal priority at its HELLO.
+	_ = syscall.Setpriority(syscall.PRIO_PROCESS, pid, startupNice)
 	sock, err := newRawFile(fds[0], "python-agent") // through the netpoller, see rawio.go
 	if err != nil {
 		syscall.Close(fds[0])
@@ -255,7 +273,12 @@ func (p *Proxy) relay(f *Frame) {
 		if f.Type == fError {
 			log.Printf("python agent stream error: %s", f.Raw)
 		}
-		return // its HELLO: the host already has ours
+		if f.Type == fHello { // started: from now on it serves requests at normal priority
+			if pid, err := strconv.Atoi(fmt.Sprint(f.Header["pid"])); err == nil {
+				_ = syscall.Setpriority(syscall.PRIO_PROCESS, pid, 0)
+			}
+		}
+		return // its HELLO is swallowed: the host already has ours
 	}
 	final := f.Type == fResult || f.Type == fError
 	p.mu.Lock()
