@@ -265,13 +265,9 @@ func resolve(name, path string) (string, syscall.Errno) {
 		if dir != "" {
 			candidate = filepath.Join(dir, name)
 		}
-		err := syscall.Access(candidate, 1) // X_OK
+		err := syscall.Access(candidate, 1) // X_OK (a directory passes; its execve fails with EACCES)
 		if err == nil {
-			if st, serr := os.Stat(candidate); serr == nil && !st.IsDir() {
-				return candidate, 0
-			}
-			saved = syscall.EACCES
-			continue
+			return candidate, 0
 		}
 		if errno, ok := err.(syscall.Errno); ok && errno != syscall.ENOENT && errno != syscall.ENOTDIR {
 			saved = errno
@@ -299,6 +295,20 @@ func (p *proc) closeStdin() {
 	}
 }
 
+var devNullOnce struct {
+	sync.Once
+	fd  int
+	err error
+}
+
+// devNull is one /dev/null fd, kept open (close-on-exec) for every command's stdin.
+func devNull() (int, error) {
+	devNullOnce.Do(func() {
+		devNullOnce.fd, devNullOnce.err = syscall.Open("/dev/null", syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+	})
+	return devNullOnce.fd, devNullOnce.err
+}
+
 func pipePair() (r, w int, err error) {
 	var fds [2]int
 	if err = syscall.Pipe2(fds[:], syscall.O_CLOEXEC); err != nil {
@@ -313,14 +323,6 @@ func start(spec *spawnSpec, keepStdin bool) (*proc, *spawnFailure, error) {
 	exe, errno := resolve(prog, spec.lookupPath)
 	if errno != 0 {
 		return nil, &spawnFailure{prog, errno}, nil
-	}
-	if st, err := os.Stat(spec.cwd); err != nil || !st.IsDir() {
-		e := syscall.ENOTDIR
-		var pe *os.PathError
-		if errors.As(err, &pe) {
-			e, _ = pe.Err.(syscall.Errno)
-		}
-		return nil, nil, &opError{eSpawn, fmt.Sprintf("cannot start %s: %s (%s)", pyRepr(prog), strerror(e), spec.cwd)}
 	}
 	var fds []int
 	closeAll := func() {
@@ -345,11 +347,13 @@ func start(spec *spawnSpec, keepStdin bool) (*proc, *spawnFailure, error) {
 			closeAll()
 			return nil, nil, &opError{eSpawn, "pipe: " + err.Error()}
 		}
-	} else if inR, err = syscall.Open("/dev/null", syscall.O_RDONLY|syscall.O_CLOEXEC, 0); err != nil {
+	} else if inR, err = devNull(); err != nil {
 		closeAll()
 		return nil, nil, &opError{eSpawn, "/dev/null: " + err.Error()}
 	}
-	fds = append(fds, inR)
+	if keepStdin {
+		fds = append(fds, inR)
+	}
 	for _, fd := range []int{outR, errR} {
 		syscall.RawSyscall(syscall.SYS_FCNTL, uintptr(fd), fSetPipeSz, pipeSize)
 	}
@@ -362,12 +366,23 @@ func start(spec *spawnSpec, keepStdin bool) (*proc, *spawnFailure, error) {
 	pid, err := syscall.ForkExec(exe, spec.argv, attr)
 	syscall.Close(outW)
 	syscall.Close(errW)
-	syscall.Close(inR)
+	if keepStdin {
+		syscall.Close(inR)
+	}
 	if err != nil {
 		syscall.Close(outR)
 		syscall.Close(errR)
 		if keepStdin {
 			syscall.Close(inW)
+		}
+		// the directory is checked only now (one system call less per command; TCG makes each costly)
+		if st, serr := os.Stat(spec.cwd); serr != nil || !st.IsDir() {
+			e := syscall.ENOTDIR
+			var pe *os.PathError
+			if errors.As(serr, &pe) {
+				e, _ = pe.Err.(syscall.Errno)
+			}
+			return nil, nil, &opError{eSpawn, fmt.Sprintf("cannot start %s: %s (%s)", pyRepr(prog), strerror(e), spec.cwd)}
 		}
 		if e, ok := err.(syscall.Errno); ok && (e == syscall.ENOENT || e == syscall.EACCES || e == syscall.ENOEXEC) {
 			return nil, &spawnFailure{prog, e}, nil
@@ -564,7 +579,11 @@ func pump(ch *Channel, p *proc, timeout float64) (bool, syscall.WaitStatus) {
 // it back, up to 10 ms later, delaying the output pump and every other request.
 func waitExit(pid int) syscall.WaitStatus {
 	var ws syscall.WaitStatus
-	if fd, _, e := syscall.RawSyscall(sysPidfdOpen, uintptr(pid), 0, 0); e == 0 {
+	fd, _, e := syscall.RawSyscall(sysPidfdOpen, uintptr(pid), syscall.O_NONBLOCK, 0) // PIDFD_NONBLOCK: 5.10+
+	if e == syscall.EINVAL {
+		fd, _, e = syscall.RawSyscall(sysPidfdOpen, uintptr(pid), 0, 0)
+	}
+	if e == 0 {
 		if f, err := newRawFile(int(fd), "pidfd"); err == nil {
 			defer f.Close()
 			reaped := false

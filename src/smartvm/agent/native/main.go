@@ -80,6 +80,9 @@ func run(args []string) int {
 	if mode != "stdio" && mode != "listen-unix" {
 		childArgs = append(childArgs, "--work-in-home")
 	}
+	if mode != "stdio" && mode != "listen-unix" {
+		startProfileFromCmdline()
+	}
 	proxy := newProxy(python, agentFile, childArgs)
 	agent := newAgent(dry, proxy)
 	switch mode {

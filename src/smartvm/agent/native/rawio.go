@@ -18,8 +18,9 @@ type rawFile struct {
 }
 
 func newRawFile(fd int, name string) (*rawFile, error) {
-	if err := syscall.SetNonblock(fd, true); err != nil {
-		return nil, err
+	// F_SETFL can only change the status flags, and none but O_NONBLOCK is set on our fds: one call
+	if _, _, e := syscall.RawSyscall(syscall.SYS_FCNTL, uintptr(fd), syscall.F_SETFL, syscall.O_NONBLOCK); e != 0 {
+		return nil, e
 	}
 	f := os.NewFile(uintptr(fd), name)
 	rc, err := f.SyscallConn()
