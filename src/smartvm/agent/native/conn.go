@@ -285,6 +285,7 @@ func (a *Agent) serve(c *Conn) int {
 		a.proxy.dropConn(c, false)
 		close(c.closed)
 	}()
+	a.proxy.waitReady()
 	if !c.send(fHello, 0, a.hello(c), nil) {
 		return 0
 	}

@@ -87,6 +87,7 @@ func run(args []string) int {
 	agent := newAgent(dry, proxy)
 	switch mode {
 	case "stdio":
+		go proxy.start()
 		agent.serveStdio()
 		return 0
 	case "listen-unix":

@@ -11,7 +11,6 @@ import (
 	"log"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -20,7 +19,7 @@ import (
 
 const (
 	socketBuffer = 4 * 1024 * 1024
-	startupNice  = 19
+	readyTimeout = 60 * time.Second
 )
 
 // proxiedOps are guest.py's ops that the native agent relays to it.
@@ -53,6 +52,22 @@ type Proxy struct {
 	byChild   map[uint32]*route
 	byHost    map[hostKey]uint32
 	everBgJob bool // a proc_start/proc_run went to the child: health must ask it for its count
+
+	readyOnce sync.Once
+	ready     chan struct{} // closed once the first child said HELLO (or could not start, or died)
+}
+
+func (p *Proxy) markReady() { p.readyOnce.Do(func() { close(p.ready) }) }
+
+// waitReady holds a session's HELLO until the Python part is up: a host that got the HELLO may use
+// every op at once, as with the Python agent (its start costs a TCG guest a second or more).
+func (p *Proxy) waitReady() {
+	select {
+	case <-p.ready:
+	case <-time.After(readyTimeout):
+		logf("the Python part did not start in %v; saying hello without it", readyTimeout)
+		p.markReady()
+	}
 }
 
 type childProc struct {
@@ -64,7 +79,7 @@ type childProc struct {
 
 func newProxy(python, agentFile string, extraArgs []string) *Proxy {
 	return &Proxy{python: python, agentFile: agentFile, extraArgs: extraArgs,
-		byChild: map[uint32]*route{}, byHost: map[hostKey]uint32{}}
+		byChild: map[uint32]*route{}, byHost: map[hostKey]uint32{}, ready: make(chan struct{})}
 }
 
 // ensure starts the child if none is running; call with p.mu held.
@@ -107,9 +122,6 @@ func (p *Proxy) ensure() (*childProc, error) {
 		syscall.Close(fds[0])
 		return nil, fmt.Errorf("cannot start %s: %v", p.python, err)
 	}
-	// Python's start-up costs seconds of a TCG guest's CPU; it runs at the lowest priority so the
-	// first commands (served natively) do not wait for it, and gets normal priority at its HELLO.
-	_ = syscall.Setpriority(syscall.PRIO_PROCESS, pid, startupNice)
 	sock, err := newRawFile(fds[0], "python-agent") // through the netpoller, see rawio.go
 	if err != nil {
 		syscall.Close(fds[0])
@@ -129,6 +141,7 @@ func (p *Proxy) start() {
 	defer p.mu.Unlock()
 	if _, err := p.ensure(); err != nil {
 		log.Printf("python agent: %v", err)
+		p.markReady()
 	}
 }
 
@@ -273,12 +286,10 @@ func (p *Proxy) relay(f *Frame) {
 		if f.Type == fError {
 			log.Printf("python agent stream error: %s", f.Raw)
 		}
-		if f.Type == fHello { // started: from now on it serves requests at normal priority
-			if pid, err := strconv.Atoi(fmt.Sprint(f.Header["pid"])); err == nil {
-				_ = syscall.Setpriority(syscall.PRIO_PROCESS, pid, 0)
-			}
+		if f.Type == fHello {
+			p.markReady()
 		}
-		return // its HELLO is swallowed: the host already has ours
+		return // its HELLO is swallowed: the host gets ours
 	}
 	final := f.Type == fResult || f.Type == fError
 	p.mu.Lock()
@@ -317,6 +328,7 @@ func (p *Proxy) childGone(child *childProc) {
 		return
 	}
 	child.dead = true
+	p.markReady()
 	child.sock.Close()
 	routes := p.byChild
 	p.byChild = map[uint32]*route{}
