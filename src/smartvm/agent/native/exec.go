@@ -22,7 +22,6 @@ const (
 	defaultPath  = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 	exitLinger   = 2 * time.Second
 	pipeSize     = 1024 * 1024
-	bulkRead     = 4096
 	bulkPause    = time.Millisecond
 	startedHold  = 10 * time.Millisecond
 	fSetPipeSz   = 1031
@@ -502,7 +501,6 @@ func readPipe(ch *Channel, f *rawFile, stream string, done chan<- struct{}) {
 	defer close(done)
 	buf := getBuffer()
 	defer putBuffer(buf)
-	bulk := 0
 	for {
 		n, err := f.Read(buf)
 		if n > 0 {
@@ -511,13 +509,11 @@ func readPipe(ch *Channel, f *rawFile, stream string, done chan<- struct{}) {
 		if err != nil || n == 0 {
 			return
 		}
-		if n >= bulkRead {
-			bulk++
-		} else {
-			bulk = 0
-		}
-		if bulk >= 2 && n < chunkSize {
-			time.Sleep(bulkPause) // we drained the pipe: let the writer fill it for a moment
+		if n < chunkSize {
+			// we drained the pipe: let the writer fill it for a moment, so that a command writing
+			// many small pieces (busybox head writes byte by byte) costs a frame per millisecond, not
+			// one per write (the Python agent's own slowness batched those; a fast reader must pause)
+			time.Sleep(bulkPause)
 		}
 	}
 }
@@ -555,7 +551,9 @@ func pump(ch *Channel, p *proc, timeout float64) (bool, syscall.WaitStatus) {
 			p.killGroup()
 		case status = <-exited:
 			hasExited = true
-			linger = time.After(exitLinger)
+			lingerTimer := time.NewTimer(exitLinger)
+			defer lingerTimer.Stop() // a pending timer per command would wake the runtime later
+			linger = lingerTimer.C
 		case <-linger:
 			oc, ec = nil, nil
 		case <-oc:
