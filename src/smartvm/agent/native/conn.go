@@ -358,6 +358,7 @@ func (a *Agent) dispatch(c *Conn, item any) {
 		c.mu.Lock()
 		c.chans[f.Channel] = ch
 		c.mu.Unlock()
+		f.Payload = append([]byte(nil), f.Payload...) // the decoder's buffer is reused
 		go a.run(handler, ch, f)
 	case fData, fCancel:
 		c.mu.Lock()
@@ -374,7 +375,7 @@ func (a *Agent) dispatch(c *Conn, item any) {
 		}
 		if f.Type == fCancel {
 			ch.cancel()
-		} else if !ch.push(f.Header, f.Payload) {
+		} else if !ch.push(f.Header, append([]byte(nil), f.Payload...)) {
 			ch.cancel()
 			ch.fail(eBadRequest, "too much data queued on this channel; send less at once")
 		}
