@@ -12,7 +12,9 @@ Every image gets ``/opt/smartvm`` (busybox with all applet links, ``rcS``, ``rcK
 runner, the power-button action), ``/etc/inittab`` and ``/sbin/init`` -> busybox, per the guest
 contract. Results are cached under ``<cache>/rootfs/<key>/rootfs.<fmt>``; the key hashes every
 input (kind, format, size, source identity, busybox and python identity, the sha256 of each guest
-file and of both agent files, ``smartvm/agent/guest.py`` and ``smartvm/agent/wire.py``). A build runs
+file and of both agent files, ``smartvm/agent/guest.py`` and ``smartvm/agent/wire.py``, and of the
+native agent's Go sources with the go toolchain's identity, see :mod:`smartvm.images.native_agent`,
+which is built into ``/opt/smartvm/agent-native`` when the host has ``go``). A build runs
 in a temporary directory that is removed whatever happens; the artifact directory appears by one
 rename, so nothing half-written remains.
 """

@@ -282,7 +282,7 @@ func (a *Agent) serve(c *Conn) int {
 		for _, ch := range chans {
 			ch.cancel()
 		}
-		a.proxy.dropConn(c, false)
+		a.proxy.dropConn(c)
 		close(c.closed)
 	}()
 	a.proxy.waitReady()
@@ -329,7 +329,7 @@ func (a *Agent) dispatch(c *Conn, item any) {
 			ch.mu.Unlock()
 			ch.cancel()
 		}
-		a.proxy.dropConn(c, true)
+		a.proxy.dropConn(c)
 		c.send(fHello, 0, a.hello(c), nil)
 	case fRequest:
 		op, _ := f.Header["op"].(string)

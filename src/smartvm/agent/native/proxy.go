@@ -235,7 +235,7 @@ func (p *Proxy) cancelChild(child *childProc, id uint32) {
 }
 
 // dropConn cancels every proxied channel of a connection (session end, or a host HELLO).
-func (p *Proxy) dropConn(c *Conn, _ bool) {
+func (p *Proxy) dropConn(c *Conn) {
 	p.mu.Lock()
 	var ids []uint32
 	for key, id := range p.byHost {
