@@ -165,6 +165,17 @@ def test_cache_key_follows_the_native_agent(tmp_path: Path, monkeypatch: pytest.
     assert len({base, changed, rootfs_cache_key("busybox")}) == 3
 
 
+def test_image_without_go_keeps_the_python_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No go toolchain (or SMARTVM_NATIVE_AGENT=0): no native binary, and run-agent, which starts it
+    only when it is there, runs the Python agent as before."""
+    monkeypatch.setenv("SMARTVM_NATIVE_AGENT", "0")
+    image = build_rootfs("busybox", cache_dir=tmp_path, progress=False)
+    assert "agent-native" not in debugfs(image, "ls /opt/smartvm")
+    assert debugfs(image, "cat /opt/smartvm/agent.py") == AGENT.read_text()
+    runner = debugfs(image, "cat /opt/smartvm/run-agent")
+    assert "[ -x /opt/smartvm/agent-native ] && exec" in runner and "import agent" in runner
+
+
 def test_failed_step_leaves_nothing_behind(tmp_path: Path) -> None:
     base = tmp_path / "base"
     (base / "data").mkdir(parents=True)
