@@ -96,6 +96,48 @@ async def test_relayed_channels_of_two_connections_do_not_collide(
         writer.close()
 
 
+async def _replies(
+    server: AgentServer, requests: list[dict[str, Any]]
+) -> list[list[tuple[int, dict[str, Any], int]]]:
+    """Each request's frames (type, header, payload size), sent one at a time on a raw stream."""
+    reader, writer = await _connect(server)
+    await _frames_until_hello(reader)
+    out = []
+    for i, req in enumerate(requests, start=1):
+        writer.write(wire.encode_frame(wire.REQUEST, i, req))
+        frames = await _frames(reader, 1)
+        out.append([(f.type, f.header, len(f.payload)) for f in frames if f.channel == i])
+    writer.close()
+    return out
+
+
+async def test_native_file_read_answers_as_the_python_agent(native: AgentServer, tmp_path: Path) -> None:
+    """file_read is native: every answer (events, chunks, results, errors) equals guest.py's."""
+    (tmp_path / "f").write_bytes(os.urandom(600 * 1024))
+    (tmp_path / "f").chmod(0o640)
+    (tmp_path / "locked").write_text("x")
+    (tmp_path / "locked").chmod(0)
+    requests: list[dict[str, Any]] = [
+        {"op": "file_read", "path": str(tmp_path / "f")},
+        {"op": "file_read", "path": str(tmp_path / "f"), "offset": 1000, "length": 300000},
+        {"op": "file_read", "path": str(tmp_path / "f"), "offset": 10**9},
+        {"op": "file_read", "path": str(tmp_path / "missing")},
+        {"op": "file_read", "path": str(tmp_path)},
+        {"op": "file_read", "path": str(tmp_path / "f" / "under")},
+        {"op": "file_read", "path": ""},
+        {"op": "file_read", "path": str(tmp_path / "f"), "offset": -1},
+        {"op": "file_read", "path": str(tmp_path / "f"), "length": 1.5},
+    ]
+    if os.getuid() != 0:
+        requests.append({"op": "file_read", "path": str(tmp_path / "locked")})
+    python = AgentServer(native=False)
+    try:
+        expected = await _replies(python, requests)
+    finally:
+        python.stop()
+    assert await _replies(native, requests) == expected
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):

@@ -403,6 +403,8 @@ func (a *Agent) run(h handler, ch *Channel, f *Frame) {
 	if err := h(ch, f.Header, f.Payload); err != nil {
 		if oe, ok := err.(*opError); ok {
 			ch.fail(oe.code, oe.message)
+		} else if fe, ok := err.(*fileError); ok {
+			ch.finish(fError, map[string]any{"code": fe.code, "message": fe.message, "errno": fe.errno})
 		} else {
 			ch.fail(eInternal, fmt.Sprintf("agent error in %s: %v", op, err))
 		}

@@ -79,6 +79,9 @@ func run(args []string) int {
 	}
 	if mode != "stdio" && mode != "listen-unix" {
 		childArgs = append(childArgs, "--work-in-home")
+		if dir, err := os.Getwd(); err == nil { // where relative request paths point, as in guest.py
+			startDir = dir
+		}
 	}
 	if mode != "stdio" && mode != "listen-unix" {
 		startProfileFromCmdline()
