@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import struct
 from collections.abc import AsyncIterator
@@ -97,14 +98,14 @@ async def test_relayed_channels_of_two_connections_do_not_collide(
 
 
 async def _replies(
-    server: AgentServer, requests: list[dict[str, Any]]
+    server: AgentServer, requests: list[dict[str, Any]], payload: bytes = b""
 ) -> list[list[tuple[int, dict[str, Any], int]]]:
     """Each request's frames (type, header, payload size), sent one at a time on a raw stream."""
     reader, writer = await _connect(server)
     await _frames_until_hello(reader)
     out = []
     for i, req in enumerate(requests, start=1):
-        writer.write(wire.encode_frame(wire.REQUEST, i, req))
+        writer.write(wire.encode_frame(wire.REQUEST, i, req, payload))
         frames = await _frames(reader, 1)
         out.append([(f.type, f.header, len(f.payload)) for f in frames if f.channel == i])
     writer.close()
@@ -136,6 +137,54 @@ async def test_native_file_read_answers_as_the_python_agent(native: AgentServer,
     finally:
         python.stop()
     assert await _replies(native, requests) == expected
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_mode, p.read_bytes() if p.is_file() else b"")
+        for p in sorted(root.rglob("*"))
+    }
+
+
+async def test_native_file_write_answers_as_the_python_agent(native: AgentServer, tmp_path: Path) -> None:
+    """file_write is native: answers and the files it leaves equal guest.py's, case by case."""
+    root = tmp_path / "w"
+
+    def setup() -> None:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        (root / "old").write_text("old")
+        (root / "old").chmod(0o604)
+        (root / "adir").mkdir()
+        (root / "afile").write_text("x")
+
+    def write(path: str, **fields: Any) -> dict[str, Any]:
+        return {"op": "file_write", "path": path, "eof": True, **fields}
+
+    requests = [
+        write(str(root / "new")),
+        write(str(root / "old")),
+        write(str(root / "old"), append=True),
+        write(str(root / "moded"), mode=0o640),
+        write(str(root / "deep" / "er" / "f")),
+        write(str(root / "nodir" / "f"), parents=False),
+        write(str(root / "afile" / "under")),
+        write(str(root / "adir")),
+        write(str(root / "bad"), mode=0o17777),
+        write(str(root / "bad"), mode="644"),
+        write(""),
+    ]
+    results = []
+    for server in (AgentServer(native=False), native):
+        setup()
+        try:
+            results.append((await _replies(server, requests, b"payload\n"), _tree(root)))
+        finally:
+            if server is not native:
+                server.stop()
+    for got, want in zip(results[1][0], results[0][0], strict=True):
+        assert got == want
+    assert results[1][1] == results[0][1]
 
 
 def _children(pid: int) -> list[int]:

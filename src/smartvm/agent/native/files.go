@@ -1,11 +1,13 @@
-// Native file ops: file_read (a download is the bulk path a relay slows down most). Same checks,
-// events, chunks, errors (errno names, "not_found" for ENOENT) and result as guest.py's
-// op_file_read, _path, _anchored and _os_error.
+// Native file ops: file_read and file_write (transfers are the bulk path a relay slows down most).
+// Same checks, events, chunks, temporary file, modes and owners, errors (errno names, "not_found"
+// for ENOENT) and results as guest.py's op_file_read, op_file_write, _path, _anchored, _owner,
+// _makedirs and _os_error.
 package main
 
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 )
@@ -148,5 +150,187 @@ func (a *Agent) opFileRead(ch *Channel, req map[string]any, payload []byte) erro
 		}
 	}
 	ch.result(map[string]any{"path": path, "size": sent})
+	return nil
+}
+
+// pyDirname and pyBasename are posixpath.dirname/basename.
+func pyDirname(p string) string {
+	i := strings.LastIndex(p, "/") + 1
+	head := p[:i]
+	if head != "" && strings.Trim(head, "/") != "" {
+		head = strings.TrimRight(head, "/")
+	}
+	return head
+}
+
+func pyBasename(p string) string { return p[strings.LastIndex(p, "/")+1:] }
+
+func isDir(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && st.IsDir()
+}
+
+// requestOwner is guest.py's _owner: the (uid, gid) new files and directories get, or nil.
+func requestOwner(req map[string]any, field string) (*[2]int, error) {
+	who := req[field]
+	if who == nil {
+		return nil, nil
+	}
+	account, err := lookupUser(who)
+	if err != nil {
+		return nil, err
+	}
+	return &[2]int{account.uid, account.gid}, nil
+}
+
+// makedirs is guest.py's _makedirs (mkdir -p; new directories owned by owner).
+func makedirs(path string, mode uint32, owner *[2]int, target bool) (bool, error) {
+	cur := path
+	if !strings.HasPrefix(cur, "/") {
+		if wd, err := os.Getwd(); err == nil {
+			cur = wd + "/" + cur
+		}
+	}
+	cur = filepath.Clean(cur)
+	var missing []string
+	seen := map[string]bool{}
+	for !isDir(cur) && !seen[cur] {
+		missing = append(missing, cur)
+		seen[cur] = true
+		cur = filepath.Dir(cur)
+	}
+	created := false
+	for i := len(missing) - 1; i >= 0; i-- {
+		d := missing[i]
+		if err := syscall.Mkdir(d, mode); err != nil {
+			if err == syscall.EEXIST {
+				if isDir(d) {
+					continue
+				}
+				name := "ENOTDIR"
+				if target && d == missing[0] {
+					name = "EEXIST"
+				}
+				return false, &fileError{eFile, fmt.Sprintf("%s: exists and is not a directory (%s)", d, name), name}
+			}
+			return false, osError(err, d)
+		}
+		created = d == missing[0]
+		if owner != nil {
+			if err := syscall.Chown(d, owner[0], owner[1]); err != nil {
+				return false, osError(err, d)
+			}
+		}
+	}
+	return created, nil
+}
+
+func (a *Agent) opFileWrite(ch *Channel, req map[string]any, payload []byte) error {
+	path, err := requestPath(req, "path")
+	if err != nil {
+		return err
+	}
+	var mode int64 = -1
+	if v, present := req["mode"]; present && v != nil {
+		m, ok := intField(v)
+		if !ok || m < 0 || m > 0o7777 {
+			return badRequest("mode must be an integer permission like 0o644")
+		}
+		mode = m
+	}
+	owner, err := requestOwner(req, "owner")
+	if err != nil {
+		return err
+	}
+	if v, present := req["parents"]; !present || truthy(v) {
+		if parent := pyDirname(path); parent != "" {
+			if _, err := makedirs(parent, 0o755, owner, false); err != nil {
+				return err
+			}
+		}
+	}
+	appendMode := truthy(req["append"])
+	var st syscall.Stat_t
+	exists := syscall.Stat(path, &st) == nil
+	rawPath, _ := req["path"].(string) // guest.py names an open failure by the path as requested
+	var fd int
+	tmp := ""
+	if appendMode {
+		fd, err = syscall.Open(path, syscall.O_WRONLY|syscall.O_APPEND|syscall.O_CREAT|syscall.O_CLOEXEC, 0o644)
+	} else {
+		dir := pyDirname(path)
+		if dir == "" {
+			dir = "."
+		}
+		name := fmt.Sprintf(".%s.%d-%d.smartvm-part", pyBasename(path), os.Getpid(), ch.id)
+		if strings.HasSuffix(dir, "/") {
+			tmp = dir + name
+		} else {
+			tmp = dir + "/" + name
+		}
+		fd, err = syscall.Open(tmp, syscall.O_WRONLY|syscall.O_CREAT|syscall.O_TRUNC|syscall.O_CLOEXEC, 0o600)
+	}
+	if err != nil { // raised outside guest.py's try: its generic handler drops the errno name
+		fe := osError(err, rawPath)
+		return &opError{fe.code, fe.message}
+	}
+	ok := false
+	defer func() {
+		if fd >= 0 {
+			syscall.Close(fd)
+		}
+		if !ok && tmp != "" {
+			syscall.Unlink(tmp)
+		}
+	}()
+	size := 0
+	chunk, eof := payload, truthy(req["eof"])
+	for {
+		for rest := chunk; len(rest) > 0; {
+			n, err := syscall.Write(fd, rest)
+			if err == syscall.EINTR {
+				continue
+			}
+			if err != nil {
+				return osError(err, path)
+			}
+			rest = rest[n:]
+		}
+		size += len(chunk)
+		if eof {
+			break
+		}
+		it, more := ch.nextData()
+		if !more {
+			return &opError{eCancelled, "request cancelled"}
+		}
+		chunk, eof = it.payload, truthy(it.header["eof"])
+	}
+	if mode >= 0 {
+		err = syscall.Fchmod(fd, uint32(mode))
+	} else if tmp != "" {
+		perm := uint32(0o644)
+		if exists {
+			perm = st.Mode & 0o7777
+		}
+		err = syscall.Fchmod(fd, perm)
+	}
+	if err == nil && exists && tmp != "" && os.Getuid() == 0 {
+		err = syscall.Fchown(fd, int(st.Uid), int(st.Gid))
+	} else if err == nil && !exists && owner != nil {
+		err = syscall.Fchown(fd, owner[0], owner[1])
+	}
+	if err == nil {
+		err = syscall.Close(fd)
+		fd = -1
+	}
+	if err == nil && tmp != "" {
+		err = syscall.Rename(tmp, path)
+	}
+	if err != nil {
+		return osError(err, path)
+	}
+	ok = true
+	ch.result(map[string]any{"path": path, "size": size})
 	return nil
 }

@@ -30,13 +30,14 @@ type Agent struct {
 func newAgent(dryRun bool, proxy *Proxy) *Agent {
 	a := &Agent{dryRun: dryRun, started: now(), proxy: proxy}
 	a.handlers = map[string]handler{
-		"ping":      a.opPing,
-		"health":    a.opHealth,
-		"sync":      a.opSync,
-		"set_time":  a.opSetTime,
-		"reseed":    a.opReseed,
-		"exec":      a.opExec,
-		"file_read": a.opFileRead,
+		"ping":       a.opPing,
+		"health":     a.opHealth,
+		"sync":       a.opSync,
+		"set_time":   a.opSetTime,
+		"reseed":     a.opReseed,
+		"exec":       a.opExec,
+		"file_read":  a.opFileRead,
+		"file_write": a.opFileWrite,
 	}
 	return a
 }

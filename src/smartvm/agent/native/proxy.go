@@ -25,7 +25,7 @@ const (
 // proxiedOps are guest.py's ops that the native agent relays to it.
 var proxiedOps = map[string]bool{
 	"proc_start": true, "proc_list": true, "proc_stdin": true, "proc_signal": true, "proc_attach": true,
-	"proc_run": true, "file_write": true, "file_list": true, "file_stat": true,
+	"proc_run": true, "file_list": true, "file_stat": true,
 	"file_mkdir": true, "file_remove": true, "file_rename": true, "user_info": true, "file_entries": true,
 	"file_prepare": true, "file_watch": true, "shutdown": true,
 }
