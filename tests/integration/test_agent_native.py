@@ -47,7 +47,7 @@ async def test_native_agent_serves_and_relays(svm: Any, guest_image: Any) -> Non
     )
     assert "--serve-fd 3 --work-in-home" in children.stdout_text, children.stdout_text
 
-    # relayed ops: files both ways, a background process with stdin, listing
+    # relayed files both ways; a (native) background process with stdin, listing
     await agent.files.write("/tmp/relay.txt", b"relayed\n" * 1000)
     assert await agent.files.read("/tmp/relay.txt") == b"relayed\n" * 1000
     proc = await agent.processes.start("read x; echo got $x", stdin=True)

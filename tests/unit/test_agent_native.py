@@ -187,6 +187,84 @@ async def test_native_file_write_answers_as_the_python_agent(native: AgentServer
     assert results[1][1] == results[0][1]
 
 
+_TIMES = ("started", "ended", "duration", "time")
+
+
+def _normal(frames: list[wire.Frame], pid: int | None) -> list[Any]:
+    """Frames of one request with what differs between runs masked: the pid and the times; DATA
+    payloads joined per stream (how a stream's output splits into frames depends on timing)."""
+
+    def mask(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: (type(v).__name__ if k in _TIMES else mask(v)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mask(v) for v in value]
+        if isinstance(value, str) and pid is not None:
+            return value.replace(str(pid), "PID")
+        return "PID" if pid is not None and value == pid else value
+
+    streams: dict[str, bytes] = {}
+    out: list[Any] = []
+    for f in frames:
+        if f.type == wire.DATA:
+            streams[f.header["s"]] = streams.get(f.header["s"], b"") + f.payload
+        else:
+            out.append((f.type, mask(f.header)))
+    return [sorted(streams.items()), *out]
+
+
+async def _process_story(server: AgentServer) -> list[Any]:
+    """One scripted life of background processes; each step's answer, normalized."""
+    reader, writer = await _connect(server)
+    await _frames_until_hello(reader)
+    pid: int | None = None
+    answers = []
+    script = "echo out; echo err >&2; read line; echo got $line; exit 3"
+    steps: list[tuple[dict[str, Any], bytes]] = [
+        ({"op": "proc_start", "cmd": ["sh", "-c", script], "stdin": True, "meta": {"k": [1, "v"]}}, b""),
+        ({"op": "proc_stdin", "eof": True}, b"hello\n"),
+        ({"op": "proc_attach"}, b""),
+        ({"op": "proc_list"}, b""),
+        ({"op": "proc_stdin"}, b"late"),
+        ({"op": "proc_signal", "signal": "SIGBOGUS"}, b""),
+        ({"op": "proc_signal", "signal": 1.5}, b""),
+        ({"op": "proc_signal", "signal": "term"}, b""),
+        ({"op": "proc_attach", "pid": 99999999}, b""),
+        ({"op": "proc_stdin", "pid": "12"}, b""),
+        ({"op": "proc_start", "cmd": ["true"], "replay_bytes": -1}, b""),
+        ({"op": "proc_run", "cmd": ["true"], "timeout": 0}, b""),
+        ({"op": "proc_run", "cmd": ["no-such-program-here"]}, b""),
+        ({"op": "proc_run", "cmd": ["sh", "-c", "echo a; sleep 5"], "timeout": 0.3}, b""),
+        ({"op": "proc_start", "cmd": ["sleep", "30"], "replay_bytes": 0}, b""),
+        ({"op": "proc_signal", "signal": "sigusr1", "group": False}, b""),
+        ({"op": "proc_attach", "replay": False}, b""),
+    ]
+    for channel, (req, payload) in enumerate(steps, start=1):
+        if "pid" not in req and req["op"] not in ("proc_start", "proc_run", "proc_list"):
+            req = {**req, "pid": pid}
+        writer.write(wire.encode_frame(wire.REQUEST, channel, req, payload))
+        frames = [f for f in await _frames(reader, 1) if f.channel == channel]
+        final = frames[-1]
+        if final.type == wire.RESULT and req["op"] in ("proc_start", "proc_run"):
+            pid = final.header.get("pid", pid)
+        answers.append(_normal(frames, pid))
+    writer.close()
+    return answers
+
+
+async def test_native_processes_answer_as_the_python_agent(native: AgentServer) -> None:
+    """proc_* are native: a scripted life of processes (stdin, replay, exit code, errors, timeout,
+    signals) gets the same answers from both agents, pids and times aside."""
+    python = AgentServer(native=False)
+    try:
+        expected = await _process_story(python)
+    finally:
+        python.stop()
+    got = await _process_story(native)
+    for step, (mine, theirs) in enumerate(zip(got, expected, strict=True)):
+        assert mine == theirs, f"step {step}"
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):

@@ -187,6 +187,9 @@ func (ch *Channel) data(stream string, payload []byte, eof bool) {
 	}
 }
 
+// sendData is data without an EOF mark: an emitter of command output.
+func (ch *Channel) sendData(stream string, payload []byte) { ch.data(stream, payload, false) }
+
 func (ch *Channel) result(header map[string]any) { ch.finish(fResult, header) }
 
 func (ch *Channel) fail(code, message string) {

@@ -417,18 +417,35 @@ func (f *spawnFailure) report(ch *Channel) {
 		code, what = 127, "command not found"
 	}
 	ch.data("stderr", []byte(fmt.Sprintf("smartvm-agent: %s: %s\n", f.prog, what)), false)
-	ch.result(map[string]any{"exit_code": code, "signal": nil, "timed_out": false, "duration": 0.0, "pid": nil})
+	ch.result(map[string]any{"exit_code": code, "signal": nil, "timed_out": false, "duration": pyFloat(0), "pid": nil})
+}
+
+// requestTimeout is the optional "timeout" field: a positive number of seconds (0: none).
+func requestTimeout(req map[string]any) (float64, error) {
+	raw, ok := req["timeout"]
+	if !ok || raw == nil {
+		return 0, nil
+	}
+	t, isNum := number(raw)
+	if !isNum || t <= 0 {
+		return 0, badRequest("timeout must be a positive number of seconds")
+	}
+	return t, nil
+}
+
+// exitOf is a wait status as the agent reports it: the exit code (128+N for signal N) and the signal.
+func exitOf(status syscall.WaitStatus) (int, any) {
+	if status.Signaled() {
+		s := int(status.Signal())
+		return 128 + s, s
+	}
+	return status.ExitStatus(), nil
 }
 
 func (a *Agent) opExec(ch *Channel, req map[string]any, payload []byte) error {
-	var timeout float64
-	rawTimeout, hasTimeout := req["timeout"]
-	if hasTimeout && rawTimeout != nil {
-		t, ok := number(rawTimeout)
-		if !ok || t <= 0 {
-			return badRequest("timeout must be a positive number of seconds")
-		}
-		timeout = t
+	timeout, err := requestTimeout(req)
+	if err != nil {
+		return err
 	}
 	wantStdin := truthy(req["stdin"])
 	spec, err := buildSpec(req)
@@ -449,16 +466,9 @@ func (a *Agent) opExec(ch *Channel, req map[string]any, payload []byte) error {
 	if wantStdin {
 		go feedStdin(ch, p)
 	}
-	killed, status := pump(ch, p, timeout)
+	killed, status := pump(p, ch.sendData, timeout, ch.flush)
 	duration := mono() - t0
-	var exitCode int
-	var sig any
-	if status.Signaled() {
-		s := int(status.Signal())
-		sig, exitCode = s, 128+s
-	} else {
-		exitCode = status.ExitStatus()
-	}
+	exitCode, sig := exitOf(status)
 	cancelled := ch.isCancelled()
 	timedOut := killed && !cancelled
 	if timedOut {
@@ -496,15 +506,18 @@ func feedStdin(ch *Channel, p *proc) {
 	}
 }
 
-// readPipe sends one pipe's output as DATA frames until EOF (or until the pipe is closed under it).
-func readPipe(ch *Channel, f *rawFile, stream string, done chan<- struct{}) {
+// emitter takes a piece of a command's output; the piece is only valid during the call.
+type emitter func(stream string, data []byte)
+
+// readPipe hands one pipe's output to emit until EOF (or until the pipe is closed under it).
+func readPipe(emit emitter, f *rawFile, stream string, done chan<- struct{}) {
 	defer close(done)
 	buf := getBuffer()
 	defer putBuffer(buf)
 	for {
 		n, err := f.Read(buf)
 		if n > 0 {
-			ch.data(stream, buf[:n], false) // written before it returns: the buffer can be reused
+			emit(stream, buf[:n]) // done with it when it returns: the buffer can be reused
 		}
 		if err != nil || n == 0 {
 			return
@@ -519,11 +532,12 @@ func readPipe(ch *Channel, f *rawFile, stream string, done chan<- struct{}) {
 }
 
 // pump moves the output until the command has exited and its pipes are closed (or exitLinger after
-// its exit, if children hold them), killing the group at the timeout. Returns (killed, status).
-func pump(ch *Channel, p *proc, timeout float64) (bool, syscall.WaitStatus) {
+// its exit, if children hold them), killing the group at the timeout (0: none). quiet (if not nil)
+// runs once startedHold after the start unless the output is over by then. Returns (killed, status).
+func pump(p *proc, emit emitter, timeout float64, quiet func()) (bool, syscall.WaitStatus) {
 	outDone, errDone := make(chan struct{}), make(chan struct{})
-	go readPipe(ch, p.out, "stdout", outDone)
-	go readPipe(ch, p.err, "stderr", errDone)
+	go readPipe(emit, p.out, "stdout", outDone)
+	go readPipe(emit, p.err, "stderr", errDone)
 	exited := make(chan syscall.WaitStatus, 1)
 	go func() { exited <- waitExit(p.pid) }()
 	var deadline <-chan time.Time
@@ -535,16 +549,20 @@ func pump(ch *Channel, p *proc, timeout float64) (bool, syscall.WaitStatus) {
 		defer timer.Stop()
 		deadline = timer.C
 	}
-	hold := time.NewTimer(startedHold)
-	defer hold.Stop()
+	var hold <-chan time.Time
+	if quiet != nil {
+		holdTimer := time.NewTimer(startedHold)
+		defer holdTimer.Stop()
+		hold = holdTimer.C
+	}
 	var linger <-chan time.Time
 	var status syscall.WaitStatus
 	killed, hasExited := false, false
 	oc, ec := (<-chan struct{})(outDone), (<-chan struct{})(errDone)
 	for oc != nil || ec != nil {
 		select {
-		case <-hold.C:
-			ch.flush()
+		case <-hold:
+			quiet()
 		case <-deadline:
 			killed = true
 			deadline = nil

@@ -25,19 +25,26 @@ type Agent struct {
 	started  float64
 	handlers map[string]handler
 	proxy    *Proxy
+	procs    procTable
 }
 
 func newAgent(dryRun bool, proxy *Proxy) *Agent {
 	a := &Agent{dryRun: dryRun, started: now(), proxy: proxy}
 	a.handlers = map[string]handler{
-		"ping":       a.opPing,
-		"health":     a.opHealth,
-		"sync":       a.opSync,
-		"set_time":   a.opSetTime,
-		"reseed":     a.opReseed,
-		"exec":       a.opExec,
-		"file_read":  a.opFileRead,
-		"file_write": a.opFileWrite,
+		"ping":        a.opPing,
+		"health":      a.opHealth,
+		"sync":        a.opSync,
+		"set_time":    a.opSetTime,
+		"reseed":      a.opReseed,
+		"exec":        a.opExec,
+		"file_read":   a.opFileRead,
+		"file_write":  a.opFileWrite,
+		"proc_start":  a.opProcStart,
+		"proc_run":    a.opProcRun,
+		"proc_list":   a.opProcList,
+		"proc_stdin":  a.opProcStdin,
+		"proc_signal": a.opProcSignal,
+		"proc_attach": a.opProcAttach,
 	}
 	return a
 }
@@ -137,7 +144,7 @@ func (a *Agent) opHealth(ch *Channel, req map[string]any, payload []byte) error 
 		"time":                 now(),
 		"agent_pid":            os.Getpid(),
 		"agent_uptime":         now() - a.started,
-		"background_processes": a.proxy.backgroundProcesses(),
+		"background_processes": a.procs.running(),
 		"cpus":                 cpus,
 	})
 	return nil

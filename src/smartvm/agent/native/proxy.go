@@ -24,8 +24,7 @@ const (
 
 // proxiedOps are guest.py's ops that the native agent relays to it.
 var proxiedOps = map[string]bool{
-	"proc_start": true, "proc_list": true, "proc_stdin": true, "proc_signal": true, "proc_attach": true,
-	"proc_run": true, "file_list": true, "file_stat": true,
+	"file_list": true, "file_stat": true,
 	"file_mkdir": true, "file_remove": true, "file_rename": true, "user_info": true, "file_entries": true,
 	"file_prepare": true, "file_watch": true, "shutdown": true,
 }
@@ -35,23 +34,16 @@ type hostKey struct {
 	id   uint32
 }
 
-// route is where the child's frames of one child channel go: a host channel, or an internal waiter.
-type route struct {
-	host     hostKey
-	internal chan *Frame
-}
-
 // Proxy owns the Python child and the channel mapping.
 type Proxy struct {
 	python, agentFile string
 	extraArgs         []string
 
-	mu        sync.Mutex
-	child     *childProc
-	next      uint32
-	byChild   map[uint32]*route
-	byHost    map[hostKey]uint32
-	everBgJob bool // a proc_start/proc_run went to the child: health must ask it for its count
+	mu      sync.Mutex
+	child   *childProc
+	next    uint32
+	byChild map[uint32]hostKey // where the child's frames of each child channel go
+	byHost  map[hostKey]uint32
 
 	readyOnce sync.Once
 	ready     chan struct{} // closed once the first child said HELLO (or could not start, or died)
@@ -79,7 +71,7 @@ type childProc struct {
 
 func newProxy(python, agentFile string, extraArgs []string) *Proxy {
 	return &Proxy{python: python, agentFile: agentFile, extraArgs: extraArgs,
-		byChild: map[uint32]*route{}, byHost: map[hostKey]uint32{}, ready: make(chan struct{})}
+		byChild: map[uint32]hostKey{}, byHost: map[hostKey]uint32{}, ready: make(chan struct{})}
 }
 
 // ensure starts the child if none is running; call with p.mu held.
@@ -178,11 +170,8 @@ func (p *Proxy) request(c *Conn, f *Frame) {
 	p.next++
 	id := p.next
 	key := hostKey{c, f.Channel}
-	p.byChild[id] = &route{host: key}
+	p.byChild[id] = key
 	p.byHost[key] = id
-	if op, _ := f.Header["op"].(string); op == "proc_start" || op == "proc_run" {
-		p.everBgJob = true
-	}
 	p.mu.Unlock()
 	if child.write(rawFrame(f, id)...) != nil {
 		p.childGone(child)
@@ -293,31 +282,25 @@ func (p *Proxy) relay(f *Frame) {
 	}
 	final := f.Type == fResult || f.Type == fError
 	p.mu.Lock()
-	r := p.byChild[f.Channel]
-	if r != nil && final {
+	host, ok := p.byChild[f.Channel]
+	if ok && final {
 		delete(p.byChild, f.Channel)
-		if r.internal == nil {
-			delete(p.byHost, r.host)
-		}
+		delete(p.byHost, host)
 	}
 	p.mu.Unlock()
-	if r == nil {
+	if !ok {
 		return
 	}
-	if r.internal != nil {
-		r.internal <- f
-		return
-	}
-	r.host.conn.wlock.Lock()
-	alive := r.host.conn.isAlive()
+	host.conn.wlock.Lock()
+	alive := host.conn.isAlive()
 	if alive {
-		if err := r.host.conn.t.Write(rawFrame(f, r.host.id)); err != nil {
-			r.host.conn.mu.Lock()
-			r.host.conn.alive = false
-			r.host.conn.mu.Unlock()
+		if err := host.conn.t.Write(rawFrame(f, host.id)); err != nil {
+			host.conn.mu.Lock()
+			host.conn.alive = false
+			host.conn.mu.Unlock()
 		}
 	}
-	r.host.conn.wlock.Unlock()
+	host.conn.wlock.Unlock()
 }
 
 // childGone fails every channel the child was serving; the next request starts a new child.
@@ -331,71 +314,14 @@ func (p *Proxy) childGone(child *childProc) {
 	p.markReady()
 	child.sock.Close()
 	routes := p.byChild
-	p.byChild = map[uint32]*route{}
+	p.byChild = map[uint32]hostKey{}
 	p.byHost = map[hostKey]uint32{}
 	p.mu.Unlock()
 	var ws syscall.WaitStatus
 	syscall.Kill(child.pid, syscall.SIGKILL)
 	syscall.Wait4(child.pid, &ws, 0, nil)
 	log.Printf("python agent (pid %d) exited", child.pid)
-	for _, r := range routes {
-		if r.internal != nil {
-			close(r.internal)
-			continue
-		}
-		r.host.conn.errorFrame(r.host.id, eInternal, "the guest agent's Python part exited; retry the request")
-	}
-}
-
-// backgroundProcesses is the child's count of running background processes (0 if it never had one).
-func (p *Proxy) backgroundProcesses() int {
-	p.mu.Lock()
-	if !p.everBgJob {
-		p.mu.Unlock()
-		return 0
-	}
-	child, err := p.ensure()
-	if err != nil {
-		p.mu.Unlock()
-		return 0
-	}
-	p.next++
-	id := p.next
-	replies := make(chan *Frame, 4)
-	p.byChild[id] = &route{internal: replies}
-	p.mu.Unlock()
-	head, _ := encodeHead(fRequest, id, map[string]any{"op": "proc_list"}, 0)
-	if child.write(head) != nil {
-		p.childGone(child)
-		return 0
-	}
-	timer := time.NewTimer(10 * time.Second)
-	defer timer.Stop()
-	for {
-		select {
-		case f, ok := <-replies:
-			if !ok {
-				return 0
-			}
-			if f.Type == fError {
-				return 0
-			}
-			if f.Type != fResult {
-				continue
-			}
-			procs, _ := f.Header["processes"].([]any)
-			running := 0
-			for _, pr := range procs {
-				if m, ok := pr.(map[string]any); ok && m["running"] == true {
-					running++
-				}
-			}
-			return running
-		case <-timer.C:
-			p.mu.Lock()
-			delete(p.byChild, id)
-			p.mu.Unlock()
-			return 0
-		}
+	for _, host := range routes {
+		host.conn.errorFrame(host.id, eInternal, "the guest agent's Python part exited; retry the request")
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"strconv"
 )
 
 const (
@@ -48,6 +49,7 @@ const (
 	eSpawn      = "spawn_failed"
 	eCancelled  = "cancelled"
 	eInternal   = "internal"
+	eNoProcess  = "no_such_process"
 )
 
 // Frame is one decoded frame; Raw is its JSON header as sent (nil when empty).
@@ -239,4 +241,16 @@ func (d *Decoder) garbage(out *[]any, message, code string) {
 		*out = append(*out, &FrameErr{code, message + "; resynchronising", 0})
 		d.resyncing = true
 	}
+}
+
+// pyFloat is a float that stays a float in JSON when it is integral (0.0, not 0), as Python's
+// json writes it: the host's types do not change with the value.
+type pyFloat float64
+
+func (f pyFloat) MarshalJSON() ([]byte, error) {
+	out := strconv.AppendFloat(nil, float64(f), 'g', -1, 64)
+	if !bytes.ContainsAny(out, ".eEnN") {
+		out = append(out, '.', '0')
+	}
+	return out, nil
 }

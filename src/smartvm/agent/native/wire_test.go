@@ -67,3 +67,12 @@ func TestBadJSON(t *testing.T) {
 		t.Fatalf("got %#v", got)
 	}
 }
+
+func TestPyFloatStaysAFloat(t *testing.T) {
+	for in, want := range map[float64]string{0: "0.0", 3: "3.0", 1.5: "1.5", 1e16: "1e+16", -2: "-2.0"} {
+		got, err := marshal(map[string]any{"v": pyFloat(in)})
+		if err != nil || string(got) != `{"v":`+want+`}` {
+			t.Errorf("%v: got %s (%v), want %s", in, got, err, want)
+		}
+	}
+}
