@@ -70,46 +70,38 @@ type FrameErr struct {
 
 // encodeHead returns the bytes of a frame before its payload. header is a map, raw JSON bytes, or nil.
 func encodeHead(ftype int, channel uint32, header any, payloadLen int) ([]byte, error) {
-	var hj []byte
+	out := make([]byte, headerSize, headerSize+64)
 	switch h := header.(type) {
 	case nil:
 	case []byte:
 		if !bytes.Equal(h, []byte("{}")) {
-			hj = h
+			out = append(out, h...)
 		}
 	case map[string]any:
 		if len(h) > 0 {
 			var err error
-			if hj, err = marshal(h); err != nil {
+			if out, err = appendJSON(out, h); err != nil { // straight after the fixed part: no copy
 				return nil, err
 			}
 		}
 	default:
 		return nil, fmt.Errorf("bad header type %T", header)
 	}
-	if len(hj) > maxHeaderJSON || payloadLen > maxPayload {
-		return nil, fmt.Errorf("frame too large: header %d B, payload %d B", len(hj), payloadLen)
+	headerLen := len(out) - headerSize
+	if headerLen > maxHeaderJSON || payloadLen > maxPayload {
+		return nil, fmt.Errorf("frame too large: header %d B, payload %d B", headerLen, payloadLen)
 	}
-	out := make([]byte, headerSize, headerSize+len(hj))
 	copy(out, magic)
 	out[4] = protocolVersion
 	out[5] = byte(ftype)
 	binary.BigEndian.PutUint32(out[8:], channel)
-	binary.BigEndian.PutUint32(out[12:], uint32(len(hj)))
+	binary.BigEndian.PutUint32(out[12:], uint32(headerLen))
 	binary.BigEndian.PutUint32(out[16:], uint32(payloadLen))
-	return append(out, hj...), nil
+	return out, nil
 }
 
 // marshal is json.Marshal without HTML escaping (Python's json.dumps does not escape <, > and &).
-func marshal(v any) ([]byte, error) {
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	enc.SetEscapeHTML(false)
-	if err := enc.Encode(v); err != nil {
-		return nil, err
-	}
-	return bytes.TrimRight(buf.Bytes(), "\n"), nil
-}
+func marshal(v any) ([]byte, error) { return appendJSON(nil, v) }
 
 // Decoder is the incremental frame decoder: Feed bytes, get frames and framing errors.
 //
@@ -247,10 +239,13 @@ func (d *Decoder) garbage(out *[]any, message, code string) {
 // json writes it: the host's types do not change with the value.
 type pyFloat float64
 
-func (f pyFloat) MarshalJSON() ([]byte, error) {
-	out := strconv.AppendFloat(nil, float64(f), 'g', -1, 64)
-	if !bytes.ContainsAny(out, ".eEnN") {
-		out = append(out, '.', '0')
+func (f pyFloat) MarshalJSON() ([]byte, error) { return f.appendTo(nil), nil }
+
+func (f pyFloat) appendTo(b []byte) []byte {
+	start := len(b)
+	b = strconv.AppendFloat(b, float64(f), 'g', -1, 64)
+	if !bytes.ContainsAny(b[start:], ".eEnN") {
+		b = append(b, '.', '0')
 	}
-	return out, nil
+	return b
 }
