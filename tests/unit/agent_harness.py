@@ -3,9 +3,11 @@
 The agent is started with Debian's python3.11 (the interpreter the guest image ships) when present,
 listening on a Unix socket, with ``--dry-run-system`` so clock and power requests never touch the host.
 
-With ``SMARTVM_TEST_NATIVE_AGENT=1`` the same tests run against the native agent
-(src/smartvm/agent/native, built once per session with the host's ``go``), which relays the ops it
-does not implement to guest.py: the agent unit tests are its contract.
+Every test that takes the ``agent_server``/``agent`` fixtures runs twice where the host has ``go``:
+against guest.py and against the native agent (src/smartvm/agent/native, built once per session),
+which relays the ops it does not implement to guest.py: the agent unit tests are its contract.
+``SMARTVM_TEST_NATIVE_AGENT=1`` runs the native agent only (and fails without ``go``), ``=0`` guest.py
+only.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ GUEST_PY = Path(smartvm.agent.__file__).with_name("guest.py")  # the program the
 WIRE_PY = GUEST_PY.with_name("wire.py")  # shipped next to it
 PYTHON = "/usr/bin/python3.11" if os.path.exists("/usr/bin/python3.11") else sys.executable
 NATIVE = os.environ.get("SMARTVM_TEST_NATIVE_AGENT") == "1"
+AGENTS = (
+    ["native"]
+    if NATIVE
+    else ["python"]
+    if os.environ.get("SMARTVM_TEST_NATIVE_AGENT") == "0" or shutil.which("go") is None
+    else ["python", "native"]
+)
 
 
 def native_binary() -> Path | None:
@@ -64,6 +73,7 @@ class AgentServer:
     def __init__(self, native: bool = NATIVE) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="svagent-", dir="/tmp"))  # short: sun_path is 108 bytes
         self.sock = self.dir / "agent.sock"
+        self.native = native
         argv = _agent_argv(self.sock, native)
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         self.writers: list[asyncio.StreamWriter] = []
@@ -96,9 +106,9 @@ async def _kill_background(client: AgentClient) -> None:
             await client.processes.signal(proc.pid, "SIGKILL")
 
 
-@pytest.fixture(name="agent_server")
-async def agent_server_fixture() -> AsyncIterator[AgentServer]:
-    server = AgentServer()
+@pytest.fixture(name="agent_server", params=AGENTS)
+async def agent_server_fixture(request: pytest.FixtureRequest) -> AsyncIterator[AgentServer]:
+    server = AgentServer(native=request.param == "native")
     try:
         yield server
     finally:
