@@ -384,8 +384,13 @@ class QemuEngine(Engine):
             # a timed-out or cancelled snapshot must not keep streaming into a file that is deleted
             with contextlib.suppress(SmartVMError):
                 await self._execute("migrate_cancel", timeout=5.0)
+                await self._wait_finalized()
             raise
         if info.get("status") != "completed":
+            # a failed migration also leaves finish-migrate only a moment later: a caller that
+            # resumes its VM after this error must find it paused, not "not finalized yet"
+            with contextlib.suppress(SmartVMError):
+                await self._wait_finalized()
             raise SmartVMError(
                 ErrorCode.SNAPSHOT_FAILED,
                 f"QEMU could not write the snapshot state: {info.get('error-desc', info)}",
@@ -394,9 +399,10 @@ class QemuEngine(Engine):
 
     async def _wait_finalized(self, timeout: float = 10.0) -> None:
         """Return once QEMU's run state has left ``finish-migrate``. The migration thread reports
-        ``completed`` (and sends the event) before the main loop finalizes the migration, and a
-        ``cont`` in between fails with "Migration is not finalized yet": seen once under load when a
-        snapshot taken with ``pause_vm`` resumed its VM at once. Usually one ``query-status``."""
+        ``completed`` or ``failed`` (and sends the event) before the main loop finalizes the
+        migration, and a ``cont`` in between fails with "Migration is not finalized yet": seen under
+        load when a snapshot taken with ``pause_vm`` resumed its VM at once, and when a snapshot
+        failed half-way and its VM was resumed. Usually one ``query-status``."""
         deadline = time.monotonic() + timeout
         while await self._status() == "finish-migrate":
             if time.monotonic() > deadline:
