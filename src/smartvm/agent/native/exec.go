@@ -551,7 +551,8 @@ func feedStdin(ch *Channel, p *proc) {
 type emitter func(stream string, data []byte)
 
 // readPipe hands one pipe's output to emit until EOF (or until the pipe is closed under it).
-func readPipe(emit emitter, f *rawFile, stream string, done chan<- struct{}) {
+// gone is closed when the command has exited: from then on there is nothing to wait for.
+func readPipe(emit emitter, f *rawFile, stream string, gone <-chan struct{}, done chan<- struct{}) {
 	defer close(done)
 	buf := getBuffer()
 	defer putBuffer(buf)
@@ -567,7 +568,17 @@ func readPipe(emit emitter, f *rawFile, stream string, done chan<- struct{}) {
 			// we drained the pipe: let the writer fill it for a moment, so that a command writing
 			// many small pieces (busybox head writes byte by byte) costs a frame per millisecond, not
 			// one per write (the Python agent's own slowness batched those; a fast reader must pause)
-			time.Sleep(bulkPause)
+			// ... but not past the command's exit (its last words would wait for nothing)
+			select {
+			case <-gone:
+			default:
+				pause := time.NewTimer(bulkPause)
+				select {
+				case <-pause.C:
+				case <-gone:
+					pause.Stop()
+				}
+			}
 		}
 	}
 }
@@ -577,10 +588,15 @@ func readPipe(emit emitter, f *rawFile, stream string, done chan<- struct{}) {
 // runs once startedHold after the start unless the output is over by then. Returns (killed, status).
 func pump(p *proc, emit emitter, timeout float64, quiet func()) (bool, syscall.WaitStatus) {
 	outDone, errDone := make(chan struct{}), make(chan struct{})
-	go readPipe(emit, p.out, "stdout", outDone)
-	go readPipe(emit, p.err, "stderr", errDone)
+	gone := make(chan struct{})
+	go readPipe(emit, p.out, "stdout", gone, outDone)
+	go readPipe(emit, p.err, "stderr", gone, errDone)
 	exited := make(chan syscall.WaitStatus, 1)
-	go func() { exited <- waitExit(p.pid) }()
+	go func() {
+		status := waitExit(p.pid)
+		close(gone)
+		exited <- status
+	}()
 	var deadline <-chan time.Time
 	if timeout > 0 {
 		if timeout > maxTimeout {
