@@ -579,9 +579,12 @@ class _Connection:
     ) -> None:
         if self.closed:
             raise _ConnectionLost(ErrorCode.AGENT_UNAVAILABLE, "connection to the guest agent is closed")
+        writer = self.writer
         try:
-            self.writer.write(p.encode_frame(ftype, cid, header, payload))
-            await self.writer.drain()
+            writer.write(p.encode_frame(ftype, cid, header, payload))
+            transport = writer.transport  # drain only when it has work: buffered bytes or a close to see
+            if transport.get_write_buffer_size() or transport.is_closing():
+                await writer.drain()
         except (ConnectionError, OSError) as exc:
             self.lost(f"write failed: {exc}")
             raise _ConnectionLost(
@@ -812,6 +815,9 @@ class AgentClient:
         self._prepared = True
 
     async def _ensure(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.writer.is_closing():
+            return conn  # the common case, without taking the lock
         async with self._lock:
             if self._conn is not None and not self._conn.closed and not self._conn.writer.is_closing():
                 return self._conn
