@@ -11,6 +11,10 @@ nothing yet) and times the first requests to each agent after the restore, which
 alternating per restore: this is the cost a sandbox resume and a snapshot-started ``smartvm run`` pay.
 The probe is a measurement, not an agent (no users, env, cwd, timeouts or multiplexing), so its rows
 are a lower bound for a compiled agent; the Python rows include the protocol's real work.
+
+A third client, a blocking socket speaking smartvm's frames to the same agent on another of its ports
+(:class:`FrameClient`), splits the agent rows into the guest's part and the host client's
+(:class:`~smartvm.agent.client.AgentClient`, asyncio) part.
 """
 
 from __future__ import annotations
@@ -24,17 +28,22 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from bench.common import BenchSkipped, BenchTable, Series
 from bench.guests import READY_TIMEOUT_S, engine_facts, guest, private_root, qemu_smartvm
+from smartvm.agent import wire
 from smartvm.host.runtime import VMRuntime
 from smartvm.qemu import cmdline
+from smartvm.qemu.agent_ports import AGENT_PORTS, claim_port, port_socket
 from smartvm.vm import MicroVM
 
 MiB = 1 << 20
 PROBE_SOURCE = Path(__file__).with_name("agent_probe.c")
 PROBE_PORT = "probe.0"
 PROBE_SOCKET = "probe.sock"
+PING: dict[str, Any] = {"op": "ping"}
+TRUE: dict[str, Any] = {"op": "exec", "cmd": ["true"]}
 FIND_PORT = (
     'for d in /sys/class/virtio-ports/*; do [ "$(cat "$d/name")" = '
     + PROBE_PORT
@@ -119,6 +128,44 @@ class Probe:
         self.sock.close()
 
 
+class FrameClient:
+    """The least a host client can do: blocking calls on one claimed agent port, one request at a time."""
+
+    def __init__(self, vm: MicroVM) -> None:
+        runtime = vm._runtime
+        assert runtime is not None
+        self.claim = claim_port(runtime, AGENT_PORTS)
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(str(port_socket(runtime, self.claim.index)))
+        self.decoder = wire.FrameDecoder()
+        self.frames: list[wire.Frame | wire.FrameError] = []
+        self.channel = 1 << 30
+        self.sock.sendall(wire.encode_frame(wire.HELLO, 0))
+        self._until(0, wire.HELLO)
+
+    def _until(self, channel: int, ftype: int) -> wire.Frame:
+        while True:
+            for i, f in enumerate(self.frames):
+                if isinstance(f, wire.Frame) and f.channel == channel and f.type in (ftype, wire.ERROR):
+                    del self.frames[: i + 1]
+                    assert f.type == ftype, f
+                    return f
+            self.frames.clear()
+            data = self.sock.recv(1 << 18)
+            if not data:
+                raise EOFError("the agent hung up")
+            self.frames += self.decoder.feed(data)
+
+    def call(self, header: dict[str, Any]) -> wire.Frame:
+        self.channel += 1
+        self.sock.sendall(wire.encode_frame(wire.REQUEST, self.channel, header))
+        return self._until(self.channel, wire.RESULT)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.claim.release()
+
+
 async def _install(vm: MicroVM, exe: bytes) -> None:
     await vm.files.write("/tmp/agent_probe", exe)
     await vm.exec(["sh", "-c", f"chmod 755 /tmp/agent_probe; head -c {MiB} /dev/urandom >/tmp/probe-1m"])
@@ -149,6 +196,8 @@ async def run(quick: bool) -> list[BenchTable]:
             await _install(vm, exe.read_bytes())
             probe = Probe(vm)
             sockets.callback(probe.close)  # also when a step below fails
+            frames = FrameClient(vm)
+            sockets.callback(frames.close)
 
             async def py_cat() -> None:
                 got = await vm.exec(["cat", "/tmp/probe-1m"], max_output_bytes=2 * MiB)
@@ -167,6 +216,8 @@ async def run(quick: bool) -> list[BenchTable]:
                     "Python agent: ping",
                     "compiled probe: exec true",
                     "Python agent: exec true",
+                    "same agent, blocking frames client: ping",
+                    "same agent, blocking frames client: exec true",
                     "compiled probe: cat 1 MiB (stdout captured)",
                     "Python agent: cat 1 MiB (stdout captured)",
                 )
@@ -177,6 +228,11 @@ async def run(quick: bool) -> list[BenchTable]:
                     await _timed(rows["compiled probe: exec true"], probe.true)
                     if i % 3 == 0:
                         await _timed(rows["compiled probe: cat 1 MiB (stdout captured)"], probe.cat)
+                for _ in range(per_block):
+                    await _timed(rows["same agent, blocking frames client: ping"], lambda: frames.call(PING))
+                    await _timed(
+                        rows["same agent, blocking frames client: exec true"], lambda: frames.call(TRUE)
+                    )
                 for i in range(per_block):
                     await _timed(rows["Python agent: ping"], py_ping)
                     await _timed(rows["Python agent: exec true"], lambda: vm.exec(["true"]))
@@ -191,11 +247,16 @@ async def run(quick: bool) -> list[BenchTable]:
                 "a running guest",
                 list(rows.values()),
                 baseline="Python agent: exec true",
-                notes=["blocks of each side in turns; the probe's host end is a blocking socket"],
+                notes=[
+                    "blocks of each side in turns; the probe's host end is a blocking socket",
+                    "the frames client: a blocking socket with smartvm's frames on another port of the same "
+                    "agent (the host's least cost); the agent rows go through AgentClient (asyncio)",
+                ],
             )
 
             snapdir = scratch / "snap"
             snapdir.mkdir()
+            frames.close()
             await vm.pause()
             await vm.create_snapshot(snapdir / "vm.state", snapdir / "memory")
             probe.close()

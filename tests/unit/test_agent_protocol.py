@@ -332,6 +332,36 @@ async def test_stale_bytes_before_hello_are_ignored(tmp_path: Path) -> None:
         await server.wait_closed()
 
 
+async def test_bytes_that_arrived_before_the_client_took_the_stream_are_not_lost(tmp_path: Path) -> None:
+    """The client reads the stream's transport directly once it has it: what the stream's reader
+    buffered before (here the agent's only hello) is decoded first, not dropped."""
+    hello = {"protocol": protocol.PROTOCOL_VERSION, "pid": 1, "started": 1.0, "transport": "early"}
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(encode_frame(HELLO, 0, hello))  # said once, at connect; HELLO requests go unanswered
+        dec = FrameDecoder()
+        while data := await reader.read(65536):
+            for f in dec.feed(data):
+                if isinstance(f, Frame) and f.type == REQUEST:
+                    writer.write(encode_frame(RESULT, f.channel, {"time": 5.0}))
+        writer.close()
+
+    async def open_late(timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "s"))
+        await asyncio.sleep(0.3)  # the hello is in the reader's buffer by now
+        return reader, writer
+
+    server = await asyncio.start_unix_server(serve, str(tmp_path / "s"))
+    client = AgentClient(open_late)
+    try:
+        assert (await client.wait_ready(0.9)).transport == "early"  # a lost hello: re-asked after 1 s
+        assert (await client._call("ping"))["time"] == 5.0
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
 def test_frame_header_layout_is_documented() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "agent-protocol.md").read_text()
     assert protocol.MAGIC.decode() in doc and str(protocol.HEADER_SIZE) in doc

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -108,7 +109,6 @@ _IN_PREPARE: contextvars.ContextVar[bool] = contextvars.ContextVar("smartvm_agen
 
 #: ops that can be re-sent safely after the stream dropped mid-call
 _IDEMPOTENT = frozenset({"ping", "health", "proc_list", "file_read", "file_list", "file_stat", "sync"})
-_READ_SIZE = 256 * 1024
 
 # Guest output is data from an untrusted party: nothing it sends grows host memory or disk unbounded.
 #: default cap on the stdout, and on the stderr, that exec/wait keep in host memory (each stream)
@@ -121,6 +121,7 @@ DEFAULT_DOWNLOAD_LIMIT = 4 * 1024 * 1024 * 1024
 _RESULT_LIMIT = 64 * 1024 * 1024
 #: default cap on the output received for one call but not yet taken by its consumer
 DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024
+_READ_SIZE = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -412,12 +413,20 @@ def _too_large(what: str, limit: int, fix: str) -> SmartVMError:
 
 
 # ------------------------------------------------------------------------------------------- connection
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class _Channel:
     def __init__(self, conn: _Connection, cid: int, op: str) -> None:
         self.conn = conn
         self.id = cid
         self.op = op
-        self.queue: asyncio.Queue[p.Frame | BaseException] = asyncio.Queue()
+        # The inbox: frames (or the failure) the reader routed here, and the one waiter for them. A plain
+        # deque and a future, not asyncio.Queue + wait_for: no task and fewer loop hops per frame.
+        self.queue: collections.deque[p.Frame | BaseException] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.finished = False
         self.answered = False  # a RESULT/ERROR (or a failure) is queued: stop sending DATA
         self.queued = 0  # payload bytes received but not yet taken by get()
@@ -425,19 +434,9 @@ class _Channel:
 
     async def get(self, deadline: float | None) -> p.Frame:
         """Next frame for this channel; RESULT/ERROR finish it. Raises on error, drop or deadline."""
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:  # what already arrived is delivered even past the deadline (a slow consumer is no hung guest)
-            item = (
-                self.queue.get_nowait()
-                if not self.queue.empty()
-                else await asyncio.wait_for(self.queue.get(), timeout)
-            )
-        except TimeoutError:
-            raise SmartVMError(
-                ErrorCode.AGENT_TIMEOUT,
-                f"guest agent did not answer {self.op} in time; the guest may be overloaded "
-                "or hung (check the console log)",
-            ) from None
+        if not self.queue:  # what already arrived is delivered even past the deadline
+            await self._wait(deadline)
+        item = self.queue.popleft()
         if isinstance(item, BaseException):
             self.finished = not isinstance(item, _Overflow)  # an overflow still needs a CANCEL
             raise item
@@ -448,6 +447,34 @@ class _Channel:
         if item.type == p.RESULT:
             self.finished = True
         return item
+
+    async def _wait(self, deadline: float | None) -> None:
+        """Until something is queued; AGENT_TIMEOUT at the deadline (a slow consumer is no hung guest)."""
+        timer: asyncio.TimerHandle | None = None
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    timer = waiter.get_loop().call_later(remaining, _wake, waiter)
+            if timer is not None or deadline is None:
+                await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+        if not self.queue:
+            raise SmartVMError(
+                ErrorCode.AGENT_TIMEOUT,
+                f"guest agent did not answer {self.op} in time; the guest may be overloaded "
+                "or hung (check the console log)",
+            )
+
+    def put(self, item: p.Frame | BaseException) -> None:
+        self.queue.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            _wake(waiter)
 
     async def send_data(self, stream: str, data: bytes, eof: bool) -> None:
         """Send `data` as DATA frames of at most CHUNK_SIZE bytes; the last one carries `eof`."""
@@ -460,17 +487,48 @@ class _Channel:
             await self.conn.send(p.DATA, self.id, hdr, bytes(view[i : i + p.CHUNK_SIZE]))
 
 
-class _Connection:
-    """One open stream to the agent: a reader task routing frames to channels by id."""
+class _Receiver(asyncio.Protocol):
+    """Takes the stream's transport over: bytes are decoded and routed to their channels as they
+    arrive, so an answer wakes its caller in one loop hop (no reader task, no StreamReader buffer).
+    The stream's own protocol still gets flow control and the close: it wakes ``drain`` and
+    ``wait_closed`` and may hold resources (a QEMU port claim is released when the connection ends)."""
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        queue_limit: int = DEFAULT_QUEUE_LIMIT,
-    ) -> None:
+    def __init__(self, conn: _Connection, inner: asyncio.BaseProtocol) -> None:
+        self._conn = conn
+        self._inner = inner
+        self._decoder = p.FrameDecoder()
+
+    def data_received(self, data: bytes) -> None:
+        dispatch = self._conn.dispatch
+        for item in self._decoder.feed(data):
+            dispatch(item)
+
+    def eof_received(self) -> bool:
+        self._conn.lost("guest agent closed the connection")
+        return False  # the transport closes itself: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._conn.lost(
+                "guest agent closed the connection"
+                if exc is None
+                else f"connection to the guest agent failed: {exc}"
+            )
+        finally:
+            self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class _Connection:
+    """One open stream to the agent, routing frames to channels by id (see :class:`_Receiver`)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, queue_limit: int = DEFAULT_QUEUE_LIMIT) -> None:
         self.queue_limit = queue_limit
-        self.reader = reader
         self.writer = writer
         self.channels: dict[int, _Channel] = {}
         self.info: AgentInfo | None = None
@@ -478,18 +536,57 @@ class _Connection:
         self.closed = False
         # Random start: a virtio-serial reconnect can deliver frames of the previous session's channels.
         self._next_id = random.randrange(1, 1 << 31)
-        self._task = asyncio.create_task(self._read_loop())
+        self._pump: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def attach(
+        cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, queue_limit: int
+    ) -> _Connection:
+        """Route what arrives on an opened stream from now on; what its reader holds already goes first."""
+        conn = cls(writer, queue_limit)
+        transport = writer.transport
+        inner = transport.get_protocol()
+        receiver = _Receiver(conn, inner)
+        if not isinstance(inner, asyncio.StreamReaderProtocol):  # e.g. a pipe pair: read the reader
+            conn._pump = asyncio.create_task(conn._read_loop(reader, receiver))
+            return conn
+        transport.set_protocol(receiver)
+        reader.feed_eof()  # nothing more reaches the reader: take what it buffered, without waiting
+        try:
+            early = await reader.read()
+        except (ConnectionError, OSError) as exc:
+            conn.lost(f"connection to the guest agent failed: {exc}")
+            return conn
+        if early:
+            receiver.data_received(early)
+        if transport.is_closing():
+            conn.lost("guest agent closed the connection")
+        return conn
+
+    async def _read_loop(self, reader: asyncio.StreamReader, receiver: _Receiver) -> None:
+        """For a reader that is not fed by the writer's transport (two pipes)."""
+        reason = "guest agent closed the connection"
+        try:
+            while data := await reader.read(_READ_SIZE):
+                receiver.data_received(data)
+        except (ConnectionError, OSError) as exc:
+            reason = f"connection to the guest agent failed: {exc}"
+        finally:
+            self.lost(reason)
 
     async def send(
         self, ftype: int, cid: int, header: dict[str, Any] | None = None, payload: bytes = b""
     ) -> None:
         if self.closed:
             raise _ConnectionLost(ErrorCode.AGENT_UNAVAILABLE, "connection to the guest agent is closed")
+        writer = self.writer
         try:
-            self.writer.write(p.encode_frame(ftype, cid, header, payload))
-            await self.writer.drain()
+            writer.write(p.encode_frame(ftype, cid, header, payload))
+            transport = writer.transport  # drain only when it has work: buffered bytes or a close to see
+            if transport.get_write_buffer_size() or transport.is_closing():
+                await writer.drain()
         except (ConnectionError, OSError) as exc:
-            self._lost(f"write failed: {exc}")
+            self.lost(f"write failed: {exc}")
             raise _ConnectionLost(
                 ErrorCode.AGENT_UNAVAILABLE, f"connection to the guest agent dropped ({exc})"
             ) from None
@@ -523,27 +620,12 @@ class _Connection:
             except TimeoutError:
                 continue
 
-    async def _read_loop(self) -> None:
-        decoder = p.FrameDecoder()
-        reason = "guest agent closed the connection"
-        try:
-            while True:
-                data = await self.reader.read(_READ_SIZE)
-                if not data:
-                    break
-                for item in decoder.feed(data):
-                    self._dispatch(item)
-        except (ConnectionError, OSError) as exc:
-            reason = f"connection to the guest agent failed: {exc}"
-        finally:
-            self._lost(reason)
-
-    def _dispatch(self, item: p.Frame | p.FrameError) -> None:
+    def dispatch(self, item: p.Frame | p.FrameError) -> None:
         if isinstance(item, p.FrameError):
             ch = self.channels.get(item.channel) if self.ready.done() else None
             if ch is not None:
                 ch.answered = True
-                ch.queue.put_nowait(
+                ch.put(
                     SmartVMError(
                         ErrorCode.AGENT_PROTOCOL_ERROR, f"bad frame from the guest agent: {item.message}"
                     )
@@ -589,19 +671,18 @@ class _Connection:
                     f"{ch.op}: the guest sent more than {self.queue_limit} bytes that were not consumed "
                     "yet; consume the output faster (or raise max_queued_bytes), the request was cancelled",
                 )
-                while not ch.queue.empty():  # the request fails: free what it would never read
-                    ch.queue.get_nowait()
-                ch.queue.put_nowait(overflow)
+                ch.queue.clear()  # the request fails: free what it would never read
+                ch.put(overflow)
                 return
-            ch.queue.put_nowait(item)
+            ch.put(item)
 
     def _fail_all(self, exc: BaseException) -> None:
         for ch in list(self.channels.values()):
             ch.answered = True
-            ch.queue.put_nowait(exc)
+            ch.put(exc)
         self.channels.clear()
 
-    def _lost(self, reason: str) -> None:
+    def lost(self, reason: str) -> None:
         if self.closed:
             return
         self.closed = True
@@ -613,10 +694,11 @@ class _Connection:
         self.writer.close()
 
     async def close(self) -> None:
-        self._lost("client closed the connection")
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
+        self.lost("client closed the connection")
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pump
         with contextlib.suppress(Exception):
             await self.writer.wait_closed()
 
@@ -671,7 +753,7 @@ class AgentClient:
             raise SmartVMError(ErrorCode.AGENT_TIMEOUT, "could not open the agent stream in time") from None
         except OSError as exc:
             raise SmartVMError(ErrorCode.AGENT_UNAVAILABLE, f"cannot open the agent stream: {exc}") from None
-        conn = _Connection(reader, writer, self._max_queued_bytes)
+        conn = await _Connection.attach(reader, writer, self._max_queued_bytes)
         try:
             await conn.wait_hello(timeout)
         except BaseException:
@@ -733,6 +815,9 @@ class AgentClient:
         self._prepared = True
 
     async def _ensure(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.writer.is_closing():
+            return conn  # the common case, without taking the lock
         async with self._lock:
             if self._conn is not None and not self._conn.closed and not self._conn.writer.is_closing():
                 return self._conn
