@@ -50,7 +50,7 @@ type cachedFile struct {
 // readCached is os.ReadFile, served from memory while the file's inode, size and mtime are the same.
 func readCached(path string) ([]byte, error) {
 	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
+	if err := rawStat(path, &st); err != nil {
 		return nil, err
 	}
 	key := cachedFile{ino: int64(st.Ino), size: st.Size, mtime: st.Mtim.Nano()}
@@ -261,7 +261,7 @@ func buildSpec(req map[string]any) (*spawnSpec, error) {
 	}
 	if s, _ := cwd.(string); s != "" {
 		spec.cwd = s
-	} else if st, err := os.Stat(account.home); err == nil && st.IsDir() {
+	} else if isDir(account.home) {
 		spec.cwd = account.home
 	} else {
 		spec.cwd = "/"
@@ -272,6 +272,12 @@ func buildSpec(req map[string]any) (*spawnSpec, error) {
 		spec.lookupPath = "/bin:/usr/bin"
 	}
 	return spec, nil
+}
+
+// isDir: path is a directory (following symlinks).
+func isDir(path string) bool {
+	var st syscall.Stat_t
+	return rawStat(path, &st) == nil && st.Mode&syscall.S_IFMT == syscall.S_IFDIR
 }
 
 func truthy(v any) bool {
@@ -305,7 +311,7 @@ func resolve(name, path string) (string, syscall.Errno) {
 		if dir != "" {
 			candidate = filepath.Join(dir, name)
 		}
-		err := syscall.Access(candidate, 1) // X_OK (a directory passes; its execve fails with EACCES)
+		err := rawAccess(candidate, 1) // X_OK (a directory passes; its execve fails with EACCES)
 		if err == nil {
 			return candidate, 0
 		}
@@ -367,7 +373,7 @@ func start(spec *spawnSpec, keepStdin bool) (*proc, *spawnFailure, error) {
 	var fds []int
 	closeAll := func() {
 		for _, fd := range fds {
-			syscall.Close(fd)
+			rawClose(fd)
 		}
 	}
 	outR, outW, err := pipePair()
@@ -404,16 +410,16 @@ func start(spec *spawnSpec, keepStdin bool) (*proc, *spawnFailure, error) {
 		Sys:   &syscall.SysProcAttr{Setsid: true, Credential: spec.cred},
 	}
 	pid, err := syscall.ForkExec(exe, spec.argv, attr)
-	syscall.Close(outW)
-	syscall.Close(errW)
+	rawClose(outW)
+	rawClose(errW)
 	if keepStdin {
-		syscall.Close(inR)
+		rawClose(inR)
 	}
 	if err != nil {
-		syscall.Close(outR)
-		syscall.Close(errR)
+		rawClose(outR)
+		rawClose(errR)
 		if keepStdin {
-			syscall.Close(inW)
+			rawClose(inW)
 		}
 		// the directory is checked only now (one system call less per command; TCG makes each costly)
 		if st, serr := os.Stat(spec.cwd); serr != nil || !st.IsDir() {

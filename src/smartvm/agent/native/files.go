@@ -165,11 +165,6 @@ func pyDirname(p string) string {
 
 func pyBasename(p string) string { return p[strings.LastIndex(p, "/")+1:] }
 
-func isDir(p string) bool {
-	st, err := os.Stat(p)
-	return err == nil && st.IsDir()
-}
-
 // requestOwner is guest.py's _owner: the (uid, gid) new files and directories get, or nil.
 func requestOwner(req map[string]any, field string) (*[2]int, error) {
 	who := req[field]

@@ -66,3 +66,35 @@ func (r *rawFile) WriteParts(parts [][]byte) error {
 }
 
 func (r *rawFile) Close() error { return r.f.Close() }
+
+// rawClose closes an fd that is not the netpoller's (a pipe end after the spawn): close(2) of a
+// pipe never blocks, and the P stays with this goroutine.
+func rawClose(fd int) { syscall.RawSyscall(syscall.SYS_CLOSE, uintptr(fd), 0, 0) }
+
+// rawStat is stat(2) of a local path without giving up the P (see the top of this file).
+func rawStat(path string, st *syscall.Stat_t) error {
+	p, err := syscall.BytePtrFromString(path)
+	if err != nil {
+		return err
+	}
+	if _, _, e := syscall.RawSyscall6(syscall.SYS_NEWFSTATAT, uintptr(atFdCwd), uintptr(unsafe.Pointer(p)),
+		uintptr(unsafe.Pointer(st)), 0, 0, 0); e != 0 {
+		return e
+	}
+	return nil
+}
+
+// rawAccess is access(path, mode) without giving up the P.
+func rawAccess(path string, mode uint32) error {
+	p, err := syscall.BytePtrFromString(path)
+	if err != nil {
+		return err
+	}
+	if _, _, e := syscall.RawSyscall6(syscall.SYS_FACCESSAT, uintptr(atFdCwd), uintptr(unsafe.Pointer(p)),
+		uintptr(mode), 0, 0, 0); e != 0 {
+		return e
+	}
+	return nil
+}
+
+var atFdCwd = -100 // AT_FDCWD (a variable: a negative constant does not convert to uintptr)
