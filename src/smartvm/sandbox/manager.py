@@ -837,10 +837,11 @@ class SandboxManager:
             self._in_background(self._release_slot(sandbox_id, live.slot))  # ~15 ms nobody waits for
             layer = await asyncio.to_thread(live.disk.persist, live.disk.layer.layer_dir)
             network = {k: v for k, v in rec.network.items() if k != "lease"}
-            await self._update(
-                sandbox_id, pause_dir=str(pause_dir), disk_layer=layer.to_json(), network=network
+            await self._transition(  # one transaction (one commit) for the record and the state
+                sandbox_id,
+                S.PAUSED,
+                changes={"pause_dir": str(pause_dir), "disk_layer": layer.to_json(), "network": network},
             )
-            await self._transition(sandbox_id, S.PAUSED)
 
     async def _release_slot(self, sid: str, slot: NetworkSlot) -> None:
         try:
@@ -895,15 +896,17 @@ class SandboxManager:
                     await self._transition(sandbox_id, S.PAUSED, detail=f"resume failed: {exc.message}")
                 _reraise(exc, f"resuming sandbox {sandbox_id}")
             self._live[sandbox_id] = live
-            await self._update(
+            await self._transition(  # one transaction (one commit) for the record and the state
                 sandbox_id,
-                pause_dir=None,
-                end_at=time.time() + end_in,
-                disk_path=str(live.disk.device_path),
-                disk_layer=live.disk.layer.to_json(),
-                network={**rec.network, "lease": live.slot.lease_key},
+                S.RUNNING,
+                changes={
+                    "pause_dir": None,
+                    "end_at": time.time() + end_in,
+                    "disk_path": str(live.disk.device_path),
+                    "disk_layer": live.disk.layer.to_json(),
+                    "network": {**rec.network, "lease": live.slot.lease_key},
+                },
             )
-            await self._transition(sandbox_id, S.RUNNING)
             # deleting ~75 MB of memory state takes ~15 ms: renamed out of the way (the next pause
             # reuses the name) and deleted in the background
             old_state = Path(rec.pause_dir).with_name(f"{RESUMED_PREFIX}{time.monotonic_ns()}")
