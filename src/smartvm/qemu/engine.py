@@ -11,9 +11,11 @@ disk. Guest RAM is handled one of two ways:
   unmodified pages. (A restored clone's own snapshots then carry RAM in the stream.)
 - otherwise RAM is anonymous and travels in the stream; the snapshot has no memory file.
 
-A restore starts QEMU with the same device set and ``-incoming fd:3``, the state file inherited, so
-that QEMU loads it while it starts; if QEMU refuses the stream (other memory size, other devices) it
-exits and its own message becomes a SNAPSHOT_MISMATCH error.
+A restore starts QEMU with the same device set. With RAM in the stream (a paused sandbox) QEMU gets
+``-incoming fd:3``, the state file inherited, and loads it while it starts; with a memory file it
+gets ``-incoming defer`` and then ``migrate-incoming`` (``fd:`` too) once QMP has set
+``x-ignore-shared``, which QEMU 7.2 cannot take on its command line. If QEMU refuses the stream
+(other memory size, other devices) it exits and its own message becomes a SNAPSHOT_MISMATCH error.
 """
 
 from __future__ import annotations
