@@ -222,6 +222,8 @@ class HostProcess:
         jailer): that fails for a process that already leads a session.
         Raises OSError like ``subprocess`` does (FileNotFoundError for a missing program).
         """
+        if any(target < 3 for target in pass_fds or {}):
+            raise ValueError(f"pass_fds targets must be 3 or more (0-2 are set here): {pass_fds}")
         spawner = _posix_spawn if _DETACHABLE.get() else _fork_exec
         pid = spawner(argv, stdout=stdout, stderr=stderr, new_session=new_session, pass_fds=pass_fds or {})
         stat = proc_stat(pid)
