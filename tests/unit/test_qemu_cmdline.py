@@ -101,6 +101,7 @@ def test_kvm_gets_no_tcg_workarounds_and_the_host_cpu() -> None:
     argv = build_argv(config(), RUNTIME, KVM)
     append = option_values(argv, "-append")[0]
     assert "tsc_early_khz" not in append and "cryptomgr.notests" not in append
+    assert "init_on_alloc=1" in append.split()  # the zeroed agent buffers are not a TCG matter
     assert option_values(argv, "-cpu") == ["host"]
 
 
