@@ -84,24 +84,21 @@ def test_tcg_boot_args_are_added_but_never_override_the_user() -> None:
         "quiet",
         "panic=1",
         "tsc=reliable",
-        "init_on_alloc=1",
     ):
         assert item in args
-    user_args = "tsc_early_khz=1000 loglevel=8 panic=5 tsc=unstable init_on_alloc=0"
+    user_args = "tsc_early_khz=1000 loglevel=8 panic=5 tsc=unstable"
     user = config(boot_source={"kernel_image_path": "/k", "boot_args": user_args})
     args = kernel_cmdline(user, TCG).split()
     assert [a for a in args if a.startswith("tsc_early_khz")] == ["tsc_early_khz=1000"]
     assert "quiet" not in args  # the user asked for a log level
     assert [a for a in args if a.startswith("panic")] == ["panic=5"]
     assert [a for a in args if a.startswith("tsc=")] == ["tsc=unstable"]
-    assert [a for a in args if a.startswith("init_on_alloc")] == ["init_on_alloc=0"]
 
 
 def test_kvm_gets_no_tcg_workarounds_and_the_host_cpu() -> None:
     argv = build_argv(config(), RUNTIME, KVM)
     append = option_values(argv, "-append")[0]
     assert "tsc_early_khz" not in append and "cryptomgr.notests" not in append
-    assert "init_on_alloc=1" in append.split()  # the zeroed agent buffers are not a TCG matter
     assert option_values(argv, "-cpu") == ["host"]
 
 

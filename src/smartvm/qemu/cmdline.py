@@ -28,13 +28,6 @@ DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1"
 # jiffies, and on a loaded host delayed ticks made it declare the TSC unstable during boot and fall
 # back to refined-jiffies: a 4 ms clock and no high-resolution timers for the VM's whole life.
 TCG_BOOT_ARGS = ("cryptomgr.notests=1", "max_loop=1", "quiet", "tsc=reliable")
-# Any accelerator: QEMU 7.2's virtio-mmio offers every queue at 1024 entries, and the guest's
-# virtio-console fills the receive queue of each agent port (and its control queue) with 4 KiB
-# kmalloc buffers: 36 MB of a 256 MiB guest. Unzeroed, every one of those pages is non-zero and
-# travels in each pause stream (79 MB for an idle sandbox); zeroed at allocation they go as zero
-# pages (46 MB): under TCG a pause ~20 ms and a resume ~10-30 ms shorter. It also keeps stale kernel
-# memory out of fresh allocations; no guest slowdown was measurable.
-ZERO_ON_ALLOC = "init_on_alloc=1"
 # Under TCG: QEMU's default model plus ARAT ("the APIC timer keeps running in deep C-states"), which TCG
 # emulates. Without it the guest kernel flags its only clock event device (the LAPIC timer) as stopping
 # in C3 and, with no broadcast device on microvm, never leaves periodic 4 ms ticks: no high-resolution
@@ -148,8 +141,6 @@ def kernel_cmdline(config: MicroVMConfig, spec: LaunchSpec) -> str:
             extra.append("ro" if root.is_read_only else "rw")
     if not _has_arg(args, "panic"):
         extra.append("panic=1")  # with -no-reboot a panicking guest ends QEMU instead of hanging
-    if not _has_arg(args, "init_on_alloc"):
-        extra.append(ZERO_ON_ALLOC)
     if spec.accel == "tcg":
         if spec.tsc_khz is not None and not _has_arg(args, "tsc_early_khz"):
             extra.append(f"tsc_early_khz={spec.tsc_khz}")
