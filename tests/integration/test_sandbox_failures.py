@@ -91,6 +91,23 @@ async def test_resume_of_a_corrupted_pause_snapshot_fails_and_frees(sbm: Any, ru
     assert_freed(sbm, sbx.id, runtime_root)
 
 
+async def test_resume_of_a_truncated_pause_stream_fails_with_qemus_words(
+    sbm: Any, runtime_root: Path
+) -> None:
+    """The pause stream carries the RAM and QEMU reads it while it starts (``-incoming fd:``): a cut
+    stream (its header intact) is refused as invalid with QEMU's own message, nothing is left."""
+    sbx = await sbm.create("base")
+    await sbx.pause()
+    state = sbm.data_dir / "sandboxes" / sbx.id / "paused" / "vm.state"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with pytest.raises(SmartVMError) as err:
+        await asyncio.wait_for(sbx.resume(), 60)
+    assert err.value.code is ErrorCode.SNAPSHOT_INVALID, err.value.message
+    assert "QEMU said" in err.value.message
+    assert sbx.state is SandboxState.ERROR
+    assert_freed(sbm, sbx.id, runtime_root)
+
+
 async def test_resume_without_a_network_slot_stays_paused(sbm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     sbx = await sbm.create("base")
     await sbx.files.write("keep.txt", b"k")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from smartvm.host.process import HostProcess, proc_stat, running_start_time, tail
+from smartvm.host.process import HostProcess, detachable, proc_stat, running_start_time, tail
 
 
 async def test_child_exit_code_and_signal(tmp_path: Path) -> None:
@@ -29,6 +29,30 @@ async def test_child_exit_code_and_signal(tmp_path: Path) -> None:
     sleeper.kill()
     assert await sleeper.wait(10) and sleeper.returncode == -signal.SIGKILL
     sleeper.kill()  # a no-op once it is gone
+
+
+@pytest.mark.parametrize("detached", [False, True])
+@pytest.mark.parametrize("source_is_target", [False, True])
+async def test_passed_descriptors_reach_the_child(
+    tmp_path: Path, detached: bool, source_is_target: bool
+) -> None:
+    """``pass_fds`` gives the child an open file under the number asked for (a restoring QEMU reads
+    its stream from fd 3), by both spawners, also when the source already has that number."""
+    (tmp_path / "state").write_bytes(b"stream")
+    source = os.open(tmp_path / "state", os.O_RDONLY | os.O_CLOEXEC)
+    target = source if source_is_target else 7
+    log = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with detachable(detached):
+            proc = HostProcess.spawn(
+                ["cat", f"/proc/self/fd/{target}"], stdout=log, stderr=log, pass_fds={target: source}
+            )
+    finally:
+        os.close(log)
+        os.close(source)
+    assert await proc.wait(10)
+    assert (tmp_path / "log").read_bytes() == b"stream"
+    assert proc.returncode == 0
 
 
 async def test_adopted_process_is_identified_by_start_time() -> None:

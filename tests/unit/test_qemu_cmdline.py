@@ -219,6 +219,14 @@ def test_incoming_for_restore() -> None:
     assert option_values(argv, "-incoming") == ["defer"]
 
 
+def test_incoming_from_an_inherited_descriptor() -> None:
+    """A restore that loads while QEMU starts: the stream from fd 3, MIGRATION events on."""
+    spec = LaunchSpec(binary="q", accel="tcg", incoming=True, incoming_fd=3)
+    argv = build_argv(config(), RUNTIME, spec)
+    assert option_values(argv, "-incoming") == ["fd:3"]
+    assert "migration.x-events=on" in option_values(argv, "-global")
+
+
 @pytest.mark.parametrize(
     "fields",
     [

@@ -28,7 +28,7 @@ import contextvars
 import ctypes
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 _POLL_S = 0.05
@@ -114,8 +114,13 @@ def tail(path: Path | None, limit: int = TAIL_BYTES, *, lines: int | None = None
     return text if lines is None else "\n".join(text.splitlines()[-lines:])
 
 
-def _posix_spawn(argv: Sequence[str], *, stdout: int, stderr: int, new_session: bool) -> int:
+def _posix_spawn(
+    argv: Sequence[str], *, stdout: int, stderr: int, new_session: bool, pass_fds: Mapping[int, int]
+) -> int:
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    # a source that already has its target number is duplicated first: dup2(fd, fd) would keep
+    # its close-on-exec flag
+    sources = {target: os.dup(src) if src == target else src for target, src in pass_fds.items()}
     try:
         return os.posix_spawnp(
             argv[0],
@@ -125,15 +130,21 @@ def _posix_spawn(argv: Sequence[str], *, stdout: int, stderr: int, new_session: 
                 (os.POSIX_SPAWN_DUP2, null, 0),
                 (os.POSIX_SPAWN_DUP2, stdout, 1),
                 (os.POSIX_SPAWN_DUP2, stderr, 2),
+                *((os.POSIX_SPAWN_DUP2, src, target) for target, src in sources.items()),
             ],
             setsid=new_session,
             setsigdef=_RESET_SIGNALS,
         )
     finally:
         os.close(null)
+        for target, src in sources.items():
+            if src != pass_fds[target]:
+                os.close(src)
 
 
-def _fork_exec(argv: Sequence[str], *, stdout: int, stderr: int, new_session: bool) -> int:
+def _fork_exec(
+    argv: Sequence[str], *, stdout: int, stderr: int, new_session: bool, pass_fds: Mapping[int, int]
+) -> int:
     """fork + exec with SIGKILL as parent-death signal; exec errors come back through a pipe."""
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -147,6 +158,11 @@ def _fork_exec(argv: Sequence[str], *, stdout: int, stderr: int, new_session: bo
                 os.dup2(null, 0)
                 os.dup2(stdout, 1)
                 os.dup2(stderr, 2)
+                for target, src in pass_fds.items():
+                    if src == target:
+                        os.set_inheritable(target, True)
+                    else:
+                        os.dup2(src, target)
                 if new_session:
                     os.setsid()
                 for sig in _RESET_SIGNALS:
@@ -190,15 +206,26 @@ class HostProcess:
         self._exited = False
 
     @classmethod
-    def spawn(cls, argv: Sequence[str], *, stdout: int, stderr: int, new_session: bool = True) -> HostProcess:
-        """Start ``argv`` (PATH is searched) in a new session, stdin from /dev/null.
+    def spawn(
+        cls,
+        argv: Sequence[str],
+        *,
+        stdout: int,
+        stderr: int,
+        new_session: bool = True,
+        pass_fds: Mapping[int, int] | None = None,
+    ) -> HostProcess:
+        """Start ``argv`` (PATH is searched) in a new session, stdin from /dev/null; ``pass_fds`` maps
+        a descriptor number in the child to the open descriptor here that it gets (others close).
 
         ``new_session=False`` is for programs that call ``setsid()`` themselves (a daemonizing
         jailer): that fails for a process that already leads a session.
         Raises OSError like ``subprocess`` does (FileNotFoundError for a missing program).
         """
+        if any(target < 3 for target in pass_fds or {}):
+            raise ValueError(f"pass_fds targets must be 3 or more (0-2 are set here): {pass_fds}")
         spawner = _posix_spawn if _DETACHABLE.get() else _fork_exec
-        pid = spawner(argv, stdout=stdout, stderr=stderr, new_session=new_session)
+        pid = spawner(argv, stdout=stdout, stderr=stderr, new_session=new_session, pass_fds=pass_fds or {})
         stat = proc_stat(pid)
         proc = cls(pid, stat[1] if stat else 0, child=True)
         _OWNED[pid] = proc

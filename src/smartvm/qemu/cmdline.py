@@ -45,6 +45,9 @@ class LaunchSpec:
     tsc_khz: int | None = None  # host TSC rate; passed as tsc_early_khz under TCG
     drive_formats: Mapping[str, DiskFormat] = field(default_factory=dict)  # drive_id -> format
     incoming: bool = False  # start with ``-incoming defer`` (restore) instead of running the guest
+    # A restore that loads at once: QEMU reads the migration stream from this inherited descriptor
+    # while it starts (``-incoming fd:N``; QEMU 7.2 cannot set ``x-ignore-shared`` this way).
+    incoming_fd: int | None = None
     # Guest RAM in a file: shared (``share=on``, the VM's own file on tmpfs: snapshots skip RAM) or
     # a private copy-on-write mapping of a snapshot's memory file (``share=off``). None: anonymous.
     ram_file: Path | None = None
@@ -280,7 +283,10 @@ def build_argv(config: MicroVMConfig, runtime: VMRuntime, spec: LaunchSpec) -> l
             ",".join(["virtio-rng-device", "rng=rng0", *(f"{k}={v}" for k, v in limits.items())]),
         ]
     argv += port_args(runtime, spec.agent_ports)
-    if spec.incoming:
+    if spec.incoming_fd is not None:
+        # the MIGRATION events QMP would switch on, as a property of QEMU's migration object
+        argv += ["-global", "migration.x-events=on", "-incoming", f"fd:{spec.incoming_fd}"]
+    elif spec.incoming:
         argv += ["-incoming", "defer"]
     return argv
 

@@ -11,9 +11,11 @@ disk. Guest RAM is handled one of two ways:
   unmodified pages. (A restored clone's own snapshots then carry RAM in the stream.)
 - otherwise RAM is anonymous and travels in the stream; the snapshot has no memory file.
 
-A restore starts QEMU with the same device set and ``-incoming defer``, then ``migrate-incoming``
-(``fd:`` too); if QEMU refuses the stream (other memory size, other devices) it exits and its own
-message becomes a SNAPSHOT_MISMATCH error.
+A restore starts QEMU with the same device set. With RAM in the stream (a paused sandbox) QEMU gets
+``-incoming fd:3``, the state file inherited, and loads it while it starts; with a memory file it
+gets ``-incoming defer`` and then ``migrate-incoming`` (``fd:`` too) once QMP has set
+``x-ignore-shared``, which QEMU 7.2 cannot take on its command line. If QEMU refuses the stream
+(other memory size, other devices) it exits and its own message becomes a SNAPSHOT_MISMATCH error.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -70,6 +73,8 @@ _MISMATCH_HINTS = (
     "error while loading state for instance",
 )
 _TRUNCATED_HINT = "load of migration failed: Input/output error"
+_LOAD_FAILED = "load of migration failed"  # QEMU's words when a stream it started with is refused
+_INCOMING_FD = 3  # where a restoring QEMU finds the stream it loads (``-incoming fd:3``)
 STATE_MAGIC = b"QEVM\x00\x00\x00\x03"  # QEMU_VM_FILE_MAGIC + QEMU_VM_FILE_VERSION: every stream starts so
 
 
@@ -151,7 +156,15 @@ class QemuEngine(Engine):
             agent_ports=agent_ports,
         )
 
-    async def _start(self, config: MicroVMConfig, spec: LaunchSpec, *, paused: bool, what: str) -> None:
+    async def _start(
+        self,
+        config: MicroVMConfig,
+        spec: LaunchSpec,
+        *,
+        paused: bool,
+        what: str,
+        pass_fds: Mapping[int, int] | None = None,
+    ) -> None:
         """Spawn QEMU and connect QMP; on any failure nothing is left running."""
         argv = build_argv(config, self.runtime, spec)
         self._agent_ports = spec.agent_ports
@@ -164,6 +177,7 @@ class QemuEngine(Engine):
             engine_log=self.runtime.engine_log,
             console_log=self.runtime.console_log,
             netns=self.runtime.netns,
+            pass_fds=pass_fds,
         )
         try:
             self._qmp = await self._connect_qmp(what)
@@ -414,14 +428,18 @@ class QemuEngine(Engine):
     async def _pass_file(self, path: Path, flags: int, code: ErrorCode) -> None:
         """Open ``path`` and hand QEMU the descriptor as ``fd:{_MIGRATION_FD}``: it reads or writes the
         stream itself (``exec:cat`` cost a process and a pipe copy of every byte)."""
-        try:
-            fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise SmartVMError(code, f"cannot open the snapshot state {path}: {exc.strerror}") from exc
+        fd = self._open_state(path, flags, code)
         try:
             await self._execute("getfd", {"fdname": _MIGRATION_FD}, fds=[fd])
         finally:
             os.close(fd)  # QEMU holds its own copy now
+
+    @staticmethod
+    def _open_state(path: Path, flags: int, code: ErrorCode) -> int:
+        try:
+            return os.open(path, flags | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise SmartVMError(code, f"cannot open the snapshot state {path}: {exc.strerror}") from exc
 
     async def _wait_migration(self, what: str, code: ErrorCode, timeout: float = 300.0) -> dict[str, Any]:
         """Poll ``query-migrate`` until the migration ends (completed, failed or cancelled)."""
@@ -460,9 +478,16 @@ class QemuEngine(Engine):
             snapshot_accel=snapshot.engine_data.get("accel"),
             agent_ports=ports,
         )
-        await self._start(config, spec, paused=not request.resume_vm, what="restoring the snapshot failed")
+        what = f"restoring {snapshot.state_path}"
+        if memory is None:
+            await self._start_loading(config, spec, snapshot.state_path, paused=not request.resume_vm)
+        else:  # QEMU 7.2 has no command line switch for x-ignore-shared: QMP sets it first
+            await self._start(config, spec, paused=not request.resume_vm, what=what)
         try:
-            await self._migrate_from(snapshot.state_path, ignore_shared=memory is not None)
+            if memory is None:
+                await self._wait_incoming(what)
+            else:
+                await self._migrate_from(snapshot.state_path, ignore_shared=True)
             await self._apply_balloon_stats(config)
             if request.resume_vm:  # the stream says "paused" (snapshots are taken paused)
                 await self._execute("cont")
@@ -499,13 +524,42 @@ class QemuEngine(Engine):
             )
         return ports
 
+    async def _start_loading(
+        self, config: MicroVMConfig, spec: LaunchSpec, state_path: Path, *, paused: bool
+    ) -> None:
+        """Start QEMU loading ``state_path`` at once (``-incoming fd:``, the file inherited): no QMP
+        round trips before the load, and the load overlaps QEMU's start and the QMP handshake."""
+        what = f"restoring {state_path}"
+        state = self._open_state(state_path, os.O_RDONLY, ErrorCode.SNAPSHOT_INVALID)
+        try:
+            spec = replace(spec, incoming_fd=_INCOMING_FD)
+            await self._start(config, spec, paused=paused, what=what, pass_fds={_INCOMING_FD: state})
+        except SmartVMError as exc:
+            process = self._process
+            if process is not None and _LOAD_FAILED in tail(process.engine_log, 2048):
+                raise self._incoming_error(what, process) from exc
+            raise
+        finally:
+            os.close(state)  # QEMU holds its own copy
+
     async def _migrate_from(self, state_path: Path, *, ignore_shared: bool) -> None:
+        """Load ``state_path`` into a QEMU started with ``-incoming defer``."""
         what = f"restoring {state_path}"
         process = self._require_process()
         try:
             await self._set_capabilities(ignore_shared=ignore_shared)
             await self._pass_file(state_path, os.O_RDONLY, ErrorCode.SNAPSHOT_INVALID)
             await self._execute("migrate-incoming", {"uri": f"fd:{_MIGRATION_FD}"})
+        except SmartVMError as exc:
+            if process.is_alive():
+                raise
+            raise self._incoming_error(what, process) from exc
+        await self._wait_incoming(what)
+
+    async def _wait_incoming(self, what: str) -> None:
+        """Wait until QEMU has loaded the stream it was started with."""
+        process = self._require_process()
+        try:
             info = await self._wait_migration(what, ErrorCode.SNAPSHOT_INVALID)
         except SmartVMError as exc:
             if process.is_alive():

@@ -8,6 +8,7 @@ console, because that is where a failed boot or a guest panic explains itself.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -47,7 +48,13 @@ class QemuProcess:
 
     @classmethod
     async def spawn(
-        cls, argv: list[str], *, engine_log: Path, console_log: Path, netns: str | None = None
+        cls,
+        argv: list[str],
+        *,
+        engine_log: Path,
+        console_log: Path,
+        netns: str | None = None,
+        pass_fds: Mapping[int, int] | None = None,
     ) -> QemuProcess:
         """Start QEMU. With ``netns`` it runs inside that network namespace (entered in place, so the
         pid we hold is QEMU's)."""
@@ -55,7 +62,7 @@ class QemuProcess:
             argv = netns_exec_argv(netns, argv)
         with _open_log(engine_log) as log:
             try:
-                proc = HostProcess.spawn(argv, stdout=log.fileno(), stderr=log.fileno())
+                proc = HostProcess.spawn(argv, stdout=log.fileno(), stderr=log.fileno(), pass_fds=pass_fds)
             except OSError as exc:
                 raise SmartVMError(
                     ErrorCode.BINARY_NOT_FOUND

@@ -651,6 +651,7 @@ class SandboxManager:
         """Disk, network slot and a restored, ready, recorded VM; on failure all of it is undone
         (a reopened ``layer`` is only detached: its files keep the paused sandbox's disk)."""
         assert self._cow is not None
+        t_start = time.perf_counter()
         async with AsyncExitStack() as undo:
             if layer is None:  # a new sandbox: its directory goes too if this fails
                 undo.callback(shutil.rmtree, self._sandbox_dir(sid), True)
@@ -667,6 +668,7 @@ class SandboxManager:
             ports = {int(h): int(g) for h, g in dict(network.get("ports") or {}).items()}
             slot = await self.pool.acquire(egress=_policy(network), port_forwards=ports)
             undo.push_async_callback(self.pool.release, slot)
+            t_restore = time.perf_counter()
             vm = await self._svm.restore_vm(
                 snapshot_dir,
                 vm_id=sid,
@@ -676,9 +678,18 @@ class SandboxManager:
             )
             undo.push_async_callback(vm.kill)
             vm.hostname = sid
+            t_ready = time.perf_counter()
             await vm.wait_ready(self.settings.ready_timeout_s)  # reseed, clock, hostname
             if record:
                 await vm.record()  # it outlives this process on purpose; the next manager adopts it
+            log.debug(  # where a create or resume spends its time (docs/benchmarks.md, section 9)
+                "sandbox %s: disk + slot %.1f ms, restore until the guest runs %.1f ms, agent + hygiene "
+                "+ record %.1f ms",
+                sid,
+                (t_restore - t_start) * 1e3,
+                (t_ready - t_restore) * 1e3,
+                (time.perf_counter() - t_ready) * 1e3,
+            )
             undo.pop_all()
             return _Live(vm, slot, disk)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -837,10 +848,11 @@ class SandboxManager:
             self._in_background(self._release_slot(sandbox_id, live.slot))  # ~15 ms nobody waits for
             layer = await asyncio.to_thread(live.disk.persist, live.disk.layer.layer_dir)
             network = {k: v for k, v in rec.network.items() if k != "lease"}
-            await self._update(
-                sandbox_id, pause_dir=str(pause_dir), disk_layer=layer.to_json(), network=network
+            await self._transition(  # one transaction (one commit) for the record and the state
+                sandbox_id,
+                S.PAUSED,
+                changes={"pause_dir": str(pause_dir), "disk_layer": layer.to_json(), "network": network},
             )
-            await self._transition(sandbox_id, S.PAUSED)
 
     async def _release_slot(self, sid: str, slot: NetworkSlot) -> None:
         try:
@@ -895,15 +907,17 @@ class SandboxManager:
                     await self._transition(sandbox_id, S.PAUSED, detail=f"resume failed: {exc.message}")
                 _reraise(exc, f"resuming sandbox {sandbox_id}")
             self._live[sandbox_id] = live
-            await self._update(
+            await self._transition(  # one transaction (one commit) for the record and the state
                 sandbox_id,
-                pause_dir=None,
-                end_at=time.time() + end_in,
-                disk_path=str(live.disk.device_path),
-                disk_layer=live.disk.layer.to_json(),
-                network={**rec.network, "lease": live.slot.lease_key},
+                S.RUNNING,
+                changes={
+                    "pause_dir": None,
+                    "end_at": time.time() + end_in,
+                    "disk_path": str(live.disk.device_path),
+                    "disk_layer": live.disk.layer.to_json(),
+                    "network": {**rec.network, "lease": live.slot.lease_key},
+                },
             )
-            await self._transition(sandbox_id, S.RUNNING)
             # deleting ~75 MB of memory state takes ~15 ms: renamed out of the way (the next pause
             # reuses the name) and deleted in the background
             old_state = Path(rec.pause_dir).with_name(f"{RESUMED_PREFIX}{time.monotonic_ns()}")

@@ -38,6 +38,13 @@ SNAPSHOT_DIR = "snapshot"
 ROOT_DRIVE = "rootfs"
 TEMPLATE_FORMAT = "2"  # part of every key: bump when the layout of a template changes
 Progress = Callable[[str], None]
+# The guest kernel zeroes what it allocates. Under QEMU 7.2 every virtio-mmio queue has 1024 entries
+# and the guest's virtio-console fills the receive queue of each agent port (and its control queue)
+# with 4 KiB kmalloc buffers: 36 MB of a 256 MiB guest, each page non-zero (SLUB's free pointer) and
+# so sent in full in every pause stream (79 MB for an idle sandbox). Zeroed, they go as zero pages
+# (46 MB): a pause ~20 ms and a resume ~30 ms shorter under TCG. It costs ~4 % of a cold boot (the
+# template build) and keeps stale kernel memory out of fresh allocations; a user's own value wins.
+ZERO_ON_ALLOC = "init_on_alloc=1"
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,8 @@ def vm_config_for(
         else []
     )
     args = f"{boot_args} {slot.kernel_ip_arg('sandbox')}" if slot is not None else boot_args
+    if not any(a == "init_on_alloc" or a.startswith("init_on_alloc=") for a in args.split()):
+        args += f" {ZERO_ON_ALLOC}"
     return MicroVMConfig(
         id=vm_id,
         boot_source=BootSource(kernel_image_path=str(kernel), boot_args=args),
