@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -133,6 +134,27 @@ async def test_a_socket_that_is_not_qmp_is_refused(sock_dir: Path) -> None:
             await QMPClient.connect(path, timeout=2)
     assert err.value.code == ErrorCode.QMP_ERROR
     assert "not a QMP greeting" in err.value.message
+
+
+async def test_an_event_before_the_greeting_is_skipped(sock_dir: Path) -> None:
+    """Seen once in CI: a starting QEMU's RESUME event arrived before the greeting."""
+    path = sock_dir / "eventful.sock"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESUME"}\r\n')
+        writer.write(b'{"QMP": {"version": {"qemu": {"major": 7}}, "capabilities": []}}\r\n')
+        await writer.drain()
+        request = json.loads(await reader.readline())
+        assert request["execute"] == "qmp_capabilities"
+        writer.write(json.dumps({"return": {}, "id": request.get("id")}).encode() + b"\r\n")
+        await writer.drain()
+        await reader.read()  # until the client closes
+
+    server = await asyncio.start_unix_server(handle, str(path))
+    async with server:
+        client = await QMPClient.connect(path, timeout=5)
+        assert client.greeting["QMP"]["version"]["qemu"]["major"] == 7
+        await client.close()
 
 
 async def test_pass_fd_hands_qemu_the_descriptor(

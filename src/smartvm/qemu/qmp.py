@@ -22,6 +22,9 @@ from smartvm.errors import ErrorCode, SmartVMError
 _LINE_LIMIT = 16 << 20  # query-* replies can be large
 
 
+_EVENTS_BEFORE_GREETING = 16  # events skipped while waiting for the greeting; more is not QMP
+
+
 class QMPError(SmartVMError):
     """QEMU answered a command with an error; ``error_class`` is QEMU's class (e.g. GenericError)."""
 
@@ -78,10 +81,14 @@ class QMPClient:
         return client
 
     async def _handshake(self) -> None:
-        line = await self._reader.readline()
-        if not line:
-            raise SmartVMError(ErrorCode.QMP_ERROR, f"QMP socket {self.path} closed before the greeting")
-        greeting = self._decode(line)
+        for _ in range(_EVENTS_BEFORE_GREETING + 1):
+            line = await self._reader.readline()
+            if not line:
+                raise SmartVMError(ErrorCode.QMP_ERROR, f"QMP socket {self.path} closed before the greeting")
+            greeting = self._decode(line)
+            # an event can come first (a RESUME of a starting QEMU was seen once in CI): not ours to read
+            if "event" not in greeting:
+                break
         if "QMP" not in greeting:
             raise SmartVMError(ErrorCode.QMP_ERROR, f"not a QMP greeting on {self.path}: {line[:200]!r}")
         self.greeting = greeting
