@@ -96,6 +96,10 @@ def test_busybox_image_has_init_python_and_agent(busybox_image: Path, tmp_path: 
     stdlib = debugfs(busybox_image, f"ls /usr/lib/{python}")
     assert " test " not in stdlib and "idlelib" not in stdlib  # trimmed
 
+    bash = rootfs_build.guest_bash()  # bash-static when the host has it: no loader, no libraries
+    guest_bash = debugfs(busybox_image, f"stat {rootfs_build.HOST_BASH.resolve()}")
+    assert f"Size: {bash.stat().st_size}" in guest_bash, guest_bash
+
     if AGENT.is_file():
         assert "::respawn:/opt/smartvm/run-agent" in inittab
         assert debugfs(busybox_image, "cat /opt/smartvm/agent.py") == AGENT.read_text()
@@ -163,6 +167,20 @@ def test_cache_key_follows_the_native_agent(tmp_path: Path, monkeypatch: pytest.
     changed = rootfs_cache_key("busybox")
     monkeypatch.setenv("SMARTVM_NATIVE_AGENT", "0")
     assert len({base, changed, rootfs_cache_key("busybox")}) == 3
+
+
+def test_cache_key_follows_the_guest_bash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installing or upgrading bash-static (or bash) on the host is a new busybox image."""
+    fake = tmp_path / "bash-static"
+    fake.write_bytes(b"\x7fELF static bash")
+    monkeypatch.setattr(rootfs_build, "HOST_BASH_STATIC", fake)
+    with_static = rootfs_cache_key("busybox")
+    fake.write_bytes(b"\x7fELF static bash, newer")
+    monkeypatch.setattr(rootfs_build, "HOST_BASH_STATIC", tmp_path / "missing")
+    assert rootfs_build.guest_bash() == rootfs_build.HOST_BASH
+    without = rootfs_cache_key("busybox")
+    monkeypatch.setattr(rootfs_build, "HOST_BASH_STATIC", fake)
+    assert len({with_static, rootfs_cache_key("busybox"), without}) == 3
 
 
 def test_image_without_go_keeps_the_python_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
