@@ -131,11 +131,13 @@ async def test_wait_ready_ends_when_qemu_dies(svm: Any, guest_image: Any) -> Non
 
 
 @pytest.fixture
-def small_tmpfs() -> Iterator[Path]:
-    """A 64 MiB tmpfs as the runtime root (too small for a 256 MiB guest's RAM file)."""
+def small_tmpfs(guest_image: Any) -> Iterator[Path]:
+    """A tmpfs as the runtime root with room for the guest's rootfs copy and its boot, but far too
+    small for a 256 MiB guest's RAM file (sized from the image: a fixed size broke when it grew)."""
+    rootfs_mib = -(-guest_image.rootfs_path.stat().st_blocks * 512 // (1 << 20))
     root = Path(tempfile.mkdtemp(prefix="svfull", dir="/tmp"))
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(root)], check=False
+        ["mount", "-t", "tmpfs", "-o", f"size={rootfs_mib + 40}m,mode=0700", "tmpfs", str(root)], check=False
     )
     if done.returncode != 0:
         root.rmdir()
@@ -153,7 +155,7 @@ async def test_full_runtime_tmpfs_is_named_as_the_cause(
     from smartvm.orchestrator import SmartVM
 
     svm = SmartVM(SmartVMOptions(engine="qemu", runtime_dir=small_tmpfs, data_dir=tmp_path / "data"))
-    # the guest touches 200 MiB of its RAM at once: QEMU's RAM file on the 64 MiB tmpfs runs out
+    # the guest touches 200 MiB of its RAM at once: QEMU's RAM file on the small tmpfs runs out
     vm = await svm.create_vm(
         boot_config(guest_image, exec_script="dd if=/dev/zero of=/dev/null bs=200M count=1")
     )
