@@ -100,6 +100,9 @@ class MicroVM:
         self._last_snapshot: Snapshot | None = None  # the base of the next Diff snapshot
         self._watcher: asyncio.Task[None] | None = None
         self.exit_console: str | None = None  # console tail kept when the hypervisor exited on its own
+        # why the hypervisor exited, for a request that was waiting for the agent meanwhile (the
+        # teardown closes the agent client under it: it must learn the cause, not "client closed")
+        self._agent_exit_error: SmartVMError | None = None
         self._lock = asyncio.Lock()
         self._started_at: float | None = None  # Unix time the hypervisor was launched
 
@@ -298,6 +301,7 @@ class MicroVM:
             if self._engine is engine:
                 log.info("VM %s: hypervisor exited; cleaning up", self.id)
                 self.exit_console = tail(self._runtime.console_log) if self._runtime else ""
+                self._agent_exit_error = engine.exited_error("waiting for the guest agent failed")
                 await self._teardown()
 
     # --- detach / attach --------------------------------------------------------------------------
@@ -584,7 +588,12 @@ class MicroVM:
     async def _ready_agent(self, timeout: float) -> AgentClient:
         self._require("talk to the agent of", VMState.RUNNING)
         agent = self.agent
-        await agent.prepare(timeout)
+        try:
+            await agent.prepare(timeout)
+        except SmartVMError:
+            if self._agent_exit_error is not None:
+                raise self._agent_exit_error from None
+            raise
         return agent
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
@@ -745,9 +754,19 @@ async def _unless_exited(engine: Engine, work: Awaitable[T], what: str) -> T:
             job.cancel()
             with contextlib.suppress(BaseException):
                 await job
-    if job.done() and not job.cancelled() and (job.exception() is None or engine.is_alive()):
-        return job.result()
+    if job.done() and not job.cancelled():
+        if job.exception() is None:
+            return job.result()
+        # a lost agent connection is often the hypervisor dying: give it a moment to finish, so
+        # the error names the cause (a full tmpfs, a signal) rather than the dropped connection
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(engine.wait_exited(0.02), _EXIT_GRACE_S)
+        if engine.is_alive():
+            return job.result()
     raise engine.exited_error(f"{what} failed")
+
+
+_EXIT_GRACE_S = 0.5  # how long a failed agent call waits for a dying hypervisor to be gone
 
 
 def _snapshot_for(
