@@ -299,6 +299,16 @@ async def test_unreachable_agent_raises_timeout() -> None:
     assert exc.value.code == ErrorCode.AGENT_UNAVAILABLE
 
 
+async def _answer_every_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A fake agent's loop: every REQUEST gets a RESULT {"time": 5.0}, until the client hangs up."""
+    dec = FrameDecoder()
+    while data := await reader.read(65536):
+        for f in dec.feed(data):
+            if isinstance(f, Frame) and f.type == REQUEST:
+                writer.write(encode_frame(RESULT, f.channel, {"time": 5.0}))
+    writer.close()
+
+
 async def test_stale_bytes_before_hello_are_ignored(tmp_path: Path) -> None:
     """A virtio-serial reconnect can deliver the tail of an old frame first: the client resyncs."""
     hello = {
@@ -313,12 +323,7 @@ async def test_stale_bytes_before_hello_are_ignored(tmp_path: Path) -> None:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"old payload tail" + encode_frame(RESULT, 77, {"stale": True})[:10])
         writer.write(encode_frame(HELLO, 0, hello))
-        dec = FrameDecoder()
-        while data := await reader.read(65536):
-            for f in dec.feed(data):
-                if isinstance(f, Frame) and f.type == REQUEST:
-                    writer.write(encode_frame(RESULT, f.channel, {"time": 5.0}))
-        writer.close()
+        await _answer_every_request(reader, writer)
 
     server = await asyncio.start_unix_server(serve, str(tmp_path / "s"))
     client = AgentClient(lambda t: asyncio.open_unix_connection(str(tmp_path / "s")))
@@ -339,12 +344,7 @@ async def test_bytes_that_arrived_before_the_client_took_the_stream_are_not_lost
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(encode_frame(HELLO, 0, hello))  # said once, at connect; HELLO requests go unanswered
-        dec = FrameDecoder()
-        while data := await reader.read(65536):
-            for f in dec.feed(data):
-                if isinstance(f, Frame) and f.type == REQUEST:
-                    writer.write(encode_frame(RESULT, f.channel, {"time": 5.0}))
-        writer.close()
+        await _answer_every_request(reader, writer)
 
     async def open_late(timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.open_unix_connection(str(tmp_path / "s"))

@@ -118,10 +118,12 @@ def _posix_spawn(
     argv: Sequence[str], *, stdout: int, stderr: int, new_session: bool, pass_fds: Mapping[int, int]
 ) -> int:
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    # a source that already has its target number is duplicated first: dup2(fd, fd) would keep
-    # its close-on-exec flag
-    sources = {target: os.dup(src) if src == target else src for target, src in pass_fds.items()}
+    sources: dict[int, int] = {}
     try:
+        for target, src in pass_fds.items():
+            # a source that already has its target number is duplicated first: dup2(fd, fd) would
+            # keep its close-on-exec flag
+            sources[target] = os.dup(src) if src == target else src
         return os.posix_spawnp(
             argv[0],
             list(argv),
