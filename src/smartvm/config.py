@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -68,6 +69,16 @@ class RateLimiter(ApiModel):
 
     bandwidth: TokenBucket | None = None
     ops: TokenBucket | None = None
+
+
+def has_boot_arg(words: Iterable[str], key: str) -> bool:
+    """Whether kernel arguments ``words`` set ``key`` (``key`` alone or ``key=...``)."""
+    return any(w == key or w.startswith(f"{key}=") for w in words)
+
+
+def with_boot_arg(args: str, arg: str) -> str:
+    """``args`` plus ``arg`` (``key=value``) unless they set that key already: the user's value wins."""
+    return args if has_boot_arg(args.split(), arg.split("=", 1)[0]) else f"{args} {arg}"
 
 
 class BootSource(ApiModel):

@@ -70,6 +70,11 @@ async def test_egress_policies_isolation_and_port_forward(
     denied = await sbm.create("base", egress=EgressPolicy.deny_only([f"{th_addr}/32"]))
     assert (await _fetch(online, th_addr, 8000)).startswith("testhost ")
     assert "testhost" not in await _fetch(offline, th_addr, 8000)
+    # the network is IPv4 only: no IPv6 on eth0 (no address detection, router solicitation or
+    # multicast report timers waking the guest after each restore), loopback keeps ::1
+    r = await online.commands.run(["cat", "/proc/net/if_inet6", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6"])
+    *addresses, eth0_off = r.stdout.strip().split("\n")
+    assert eth0_off == "1" and [a.split()[-1] for a in addresses] == ["lo"]
     assert "testhost" not in await _fetch(denied, th_addr, 8000)
 
     # never another sandbox, never the host's own addresses (a server on all host addresses)

@@ -24,6 +24,7 @@ from agent_harness import (  # noqa: F401
 )
 
 from smartvm.agent import AgentClient, protocol
+from smartvm.agent import guest as g
 from smartvm.agent.protocol import (
     DATA,
     ERROR,
@@ -405,3 +406,18 @@ async def test_an_exec_that_ends_before_its_stdin_leaves_no_thread_behind(
     await raw.ping(2)
     # finished requests leave at most the idle workers the agent keeps (8), not one thread per exec
     assert _threads(agent_server.proc.pid) - before <= 8
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "count"),
+    [
+        ("console=ttyS0 smartvm.agent_ports=8 quiet\n", 8),
+        ("smartvm.agent_ports=1", 1),
+        ("console=ttyS0", 0),
+        ("smartvm.agent_ports=x smartvm.agent_ports=-2 smartvm.agent_ports=", 0),
+    ],
+)
+def test_the_agent_reads_how_many_ports_the_host_made(cmdline: str, count: int) -> None:
+    """With the count the agent stops looking for more ports once it serves them all (the native
+    agent's twin: TestAnnouncedPortCount)."""
+    assert g.announced_ports(cmdline) == count

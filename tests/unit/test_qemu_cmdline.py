@@ -215,8 +215,11 @@ def test_on_tmpfs() -> None:
 
 
 def test_incoming_for_restore() -> None:
+    """A restored guest is not announced on its (fresh) network: no ARP/NDP storm after the load."""
     argv = build_argv(config(), RUNTIME, LaunchSpec(binary="q", accel="tcg", incoming=True))
     assert option_values(argv, "-incoming") == ["defer"]
+    assert option_values(argv, "-global") == ["migration.announce-rounds=0"]
+    assert "-global" not in build_argv(config(), RUNTIME, TCG)  # a boot is not a restore
 
 
 def test_incoming_from_an_inherited_descriptor() -> None:
@@ -224,7 +227,20 @@ def test_incoming_from_an_inherited_descriptor() -> None:
     spec = LaunchSpec(binary="q", accel="tcg", incoming=True, incoming_fd=3)
     argv = build_argv(config(), RUNTIME, spec)
     assert option_values(argv, "-incoming") == ["fd:3"]
-    assert "migration.x-events=on" in option_values(argv, "-global")
+    assert set(option_values(argv, "-global")) == {"migration.x-events=on", "migration.announce-rounds=0"}
+
+
+def test_the_guest_agent_learns_how_many_ports_it_has() -> None:
+    """So that it stops looking for more once it serves them all (KVM or TCG alike)."""
+    for spec in (TCG, KVM, dataclasses.replace(TCG, agent_ports=1)):
+        args = kernel_cmdline(config(), spec).split()
+        assert [a for a in args if a.startswith("smartvm.agent_ports")] == [
+            f"smartvm.agent_ports={spec.agent_ports}"
+        ]
+    user = config(boot_source={"kernel_image_path": "/k", "boot_args": "smartvm.agent_ports=2"})
+    assert [a for a in kernel_cmdline(user, TCG).split() if a.startswith("smartvm.agent")] == [
+        "smartvm.agent_ports=2"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -57,3 +57,48 @@ async def test_close_during_the_delay_makes_nothing() -> None:
     await pool.close()
     await asyncio.sleep(REFILL_DELAY_S * 2)
     assert made == [] and not pool.ids()
+
+
+async def test_a_failing_refill_never_fails_close() -> None:
+    """A template deleted under a refill makes its restore fail with whatever error (here the
+    disk image gone): the refill stops and logs it, and ending the pool still succeeds."""
+
+    async def make(template: str) -> WarmSandbox:
+        raise FileNotFoundError(2, "No such file or directory", "/templates/gone/disk.img")
+
+    async def discard(warm: WarmSandbox) -> None:
+        raise AssertionError("nothing was made, so nothing is discarded")
+
+    pool = WarmPool(1, make, discard)
+    pool.refill("gone")
+    async with asyncio.timeout(30):
+        await pool._tasks["gone"]  # ended, not failed
+    await pool.close()
+
+
+async def test_drop_stops_the_refill_and_ends_the_warm_sandboxes_of_a_template() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+    discarded: list[str] = []
+    made: dict[str, int] = {}
+
+    async def make(template: str) -> WarmSandbox:
+        made[template] = made.get(template, 0) + 1
+        if template == "snap" and made[template] == 2:  # in progress when the template goes
+            started.set()
+            await release.wait()
+        return _warm(f"sb-{template}{made[template]}")
+
+    async def discard(warm: WarmSandbox) -> None:
+        discarded.append(warm.sid)
+
+    pool = WarmPool(2, make, discard)
+    pool.refill("snap")
+    pool.refill("base")
+    async with asyncio.timeout(30):
+        await started.wait()
+        await pool.drop("snap")
+        release.set()
+        await pool._tasks["base"]
+    assert "snap" not in pool._tasks and sorted(pool.ids()) == ["sb-base1", "sb-base2"]
+    assert discarded == ["sb-snap1"]  # the ready one; the one being made was cancelled with its refill
+    await pool.close()

@@ -1891,6 +1891,23 @@ def open_vsock(port: int) -> Any:
     return sock
 
 
+def announced_ports(cmdline: str | None = None) -> int:
+    """How many agent ports the host made (``smartvm.agent_ports=N`` on the kernel command line; 0:
+    not said)."""
+    if cmdline is None:
+        try:
+            with open("/proc/cmdline") as f:
+                cmdline = f.read()
+        except OSError:
+            return 0
+    count = 0
+    for word in cmdline.split():
+        key, _, value = word.partition("=")
+        if key == "smartvm.agent_ports" and value.isdigit() and int(value) > 0:
+            count = int(value)
+    return count
+
+
 def find_virtio_ports(name: str = VIRTIO_PORT_NAME, sysfs: str = "/sys/class/virtio-ports") -> dict[str, str]:
     """Port name -> /dev node of the agent's virtio-serial ports: `name` and `name.N` (the QEMU engine
     gives a VM several, one per concurrent host client; there is no udev symlink in the guest)."""
@@ -1996,6 +2013,7 @@ def main(argv: list[str] | None = None) -> int:
         _serve_socket(agent, open_vsock(int(value)), "vsock")
         return 0
     name = value if mode == "virtio-port" else VIRTIO_PORT_NAME
+    expected = announced_ports() or sys.maxsize
     warned = False
     served: dict[str, threading.Thread] = {}
     found_at: float | None = None
@@ -2007,9 +2025,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 served[port].start()
         if served:
-            # the ports appear together at driver probe; a late one is still picked up for a while
+            # the ports appear together at driver probe; a late one is still picked up for a while,
+            # unless the host said how many there are (then a guest restored from a snapshot taken
+            # in those first seconds does not look again every second)
             found_at = found_at or time.monotonic()
-            time.sleep(1.0 if time.monotonic() - found_at < 10 else 60.0)
+            early = time.monotonic() - found_at < 10 and len(served) < expected
+            time.sleep(1.0 if early else 60.0)
             continue
         if mode == "auto":
             try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from smartvm.config import Drive, MicroVMConfig, RateLimiter, TokenBucket
+from smartvm.config import Drive, MicroVMConfig, RateLimiter, TokenBucket, has_boot_arg
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.runtime import VMRuntime
 from smartvm.qemu.agent_ports import AGENT_PORTS, port_args
@@ -33,6 +33,14 @@ TCG_BOOT_ARGS = ("cryptomgr.notests=1", "max_loop=1", "quiet", "tsc=reliable")
 # in C3 and, with no broadcast device on microvm, never leaves periodic 4 ms ticks: no high-resolution
 # timers (a 1 ms sleep took 4 ms), no tickless idle (250 wake-ups a second in every idle guest).
 TCG_CPU = "qemu64,+arat"
+# A restored QEMU announces the guest on its network 5 times over 550 ms (migration parameter
+# announce-rounds): virtio-net asks the guest to send gratuitous ARP and IPv6 neighbour
+# advertisements, which wakes the guest's network stack (netlink, neighbour tables, MLD) right
+# while the restore waits for its agent. That is for switches that must learn where a live-migrated
+# VM went; a restore here makes a new VM (often one of many clones of one snapshot) on its own TAP
+# device, learned from its own first packets like a booted one.
+RESTORE_GLOBALS = ["-global", "migration.announce-rounds=0"]
+AGENT_PORTS_ARG = "smartvm.agent_ports"  # how many virtio-serial agent ports the guest will find
 _QCOW2_MAGIC = b"QFI\xfb"
 
 
@@ -125,30 +133,28 @@ def _rate(bucket: TokenBucket | None) -> int | None:
     return max(1, bucket.size * 1000 // bucket.refill_time)
 
 
-def _has_arg(args: list[str], key: str) -> bool:
-    return any(a == key or a.startswith(f"{key}=") for a in args)
-
-
 def kernel_cmdline(config: MicroVMConfig, spec: LaunchSpec) -> str:
     """The guest kernel command line: the user's args plus what this engine needs, never overriding."""
     user = config.boot_source.boot_args
     args = shlex.split(user) if user is not None else DEFAULT_BOOT_ARGS.split()
     extra: list[str] = []
     root = config.root_drive()
-    if root is not None and not _has_arg(args, "root"):
+    if root is not None and not has_boot_arg(args, "root"):
         extra.append(f"root=PARTUUID={root.partuuid}" if root.partuuid else "root=/dev/vda")
-        if not (_has_arg(args, "ro") or _has_arg(args, "rw")):
+        if not (has_boot_arg(args, "ro") or has_boot_arg(args, "rw")):
             extra.append("ro" if root.is_read_only else "rw")
-    if not _has_arg(args, "panic"):
+    if not has_boot_arg(args, "panic"):
         extra.append("panic=1")  # with -no-reboot a panicking guest ends QEMU instead of hanging
+    if not has_boot_arg(args, AGENT_PORTS_ARG):
+        extra.append(f"{AGENT_PORTS_ARG}={spec.agent_ports}")  # the agent stops looking for more then
     if spec.accel == "tcg":
-        if spec.tsc_khz is not None and not _has_arg(args, "tsc_early_khz"):
+        if spec.tsc_khz is not None and not has_boot_arg(args, "tsc_early_khz"):
             extra.append(f"tsc_early_khz={spec.tsc_khz}")
         for item in TCG_BOOT_ARGS:
             key = item.split("=", 1)[0]
-            if key == "quiet" and (_has_arg(args, "loglevel") or _has_arg(args, "debug")):
+            if key == "quiet" and (has_boot_arg(args, "loglevel") or has_boot_arg(args, "debug")):
                 continue
-            if not _has_arg(args, key):
+            if not has_boot_arg(args, key):
                 extra.append(item)
     return " ".join(shlex.quote(a) if any(c.isspace() for c in a) else a for a in args + extra)
 
@@ -283,6 +289,8 @@ def build_argv(config: MicroVMConfig, runtime: VMRuntime, spec: LaunchSpec) -> l
             ",".join(["virtio-rng-device", "rng=rng0", *(f"{k}={v}" for k, v in limits.items())]),
         ]
     argv += port_args(runtime, spec.agent_ports)
+    if spec.incoming_fd is not None or spec.incoming:
+        argv += RESTORE_GLOBALS
     if spec.incoming_fd is not None:
         # the MIGRATION events QMP would switch on, as a property of QEMU's migration object
         argv += ["-global", "migration.x-events=on", "-incoming", f"fd:{spec.incoming_fd}"]

@@ -1081,6 +1081,7 @@ class SandboxManager:
                 f"snapshot {name!r} is the template of {', '.join(dependent)}: kill them first",
             )
         self._templates.pop(name, None)
+        await self._warm.drop(name)  # no warm sandbox of it, and no refill restoring one meanwhile
         await store.call(store.delete_template, name)
         await store.call(store.delete_snapshot, name)
         await asyncio.to_thread(shutil.rmtree, self.data_dir / "templates" / name, True)

@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from smartvm.config import BootSource, Drive, Entropy, MachineConfig, MicroVMConfig, NetworkInterface
+from smartvm.config import (
+    BootSource,
+    Drive,
+    Entropy,
+    MachineConfig,
+    MicroVMConfig,
+    NetworkInterface,
+    with_boot_arg,
+)
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.private_dirs import ensure_private_dir
 from smartvm.host.storage import clone_file
@@ -45,6 +53,10 @@ Progress = Callable[[str], None]
 # (46 MB): a pause ~20 ms and a resume ~30 ms shorter under TCG. It costs ~4 % of a cold boot (the
 # template build) and keeps stale kernel memory out of fresh allocations; a user's own value wins.
 ZERO_ON_ALLOC = "init_on_alloc=1"
+# A sandbox's network forwards IPv4 only (the host drops the rest, host/nat.py): the guest's rcS turns
+# IPv6 off on eth0, so that no address detection, router solicitation or multicast report timers
+# wake each guest restored from the template (they did, right while a resume waited for its agent).
+IPV4_ONLY = "smartvm.ipv6=off"
 
 
 @dataclass(frozen=True)
@@ -153,8 +165,9 @@ def vm_config_for(
         else []
     )
     args = f"{boot_args} {slot.kernel_ip_arg('sandbox')}" if slot is not None else boot_args
-    if not any(a == "init_on_alloc" or a.startswith("init_on_alloc=") for a in args.split()):
-        args += f" {ZERO_ON_ALLOC}"
+    args = with_boot_arg(args, ZERO_ON_ALLOC)
+    if slot is not None:
+        args = with_boot_arg(args, IPV4_ONLY)
     return MicroVMConfig(
         id=vm_id,
         boot_source=BootSource(kernel_image_path=str(kernel), boot_args=args),

@@ -14,14 +14,12 @@ command) sweeps them like any VM whose owner is gone. They are dropped when thei
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from smartvm.errors import SmartVMError
 from smartvm.sandbox.settings import DEFAULT_USER
 
 if TYPE_CHECKING:
@@ -85,7 +83,7 @@ class WarmPool:
         while not self.closed and len(self._ready.get(template, [])) < self.size:
             try:
                 warm = await self.make(template)
-            except SmartVMError as exc:
+            except Exception as exc:  # a refill in the background: the next create restores instead
                 log.warning("warming a sandbox of template %s failed: %s", template, exc)
                 return
             if warm is None:  # no room on the host now
@@ -95,19 +93,37 @@ class WarmPool:
                 return
             self._ready.setdefault(template, []).append(warm)
 
+    async def drop(self, template: str) -> None:
+        """Stop refilling ``template`` and end its warm sandboxes (it is being deleted)."""
+        task = self._tasks.pop(template, None)
+        if task is not None:
+            await _cancelled(task)
+        for warm in self._ready.pop(template, []):
+            await self.discard(warm)
+
     async def close(self) -> None:
         """Stop refilling and end every warm sandbox."""
         self.closed = True
         for task in self._tasks.values():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, SmartVMError):
-                await task
+            await _cancelled(task)
         warm = [w for ws in self._ready.values() for w in ws]
         self._ready.clear()
         for w in warm:
             await self.discard(w)
         if self._discarding:
             await asyncio.gather(*self._discarding, return_exceptions=True)
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    """Cancel a refill and wait until it has stopped (it unwinds what it was making); its failure
+    is logged, never raised: ending the pool must not fail because a background refill did."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception as exc:
+        log.warning("a warm sandbox refill failed: %s", exc)
 
 
 async def run_once_and_park(live: _Live) -> None:

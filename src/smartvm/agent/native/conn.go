@@ -6,7 +6,6 @@ package main
 import (
 	"fmt"
 	"log"
-	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -415,17 +414,7 @@ func (a *Agent) run(h handler, ch *Channel, f *Frame) {
 }
 
 // ops is every op the host can ask for: the native ones and the proxied ones (HELLO "ops").
-func (a *Agent) ops() []string {
-	var out []string
-	for op := range a.handlers {
-		out = append(out, op)
-	}
-	for op := range proxiedOps {
-		out = append(out, op)
-	}
-	sort.Strings(out)
-	return out
-}
+func (a *Agent) ops() []string { return a.opNames }
 
 // pyRepr renders a JSON value roughly as Python's repr would in an error message.
 func pyRepr(v any) string {

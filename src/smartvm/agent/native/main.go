@@ -10,6 +10,7 @@ import (
 	"log"
 	"os"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -106,6 +107,7 @@ func run(args []string) int {
 		name = value
 	}
 	served := map[string]bool{}
+	expected := announcedPorts()
 	var foundAt time.Time
 	for {
 		for port, dev := range findVirtioPorts(name) {
@@ -116,6 +118,9 @@ func run(args []string) int {
 				}
 				go agent.serveVirtio(dev)
 			}
+		}
+		if expected > 0 && len(served) >= expected {
+			select {} // every port the host made is served: nothing to look for any more
 		}
 		if len(served) > 0 {
 			// the ports appear together at driver probe; a late one is still picked up for a while
@@ -134,6 +139,31 @@ func run(args []string) int {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+}
+
+// announcedPorts is the number of agent ports the host made (smartvm.agent_ports=N on the kernel
+// command line; 0: not said). Once all are served the agent stops looking for more: a rescan every
+// second for the first 10 s after boot would otherwise run again in every guest restored from a
+// snapshot taken in those seconds (templates are), each time re-translated under TCG.
+func announcedPorts() int {
+	data, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		return 0
+	}
+	return portsIn(string(data))
+}
+
+// portsIn reads smartvm.agent_ports=N from a kernel command line (0: absent or not a count).
+func portsIn(cmdline string) int {
+	n := 0
+	for _, word := range strings.Fields(cmdline) {
+		if strings.HasPrefix(word, "smartvm.agent_ports=") {
+			if v, err := strconv.Atoi(word[len("smartvm.agent_ports="):]); err == nil && v > 0 {
+				n = v
+			}
+		}
+	}
+	return n
 }
 
 // vsockAvailable: the kernel has AF_VSOCK (Firecracker), served by the Python agent.

@@ -7,8 +7,10 @@ import (
 	"encoding/json"
 	"os"
 	"os/exec"
+	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"unsafe"
 )
@@ -24,6 +26,7 @@ type Agent struct {
 	dryRun   bool
 	started  float64
 	handlers map[string]handler
+	opNames  []string // sorted, made once: a HELLO after every restore would sort them again
 	proxy    *Proxy
 	procs    procTable
 }
@@ -45,6 +48,16 @@ func newAgent(dryRun bool, proxy *Proxy) *Agent {
 		"proc_stdin":  a.opProcStdin,
 		"proc_signal": a.opProcSignal,
 		"proc_attach": a.opProcAttach,
+	}
+	for op := range a.handlers {
+		a.opNames = append(a.opNames, op)
+	}
+	for op := range proxiedOps {
+		a.opNames = append(a.opNames, op)
+	}
+	sort.Strings(a.opNames)
+	if !dryRun {
+		_, _ = urandom() // now, before any snapshot of this guest (see urandom)
 	}
 	return a
 }
@@ -82,20 +95,24 @@ func cstr(b []int8) string {
 	return string(out)
 }
 
+// bootTime is /proc/stat's btime, the wall-clock time of boot in whole seconds, from two clocks:
+// reading /proc/stat has the kernel format every interrupt counter, which a HELLO after each
+// restore (when the guest re-translates every path it runs) paid for.
 func bootTime() any {
-	data, err := os.ReadFile("/proc/stat")
-	if err != nil {
+	var real, boot syscall.Timespec
+	if _, _, e := syscall.RawSyscall(syscall.SYS_CLOCK_GETTIME, clockRealtime, uintptr(unsafe.Pointer(&real)), 0); e != 0 {
 		return nil
 	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if strings.HasPrefix(line, "btime ") {
-			if v, err := strconv.ParseFloat(strings.TrimSpace(line[6:]), 64); err == nil {
-				return v
-			}
-		}
+	if _, _, e := syscall.RawSyscall(syscall.SYS_CLOCK_GETTIME, clockBoottime, uintptr(unsafe.Pointer(&boot)), 0); e != 0 {
+		return nil
 	}
-	return nil
+	return float64((real.Nano() - boot.Nano()) / 1e9)
 }
+
+const (
+	clockRealtime = 0
+	clockBoottime = 7
+)
 
 func (a *Agent) opPing(ch *Channel, req map[string]any, payload []byte) error {
 	ch.result(map[string]any{"time": now()})
@@ -208,7 +225,7 @@ func (a *Agent) opSetTime(ch *Channel, req map[string]any, payload []byte) error
 	if !a.dryRun {
 		ns := int64(target * 1e9)
 		ts := syscall.Timespec{Sec: ns / 1e9, Nsec: ns % 1e9}
-		if _, _, errno := syscall.Syscall(syscall.SYS_CLOCK_SETTIME, 0, uintptr(unsafe.Pointer(&ts)), 0); errno == 0 {
+		if _, _, errno := syscall.Syscall(syscall.SYS_CLOCK_SETTIME, clockRealtime, uintptr(unsafe.Pointer(&ts)), 0); errno == 0 {
 			method = "clock_settime"
 		} else {
 			cmd := exec.Command("date", "-s", "@"+strconv.FormatInt(int64(target), 10))
@@ -229,6 +246,28 @@ func (a *Agent) opSetTime(ch *Channel, req map[string]any, payload []byte) error
 	return nil
 }
 
+var urandomFd struct {
+	sync.Mutex
+	fd int // 0: not open yet
+}
+
+// urandom is a /dev/urandom descriptor kept open (close-on-exec): a reseed follows every restore,
+// and opening the device (a path walk and a device open, re-translated after each restore under
+// TCG) then cost more than the ioctls themselves. The agent opens it at start, so it is open in
+// every guest restored from a snapshot.
+func urandom() (int, error) {
+	urandomFd.Lock()
+	defer urandomFd.Unlock()
+	if urandomFd.fd == 0 {
+		fd, err := syscall.Open("/dev/urandom", syscall.O_WRONLY|syscall.O_CLOEXEC, 0)
+		if err != nil {
+			return 0, err
+		}
+		urandomFd.fd = fd
+	}
+	return urandomFd.fd, nil
+}
+
 func (a *Agent) opReseed(ch *Channel, req map[string]any, payload []byte) error {
 	hostname, present := req["hostname"]
 	if present && hostname != nil {
@@ -242,7 +281,7 @@ func (a *Agent) opReseed(ch *Channel, req map[string]any, payload []byte) error 
 	}
 	reseeded := false
 	if !a.dryRun {
-		fd, err := syscall.Open("/dev/urandom", syscall.O_WRONLY|syscall.O_CLOEXEC, 0)
+		fd, err := urandom()
 		if err != nil {
 			return &opError{eInternal, "/dev/urandom: " + err.Error()}
 		}
@@ -252,13 +291,11 @@ func (a *Agent) opReseed(ch *Channel, req map[string]any, payload []byte) error 
 		copy(info[8:], payload)
 		_, _, errno := syscall.Syscall(syscall.SYS_IOCTL, uintptr(fd), rndAddEntropy, uintptr(unsafe.Pointer(&info[0])))
 		if errno != 0 {
-			syscall.Close(fd)
 			return &opError{eInternal, "RNDADDENTROPY: " + errno.Error()}
 		}
 		if _, _, errno = syscall.Syscall(syscall.SYS_IOCTL, uintptr(fd), rndReseedCRNG, 0); errno == 0 {
 			reseeded = true
 		}
-		syscall.Close(fd)
 		if s, ok := hostname.(string); ok {
 			if err := syscall.Sethostname([]byte(s)); err != nil {
 				return &opError{eInternal, "sethostname: " + err.Error()}
