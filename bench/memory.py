@@ -36,6 +36,12 @@ def pss(pid: int | str) -> int:
     return _kib_field(Path(f"/proc/{pid}/smaps_rollup"), "Pss")
 
 
+def uss(pid: int | str) -> int:
+    """Memory only this process holds (its private pages): what one more such process costs."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup")
+    return _kib_field(rollup, "Private_Clean") + _kib_field(rollup, "Private_Dirty")
+
+
 async def _boot(svm: SmartVM, config: MicroVMConfig) -> int:
     vm = await svm.create_vm(config.model_copy(update={"id": new_vm_id()}))
     await vm.start()

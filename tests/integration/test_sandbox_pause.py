@@ -11,10 +11,21 @@ from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.sandbox import SandboxState
 
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /home/user/count; sleep 0.1; done"
-HOLD_MEMORY = (
-    "import time; data = bytearray(b'M' * (8 << 20)); open('/home/user/mem-ready', 'w').close(); "
-    "time.sleep(1000)"
-)
+# Holds 8 MiB of 'M' and 8 MiB written with 'Z' and then zeroed (pages a restore must find zero,
+# whatever the template had there); on request it checks both and writes its verdict.
+HOLD_MEMORY = """
+import os, time
+data, zero = bytearray(b'M' * (8 << 20)), bytearray(b'Z' * (8 << 20))
+zero[:] = bytes(8 << 20)
+open('/home/user/mem-ready', 'w').close()
+while True:
+    if os.path.exists('/home/user/mem-check'):
+        intact = data.count(77) == len(data) and zero.count(0) == len(zero)
+        open('/home/user/mem-verdict.part', 'w').write('intact' if intact else 'damaged')
+        os.rename('/home/user/mem-verdict.part', '/home/user/mem-verdict')
+        os.remove('/home/user/mem-check')
+    time.sleep(0.05)
+"""
 
 
 async def _count(sbx: Any) -> int:
@@ -34,6 +45,13 @@ async def _wait_file(sbx: Any, path: str) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{path} never appeared")
+
+
+async def _memory_verdict(sbx: Any) -> str:
+    await sbx.files.remove("mem-verdict")
+    await sbx.files.write("mem-check", b"")
+    await _wait_file(sbx, "mem-verdict")
+    return str(await sbx.files.read_text("mem-verdict"))
 
 
 async def test_pause_resume_keeps_files_processes_and_memory(sbm: Any) -> None:
@@ -66,11 +84,13 @@ async def test_pause_resume_keeps_files_processes_and_memory(sbm: Any) -> None:
     running = {p.pid: p.running for p in await sbx.commands.list()}
     assert running.get(counter.pid) and running.get(holder.pid)
     rss = await sbx.commands.run(f"grep VmRSS /proc/{holder.pid}/status")
-    assert int(rss.stdout.split()[1]) >= 8 << 10  # the 8 MiB it held are still resident
+    assert int(rss.stdout.split()[1]) >= 16 << 10  # the 16 MiB it held are still resident
+    assert await _memory_verdict(sbx) == "intact"
     for _ in range(3):
         await sbx.pause()
         await sbx.resume()
     assert await _count(sbx) > after
+    assert await _memory_verdict(sbx) == "intact"
 
 
 async def test_the_pause_stream_of_an_idle_sandbox_carries_no_empty_agent_buffers(sbm: Any) -> None:
