@@ -18,7 +18,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Protocol
 
-from smartvm.config import MicroVMConfig, NetworkInterface
+from smartvm.config import MicroVMConfig, NetworkInterface, has_boot_arg
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.host.netns import TAP_NAME, NetworkSlot, SlotPool
 from smartvm.host.network import NetworkManager, TapDevice, kernel_ip_arg
@@ -79,7 +79,7 @@ def _with_device(
     )
     update: dict[str, object] = {"network_interfaces": ifaces}
     args = config.boot_source.boot_args or ""
-    if ip_arg and not any(word.startswith("ip=") for word in args.split()):
+    if ip_arg and not has_boot_arg(args.split(), "ip"):
         joined = f"{args} {kernel_ip_arg(tap, guest_hostname(vm_id))}".strip()
         update["boot_source"] = config.boot_source.model_copy(update={"boot_args": joined})
     return config.model_copy(update=update)

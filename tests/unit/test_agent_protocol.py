@@ -415,6 +415,7 @@ async def test_an_exec_that_ends_before_its_stdin_leaves_no_thread_behind(
         ("smartvm.agent_ports=1", 1),
         ("console=ttyS0", 0),
         ("smartvm.agent_ports=x smartvm.agent_ports=-2 smartvm.agent_ports=", 0),
+        ("smartvm.agent_ports=\u00b2", 0),  # a digit to str.isdigit, not to int()
     ],
 )
 def test_the_agent_reads_how_many_ports_the_host_made(cmdline: str, count: int) -> None:

@@ -11,6 +11,20 @@ import pytest
 from smartvm.sandbox.templates import vm_config_for
 
 
+def _boot_args(tmp_path: Path, boot_args: str, slot: object = None) -> list[str]:
+    """The kernel arguments of the VM a 256 MiB template with ``boot_args`` is built from."""
+    config = vm_config_for(
+        vm_id="tpl-test",
+        kernel=tmp_path / "vmlinux",
+        boot_args=boot_args,
+        cpus=1,
+        memory_mib=256,
+        disk=tmp_path / "disk.img",
+        slot=slot,  # type: ignore[arg-type]
+    )
+    return (config.boot_source.boot_args or "").split()
+
+
 @pytest.mark.parametrize(
     ("boot_args", "expected"),
     [
@@ -19,16 +33,7 @@ from smartvm.sandbox.templates import vm_config_for
     ],
 )
 def test_template_guests_zero_their_allocations(tmp_path: Path, boot_args: str, expected: list[str]) -> None:
-    config = vm_config_for(
-        vm_id="tpl-test",
-        kernel=tmp_path / "vmlinux",
-        boot_args=boot_args,
-        cpus=1,
-        memory_mib=256,
-        disk=tmp_path / "disk.img",
-        slot=None,
-    )
-    args = (config.boot_source.boot_args or "").split()
+    args = _boot_args(tmp_path, boot_args)
     assert [a for a in args if a.startswith("init_on_alloc")] == expected
     assert args[: len(boot_args.split())] == boot_args.split()  # the template's own args come first
 
@@ -54,14 +59,5 @@ class _Slot:
 def test_sandbox_guests_have_no_ipv6_on_their_ipv4_only_network(
     tmp_path: Path, boot_args: str, slot: _Slot | None, expected: list[str]
 ) -> None:
-    config = vm_config_for(
-        vm_id="tpl-test",
-        kernel=tmp_path / "vmlinux",
-        boot_args=boot_args,
-        cpus=1,
-        memory_mib=256,
-        disk=tmp_path / "disk.img",
-        slot=slot,  # type: ignore[arg-type]
-    )
-    args = (config.boot_source.boot_args or "").split()
+    args = _boot_args(tmp_path, boot_args, slot)
     assert [a for a in args if a.startswith("smartvm.ipv6")] == expected

@@ -1903,7 +1903,7 @@ def announced_ports(cmdline: str | None = None) -> int:
     count = 0
     for word in cmdline.split():
         key, _, value = word.partition("=")
-        if key == "smartvm.agent_ports" and value.isdigit() and int(value) > 0:
+        if key == "smartvm.agent_ports" and value.isascii() and value.isdigit() and int(value) > 0:
             count = int(value)
     return count
 
