@@ -168,3 +168,19 @@ def check_cow_disks() -> CheckResult:
     ok = rep.chosen != "sparse-copy"
     fix = "" if ok else "put the data dir on btrfs/xfs (reflinks) or use the qemu engine (qcow2 overlays)"
     return CheckResult("copy-on-write disks", ok, rep.line(), fix)
+
+
+@register_check
+def check_pause_streams() -> CheckResult:
+    """Whether a sandbox pause writes only the pages that differ from its template (ramdiff)."""
+    from smartvm.qemu.ramdiff import ENV, ramdiff_binary
+
+    tool = ramdiff_binary()
+    if tool is not None:
+        return CheckResult("pause streams", True, f"only pages changed since the template ({tool})")
+    return CheckResult(
+        "pause streams",
+        False,
+        f"pauses write the whole guest RAM: the ramdiff tool is not built (or {ENV}=0)",
+        "install golang-go and run `python -m smartvm.qemu.ramdiff` (scripts/setup does both)",
+    )

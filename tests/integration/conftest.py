@@ -7,6 +7,7 @@ Helpers (boot_config, wait_console, ...) live in ``guest_support``.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -68,13 +69,13 @@ def sandbox_data(tmp_path_factory: pytest.TempPathFactory, guest_image: Any) -> 
     return tmp_path_factory.mktemp("sandboxes")
 
 
-@pytest.fixture
-async def sbm(sandbox_data: Path, runtime_root: Path) -> AsyncIterator[Any]:
-    """A started SandboxManager on the session's data dir; on teardown every sandbox is killed, the
-    manager closed, and nothing may be left on the host."""
+@contextlib.asynccontextmanager
+async def _started_manager(data_dir: Path, runtime_root: Path) -> AsyncIterator[Any]:
+    """A started SandboxManager; at the end every sandbox is killed, the manager closed, and nothing
+    may be left on the host."""
     from sandbox_support import assert_no_sandbox_left, manager_for
 
-    mgr = manager_for(sandbox_data, runtime_root)
+    mgr = manager_for(data_dir, runtime_root)
     await mgr.start()
     try:
         yield mgr
@@ -84,7 +85,34 @@ async def sbm(sandbox_data: Path, runtime_root: Path) -> AsyncIterator[Any]:
                 await sbx.kill()
         finally:
             await mgr.close()
-        assert_no_sandbox_left(sandbox_data, runtime_root)
+        assert_no_sandbox_left(data_dir, runtime_root)
+
+
+@pytest.fixture
+async def sbm(sandbox_data: Path, runtime_root: Path) -> AsyncIterator[Any]:
+    """A started SandboxManager on the session's data dir (see ``_started_manager``)."""
+    async with _started_manager(sandbox_data, runtime_root) as mgr:
+        yield mgr
+
+
+@pytest.fixture(scope="session")
+def shm_sandbox_data(tmp_path_factory: pytest.TempPathFactory, guest_image: Any) -> Path:
+    """A second session data dir, for managers whose runtime dir is on tmpfs (see ``shm_sbm``)."""
+    return tmp_path_factory.mktemp("shm-sandboxes")
+
+
+@pytest.fixture
+async def shm_sbm(shm_sandbox_data: Path) -> AsyncIterator[Any]:
+    """Like ``sbm``, with the runtime dir on tmpfs as by default (``/dev/shm``): templates then keep
+    the guest RAM in a memory file that their sandboxes map copy-on-write, and pauses write only the
+    pages that differ from it. (``sbm``'s runtime dir is on disk: its templates carry RAM in the
+    stream.)"""
+    runtime = Path(tempfile.mkdtemp(prefix="sv", dir="/dev/shm"))
+    try:
+        async with _started_manager(shm_sandbox_data, runtime) as mgr:
+            yield mgr
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

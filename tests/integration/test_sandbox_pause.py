@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.qemu.ramdiff import ramdiff_binary
 from smartvm.sandbox import SandboxState
 
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /home/user/count; sleep 0.1; done"
@@ -54,7 +58,16 @@ async def _memory_verdict(sbx: Any) -> str:
     return str(await sbx.files.read_text("mem-verdict"))
 
 
-async def test_pause_resume_keeps_files_processes_and_memory(sbm: Any) -> None:
+@pytest.fixture(params=["ram-in-stream", "diff-of-template-memory"])
+def any_sbm(request: pytest.FixtureRequest) -> Any:
+    """Both kinds of pause: a template with RAM in its stream (runtime dir on disk: the sandbox's RAM
+    is its own, the pause streams all of it) and one with a memory file (on tmpfs: the sandbox maps
+    it, the pause streams only the pages that differ from it, when the ramdiff tool is there)."""
+    return request.getfixturevalue("sbm" if request.param == "ram-in-stream" else "shm_sbm")
+
+
+async def test_pause_resume_keeps_files_processes_and_memory(any_sbm: Any) -> None:
+    sbm = any_sbm
     sbx = await sbm.create("base")
     await sbx.files.write("before.txt", b"written before the pause")
     counter = await sbx.commands.run(COUNTER, background=True)
@@ -93,17 +106,106 @@ async def test_pause_resume_keeps_files_processes_and_memory(sbm: Any) -> None:
     assert await _memory_verdict(sbx) == "intact"
 
 
-async def test_the_pause_stream_of_an_idle_sandbox_carries_no_empty_agent_buffers(sbm: Any) -> None:
-    """The guest's agent-port receive buffers (36 MB of kmalloc pages: QEMU's virtio-mmio queues
-    have 1024 entries) are zeroed at allocation, so a pause sends them as zero pages: the stream of
-    an idle 256 MiB sandbox is ~46 MB, not ~79 MB."""
+def _same_file(a: Path, b: str) -> bool:
+    return os.path.samefile(a, b)
+
+
+def _paused(sbm: Any, sbx: Any) -> tuple[Path, dict[str, Any]]:
+    paused = sbm.data_dir / "sandboxes" / sbx.id / "paused"
+    return paused, json.loads((paused / "snapshot.json").read_text())["engine_data"]
+
+
+async def test_a_pause_stream_carries_only_the_pages_that_differ_from_the_template(
+    shm_sbm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sandbox restored from a template maps the template's memory: its pause stream (through
+    ramdiff) holds only the pages it changed, over a hard link to that memory, which the sandbox's
+    disk use does not count. The resumed VM maps the template again, so its next pause is as small.
+    Without the tool the whole RAM is streamed; the guest's zeroed agent-port buffers (36 MB of
+    kmalloc pages) go as zero pages then, so that stream is ~46 MB, not ~79 MB."""
+    if ramdiff_binary() is None:
+        pytest.skip("no ramdiff tool here (it needs the go toolchain, see scripts/setup)")
+    sbm = shm_sbm
     sbx = await sbm.create("base")
-    await sbx.commands.run(["true"])
+    await sbx.commands.run("head -c 2000000 /dev/urandom > /dev/shm/noise")
+    for _ in range(2):
+        await sbx.pause()
+        paused, engine_data = _paused(sbm, sbx)
+        assert engine_data["memory"] == "diff"
+        assert _same_file(paused / "base.memory", engine_data["base_origin"])
+        assert Path(engine_data["base_origin"]).parent.parent.parent.name == "base"  # the template's
+        assert 2_000_000 < (paused / "vm.state").stat().st_size < 16_000_000
+        assert (await sbx.info()).disk_bytes < 64 << 20  # the linked 256 MiB are the template's
+        await sbx.resume()
+        assert (await sbx.commands.run("md5sum /dev/shm/noise")).exit_code == 0
+    monkeypatch.setenv("SMARTVM_RAMDIFF", "0")
     await sbx.pause()
-    state = sbm.data_dir / "sandboxes" / sbx.id / "paused" / "vm.state"
-    assert state.stat().st_size < 60_000_000, state.stat().st_size
+    paused, engine_data = _paused(sbm, sbx)
+    assert engine_data["memory"] == "stream" and not (paused / "base.memory").exists()
+    assert (paused / "vm.state").stat().st_size < 60_000_000
     await sbx.resume()
     assert (await sbx.commands.run(["true"])).exit_code == 0
+
+
+async def test_a_refused_ramdiff_pauses_with_the_whole_ram(
+    shm_sbm: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The tool refuses a stream it does not know (another QEMU's format): the pause takes the whole
+    RAM instead and the sandbox resumes as it was."""
+    refusing = tmp_path / "ramdiff"
+    ran = tmp_path / "ran"
+    refusing.write_text(
+        f'#!/bin/sh\necho "$@" > {ran}\nhead -c 64 >/dev/null\n'
+        "echo 'unsupported migration stream' >&2\nexit 2\n"
+    )
+    refusing.chmod(0o755)
+    monkeypatch.setenv("SMARTVM_RAMDIFF", str(refusing))
+    sbx = await shm_sbm.create("base")
+    await sbx.files.write("kept.txt", b"across a refused diff")
+    await sbx.pause()
+    assert "-base" in ran.read_text() and "-pid" in ran.read_text()  # it was asked, and refused
+    paused, engine_data = _paused(shm_sbm, sbx)
+    assert engine_data["memory"] == "stream"
+    assert sorted(p.name for p in paused.iterdir()) == ["snapshot.json", "vm.state"]
+    await sbx.resume()
+    assert await sbx.files.read("kept.txt") == b"across a refused diff"
+
+
+async def test_a_snapshot_of_a_diff_paused_sandbox_stands_on_its_own(shm_sbm: Any) -> None:
+    """The snapshot links the pause's files, the base included: sandboxes made from it, paused and
+    resumed in turn, have the source's memory and files after the source is gone."""
+    sbx = await shm_sbm.create("base")
+    await sbx.files.write("f.txt", b"from the source")
+    await sbx.commands.run("echo in-memory > /dev/shm/m")
+    await sbx.pause()
+    await sbx.snapshot("diff-snap")
+    await sbx.kill()
+    clone = await shm_sbm.create("diff-snap")
+    for _ in range(2):
+        assert await clone.files.read("f.txt") == b"from the source"
+        assert (await clone.commands.run("cat /dev/shm/m")).stdout == "in-memory\n"
+        await clone.pause()
+        diff = _paused(shm_sbm, clone)[1]["memory"] == "diff"
+        assert diff == (ramdiff_binary() is not None)  # over the snapshot's own link to the base
+        await clone.resume()
+    await clone.kill()
+    await shm_sbm.delete_snapshot("diff-snap")
+
+
+async def test_a_diff_pause_without_its_base_fails_to_resume_clearly(shm_sbm: Any) -> None:
+    if ramdiff_binary() is None:
+        pytest.skip("no ramdiff tool here (it needs the go toolchain, see scripts/setup)")
+    sbm = shm_sbm
+    sbx = await sbm.create("base")
+    await sbx.pause()
+    paused, engine_data = _paused(sbm, sbx)
+    assert engine_data["memory"] == "diff"
+    (paused / "base.memory").unlink()
+    with pytest.raises(SmartVMError) as err:
+        await sbx.resume()
+    assert err.value.code is ErrorCode.SNAPSHOT_INVALID
+    assert "base.memory" in err.value.message and "missing" in err.value.message
+    assert sbx.state is SandboxState.ERROR
 
 
 async def test_two_sandboxes_from_one_snapshot_get_their_own_randomness(sbm: Any) -> None:

@@ -3,13 +3,17 @@
 Snapshots are QEMU migration streams that QEMU writes itself into a file descriptor handed over QMP
 (``getfd`` + ``fd:``) while the guest is paused (with the migration bandwidth cap lifted: the default
 cap makes even an idle 256 MiB guest take 3-4x longer), plus a copy-on-write copy of every writable
-disk. Guest RAM is handled one of two ways:
+disk. Guest RAM is handled one of three ways:
 
 - runtime dir on tmpfs (the default ``/dev/shm``): RAM is a shared file in the runtime dir; with
   ``x-ignore-shared`` the stream carries only device state, and the RAM file is copied to the
   snapshot's memory file. A restore maps that file privately (copy-on-write), so clones share its
-  unmodified pages. (A restored clone's own snapshots then carry RAM in the stream.)
+  unmodified pages. (A restored clone's own snapshots then carry RAM in the stream: see the third.)
 - otherwise RAM is anonymous and travels in the stream; the snapshot has no memory file.
+- a VM restored from a memory file maps it privately; its own snapshots (a sandbox's pause) stream
+  RAM through ``ramdiff`` (:mod:`smartvm.qemu.ramdiff`), which leaves out the pages still equal to
+  that file's, and link the file beside the stream (``base.memory``, ``"memory": "diff"``). The
+  restore maps the file privately again under the stream.
 
 A restore starts QEMU with the same device set. With RAM in the stream (a paused sandbox) QEMU gets
 ``-incoming fd:3``, the state file inherited, and loads it while it starts; with a memory file it
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import logging
 import os
 import signal
 import time
@@ -47,6 +53,7 @@ from smartvm.qemu.agent_ports import (
     port_socket,
 )
 from smartvm.qemu.cmdline import (
+    RAM_BACKEND_ID,
     Accel,
     LaunchSpec,
     build_argv,
@@ -58,9 +65,13 @@ from smartvm.qemu.cmdline import (
 from smartvm.qemu.host_clock import host_tsc_khz
 from smartvm.qemu.process import QemuProcess, find_qemu
 from smartvm.qemu.qmp import QMPClient
+from smartvm.qemu.ramdiff import ramdiff_binary
 from smartvm.snapshot import Snapshot, SnapshotType
 
+log = logging.getLogger(__name__)
+
 RAM_FILE = "guest.ram"
+BASE_MEMORY = "base.memory"  # a pause stream's base: a hard link to the memory file the VM maps
 MAX_BANDWIDTH = 1 << 40  # bytes/s: effectively uncapped
 _POLL_S = 0.005
 _MIGRATION_FD = "smartvm-migration"  # the name QEMU knows the stream file by (QMP getfd)
@@ -89,6 +100,34 @@ def _check_boot_files(config: MicroVMConfig) -> Path:
     return kernel
 
 
+def _diff_base(snapshot: Snapshot, mem_bytes: int) -> Path | None:
+    """The file a "diff" stream's pages go over (None for other snapshots): the snapshot's own link,
+    or the path it was linked from while that is still the same file (a VM mapping that path can
+    link it again when it is paused; the snapshot's link goes with the snapshot)."""
+    if snapshot.engine_data.get("memory") != "diff":
+        return None
+    name = snapshot.engine_data.get("base_memory")
+    link = snapshot.directory / name if isinstance(name, str) and name == BASE_MEMORY else None
+    try:
+        st = link.stat() if link is not None else None
+    except OSError:
+        st = None
+    if link is None or st is None or st.st_size != mem_bytes:
+        raise SmartVMError(
+            ErrorCode.SNAPSHOT_INVALID,
+            f"{snapshot.directory} holds only the memory pages that differ from {BASE_MEMORY}, and that "
+            f"file is {'missing' if st is None else f'{st.st_size} bytes, not {mem_bytes}'}: the snapshot "
+            "cannot be restored without it",
+        )
+    origin = snapshot.engine_data.get("base_origin")
+    if isinstance(origin, str) and origin:
+        with contextlib.suppress(OSError):
+            other = os.stat(origin)
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return Path(origin)
+    return link
+
+
 def _free_mib(directory: Path) -> int | None:
     try:
         st = os.statvfs(directory)
@@ -113,6 +152,7 @@ class QemuEngine(Engine):
         self._accel_reason = ""
         self._formats: dict[str, str] = {}
         self._shared_ram: Path | None = None  # the guest RAM file when it is shared (share=on)
+        self._private_ram: Path | None = None  # the file a restored VM's RAM maps copy-on-write
         self._free_at_launch_mib: int | None = None  # free space of the runtime dir's filesystem
         self._agent_ports = self.agent_ports  # virtio-serial agent ports of the running QEMU
 
@@ -343,8 +383,13 @@ class QemuEngine(Engine):
 
         disks: dict[str, str] = {}
         shared_ram = self._shared_ram
+        memory = "file" if shared_ram is not None else "stream"
         try:
-            await self._migrate_to(part_for(state_file), ignore_shared=shared_ram is not None)
+            if shared_ram is None and await self._save_diff(part_for(state_file), part_for(BASE_MEMORY)):
+                memory = "diff"
+            else:
+                parts.pop(snapshot_dir / BASE_MEMORY, None)
+                await self._migrate_to(part_for(state_file), ignore_shared=shared_ram is not None)
             # guest RAM and disks can be gigabytes: copy them off the event loop (other VMs use it)
             if shared_ram is not None:
                 await asyncio.to_thread(clone_file, shared_ram, part_for(mem_file))
@@ -354,7 +399,8 @@ class QemuEngine(Engine):
                 disks[drive.drive_id] = f"{drive.drive_id}.disk"
                 await asyncio.to_thread(clone_file, drive.path_on_host, part_for(disks[drive.drive_id]))
             for final, part in parts.items():
-                make_private(part)  # guest RAM and disks: 0600
+                if final.name != BASE_MEMORY:  # a link to a file others map: not ours to chmod
+                    make_private(part)  # guest RAM and disks: 0600
                 part.rename(final)
         except BaseException:
             for part in parts.values():
@@ -370,8 +416,15 @@ class QemuEngine(Engine):
             disks=disks,
             engine_data={
                 "accel": self._accel,
-                "memory": "file" if shared_ram is not None else "stream",
+                "memory": memory,  # "file", "stream" (all RAM) or "diff" (pages unlike BASE_MEMORY's)
                 "layout": device_layout(running, self._agent_ports),
+                # where the base came from: a restore maps that path when it is still the same file,
+                # so that the VM's own later pauses can link it again
+                **(
+                    {"base_memory": BASE_MEMORY, "base_origin": str(self._private_ram)}
+                    if memory == "diff"
+                    else {}
+                ),
                 "drive_formats": {k: v for k, v in self._formats.items() if k in disks},
                 "qemu_version": (self._qmp.greeting.get("QMP", {}).get("version", {}) if self._qmp else {}),
             },
@@ -386,11 +439,104 @@ class QemuEngine(Engine):
             {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
         )
 
-    async def _migrate_to(self, part: Path, *, ignore_shared: bool) -> None:
-        """Write the migration stream of the paused guest to ``part`` (without RAM when it is shared)."""
+    async def _save_diff(self, part: Path, link: Path) -> bool:
+        """Write the stream through ``ramdiff`` against the file this VM's RAM maps (linked as ``link``,
+        the same inode, so the restore maps exactly the pages compared). False when there is no such
+        file or tool, or the tool refused the stream: the caller then writes the whole RAM."""
+        tool = ramdiff_binary()
+        source = self._private_ram
+        if tool is None or source is None:
+            return False
+        try:
+            os.link(source, link)
+        except OSError as exc:  # gone, or on another filesystem than the snapshot
+            log.info("pausing with the whole RAM: cannot link %s: %s", source, exc.strerror)
+            return False
+        refused = await self._migrate_to(part, ignore_shared=False, through=(tool, link))
+        if refused is None:
+            return True
+        log.warning("pausing with the whole RAM: %s", refused)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
+        return False
+
+    async def _migrate_to(
+        self, part: Path, *, ignore_shared: bool, through: tuple[Path, Path] | None = None
+    ) -> str | None:
+        """Write the migration stream of the paused guest to ``part`` (without RAM when it is shared).
+        With ``through`` (ramdiff, base file) the stream goes through the tool; its refusal is
+        returned (the guest stays paused, as after any failed migration), not raised."""
         await self._set_capabilities(ignore_shared=ignore_shared)
         await self._execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
-        await self._pass_file(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, ErrorCode.SNAPSHOT_FAILED)
+        if through is None:
+            await self._pass_file(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, ErrorCode.SNAPSHOT_FAILED)
+            await self._run_migration()
+            return None
+        tool = await self._pass_filter(part, *through)
+        try:
+            await self._run_migration()
+            failed = None
+        except SmartVMError as exc:  # the tool's refusal breaks QEMU's pipe: its words say why
+            failed = exc
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                tool.kill()
+            await tool.wait()
+            raise
+        try:  # QEMU closes its end when the migration is cleaned up: the tool sees EOF and exits
+            said = (await asyncio.wait_for(tool.communicate(), 30.0))[1].decode(errors="replace").strip()
+        except TimeoutError:
+            tool.kill()
+            await tool.wait()
+            said = "no end of stream within 30 s"
+        if tool.returncode != 0:
+            return f"{through[0].name} exited with {tool.returncode}: {said or 'no message'}"
+        if failed is not None:
+            raise failed
+        log.debug("%s", said)
+        return None
+
+    async def _pass_filter(self, part: Path, tool: Path, base: Path) -> asyncio.subprocess.Process:
+        """Start ``tool`` writing ``part`` and hand QEMU the write end of a pipe into it."""
+        out = self._open_state(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, ErrorCode.SNAPSHOT_FAILED)
+        read, write = os.pipe2(os.O_CLOEXEC)
+        try:
+            with contextlib.suppress(OSError):  # fewer wake-ups for both sides; a default pipe works too
+                fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 1 << 20)
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    str(tool),
+                    "-base",
+                    str(base),
+                    "-block",
+                    RAM_BACKEND_ID,
+                    "-pid",  # pages this QEMU never wrote are the base's: not even compared
+                    str(self._require_process().pid),
+                    stdin=read,
+                    stdout=out,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+            except OSError as exc:
+                raise SmartVMError(ErrorCode.SNAPSHOT_FAILED, f"cannot run {tool}: {exc.strerror}") from exc
+        except BaseException:
+            os.close(write)
+            raise
+        finally:
+            os.close(read)
+            os.close(out)
+        try:
+            await self._execute("getfd", {"fdname": _MIGRATION_FD}, fds=[write])
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            raise
+        finally:
+            os.close(write)  # QEMU holds its own copy: the tool sees the end of the stream with QEMU's
+        return process
+
+    async def _run_migration(self) -> None:
+        """Migrate into the descriptor QEMU holds as ``_MIGRATION_FD`` and wait until it is done."""
         await self._execute("migrate", {"uri": f"fd:{_MIGRATION_FD}"})
         try:
             info = await self._wait_migration("writing the snapshot state", ErrorCode.SNAPSHOT_FAILED)
@@ -468,8 +614,9 @@ class QemuEngine(Engine):
         ports = self._check_layout(snapshot, config)
         mem_bytes = config.machine_config.mem_size_mib << 20
         snapshot.check_files(state_magic=STATE_MAGIC, mem_bytes=mem_bytes if snapshot.mem_file else None)
-        # A memory file is mapped privately (copy-on-write): clones share its unmodified pages.
-        memory = snapshot.mem_path
+        # A memory file is mapped privately (copy-on-write): clones share its unmodified pages. So is
+        # the base of a "diff" stream, which then sets the pages that differ.
+        memory = snapshot.mem_path or _diff_base(snapshot, mem_bytes)
         spec = await self._launch_spec(
             config,
             incoming=True,
@@ -478,13 +625,15 @@ class QemuEngine(Engine):
             snapshot_accel=snapshot.engine_data.get("accel"),
             agent_ports=ports,
         )
+        self._private_ram = memory
         what = f"restoring {snapshot.state_path}"
-        if memory is None:
+        in_stream = snapshot.mem_path is None  # the stream carries RAM (all of it, or a diff)
+        if in_stream:
             await self._start_loading(config, spec, snapshot.state_path, paused=not request.resume_vm)
         else:  # QEMU 7.2 has no command line switch for x-ignore-shared: QMP sets it first
             await self._start(config, spec, paused=not request.resume_vm, what=what)
         try:
-            if memory is None:
+            if in_stream:
                 await self._wait_incoming(what)
             else:
                 await self._migrate_from(snapshot.state_path, ignore_shared=True)
@@ -509,7 +658,8 @@ class QemuEngine(Engine):
         wanted = device_layout(config, ports)
         # With RAM in the stream QEMU checks the memory size itself (its message is the error);
         # a memory file must be checked here, before QEMU maps it.
-        skip = {"agent_ports"} | ({"mem_size_mib"} if snapshot.mem_file is None else set())
+        whole_stream = snapshot.mem_file is None and snapshot.engine_data.get("memory") != "diff"
+        skip = {"agent_ports"} | ({"mem_size_mib"} if whole_stream else set())
         diffs = [
             f"{key}: snapshot has {saved.get(key)!r}, restore has {value!r}"
             for key, value in wanted.items()
@@ -648,6 +798,7 @@ class QemuEngine(Engine):
             "accel": self._accel,
             "accel_reason": self._accel_reason,
             "shared_ram": str(self._shared_ram) if self._shared_ram else None,
+            "private_ram": str(self._private_ram) if self._private_ram else None,
             "drive_formats": dict(self._formats),
             "config": self._config.model_dump(mode="json") if self._config else None,
         }
@@ -670,6 +821,7 @@ class QemuEngine(Engine):
         engine._accel = "kvm" if record.get("accel") == "kvm" else "tcg"
         engine._accel_reason = str(record.get("accel_reason", ""))
         engine._shared_ram = Path(record["shared_ram"]) if record.get("shared_ram") else None
+        engine._private_ram = Path(record["private_ram"]) if record.get("private_ram") else None
         engine._formats = {str(k): str(v) for k, v in dict(record.get("drive_formats") or {}).items()}
         where = f"the record of VM {runtime.vm_id!r}"
         engine._agent_ports = check_port_count(record.get("agent_ports"), where, ErrorCode.INVALID_CONFIG)

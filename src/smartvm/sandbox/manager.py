@@ -39,7 +39,6 @@ from smartvm.host.storage import clone_file
 from smartvm.options import SmartVMOptions
 from smartvm.orchestrator import SmartVM
 from smartvm.sandbox.cow import CowDisk, CowLayer, CowStrategy, choose_strategy, strategy_named
-from smartvm.sandbox.cow.base import allocated
 from smartvm.sandbox.record_cache import RecordCache
 from smartvm.sandbox.sandbox import Sandbox, SandboxInfo, SandboxMetrics
 from smartvm.sandbox.settings import SandboxSettings
@@ -64,7 +63,7 @@ from smartvm.sandbox.templates import (
     build_template,
 )
 from smartvm.sandbox.warm import WarmPool, WarmSandbox, run_once_and_park
-from smartvm.snapshot import Snapshot
+from smartvm.snapshot import MANIFEST_NAME, Snapshot
 from smartvm.vm import MicroVM, VMState
 
 log = logging.getLogger(__name__)
@@ -1047,9 +1046,11 @@ class SandboxManager:
         source = Snapshot.load(rec.pause_dir or "")
         target = work / SNAPSHOT_DIR
         ensure_private_dir(target)
-        for path in (source.state_path, source.mem_path):
-            if path is not None:
-                await asyncio.to_thread(clone_file, path, target / path.name, mode=0o600)
+        # every file the pause wrote (state, memory, the base a diff stream needs): none is written
+        # again in place, so a hard link does (a copy across filesystems)
+        for path in sorted(source.directory.iterdir()):
+            if path.name != MANIFEST_NAME and path.is_file():
+                await asyncio.to_thread(_link_or_clone, path, target / path.name)
         dataclasses.replace(source, directory=target).save()
         layer = CowLayer.from_json(rec.disk_layer or "")
         strategy = strategy_named(layer.strategy, self.engine, self.data_dir / "sandboxes")
@@ -1089,7 +1090,7 @@ class SandboxManager:
     # --- info -----------------------------------------------------------------------------------------
     async def _info(self, sid: str) -> SandboxInfo:
         rec = await self._fresh(sid)
-        disk = await asyncio.to_thread(_allocated_tree, self._sandbox_dir(sid))
+        disk = await asyncio.to_thread(_allocated_tree, self._sandbox_dir(sid), shared=False)
         return self._info_of(rec, disk)
 
     async def infos(
@@ -1103,7 +1104,7 @@ class SandboxManager:
         wanted = states if states is not None else [s for s in SandboxState if s is not S.STOPPED]
         recs = await self.store.call(self.store.list_sandboxes, states=wanted, metadata=metadata)
         dirs = [self._sandbox_dir(rec.id) for rec in recs]
-        disks = await asyncio.to_thread(lambda: [_allocated_tree(d) for d in dirs])
+        disks = await asyncio.to_thread(lambda: [_allocated_tree(d, shared=False) for d in dirs])
         return [self._info_of(rec, disk) for rec, disk in zip(recs, disks, strict=True)]
 
     def _info_of(self, rec: SandboxRecord, disk: int) -> SandboxInfo:
@@ -1134,7 +1135,7 @@ class SandboxManager:
             pid = dict(info.get("engine_info") or {}).get("pid")
             if isinstance(pid, int):
                 cpu, rss = await asyncio.to_thread(_process_usage, pid)
-        disk = await asyncio.to_thread(_allocated_tree, self._sandbox_dir(sid))
+        disk = await asyncio.to_thread(_allocated_tree, self._sandbox_dir(sid), shared=False)
         return SandboxMetrics(cpu, rec.cpus, rss, rec.memory_mib, disk, time.time())
 
     # --- the reaper -----------------------------------------------------------------------------------
@@ -1169,12 +1170,23 @@ class SandboxManager:
         return acted
 
 
-def _allocated_tree(root: Path) -> int:
+def _link_or_clone(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        clone_file(src, dst, mode=0o600)
+
+
+def _allocated_tree(root: Path, *, shared: bool = True) -> int:
+    """Allocated bytes under ``root``; without ``shared``, files that are also linked elsewhere (the
+    template memory a paused sandbox's diff stream builds on) are not counted: not its own."""
     total = 0
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             with contextlib.suppress(OSError):
-                total += allocated(Path(dirpath) / name)
+                st = os.stat(Path(dirpath) / name, follow_symlinks=False)
+                if shared or st.st_nlink == 1:
+                    total += st.st_blocks * 512
     return total
 
 

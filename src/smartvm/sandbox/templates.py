@@ -10,7 +10,9 @@ hidden sibling directory renamed into place at the end, so a crash never leaves 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import mmap
 import shutil
 import time
@@ -34,9 +36,12 @@ from smartvm.host.storage import clone_file
 from smartvm.images.build_steps import digest, file_identity
 from smartvm.orchestrator import SmartVM
 from smartvm.qemu.cmdline import on_tmpfs
+from smartvm.qemu.ramdiff import build_ramdiff
 from smartvm.sandbox.settings import DEFAULT_USER
 from smartvm.snapshot import Snapshot
 from smartvm.vm import MicroVM
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # not imported at run time: `smartvm run` restores templates without a network
     from smartvm.host.netns import NetworkSlot, SlotPool
@@ -203,19 +208,33 @@ async def build_template(
     work = dest.with_name(f".{dest.name}.build")
     shutil.rmtree(work, ignore_errors=True)  # a build killed earlier (the manager lock makes it ours)
     ensure_private_dir(work)
+    # the tool that keeps its sandboxes' pause streams small, built (once) while the template boots
+    tool = asyncio.ensure_future(asyncio.to_thread(_ensure_ramdiff))
     try:
         await _build_into(spec, work, svm=svm, pool=pool, ready_timeout=ready_timeout, progress=progress)
+        await tool
         (work / DISK_FILE).chmod(0o400)  # the shared base of every sandbox's disk: never written again
         shutil.rmtree(dest, ignore_errors=True)  # an older build of the same inputs, damaged
         work.rename(dest)
     except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(BaseException):  # never leave the build thread's result unretrieved
+            await tool
         if isinstance(exc, SmartVMError) and exc.code is not ErrorCode.TEMPLATE_BUILD_FAILED:
             raise SmartVMError(
                 ErrorCode.TEMPLATE_BUILD_FAILED, f"building template {spec.name!r} failed: {exc.message}"
             ) from exc
         raise
     return BuiltTemplate(spec.name, dest)
+
+
+def _ensure_ramdiff() -> None:
+    """Build ``ramdiff`` unless it is built; without it pauses still work (whole RAM), so a failure
+    is a warning, not a failed template."""
+    try:
+        build_ramdiff()
+    except SmartVMError as exc:
+        log.warning("pauses will carry the whole guest RAM: %s", exc.message)
 
 
 async def _build_into(

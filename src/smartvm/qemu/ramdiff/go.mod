@@ -1,0 +1,3 @@
+module smartvm/ramdiff
+
+go 1.19
