@@ -78,6 +78,7 @@ def test_the_tool_is_chosen_by_the_environment(tmp_path: Path, monkeypatch: pyte
 def test_build_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SMARTVM_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("SMARTVM_RAMDIFF", raising=False)
+    _file(tmp_path / "bin" / "ramdiff-0123456789abcdef", 1)  # a build of older sources: replaced
     built = ramdiff.build_ramdiff()
     assert built is not None and os.access(built, os.X_OK) and ramdiff.ramdiff_binary() == built
     assert built.parent == tmp_path / "bin" and [p.name for p in built.parent.iterdir()] == [built.name]

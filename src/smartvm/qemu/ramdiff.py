@@ -48,23 +48,33 @@ def ramdiff_binary() -> Path | None:
 
 def build_ramdiff() -> Path | None:
     """Build the tool into the cache unless it is there; None without ``go`` (or when turned off).
-    The binary appears whole (built aside, then renamed): a pause never runs half a file."""
+    The binary appears whole (built aside, then renamed): a pause never runs half a file. Builds of
+    other source versions are removed."""
     if os.environ.get(ENV, "") == "0":
         return None
-    go = find_go()
     path = _cached_path()
-    if os.access(path, os.X_OK) or go is None:
-        return path if os.access(path, os.X_OK) else None
+    if not os.access(path, os.X_OK) and not _build(path):
+        return None
+    for old in path.parent.glob("ramdiff-*"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def _build(path: Path) -> bool:
+    go = find_go()
+    if go is None:
+        return False
     import tempfile  # only here: the CLI imports this module on every run
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".ramdiff-") as tmp:
         built = go_build(go, RAMDIFF_DIR, Path(tmp) / "ramdiff", cache_root() / "go-build", "ramdiff")
         if built is None:
-            return None
+            return False
         built.rename(path)
     log.info("built %s", path)
-    return path
+    return True
 
 
 if __name__ == "__main__":  # ``python -m smartvm.qemu.ramdiff``: what scripts/setup runs

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"os"
 	"syscall"
+	"time"
 )
 
 func main() {
@@ -35,19 +36,24 @@ func main() {
 	in := bufio.NewReaderSize(os.Stdin, 1<<20)
 	out := bufio.NewWriterSize(os.Stdout, 1<<20)
 	f := newFilter(in, out, *block, mem)
+	start := time.Now()
 	if *pid != 0 {
 		if f.changed, err = changedPages(*pid, file, len(mem)); err != nil {
 			fail(err)
 		}
 	}
+	mapped := time.Since(start)
 	if err := f.run(); err != nil {
 		fail(err)
 	}
 	if err := out.Flush(); err != nil {
 		fail(fmt.Errorf("writing the stream: %w", err))
 	}
-	fmt.Fprintf(os.Stderr, "ramdiff: kept %d of %d pages of block %s\n", f.kept, f.kept+f.dropped, *block)
+	fmt.Fprintf(os.Stderr, "ramdiff: kept %d of %d pages of block %s in %.1f ms (pagemap %.1f ms)\n",
+		f.kept, f.kept+f.dropped, *block, ms(time.Since(start)), ms(mapped))
 }
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 func fail(err error) {
 	fmt.Fprintf(os.Stderr, "ramdiff: %v\n", err)
