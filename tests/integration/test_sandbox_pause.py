@@ -150,8 +150,19 @@ async def test_a_pause_stream_carries_only_the_pages_that_differ_from_the_templa
 async def test_a_refused_ramdiff_pauses_with_the_whole_ram(
     shm_sbm: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """The tool refuses a stream it does not know (another QEMU's format): the pause takes the whole
-    RAM instead and the sandbox resumes as it was."""
+    """The tool refuses a stream it does not know (another QEMU's format), or cannot run at all: the
+    pause takes the whole RAM instead and the sandbox resumes as it was."""
+    broken = tmp_path / "not-a-program"
+    broken.write_bytes(b"\x7fELF damaged")
+    broken.chmod(0o755)
+    monkeypatch.setenv("SMARTVM_RAMDIFF", str(broken))
+    sbx = await shm_sbm.create("base")
+    await sbx.pause()
+    assert _paused(shm_sbm, sbx)[1]["memory"] == "stream"
+    await sbx.resume()
+    assert (await sbx.commands.run(["true"])).exit_code == 0
+    await sbx.kill()
+
     refusing = tmp_path / "ramdiff"
     ran = tmp_path / "ran"
     refusing.write_text(

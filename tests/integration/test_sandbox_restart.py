@@ -6,16 +6,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sandbox_support import assert_no_sandbox_left, manager_for
 
 from smartvm.host.process import running_start_time
+from smartvm.qemu.ramdiff import ramdiff_binary
 from smartvm.sandbox import SandboxState
 
 HOLDER = textwrap.dedent(
@@ -48,7 +53,29 @@ HOLDER = textwrap.dedent(
 )
 
 
-async def test_sigkilled_manager_loses_no_sandbox(sandbox_data: Path, runtime_root: Path) -> None:
+@pytest.fixture(params=["runtime-on-disk", "runtime-on-tmpfs"])
+def dirs(
+    request: pytest.FixtureRequest, sandbox_data: Path, runtime_root: Path, shm_sandbox_data: Path
+) -> Iterator[tuple[Path, Path]]:
+    """(data dir, runtime root): on disk, templates carry RAM in their streams; on tmpfs (the default)
+    they have a memory file, and pauses of their sandboxes write only the pages that differ from it."""
+    if request.param == "runtime-on-disk":
+        yield sandbox_data, runtime_root
+        return
+    runtime = Path(tempfile.mkdtemp(prefix="sv", dir="/dev/shm"))
+    try:
+        yield shm_sandbox_data, runtime
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _pause_kind(data_dir: Path, sid: str) -> str:
+    manifest = json.loads((data_dir / "sandboxes" / sid / "paused" / "snapshot.json").read_text())
+    return str(manifest["engine_data"]["memory"])
+
+
+async def test_sigkilled_manager_loses_no_sandbox(dirs: tuple[Path, Path]) -> None:
+    sandbox_data, runtime_root = dirs
     tests_dir = str(Path(__file__).parent)
     proc = subprocess.Popen(  # noqa: ASYNC220 - the manager's process, killed below
         [sys.executable, "-c", HOLDER, str(sandbox_data), str(runtime_root), tests_dir],
@@ -76,6 +103,15 @@ async def test_sigkilled_manager_loses_no_sandbox(sandbox_data: Path, runtime_ro
         assert ids["pid"] in [p.pid for p in await running.commands.list() if p.running]
         await paused.resume()
         assert await paused.files.read("note.txt") == b"paused before the crash"
+        # the adopted VM pauses like one this process started (diff pauses: its record names the
+        # memory file it maps) and its processes keep running across
+        await running.pause()
+        on_tmpfs = runtime_root.parent == Path("/dev/shm")
+        assert _pause_kind(sandbox_data, running.id) == (
+            "diff" if on_tmpfs and ramdiff_binary() else "stream"
+        )
+        await running.resume()
+        assert ids["pid"] in [p.pid for p in await running.commands.list() if p.running]
         # a second restart, this time after a clean close: everything is adopted again
         await mgr.close()
         mgr = manager_for(sandbox_data, runtime_root)

@@ -100,6 +100,10 @@ def _check_boot_files(config: MicroVMConfig) -> Path:
     return kernel
 
 
+class _ToolUnavailable(Exception):
+    """ramdiff could not be started (a damaged build, a bad SMARTVM_RAMDIFF): pause without it."""
+
+
 def _diff_base(snapshot: Snapshot, mem_bytes: int) -> Path | None:
     """The file a "diff" stream's pages go over (None for other snapshots): the snapshot's own link,
     or the path it was linked from while that is still the same file (a VM mapping that path can
@@ -452,7 +456,10 @@ class QemuEngine(Engine):
         except OSError as exc:  # gone, or on another filesystem than the snapshot
             log.info("pausing with the whole RAM: cannot link %s: %s", source, exc.strerror)
             return False
-        refused = await self._migrate_to(part, ignore_shared=False, through=(tool, link))
+        try:
+            refused = await self._migrate_to(part, ignore_shared=False, through=(tool, link))
+        except _ToolUnavailable as exc:
+            refused = str(exc)
         if refused is None:
             return True
         log.warning("pausing with the whole RAM: %s", refused)
@@ -517,7 +524,7 @@ class QemuEngine(Engine):
                     stderr=asyncio.subprocess.PIPE,
                 )
             except OSError as exc:
-                raise SmartVMError(ErrorCode.SNAPSHOT_FAILED, f"cannot run {tool}: {exc.strerror}") from exc
+                raise _ToolUnavailable(f"cannot run {tool}: {exc.strerror or exc}") from exc
         except BaseException:
             os.close(write)
             raise
