@@ -222,6 +222,18 @@ def test_incoming_for_restore() -> None:
     assert "-global" not in build_argv(config(), RUNTIME, TCG)  # a boot is not a restore
 
 
+def test_a_restore_loads_no_kernel() -> None:
+    """The restored guest is already running its kernel (and a reboot ends QEMU): reading and
+    parsing the image would only slow every resume down."""
+    initrd = config(boot_source={"kernel_image_path": "/k", "initrd_path": "/i"})
+    boot = build_argv(initrd, RUNTIME, TCG)
+    assert option_values(boot, "-kernel") == ["/k"] and option_values(boot, "-initrd") == ["/i"]
+    assert len(option_values(boot, "-append")) == 1 and "-no-reboot" in boot
+    for spec in (dataclasses.replace(TCG, incoming=True), dataclasses.replace(TCG, incoming_fd=3)):
+        restore = build_argv(initrd, RUNTIME, spec)
+        assert not {"-kernel", "-initrd", "-append"} & set(restore) and "-no-reboot" in restore
+
+
 def test_incoming_from_an_inherited_descriptor() -> None:
     """A restore that loads while QEMU starts: the stream from fd 3, MIGRATION events on."""
     spec = LaunchSpec(binary="q", accel="tcg", incoming=True, incoming_fd=3)

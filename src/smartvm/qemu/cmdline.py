@@ -229,13 +229,14 @@ def build_argv(config: MicroVMConfig, runtime: VMRuntime, spec: LaunchSpec) -> l
         "-no-user-config",
         "-nographic",
         "-no-reboot",
-        "-kernel",
-        qemu_escape(config.boot_source.kernel_image_path),
-        "-append",
-        kernel_cmdline(config, spec),
     ]
-    if config.boot_source.initrd_path is not None:
-        argv += ["-initrd", qemu_escape(config.boot_source.initrd_path)]
+    if spec.incoming_fd is None and not spec.incoming:
+        # a restore runs the saved guest (and a reboot ends QEMU, -no-reboot): the kernel image would
+        # be read and parsed for nothing, ~5 ms of every resume (QEMU skips copying it into RAM then)
+        argv += ["-kernel", qemu_escape(config.boot_source.kernel_image_path)]
+        argv += ["-append", kernel_cmdline(config, spec)]
+        if config.boot_source.initrd_path is not None:
+            argv += ["-initrd", qemu_escape(config.boot_source.initrd_path)]
     argv += [
         "-chardev",
         f"file,id=console,path={qemu_escape(runtime.console_log)}",
