@@ -148,7 +148,7 @@ async def test_a_pause_stream_carries_only_the_pages_that_differ_from_the_templa
 
 
 async def test_a_refused_ramdiff_pauses_with_the_whole_ram(
-    shm_sbm: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    shm_sbm: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The tool refuses a stream it does not know (another QEMU's format), or cannot run at all: the
     pause takes the whole RAM instead and the sandbox resumes as it was."""
@@ -157,7 +157,9 @@ async def test_a_refused_ramdiff_pauses_with_the_whole_ram(
     broken.chmod(0o755)
     monkeypatch.setenv("SMARTVM_RAMDIFF", str(broken))
     sbx = await shm_sbm.create("base")
-    await sbx.pause()
+    with caplog.at_level("WARNING", logger="smartvm.qemu.engine"):
+        await sbx.pause()
+    assert f"pausing with the whole RAM: cannot run {broken}" in caplog.text  # it was tried
     assert _paused(shm_sbm, sbx)[1]["memory"] == "stream"
     await sbx.resume()
     assert (await sbx.commands.run(["true"])).exit_code == 0

@@ -98,3 +98,20 @@ def test_doctor_says_whether_pauses_write_only_changed_pages(
     monkeypatch.setenv("SMARTVM_RAMDIFF", str(tool))
     (line,) = [r for r in run_checks() if r.name == "pause streams"]
     assert line.ok and str(tool) in line.detail
+
+
+@pytest.mark.skipif(find_go() is None, reason="no go toolchain here (scripts/setup installs golang-go)")
+def test_a_tool_that_cannot_be_built_never_fails_a_template(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pauses work without ramdiff, so a template build only warns when it cannot build it (here:
+    the cache is a file, not a directory)."""
+    from smartvm.sandbox.templates import _ensure_ramdiff
+
+    monkeypatch.setenv("SMARTVM_CACHE_DIR", str(_file(tmp_path / "not-a-dir", 1)))
+    monkeypatch.delenv("SMARTVM_RAMDIFF", raising=False)
+    with pytest.raises(OSError):
+        ramdiff.build_ramdiff()
+    with caplog.at_level("WARNING"):
+        _ensure_ramdiff()
+    assert "pauses will carry the whole guest RAM" in caplog.text

@@ -65,7 +65,6 @@ from smartvm.qemu.cmdline import (
 from smartvm.qemu.host_clock import host_tsc_khz
 from smartvm.qemu.process import QemuProcess, find_qemu
 from smartvm.qemu.qmp import QMPClient
-from smartvm.qemu.ramdiff import ramdiff_binary
 from smartvm.snapshot import Snapshot, SnapshotType
 
 log = logging.getLogger(__name__)
@@ -392,7 +391,7 @@ class QemuEngine(Engine):
             if shared_ram is None and await self._save_diff(part_for(state_file), part_for(BASE_MEMORY)):
                 memory = "diff"
             else:
-                parts.pop(snapshot_dir / BASE_MEMORY, None)
+                parts.pop(snapshot_dir / BASE_MEMORY, None)  # never linked, or unlinked again
                 await self._migrate_to(part_for(state_file), ignore_shared=shared_ram is not None)
             # guest RAM and disks can be gigabytes: copy them off the event loop (other VMs use it)
             if shared_ram is not None:
@@ -447,6 +446,8 @@ class QemuEngine(Engine):
         """Write the stream through ``ramdiff`` against the file this VM's RAM maps (linked as ``link``,
         the same inode, so the restore maps exactly the pages compared). False when there is no such
         file or tool, or the tool refused the stream: the caller then writes the whole RAM."""
+        from smartvm.qemu.ramdiff import ramdiff_binary  # only pauses need it, not every QEMU start
+
         tool = ramdiff_binary()
         source = self._private_ram
         if tool is None or source is None:
@@ -457,7 +458,7 @@ class QemuEngine(Engine):
             log.info("pausing with the whole RAM: cannot link %s: %s", source, exc.strerror)
             return False
         try:
-            refused = await self._migrate_to(part, ignore_shared=False, through=(tool, link))
+            refused = await self._migrate_through(part, tool, link)
         except _ToolUnavailable as exc:
             refused = str(exc)
         if refused is None:
@@ -467,19 +468,22 @@ class QemuEngine(Engine):
             os.unlink(link)
         return False
 
-    async def _migrate_to(
-        self, part: Path, *, ignore_shared: bool, through: tuple[Path, Path] | None = None
-    ) -> str | None:
-        """Write the migration stream of the paused guest to ``part`` (without RAM when it is shared).
-        With ``through`` (ramdiff, base file) the stream goes through the tool; its refusal is
-        returned (the guest stays paused, as after any failed migration), not raised."""
+    async def _prepare_outgoing(self, *, ignore_shared: bool) -> None:
         await self._set_capabilities(ignore_shared=ignore_shared)
         await self._execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
-        if through is None:
-            await self._pass_file(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, ErrorCode.SNAPSHOT_FAILED)
-            await self._run_migration()
-            return None
-        tool = await self._pass_filter(part, *through)
+
+    async def _migrate_to(self, part: Path, *, ignore_shared: bool) -> None:
+        """Write the migration stream of the paused guest to ``part`` (without RAM when it is shared)."""
+        await self._prepare_outgoing(ignore_shared=ignore_shared)
+        await self._pass_file(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, ErrorCode.SNAPSHOT_FAILED)
+        await self._run_migration()
+
+    async def _migrate_through(self, part: Path, tool: Path, base: Path) -> str | None:
+        """Write the stream of the paused guest through ``tool`` (ramdiff against ``base``) to
+        ``part``. The tool's refusal is returned, not raised: the guest stays paused, as after any
+        failed migration, and the caller streams the whole RAM instead."""
+        await self._prepare_outgoing(ignore_shared=False)
+        process = await self._pass_filter(part, tool, base)
         try:
             await self._run_migration()
             failed = None
@@ -487,17 +491,17 @@ class QemuEngine(Engine):
             failed = exc
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
-                tool.kill()
-            await tool.wait()
+                process.kill()
+            await process.wait()
             raise
         try:  # QEMU closes its end when the migration is cleaned up: the tool sees EOF and exits
-            said = (await asyncio.wait_for(tool.communicate(), 30.0))[1].decode(errors="replace").strip()
+            said = (await asyncio.wait_for(process.communicate(), 30.0))[1].decode(errors="replace").strip()
         except TimeoutError:
-            tool.kill()
-            await tool.wait()
+            process.kill()
+            await process.wait()
             said = "no end of stream within 30 s"
-        if tool.returncode != 0:
-            return f"{through[0].name} exited with {tool.returncode}: {said or 'no message'}"
+        if process.returncode != 0:
+            return f"{tool.name} exited with {process.returncode}: {said or 'no message'}"
         if failed is not None:
             raise failed
         log.debug("%s", said)
@@ -505,11 +509,11 @@ class QemuEngine(Engine):
 
     async def _pass_filter(self, part: Path, tool: Path, base: Path) -> asyncio.subprocess.Process:
         """Start ``tool`` writing ``part`` and hand QEMU the write end of a pipe into it."""
-        out = self._open_state(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, ErrorCode.SNAPSHOT_FAILED)
         read, write = os.pipe2(os.O_CLOEXEC)
         try:
             with contextlib.suppress(OSError):  # fewer wake-ups for both sides; a default pipe works too
                 fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 1 << 20)
+            out = self._open_state(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, ErrorCode.SNAPSHOT_FAILED)
             try:
                 process = await asyncio.create_subprocess_exec(
                     str(tool),
@@ -525,12 +529,13 @@ class QemuEngine(Engine):
                 )
             except OSError as exc:
                 raise _ToolUnavailable(f"cannot run {tool}: {exc.strerror or exc}") from exc
+            finally:
+                os.close(out)  # the tool holds its own copy
         except BaseException:
             os.close(write)
             raise
         finally:
             os.close(read)
-            os.close(out)
         try:
             await self._execute("getfd", {"fdname": _MIGRATION_FD}, fds=[write])
         except BaseException:

@@ -1046,11 +1046,7 @@ class SandboxManager:
         source = Snapshot.load(rec.pause_dir or "")
         target = work / SNAPSHOT_DIR
         ensure_private_dir(target)
-        # every file the pause wrote (state, memory, the base a diff stream needs): none is written
-        # again in place, so a hard link does (a copy across filesystems)
-        for path in sorted(source.directory.iterdir()):
-            if path.name != MANIFEST_NAME and path.is_file():
-                await asyncio.to_thread(_link_or_clone, path, target / path.name)
+        await asyncio.to_thread(_link_files, source.directory, target)
         dataclasses.replace(source, directory=target).save()
         layer = CowLayer.from_json(rec.disk_layer or "")
         strategy = strategy_named(layer.strategy, self.engine, self.data_dir / "sandboxes")
@@ -1170,11 +1166,16 @@ class SandboxManager:
         return acted
 
 
-def _link_or_clone(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        clone_file(src, dst, mode=0o600)
+def _link_files(source: Path, target: Path) -> None:
+    """Every file of a pause but its manifest (state, memory, the base a diff stream needs) into
+    ``target``: none is written again in place, so a hard link does (a copy across filesystems)."""
+    for path in sorted(source.iterdir()):
+        if path.name == MANIFEST_NAME or not path.is_file():
+            continue
+        try:
+            os.link(path, target / path.name)
+        except OSError:
+            clone_file(path, target / path.name, mode=0o600)
 
 
 def _allocated_tree(root: Path, *, shared: bool = True) -> int:

@@ -35,7 +35,6 @@ from smartvm.host.private_dirs import ensure_private_dir
 from smartvm.host.storage import clone_file
 from smartvm.images.build_steps import digest, file_identity
 from smartvm.orchestrator import SmartVM
-from smartvm.qemu.ramdiff import build_ramdiff
 from smartvm.sandbox.settings import DEFAULT_USER
 from smartvm.snapshot import Snapshot
 from smartvm.vm import MicroVM
@@ -229,11 +228,13 @@ async def build_template(
 
 def _ensure_ramdiff() -> None:
     """Build ``ramdiff`` unless it is built; without it pauses still work (whole RAM), so a failure
-    is a warning, not a failed template."""
+    (it does not compile, the cache is not writable) is a warning, not a failed template."""
+    from smartvm.qemu.ramdiff import build_ramdiff  # `smartvm run` restores templates: not there
+
     try:
         build_ramdiff()
-    except SmartVMError as exc:
-        log.warning("pauses will carry the whole guest RAM: %s", exc.message)
+    except (SmartVMError, OSError) as exc:
+        log.warning("pauses will carry the whole guest RAM: %s", exc)
 
 
 async def _build_into(
