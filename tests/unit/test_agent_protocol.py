@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ from smartvm.agent import AgentClient, protocol
 from smartvm.agent import guest as g
 from smartvm.agent.protocol import (
     DATA,
+    E_CHANNEL,
+    E_FILE,
     ERROR,
     HELLO,
     MAX_PAYLOAD,
@@ -386,6 +389,77 @@ async def test_host_hello_starts_a_new_session_and_cancels_the_old_one(raw: RawC
     assert pid_gone(pid)
     await raw.send(encode_frame(REQUEST, 9, {"op": "ping"}))  # the old channel id is free again
     assert (await raw.next_on(9)).type == RESULT
+
+
+def _recording_conn() -> tuple[g.Conn, list[Frame]]:
+    """A guest Conn that decodes and keeps what it writes."""
+    written: list[Frame] = []
+    dec = FrameDecoder()
+
+    def write(parts: list[bytes]) -> None:
+        for item in dec.feed(b"".join(parts)):
+            assert isinstance(item, Frame)
+            written.append(item)
+
+    return g.Conn(lambda n: b"", write, lambda: None, threading.Lock(), "test"), written
+
+
+def _answer(conn: g.Conn, cid: int) -> None:
+    ch = g.Channel(conn, cid)
+    conn.channels[cid] = ch
+    ch.fail(E_FILE, "no")
+
+
+def _data(cid: int) -> Frame:
+    return Frame(DATA, cid, {"s": "file"}, b"late")
+
+
+def test_data_after_the_answer_is_dropped_and_only_for_recent_answers() -> None:
+    """Else each late frame gets a bad_channel error, which can even reach the host before the
+    answer itself (a failed file write read as a protocol error)."""
+    conn, written = _recording_conn()
+    agent = g.Agent(dry_run_system=True)
+    for cid in range(1, g.ANSWERED_KEPT + 2):
+        _answer(conn, cid)
+    written.clear()
+    for cid in (0, 1, g.ANSWERED_KEPT, g.ANSWERED_KEPT + 1, g.ANSWERED_KEPT + 2):
+        agent.dispatch(conn, _data(cid))
+    # 0 is never a request, 1 was answered longest ago, the last one never opened
+    assert [(f.channel, f.header["code"]) for f in written] == [
+        (0, E_CHANNEL),
+        (1, E_CHANNEL),
+        (g.ANSWERED_KEPT + 2, E_CHANNEL),
+    ]
+
+
+def test_data_queued_on_a_finished_channel_is_dropped() -> None:
+    conn, written = _recording_conn()
+    ch = g.Channel(conn, 7)
+    conn.channels[7] = ch
+    ch.closed = True  # answered, its id not yet forgotten
+    g.Agent(dry_run_system=True).dispatch(conn, _data(7))
+    assert written == [] and ch.inbox.empty()
+
+
+async def test_a_failed_write_answers_once_however_much_data_follows(raw: RawConn, tmp_path: Path) -> None:
+    """The host streams a write's data without waiting: the agent's one answer is the file error,
+    and the DATA that arrives after it is dropped, not answered."""
+    (tmp_path / "file").write_text("x")
+    target = str(tmp_path / "file" / "under-a-file")
+    frames = [encode_frame(REQUEST, 9, {"op": "file_write", "path": target}, b"x" * 65536)]
+    frames += [encode_frame(DATA, 9, {"s": "file"}, b"x" * 65536) for _ in range(31)]
+    frames.append(encode_frame(DATA, 9, {"s": "file", "eof": True}, b"x"))
+    await raw.send(b"".join(frames))
+    await raw.send(encode_frame(REQUEST, 10, {"op": "ping"}))
+    answers, pinged = [], False
+    while not (pinged and answers):  # a bad_channel error would go out before the ping is read
+        item = await raw.next()
+        assert isinstance(item, Frame)
+        if item.channel == 10:
+            pinged = True
+        else:
+            answers.append((item.type, item.header.get("code")))
+    assert answers == [(ERROR, E_FILE)]
 
 
 def _threads(pid: int) -> int:

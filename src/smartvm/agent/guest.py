@@ -13,6 +13,7 @@ AF_VSOCK port 52 (Firecracker); ``--listen-unix PATH`` and ``--stdio`` exist for
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -69,6 +70,7 @@ STARTED_HOLD = 0.01  # an exec's "started" event waits this long for company (ou
 REPLAY_BYTES = 1024 * 1024  # output kept per background process for attach(replay=True)
 MAX_FINISHED_PROCS = 64
 STDIN_QUEUE_LIMIT = 64 * 1024 * 1024
+ANSWERED_KEPT = 64  # recently answered channel ids a session remembers (late DATA for them is dropped)
 MAX_ENTRIES = 200_000  # file_entries answers at most this many entries
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2]): add bytes to the pool and credit them
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07): reseed the CRNG from the pool now
@@ -120,6 +122,10 @@ class Conn:
         self.transport = transport
         self.alive = True
         self.channels: dict[int, Channel] = {}
+        # The ids of the last requests answered here: the host streams a request's DATA without
+        # waiting, so frames for it may arrive after its answer (a write that failed at once).
+        # Those are dropped, not each answered with a bad_channel error.
+        self.answered: collections.deque[int] = collections.deque(maxlen=ANSWERED_KEPT)
         self.chan_lock = threading.Lock()
 
     def send(
@@ -222,6 +228,7 @@ class Channel:
         with self.conn.chan_lock:
             if self.conn.channels.get(self.id) is self:
                 del self.conn.channels[self.id]
+                self.conn.answered.append(self.id)
         body = json.dumps(header, separators=(",", ":")).encode()
         if len(body) > MAX_HEADER_JSON:  # e.g. a huge directory listing: ship the JSON as DATA
             for i in range(0, len(body), CHUNK_SIZE):
@@ -804,12 +811,15 @@ class Agent:
         elif ftype in (DATA, CANCEL):
             with conn.chan_lock:
                 ch = conn.channels.get(cid)
+                late = ch is None and cid in conn.answered
             if ch is None:
-                if ftype == DATA:
+                if ftype == DATA and not late:
                     conn.error(cid, E_CHANNEL, f"no open request on channel {cid}")
                 return
             if ftype == CANCEL:
                 ch.cancel()
+            elif ch.closed:
+                pass  # answered: nothing reads the inbox any more
             elif ch.inbox_bytes + len(payload) > STDIN_QUEUE_LIMIT:
                 ch.cancel()
                 ch.fail(E_BAD_REQUEST, "too much data queued on this channel; send less at once")

@@ -22,13 +22,33 @@ type Transport interface {
 
 // Conn is one session: its stream, its write lock (shared by the sessions of one port) and channels.
 type Conn struct {
-	t      Transport
-	wlock  *sync.Mutex
-	mu     sync.Mutex
-	alive  bool
-	chans  map[uint32]*Channel
-	agent  *Agent
-	closed chan struct{}
+	t     Transport
+	wlock *sync.Mutex
+	mu    sync.Mutex
+	alive bool
+	chans map[uint32]*Channel
+	// answered holds the ids of the last requests answered on this session: the host streams a
+	// request's DATA without waiting, so frames for it may still arrive after its answer (a write
+	// that failed at once). Those are dropped, not each answered with a bad_channel error.
+	answered [answeredKept]uint32
+	nextSlot int
+	agent    *Agent
+	closed   chan struct{}
+}
+
+const answeredKept = 64
+
+// wasAnswered tells whether channel id belongs to a recently answered request (c.mu held).
+func (c *Conn) wasAnswered(id uint32) bool {
+	if id == 0 { // never a request's id (and what the empty slots hold)
+		return false
+	}
+	for _, old := range c.answered {
+		if old == id {
+			return true
+		}
+	}
+	return false
 }
 
 func newConn(a *Agent, t Transport, wlock *sync.Mutex) *Conn {
@@ -209,6 +229,8 @@ func (ch *Channel) finish(ftype int, header map[string]any) {
 	c.mu.Lock()
 	if c.chans[ch.id] == ch {
 		delete(c.chans, ch.id)
+		c.answered[c.nextSlot] = ch.id
+		c.nextSlot = (c.nextSlot + 1) % answeredKept
 	}
 	c.mu.Unlock()
 	body, err := marshal(header)
@@ -237,6 +259,9 @@ func (ch *Channel) finish(ftype int, header map[string]any) {
 func (ch *Channel) push(header map[string]any, payload []byte) bool {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
+	if ch.closed {
+		return true // answered: nothing reads the inbox any more
+	}
 	if ch.inboxSize+len(payload) > stdinQueueLimit {
 		return false
 	}
@@ -365,9 +390,10 @@ func (a *Agent) dispatch(c *Conn, item any) {
 	case fData, fCancel:
 		c.mu.Lock()
 		ch := c.chans[f.Channel]
+		late := ch == nil && c.wasAnswered(f.Channel)
 		c.mu.Unlock()
 		if ch == nil {
-			if a.proxy.forward(c, f) {
+			if a.proxy.forward(c, f) || late {
 				return
 			}
 			if f.Type == fData {
