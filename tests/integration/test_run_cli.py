@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,12 +79,21 @@ def test_ctrl_c_stops_the_vm_cleanly(guest_image: object, tmp_path: Path) -> Non
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env={**os.environ, "SMARTVM_TRACEBACK_ON_SIGUSR1": "1"},
     )
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"started\n"  # the command runs in the guest
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # say where it hangs: every thread's stack
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            proc.kill()
+            stacks = proc.communicate()[1].decode(errors="replace")
+            raise AssertionError(f"smartvm run ignored Ctrl-C; its threads:\n{stacks}") from None
+        assert code == 130
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -152,6 +152,11 @@ def main() -> None:
     # The imports allocate hundreds of thousands of objects and no garbage: no collections meanwhile
     # (about 7% of their time), and none of those objects looked at by later ones.
     gc.disable()
+    if os.environ.get("SMARTVM_TRACEBACK_ON_SIGUSR1") == "1":  # how the tests see where a CLI hangs
+        import faulthandler
+        import signal
+
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     from smartvm.errors import SmartVMError
 
     app = build_app(args[0] if args and not args[0].startswith("-") else None)
