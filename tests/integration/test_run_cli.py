@@ -63,6 +63,10 @@ def test_missing_command_is_a_clear_error(tmp_path: Path) -> None:
     assert b"INVALID_ARGUMENT" in res.stderr and b"smartvm run -- uname -a" in res.stderr
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_vm_cleanly(guest_image: object, tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [
@@ -80,6 +84,9 @@ def test_ctrl_c_stops_the_vm_cleanly(guest_image: object, tmp_path: Path) -> Non
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "SMARTVM_TRACEBACK_ON_SIGUSR1": "1"},
+        # as from a terminal: a suite started in the background of a non-interactive shell runs
+        # with SIGINT ignored, which its children inherit (and Python then keeps ignoring it)
+        preexec_fn=_default_sigint,
     )
     try:
         assert proc.stdout is not None
