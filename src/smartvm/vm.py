@@ -62,6 +62,7 @@ class VMState(StrEnum):
 
 
 _LIVE = (VMState.RUNNING, VMState.PAUSED)
+_HYPERVISOR_NAMES = {"qemu": "QEMU", "firecracker": "Firecracker"}  # for messages
 
 
 class MicroVM:
@@ -137,8 +138,9 @@ class MicroVM:
             if console is not None:
                 raise SmartVMError(
                     ErrorCode.VM_EXITED,
-                    f"cannot {action} VM {self.id!r}: its hypervisor exited on its own (guest powered off, "
-                    f"crashed or was killed). Last console output:\n{console}",
+                    f"cannot {action} VM {self.id!r}: its hypervisor "
+                    f"({_HYPERVISOR_NAMES.get(self.engine_name, self.engine_name)}) exited on its own "
+                    f"(guest powered off, crashed or was killed). Last console output:\n{console}",
                 )
             allowed = ", ".join(s.value for s in states)
             raise SmartVMError(
