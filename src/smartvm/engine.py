@@ -54,6 +54,7 @@ class Engine(ABC):
     """
 
     name: ClassVar[str]
+    title: ClassVar[str]  # the hypervisor's name in messages
     supports_diff_snapshots: ClassVar[bool] = True
 
     def __init__(self, runtime: VMRuntime, options: SmartVMOptions) -> None:
@@ -114,7 +115,7 @@ class Engine(ABC):
         console = tail(self.runtime.console_log)
         return SmartVMError(
             ErrorCode.VM_EXITED,
-            f"{what}: the {self.name} process exited. Last console output:\n{console or '(empty)'}",
+            f"{what}: the {self.title} process exited. Last console output:\n{console or '(empty)'}",
         )
 
     @abstractmethod

@@ -62,7 +62,6 @@ class VMState(StrEnum):
 
 
 _LIVE = (VMState.RUNNING, VMState.PAUSED)
-_HYPERVISOR_NAMES = {"qemu": "QEMU", "firecracker": "Firecracker"}  # for messages
 
 
 class MicroVM:
@@ -136,10 +135,10 @@ class MicroVM:
         if current not in states:
             console = self._exit_console_now()
             if console is not None:
+                hypervisor = engine_class(self.engine_name).title
                 raise SmartVMError(
                     ErrorCode.VM_EXITED,
-                    f"cannot {action} VM {self.id!r}: its hypervisor "
-                    f"({_HYPERVISOR_NAMES.get(self.engine_name, self.engine_name)}) exited on its own "
+                    f"cannot {action} VM {self.id!r}: its hypervisor ({hypervisor}) exited on its own "
                     f"(guest powered off, crashed or was killed). Last console output:\n{console}",
                 )
             allowed = ", ".join(s.value for s in states)

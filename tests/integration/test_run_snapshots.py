@@ -12,7 +12,6 @@ threads come and go with timing, and the warm-up forks only a few processes.)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -264,15 +263,10 @@ def test_start_restores_the_snapshot_and_start_cold_boots(env: Env, tmp_path: Pa
     env.assert_nothing_running()
 
 
-def _snapshot_vms(env: Env, starter: int) -> list[int]:
+def _snapshot_vms(env: Env) -> list[int]:
     """The processes of the VM a snapshot is being made of. Not just any process naming the runtime
     dir: a child the starter forks shows the starter's own command line until it execs."""
-    found = []
-    for pid in processes_mentioning(str(env.rt)):
-        with contextlib.suppress(OSError):
-            if pid != starter and "tpl-run" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
-                found.append(pid)
-    return found
+    return sorted(set(processes_mentioning(str(env.rt))) & set(processes_mentioning("tpl-run")))
 
 
 def test_start_killed_while_it_makes_the_snapshot_leaves_nothing_and_the_id_reusable(
@@ -283,7 +277,7 @@ def test_start_killed_while_it_makes_the_snapshot_leaves_nothing_and_the_id_reus
             "--runtime-dir", str(env.rt)]  # fmt: skip
     proc = subprocess.Popen(argv, env=env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (builders := _snapshot_vms(env, proc.pid)):  # the VM being snapshotted
+    while not (builders := _snapshot_vms(env)):  # the VM being snapshotted
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     [builder] = builders

@@ -53,6 +53,7 @@ class FirecrackerEngine(Engine):
     """Drives one Firecracker process for one VM."""
 
     name = "firecracker"
+    title = "Firecracker"
 
     def __init__(self, runtime: VMRuntime, options: SmartVMOptions) -> None:
         super().__init__(runtime, options)

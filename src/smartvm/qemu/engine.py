@@ -141,6 +141,7 @@ def _free_mib(directory: Path) -> int | None:
 
 class QemuEngine(Engine):
     name: ClassVar[str] = "qemu"
+    title: ClassVar[str] = "QEMU"
     supports_diff_snapshots: ClassVar[bool] = False
     #: virtio-serial agent ports of a booted VM (one per concurrent host client); restores keep the
     #: snapshot's count, whatever this says
